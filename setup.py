@@ -1,0 +1,32 @@
+"""Prompt-to-Prompt on a self-contained latent-diffusion stack.
+
+`models/` is the network (UNet, VAE, text encoder, DDIM, checkpoint loading);
+`p2p/` is the method (editing loop, controllers, inversion, shapes world).
+"""
+from setuptools import setup
+
+setup(
+    name="p2p",
+    version="0.1.0",
+    description="Prompt-to-Prompt image editing with cross-attention control, from scratch",
+    packages=["models", "p2p"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",  # open_clip_torch imports it; pinned with torch
+        "einops",
+        "safetensors",
+        "open_clip_torch",
+        "numpy",
+        "pillow",
+        "hydra-core",
+        "tqdm",        # progress bars for sampling, inversion and training
+        "matplotlib",  # ablation plots
+    ],
+    extras_require={
+        # diffusers/transformers are the reference implementations we prove parity against;
+        # nbclient runs the notebooks in CI.
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel"],
+    },
+    package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
+)
