@@ -1,0 +1,169 @@
+"""Attention modules of the UNet, and the one hook through which Prompt-to-Prompt edits enter.
+
+Two modules share one attention core:
+- `CrossAttention` (Stable Diffusion, CompVis `ldm/modules/attention.py`): queries from pixels,
+  keys/values from the context (text for `attn2`, the pixels themselves for `attn1`).
+- `HybridAttention` (Imagen, Saharia et al. 2022, App. F; lucidrains imagen-pytorch): self-attention
+  whose keys/values get the text tokens' keys/values concatenated in front of the pixels' ones,
+  so one softmax spans text and pixels. Columns `[0, num_text_keys)` of its map are text.
+
+The hook (../shared/STYLE.md, "The one hook"): when a controller is attached and `wants` the site,
+the module computes `probs = softmax(q kᵀ · scale)` in float32, shaped `(batch, heads, queries, keys)`,
+hands it to the controller and uses what comes back as the map. Every other layer keeps the fused
+`F.scaled_dot_product_attention`. Sites are named by their `state_dict` prefix inside the UNet.
+
+References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §3.2).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where an attention map comes from; what a controller needs to decide what to do with it."""
+
+    name: str  # state_dict prefix inside the UNet, e.g. "input_blocks.1.1.transformer_blocks.0.attn2"
+    kind: str  # "self" (pixels → pixels), "cross" (pixels → text) or "hybrid" (pixels → text + pixels)
+    query_hw: tuple[int, int]  # spatial size (height, width) of the query grid at this layer
+    num_text_keys: int  # how many key columns are text tokens: 0 for self, all for cross, the first n for hybrid
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_hw[0] * self.query_hw[1]
+
+
+class AttentionController(Protocol):
+    """What the attention modules call. Implementations live in `p2p/controllers.py`."""
+
+    def wants(self, site: AttentionSite) -> bool:
+        """True if this layer's map must be materialised now (otherwise the fused path runs)."""
+
+    def __call__(self, probs: torch.Tensor, site: AttentionSite) -> torch.Tensor:
+        """Receive `probs` (batch, heads, queries, keys) in float32; return the map to use."""
+
+
+class _Attention(nn.Module):
+    """Shared core: multi-head attention with an optional controller at exactly one point."""
+
+    kind = "self"
+
+    def __init__(self, *, query_dim: int, heads: int, dim_head: int, upcast: bool = False):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.upcast = upcast  # SD 2.x computes attention in float32 (model config, not visible in weights)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        # to_out.1 is dropout in the original; a parameterless Identity keeps the index "to_out.0".
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Identity())
+        self.site_name = ""  # set by the UNet after construction: this module's state_dict prefix
+        self.controller: AttentionController | None = None
+        self.reached = False  # set when a forward pass met the attached controller
+
+    def attend(self, q, k, v, *, query_hw: tuple[int, int], num_text_keys: int) -> torch.Tensor:
+        """q: (b, n, h·d), k/v: (b, m, h·d) → (b, n, h·d)."""
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        controller = self.controller
+        site = None
+        if controller is not None:
+            self.reached = True
+            site = AttentionSite(self.site_name, self.kind, query_hw, num_text_keys)
+        if site is not None and controller.wants(site):
+            scale = q.shape[-1] ** -0.5
+            scores = torch.einsum("b h i d, b h j d -> b h i j", q.float(), k.float()) * scale
+            probs = controller(scores.softmax(dim=-1), site)  # the one hook
+            out = torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v)
+        elif self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(_Attention):
+    """SD's attention: self-attention when `context` is None (`attn1`), cross-attention otherwise (`attn2`)."""
+
+    def __init__(self, *, query_dim: int, context_dim: int | None = None, heads: int, dim_head: int,
+                 upcast: bool = False):
+        super().__init__(query_dim=query_dim, heads=heads, dim_head=dim_head, upcast=upcast)
+        self.is_cross = context_dim is not None
+        self.kind = "cross" if self.is_cross else "self"
+        context_dim = context_dim if self.is_cross else query_dim
+        self.to_k = nn.Linear(context_dim, heads * dim_head, bias=False)
+        self.to_v = nn.Linear(context_dim, heads * dim_head, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                query_hw: tuple[int, int]) -> torch.Tensor:
+        source = context if self.is_cross else x
+        num_text_keys = source.shape[1] if self.is_cross else 0
+        return self.attend(self.to_q(x), self.to_k(source), self.to_v(source),
+                           query_hw=query_hw, num_text_keys=num_text_keys)
+
+
+class HybridAttention(_Attention):
+    """Imagen's attention: text keys/values (`add_k_proj`, `add_v_proj`) concatenated before the pixels'.
+
+    Key layout of the map: `[text tokens | pixels]`. With zero text tokens it is plain self-attention.
+    The projection names follow diffusers' `Attention(added_kv_proj_dim=...)`.
+    """
+
+    kind = "hybrid"
+
+    def __init__(self, *, query_dim: int, context_dim: int, heads: int, dim_head: int, upcast: bool = False):
+        super().__init__(query_dim=query_dim, heads=heads, dim_head=dim_head, upcast=upcast)
+        self.to_k = nn.Linear(query_dim, heads * dim_head, bias=False)
+        self.to_v = nn.Linear(query_dim, heads * dim_head, bias=False)
+        self.add_k_proj = nn.Linear(context_dim, heads * dim_head, bias=False)
+        self.add_v_proj = nn.Linear(context_dim, heads * dim_head, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, *, query_hw: tuple[int, int]) -> torch.Tensor:
+        k = torch.cat([self.add_k_proj(context), self.to_k(x)], dim=1)  # (b, text + pixels, h·d)
+        v = torch.cat([self.add_v_proj(context), self.to_v(x)], dim=1)
+        return self.attend(self.to_q(x), k, v, query_hw=query_hw, num_text_keys=context.shape[1])
+
+
+def attention_modules(unet: nn.Module) -> dict[str, _Attention]:
+    """Every attention site of a network, by state_dict prefix."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, _Attention)}
+
+
+def name_attention_sites(unet: nn.Module) -> None:
+    """Give every attention module its state_dict prefix: one naming system for weights, hooks and maps."""
+    for name, module in attention_modules(unet).items():
+        module.site_name = name
+
+
+@contextlib.contextmanager
+def attach_controller(unet: nn.Module, controller: AttentionController | None) -> Iterator[None]:
+    """Attach `controller` to every attention site for the duration of a run.
+
+    On exit, if any forward pass ran, every site must have met the controller: a layer that silently
+    bypassed it (another attention implementation, a wrapper) would make edits quietly incomplete.
+    """
+    modules = attention_modules(unet)
+    if controller is None:
+        yield
+        return
+    busy = [name for name, m in modules.items() if m.controller is not None]
+    if busy:
+        raise RuntimeError(f"a controller is already attached to {len(busy)} attention layers (e.g. {busy[0]!r}); "
+                           "controllers are built for one run: detach the old one first")
+    for m in modules.values():
+        m.controller, m.reached = controller, False
+    try:
+        yield
+        reached = [name for name, m in modules.items() if m.reached]
+        if reached and len(reached) != len(modules):
+            missed = sorted(set(modules) - set(reached))
+            raise RuntimeError(f"the controller reached {len(reached)} of {len(modules)} attention layers; "
+                               f"never reached: {missed[:4]}{' …' if len(missed) > 4 else ''}")
+    finally:
+        for m in modules.values():
+            m.controller, m.reached = None, False
