@@ -309,12 +309,13 @@ def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects:
                             image_size=size).reshape(n, MAX_OBJECTS, size, size)
     masks &= (np.arange(MAX_OBJECTS) < counts[:, None])[:, :, None, None]  # unused slots draw nothing
 
+    # Paint by lookup: each pixel indexes its scene's table [background, object 1, object 2].
     palette = np.array(list(config.colors.values()), dtype=np.uint8)
     color_ids = np.array([list(config.colors).index(color) for color, _ in pairs])[pair_ids]
-    images = np.broadcast_to(np.array(list(config.backgrounds.values()), dtype=np.uint8)[bg_ids][:, None, None],
-                             (n, size, size, 3)).copy()
-    for slot in range(MAX_OBJECTS):
-        images = np.where(masks[:, slot, :, :, None], palette[color_ids[:, slot]][:, None, None], images)
+    bg_rgb = np.array(list(config.backgrounds.values()), dtype=np.uint8)[bg_ids]
+    table = np.concatenate([bg_rgb[:, None], palette[color_ids]], axis=1)  # (N, 1 + MAX_OBJECTS, 3)
+    slot = (masks * np.arange(1, MAX_OBJECTS + 1)[:, None, None]).sum(axis=1)  # (N, H, W), 0 = background
+    images = table[np.arange(n)[:, None, None], slot]  # (N, H, W, 3)
 
     area = masks.sum(axis=(2, 3))  # (N, 2)
     coords = np.arange(size)

@@ -1,0 +1,118 @@
+"""The sampling loop of Prompt-to-Prompt (Hertz et al. 2022, Algorithm 1), also used for plain text-to-image.
+
+One initial latent x_T, drawn on the CPU from the seed, is shared by every prompt of the batch
+(source first, then targets). Each step runs the UNet once on `[uncond × P, cond × P]`, applies
+classifier-free guidance (Ho & Salimans 2022) `ε = ε_u + w·(ε_c − ε_u)`, takes a DDIM step and lets an
+optional latent callback (LocalBlend) rewrite the result. The loop — never a call counter — tells the
+controller which step it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.attention import AttentionController, attach_controller
+from models.ddim import ddim_step, ddim_timesteps, previous_timestep, SD_TIMESTEP_OFFSET
+from models.stable_diffusion import StableDiffusion
+
+LATENT_CHANNELS = 4  # SD's VAE latent channels
+
+
+class StepController(AttentionController, Protocol):
+    def begin_step(self, step: int) -> None:
+        """Called by the loop before the UNet runs for sampling step `step` (0 = noisiest)."""
+
+
+LatentCallback = Callable[[int, torch.Tensor], torch.Tensor]  # (step, x_{t-1} of all prompts) -> x_{t-1}
+
+
+def check_image_size(height: int, width: int, *, latent_factor: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % latent_factor:
+            raise ValueError(f"{name}={value!r} is not a positive multiple of {latent_factor} "
+                             f"(the VAE's downsampling factor); try {max(latent_factor, round(value / latent_factor) * latent_factor) if isinstance(value, (int, float)) else 512}")
+
+
+def initial_latent(seed: int, *, height: int, width: int, latent_factor: int = 8) -> torch.Tensor:
+    """x_T ~ N(0, I) of shape (1, 4, H/f, W/f) from `torch.Generator("cpu").manual_seed(seed)`.
+
+    The convention of the official P2P notebooks and diffusers, so a seed gives the same x_T everywhere.
+    """
+    check_image_size(height, width, latent_factor=latent_factor)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, LATENT_CHANNELS, height // latent_factor, width // latent_factor), generator=generator)
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 50  # DDIM steps
+    guidance: float = 7.5  # classifier-free guidance scale w
+    eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
+    offset: int = SD_TIMESTEP_OFFSET  # timestep offset: 1 → 981 … 1 (SD), 0 → 980 … 0
+
+
+@torch.no_grad()
+def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tensor,
+           settings: SamplerSettings = SamplerSettings(), negative_prompt: str = "",
+           controller: StepController | None = None, latent_callback: LatentCallback | None = None,
+           uncond_embeddings: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
+           progress: bool = True) -> torch.Tensor:
+    """Run the loop; returns the final latents (P, 4, h, w) in float32.
+
+    `latent`: (1, 4, h, w), shared by all prompts. `uncond_embeddings`: one (1, 77, d) embedding per step
+    (null-text inversion) replacing the negative prompt's. `generator` feeds the η > 0 noise, which is
+    drawn once per step and shared by all prompts so that edits stay aligned.
+    """
+    if not prompts:
+        raise ValueError("sample needs at least one prompt")
+    num_prompts = len(prompts)
+    device = model.device
+    cond = model.encode_prompts(list(prompts))
+    uncond = model.encode_prompts([negative_prompt] * num_prompts)
+    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
+                               offset=settings.offset)
+    if uncond_embeddings is not None and len(uncond_embeddings) != len(timesteps):
+        raise ValueError(f"{len(uncond_embeddings)} null embeddings given for {len(timesteps)} steps")
+    x = latent.to(device=device, dtype=torch.float32).expand(num_prompts, -1, -1, -1).clone()
+    with attach_controller(model.unet, controller):
+        for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
+            if controller is not None:
+                controller.begin_step(step)
+            if uncond_embeddings is not None:
+                uncond = uncond_embeddings[step].to(device, model.dtype).expand(num_prompts, -1, -1)
+            out = model.unet(torch.cat([x, x]).to(model.dtype), torch.tensor(t, device=device),
+                             torch.cat([uncond, cond])).float()
+            out_uncond, out_cond = out.chunk(2)
+            guided = out_uncond + settings.guidance * (out_cond - out_uncond)
+            noise = None
+            if settings.eta > 0:
+                noise = torch.randn((1, *x.shape[1:]), generator=generator).to(device).expand_as(x)
+            x = ddim_step(guided, x, t=t, t_prev=previous_timestep(t, num_steps=settings.steps,
+                                                                   num_train_timesteps=model.config.num_train_timesteps),
+                          schedule=model.schedule, prediction=model.config.prediction, eta=settings.eta, noise=noise)
+            if latent_callback is not None:
+                x = latent_callback(step, x)
+    return x
+
+
+@torch.no_grad()
+def decode(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
+    """Scaled latents → uint8 images (P, H, W, 3)."""
+    images = model.decode_latents(latents.to(model.device))
+    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(model: StableDiffusion, prompts: Sequence[str], *, seed: int, height: int | None = None,
+             width: int | None = None, settings: SamplerSettings | None = None, **kwargs) -> np.ndarray:
+    """Text to image for a batch of prompts that share one seed; uint8 (P, H, W, 3)."""
+    height = height or model.config.image_size
+    width = width or model.config.image_size
+    settings = settings or SamplerSettings(guidance=model.config.guidance)
+    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
+    generator = torch.Generator("cpu").manual_seed(int(seed) + 1) if settings.eta > 0 else None
+    return decode(model, sample(model, prompts, latent=latent, settings=settings, generator=generator, **kwargs))
