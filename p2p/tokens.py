@@ -1,0 +1,327 @@
+"""Token handling for Prompt-to-Prompt: which of the 77 text positions belong to which word,
+and how the positions of a source prompt map onto those of a target prompt.
+
+A prompt becomes the sequence `[SOT, tokens…, EOT, padding…]` of CONTEXT_LENGTH ids; position 0
+is the start token. Everything here works on *positions*, so it serves SD 1.x (padded with the end
+token) and SD 2.x (padded with 0) alike; only `tokenize` needs the padding id.
+
+- word lookup (P2P_SPEC §9.2): words are matched case-insensitively with surrounding punctuation
+  stripped, a missing word raises, explicit word indices and token positions are accepted;
+- `replace_mapper` (paper §3.2 "Word Swap", P2P_SPEC §4): the (77, 77) matrix A of
+  `Edit = einsum('bhpw,wn->bhpn', M_src, A)`, with the tail after a multi-token swap mapped
+  correctly (P2P_SPEC §9.1);
+- `refine_alignment` (paper §3.2 "Adding a New Phrase", P2P_SPEC §4): Needleman–Wunsch alignment
+  of the token ids;
+- `token_scales` (paper §3.2 "Attention Re-weighting", P2P_SPEC §9.3): one scale per word.
+
+References: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention Control",
+arXiv 2208.01626; google/prompt-to-prompt `seq_aligner.py` (the behaviour matched, bugs fixed).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+CONTEXT_LENGTH = 77  # CLIP's text context: start token + 75 content tokens + end token
+START_TOKEN = 49406  # <start_of_text> in CLIP's BPE vocabulary
+END_TOKEN = 49407  # <end_of_text>; SD 1.x also pads with it, SD 2.x pads with 0
+
+# Needleman–Wunsch scores of the reference (seq_aligner.get_mapper: ScoreParams(0, 1, -1)).
+# With a free gap a mismatch never pays off, so the alignment is a longest common subsequence.
+GAP_SCORE, MATCH_SCORE, MISMATCH_SCORE = 0, 1, -1
+
+WordRef = str | int | Sequence[int]  # a word, a word index, or explicit token positions
+
+
+@functools.cache
+def clip_tokenizer() -> SimpleTokenizer:
+    """open_clip's CLIP BPE tokenizer (vocabulary ships with the package); built once, it is slow."""
+    return SimpleTokenizer()
+
+
+@dataclass(frozen=True)
+class Word:
+    """One whitespace-separated word of a prompt and where its tokens sit in the 77-sequence."""
+
+    text: str  # as written in the prompt, e.g. 'Cat,'
+    key: str  # what lookups match: lower case, surrounding punctuation stripped, e.g. 'cat'
+    ids: tuple[int, ...]  # all its token ids, attached punctuation included
+    positions: tuple[int, ...]  # positions of all those tokens (SOT is position 0)
+    word_positions: tuple[int, ...]  # positions of the word's own tokens, punctuation excluded
+
+
+def _core_span(text: str) -> tuple[int, int]:
+    """[start, end) of `text` without leading/trailing punctuation; the whole text if nothing is left."""
+    start, end = 0, len(text)
+    while start < end and not text[start].isalnum():
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return (start, end) if start < end else (0, len(text))
+
+
+def _word_key(text: str) -> str:
+    cleaned = clip_tokenizer().clean_fn(text)  # ftfy, HTML unescape, lower case: as encode() does
+    start, end = _core_span(cleaned)
+    return cleaned[start:end]
+
+
+def _encode_word(text: str) -> tuple[list[int], list[bool]]:
+    """Token ids of one word and, per token, whether it belongs to the word rather than its punctuation.
+
+    Replays the tokenizer's own pre-split (its regex cuts letters, single digits and punctuation runs
+    apart) so that every BPE token is attributed to the characters it came from.
+    """
+    tokenizer = clip_tokenizer()
+    cleaned = tokenizer.clean_fn(text)
+    core_start, core_end = _core_span(cleaned)
+    ids: list[int] = []
+    in_word: list[bool] = []
+    for piece in tokenizer.pat.finditer(cleaned):
+        piece_ids = tokenizer.encode(piece.group())
+        ids += piece_ids
+        in_word += [piece.start() < core_end and piece.end() > core_start] * len(piece_ids)
+    return ids, in_word
+
+
+def _check_length(prompt: str, num_content_tokens: int, context_length: int) -> None:
+    if num_content_tokens > context_length - 2:
+        raise ValueError(
+            f"prompt {prompt!r} has {num_content_tokens} tokens, but at most {context_length - 2} fit "
+            f"({context_length} with the start and end tokens); shorten it, nothing is truncated silently"
+        )
+
+
+@functools.lru_cache(maxsize=1024)
+def prompt_words(prompt: str) -> tuple[Word, ...]:
+    """The prompt's words with their token positions (P2P_SPEC §9.2).
+
+    Per-word tokenization is checked against tokenizing the whole prompt at once, so the positions
+    are exactly those the text encoder sees.
+    """
+    whole_prompt_ids = clip_tokenizer().encode(prompt)
+    _check_length(prompt, len(whole_prompt_ids), CONTEXT_LENGTH)
+    result, position = [], 1  # position 0 is the start token
+    for text in prompt.split():
+        ids, in_word = _encode_word(text)
+        if not ids:
+            raise ValueError(f"word {text!r} of prompt {prompt!r} has no tokens; the tokenizer drops all of it")
+        positions = tuple(range(position, position + len(ids)))
+        word_positions = tuple(p for p, inside in zip(positions, in_word) if inside)
+        result.append(Word(text, _word_key(text), tuple(ids), positions, word_positions))
+        position += len(ids)
+    if [i for word in result for i in word.ids] != whole_prompt_ids:
+        raise ValueError(f"prompt {prompt!r} tokenizes differently word by word than as a whole; "
+                         "word positions would be wrong (unusual characters or HTML entities?)")
+    return tuple(result)
+
+
+def tokenize(prompt: str, *, pad_id: int, context_length: int = CONTEXT_LENGTH) -> list[int]:
+    """`[SOT, tokens…, EOT, pad_id…]`, `context_length` ids (P2P_SPEC §8: SD1 pads with 49407, SD2 with 0).
+
+    Raises ValueError for prompts with more than `context_length − 2` tokens instead of truncating.
+    """
+    ids = clip_tokenizer().encode(prompt)
+    _check_length(prompt, len(ids), context_length)
+    return [START_TOKEN, *ids, END_TOKEN] + [pad_id] * (context_length - len(ids) - 2)
+
+
+def words(prompt: str) -> list[str]:
+    """The prompt split on whitespace, as written; word indices refer to this list."""
+    return prompt.split()
+
+
+def end_position(prompt: str) -> int:
+    """Position of the end token: 1 + the number of content tokens."""
+    return 1 + len(clip_tokenizer().encode(prompt))
+
+
+def decode_tokens(prompt: str) -> list[str]:
+    """The content tokens as text, for captions under attention tiles (paper Fig. 4).
+
+    Entry k is the token at position k + 1; 'lasagne' gives 'lasag', 'ne'.
+    """
+    tokenizer = clip_tokenizer()
+    return [tokenizer.decode([token_id]).strip() for token_id in tokenizer.encode(prompt)]
+
+
+def word_token_positions(prompt: str, word: WordRef) -> list[int]:
+    """Positions (SOT = 0) of a word's tokens in the 77-sequence (P2P_SPEC §9.2).
+
+    `word` is one of
+    - a string: matched case-insensitively without surrounding punctuation ('Cat,' finds 'cat');
+      every occurrence counts; several words ('red car') match consecutive words;
+    - an int: a word index into `words(prompt)` (negative counts from the end);
+    - a list or tuple of ints: explicit token positions, checked to lie in 1..number of tokens.
+    Punctuation attached to a word has its own tokens and is not part of the word's positions.
+    """
+    all_words = prompt_words(prompt)
+    if isinstance(word, str):
+        return _positions_of_text(prompt, all_words, word)
+    if isinstance(word, int) and not isinstance(word, bool):
+        if not -len(all_words) <= word < len(all_words):
+            raise ValueError(f"word index {word} is out of range for prompt {prompt!r}, "
+                             f"which has {len(all_words)} words: {words(prompt)}")
+        return list(all_words[word].word_positions)
+    if isinstance(word, Sequence) and word:
+        return _checked_positions(prompt, list(word), num_tokens=end_position(prompt) - 1)
+    raise TypeError(f"expected a word (str), a word index (int) or a non-empty list of token positions, "
+                    f"got {word!r}")
+
+
+def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
+    query = [_word_key(part) for part in text.split()]
+    if not query or not all(query):
+        raise ValueError(f"word {text!r} is empty; name a word of {prompt!r}")
+    keys = [word.key for word in all_words]
+    positions = []
+    for start in range(len(keys) - len(query) + 1):
+        if keys[start:start + len(query)] == query:
+            positions += [p for word in all_words[start:start + len(query)] for p in word.word_positions]
+    if not positions:
+        raise ValueError(f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
+                         f"without surrounding punctuation: {keys}")
+    return sorted(set(positions))  # overlapping matches of a repeated phrase share positions
+
+
+def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list[int]:
+    valid = all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= num_tokens for p in positions)
+    if not valid or len(set(positions)) != len(positions):
+        raise ValueError(f"token positions {positions} are not distinct ints in 1..{num_tokens}, the content "
+                         f"tokens of prompt {prompt!r} (0 is the start token): {decode_tokens(prompt)}")
+    return positions
+
+
+def replace_mapper(source: str, target: str) -> torch.Tensor:
+    """Word-swap mapper A, float (77, 77): A[i, j] = weight of source token i in target token j
+    (paper §3.2 "Word Swap"; P2P_SPEC §4: `Edit = einsum('bhpw,wn->bhpn', M_src, A)`).
+
+    Words pair up by index. A word whose tokens are unchanged, or a swapped word with as many tokens
+    in both prompts, maps one-to-one. A swapped word with different token counts sends each of its
+    source tokens to every target token of the word with weight 1/len(target tokens), as the reference
+    does, so each source row sums to 1 and the word keeps its total attention. A whole word is the unit,
+    attached punctuation included (as in the reference).
+
+    Unlike the reference (P2P_SPEC §9.1), later words, the end token and the padding follow the
+    shift in length: target position j maps to source position j + (source length − target length).
+    Target padding beyond the source's last position maps to that last position.
+    """
+    source_words, target_words = prompt_words(source), prompt_words(target)
+    if len(source_words) != len(target_words):
+        raise ValueError(
+            f"replace needs prompts with the same number of words, but source {source!r} has "
+            f"{len(source_words)} and target {target!r} has {len(target_words)}; "
+            "use refine (refine_alignment) to add or remove words"
+        )
+    mapper = torch.zeros(CONTEXT_LENGTH, CONTEXT_LENGTH)
+    mapper[0, 0] = 1.0  # start token
+    for source_word, target_word in zip(source_words, target_words):
+        rows, columns = torch.tensor(source_word.positions), torch.tensor(target_word.positions)
+        if len(rows) == len(columns):
+            mapper[rows, columns] = 1.0  # unchanged, or swapped token for token
+        else:
+            mapper[rows[:, None], columns[None, :]] = 1.0 / len(columns)
+    shift = end_position(source) - end_position(target)
+    for column in range(end_position(target), CONTEXT_LENGTH):  # end token, then padding
+        mapper[min(column + shift, CONTEXT_LENGTH - 1), column] = 1.0
+    return mapper
+
+
+def replace_mappers(source: str, targets: Sequence[str]) -> torch.Tensor:
+    """`replace_mapper` for each target: float (T, 77, 77)."""
+    return torch.stack([replace_mapper(source, target) for target in _checked_targets(targets)])
+
+
+def refine_alignment(source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refinement mapper (paper §3.2 "Adding a New Phrase"; P2P_SPEC §4).
+
+    Globally aligns the token ids `[SOT, …, EOT]` of both prompts (Needleman–Wunsch, gap 0, match +1,
+    mismatch −1, i.e. a longest common subsequence). Returns
+    - mapper, long (77,): mapper[j] = the source position aligned with target position j;
+    - alphas, float (77,): 1 where target token j is aligned, 0 where it is new.
+    For a new token mapper[j] = j, a valid index whose column the caller ignores (alpha 0);
+    the reference stores −1 there. Equally good alignments are broken as in the reference: tracing
+    back from the end, a target insertion wins over a source deletion, which wins over a match, so
+    of two identical candidates the later target token is the new one.
+
+    Padding maps to padding: target position j past the end token maps to j + (source length − target
+    length), clamped to the last position (the reference maps j to j, which lands on source content
+    when the source is longer). Only positions matter, so the padding id does not.
+    """
+    tokenizer = clip_tokenizer()
+    source_ids = [START_TOKEN, *tokenizer.encode(source), END_TOKEN]
+    target_ids = [START_TOKEN, *tokenizer.encode(target), END_TOKEN]
+    _check_length(source, len(source_ids) - 2, CONTEXT_LENGTH)
+    _check_length(target, len(target_ids) - 2, CONTEXT_LENGTH)
+    mapper = torch.arange(CONTEXT_LENGTH)
+    alphas = torch.ones(CONTEXT_LENGTH)
+    for target_position, source_position in enumerate(_align(source_ids, target_ids)):
+        if source_position is None:
+            alphas[target_position] = 0.0
+        else:
+            mapper[target_position] = source_position
+    shift = len(source_ids) - len(target_ids)
+    for position in range(len(target_ids), CONTEXT_LENGTH):
+        mapper[position] = min(position + shift, CONTEXT_LENGTH - 1)
+    return mapper, alphas
+
+
+def refine_alignments(source: str, targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refine_alignment` for each target: mappers long (T, 77), alphas float (T, 77)."""
+    mappers, alphas = zip(*(refine_alignment(source, target) for target in _checked_targets(targets)))
+    return torch.stack(mappers), torch.stack(alphas)
+
+
+def _align(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[int | None]:
+    """Needleman–Wunsch: for each target index, the aligned source index, or None for an insertion."""
+    rows, columns = len(source_ids), len(target_ids)
+    # score[i][j]: best score aligning source_ids[:i] with target_ids[:j]; borders are all gaps
+    score = [[GAP_SCORE * (i + j) if i == 0 or j == 0 else 0 for j in range(columns + 1)]
+             for i in range(rows + 1)]
+    for i in range(1, rows + 1):
+        for j in range(1, columns + 1):
+            pair = MATCH_SCORE if source_ids[i - 1] == target_ids[j - 1] else MISMATCH_SCORE
+            score[i][j] = max(score[i][j - 1] + GAP_SCORE, score[i - 1][j] + GAP_SCORE,
+                              score[i - 1][j - 1] + pair)
+    aligned: list[int | None] = [None] * columns
+    i, j = rows, columns
+    while i > 0 and j > 0:
+        if score[i][j] == score[i][j - 1] + GAP_SCORE:
+            j -= 1  # target token j − 1 is new
+        elif score[i][j] == score[i - 1][j] + GAP_SCORE:
+            i -= 1  # source token i − 1 was dropped
+        else:  # with a free gap only matches are taken diagonally
+            aligned[j - 1] = i - 1
+            i, j = i - 1, j - 1
+    return aligned
+
+
+def _checked_targets(targets: Sequence[str]) -> Sequence[str]:
+    if isinstance(targets, str) or not targets:
+        raise TypeError(f"targets must be a non-empty list of prompts, got {targets!r}")
+    return targets
+
+
+def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float]) -> torch.Tensor:
+    """Per-position attention scales, float (77,), for re-weighting (paper §3.2 "Attention Re-weighting").
+
+    One scale per (prompt, word) (P2P_SPEC §9.3): `scales` maps a word, word index or tuple of token
+    positions (see `word_token_positions`) to one number; every other position keeps 1. Call once per
+    target prompt. Two entries that reach the same token raise.
+    """
+    result = torch.ones(CONTEXT_LENGTH)
+    owner: dict[int, object] = {}
+    for word, scale in scales.items():
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale for {word!r} must be one number, got {scale!r}; "
+                            "use one token_scales call per target prompt")
+        for position in word_token_positions(prompt, word):
+            if position in owner:
+                raise ValueError(f"{word!r} and {owner[position]!r} both scale token {position} of {prompt!r}")
+            owner[position] = word
+            result[position] = float(scale)
+    return result
