@@ -1,0 +1,201 @@
+"""Attention controllers: plain objects that the attention modules call at their one hook.
+
+Batch layout seen by every controller (P prompts, source first): rows `[uncond × P, cond × P]`.
+Edits touch only the conditional half (P2P_SPEC §1). A controller is built for one run: it holds the
+current step (told by the sampling loop, never inferred by counting calls) and nothing else mutable
+except the maps it was asked to record.
+
+- `AttentionStore` records head-averaged maps of chosen layers (Fig. 4 views, LocalBlend).
+- `AttentionEdit` is the paper's edit (§3.2): Replace (word swap), Refine (token alignment), Reweight
+  (fader, composable on either), per-word cross windows and self-attention injection.
+- `Compose` chains controllers; recorders placed before the editor see each prompt's own maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from models.attention import AttentionSite
+
+
+def grid_at(latent_hw: tuple[int, int], downsamplings: int) -> tuple[int, int]:
+    """Query grid of the UNet level after `downsamplings` stride-2 convs (each gives ceil(n/2))."""
+    h, w = latent_hw
+    for _ in range(downsamplings):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+class Controller:
+    """Base controller: knows the batch layout and the step; wants nothing, changes nothing."""
+
+    def __init__(self, *, num_prompts: int):
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts={num_prompts} must be ≥ 1")
+        self.num_prompts = num_prompts
+        self.step = -1  # set by the sampling loop through begin_step
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def wants(self, site: AttentionSite) -> bool:
+        return False
+
+    def __call__(self, probs: torch.Tensor, site: AttentionSite) -> torch.Tensor:
+        return probs
+
+    def conditional(self, probs: torch.Tensor) -> torch.Tensor:
+        """The conditional half (P, heads, queries, keys) of a CFG batch."""
+        if probs.shape[0] != 2 * self.num_prompts:
+            raise RuntimeError(f"attention batch of {probs.shape[0]} rows; expected 2 × {self.num_prompts} prompts "
+                               "([uncond, cond]); was the controller built for this run?")
+        return probs[self.num_prompts:]
+
+
+class Compose(Controller):
+    """Several controllers at one hook, called in order (only those that want the site)."""
+
+    def __init__(self, controllers: Sequence[Controller]):
+        super().__init__(num_prompts=controllers[0].num_prompts)
+        self.controllers = list(controllers)
+
+    def begin_step(self, step: int) -> None:
+        super().begin_step(step)
+        for c in self.controllers:
+            c.begin_step(step)
+
+    def wants(self, site: AttentionSite) -> bool:
+        return any(c.wants(site) for c in self.controllers)
+
+    def __call__(self, probs, site):
+        for c in self.controllers:
+            if c.wants(site):
+                probs = c(probs, site)
+        return probs
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """Which sites a recorder keeps: by kind and by query grid (`grids` None = any)."""
+
+    kinds: tuple[str, ...] = ("cross", "hybrid")
+    grids: tuple[tuple[int, int], ...] | None = None
+    max_queries: int | None = None  # keep only layers with at most this many queries (memory bound)
+
+    def __call__(self, site: AttentionSite) -> bool:
+        return (site.kind in self.kinds and (self.grids is None or site.query_hw in self.grids)
+                and (self.max_queries is None or site.num_queries <= self.max_queries))
+
+
+class AttentionStore(Controller):
+    """Records the conditional half's maps, averaged over heads, summed over steps (P2P_SPEC §6).
+
+    `maps[site.name]` is (P, queries, keys) summed over recorded steps; `average(name)` divides by the
+    count. For hybrid layers `text_only=True` keeps only the text columns. With `per_step=True` each
+    step's maps are also kept (`steps[i][name]`) for the per-step views of Fig. 4. Maps are copies of what
+    the model computed before any later controller in a `Compose` edits them.
+    """
+
+    def __init__(self, *, num_prompts: int, layers: LayerFilter = LayerFilter(), text_only: bool = True,
+                 per_step: bool = False, steps: range | None = None):
+        super().__init__(num_prompts=num_prompts)
+        self.layers, self.text_only, self.per_step, self.record_steps = layers, text_only, per_step, steps
+        self.maps: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.sites: dict[str, AttentionSite] = {}
+        self.steps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def wants(self, site):
+        return self.layers(site) and (self.record_steps is None or self.step in self.record_steps)
+
+    def __call__(self, probs, site):
+        cond = self.conditional(probs)
+        if self.text_only and site.kind == "hybrid":
+            cond = cond[..., :site.num_text_keys]
+        mean = cond.mean(dim=1).float()  # (P, queries, keys)
+        self.sites[site.name] = site
+        self.maps[site.name] = self.maps[site.name] + mean if site.name in self.maps else mean.clone()
+        self.counts[site.name] = self.counts.get(site.name, 0) + 1
+        if self.per_step:
+            self.steps.setdefault(self.step, {})[site.name] = mean.clone()
+        return probs
+
+    def average(self, name: str) -> torch.Tensor:
+        return self.maps[name] / self.counts[name]
+
+    def names(self, *, kind: str | None = None, grid: tuple[int, int] | None = None) -> list[str]:
+        return [n for n, s in self.sites.items()
+                if (kind is None or s.kind == kind) and (grid is None or s.query_hw == grid)]
+
+
+class AttentionEdit(Controller):
+    """The paper's edit on the conditional half: target maps = α·Edit(M_src, M_tgt)·c + (1 − α)·M_tgt.
+
+    Edit (cross/text columns), per target t and key token j:
+      replace: Σ_i M_src[..., i]·A_t[i, j]              (A: word-swap mapper, `p2p.tokens.replace_mapper`)
+      refine:  M_src[..., a_t(j)] if j is aligned else M_tgt[..., j]   (`p2p.tokens.refine_alignment`)
+      none:    M_src[..., j]                              (same prompts: the fader of Fig. 9)
+    c = per-(target, token) reweight scales (1 elsewhere; no renormalisation, as in the reference).
+    α = per-step, per-target, per-token window (`p2p.schedules.cross_alphas`).
+    Self-attention (and the pixel columns of hybrid layers): during the self window, in layers with at most
+    `self_max_queries` queries, the targets' maps are replaced by the source's.
+    """
+
+    def __init__(self, *, num_prompts: int, kind: str, cross_alphas: torch.Tensor, self_steps: range,
+                 self_max_queries: int, mapper: torch.Tensor | None = None,
+                 refine_alphas: torch.Tensor | None = None, reweight: torch.Tensor | None = None):
+        super().__init__(num_prompts=num_prompts)
+        if num_prompts < 2:
+            raise ValueError("an edit needs a source prompt and at least one target prompt")
+        if kind not in ("replace", "refine", "none"):
+            raise ValueError(f"edit kind {kind!r} is not supported; use 'replace', 'refine' or 'none'")
+        num_targets = num_prompts - 1
+        if cross_alphas.shape[1] != num_targets:
+            raise ValueError(f"cross_alphas has {cross_alphas.shape[1]} targets, the batch {num_targets}")
+        self.kind = kind
+        self.cross_alphas = cross_alphas  # (steps, T, 77)
+        self.self_steps, self.self_max_queries = self_steps, self_max_queries
+        self.mapper = mapper  # replace: (T, 77, 77) float; refine: (T, 77) long
+        self.refine_alphas = refine_alphas  # refine: (T, 77), 1 = aligned token
+        self.reweight = reweight  # (T, 77) or None
+
+    def _cross_active(self) -> bool:
+        return 0 <= self.step < len(self.cross_alphas) and bool(self.cross_alphas[self.step].any())
+
+    def _self_active(self, site: AttentionSite) -> bool:
+        return self.step in self.self_steps and site.num_queries <= self.self_max_queries
+
+    def wants(self, site):
+        if site.kind == "cross":
+            return self._cross_active()
+        if site.kind == "self":
+            return self._self_active(site)
+        return self._cross_active() or self._self_active(site)  # hybrid
+
+    def __call__(self, probs, site):
+        probs = probs.clone()  # the caller's tensor is never edited in place
+        cond = probs[self.num_prompts:]  # a view into the clone: edits below land in `probs`
+        self.conditional(probs)  # validates the batch layout
+        text = site.num_text_keys
+        if site.kind != "self" and self._cross_active():
+            cond[1:, ..., :text] = self._edit_cross(cond[0, ..., :text], cond[1:, ..., :text])
+        if site.kind != "cross" and self._self_active(site):
+            cond[1:, ..., text:] = cond[:1, ..., text:]  # source's self maps for every target
+        return probs
+
+    def _edit_cross(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """source (heads, Q, 77), targets (T, heads, Q, 77) → edited targets."""
+        if self.kind == "replace":
+            edited = torch.einsum("hqi,tij->thqj", source, self.mapper.to(source))
+        elif self.kind == "refine":
+            edited = source[:, :, self.mapper].permute(2, 0, 1, 3)  # (T, heads, Q, 77): M_src[..., a_t(j)]
+            keep = self.refine_alphas.to(source)[:, None, None, :]
+            edited = edited * keep + targets * (1 - keep)
+        else:
+            edited = source.expand_as(targets)
+        if self.reweight is not None:
+            edited = edited * self.reweight.to(source)[:, None, None, :]
+        alpha = self.cross_alphas[self.step].to(source)[:, None, None, :]
+        return alpha * edited + (1 - alpha) * targets

@@ -1,0 +1,176 @@
+"""Prompt-to-Prompt editing from a few settings: build the controllers for one run and run it.
+
+    result = edit(model, ["a cat riding a bicycle", "a cat riding a car"], seed=8,
+                  spec=EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4))
+
+`EditSpec`, `BlendSpec` and `StoreSpec` are the schemas of the `edit=`, `blend=` and `store` config groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from models.stable_diffusion import StableDiffusion
+from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
+from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at
+from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
+from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
+from p2p.tokens import refine_alignments, replace_mappers, token_scales, words
+
+EDIT_KINDS = ("replace", "refine", "reweight", "none")
+
+
+@dataclass
+class EditSpec:
+    kind: str = "replace"  # replace (word swap) | refine (add/change phrases) | reweight (fader alone) | none (no edit)
+    cross_replace_steps: Any = 0.8  # f, (start, end), or {word: f | (start, end), "default_": …}
+    self_replace_steps: Any = 0.4  # f or (start, end)
+    # Self maps are injected only in layers with few queries: side ≤ latent side × fraction (official SD
+    # notebook 1/4 → 16² at 512 px; null-text notebook 1/2 → 32²), or ≤ `self_max_side`² when that is set.
+    self_max_fraction: float = 0.25
+    self_max_side: int | None = None
+    reweight: dict = field(default_factory=dict)  # {word: c} for all targets, or {word: [c per target]}
+    preserve: list = field(default_factory=list)  # object preservation (Fig. 5): only these words' maps inject
+
+
+@dataclass
+class BlendSpec:
+    words: list = field(default_factory=list)  # per prompt [[src words], [tgt words], …], or one list for all
+    threshold: float = DEFAULT_THRESHOLD
+    dilation: int = DEFAULT_DILATION
+    start: float = 0.0  # fraction of the run before blending starts (null-text notebook: 0.2)
+    subtract_words: list = field(default_factory=list)  # same forms as `words`
+    subtract_threshold: float = DEFAULT_THRESHOLD
+    resolution_downsamplings: int | None = None  # None = latent/4 (SD) clipped to the model's deepest level
+
+
+@dataclass
+class StoreSpec:
+    kinds: tuple = ("cross", "hybrid")  # which layers to record
+    max_fraction: float = 0.5  # record layers with side ≤ latent side × this (the reference: 32² at 512 px)
+    per_step: bool = False  # also keep each step's maps (Fig. 4 per-step rows)
+
+
+@dataclass
+class EditResult:
+    images: np.ndarray  # uint8 (P, H, W, 3), source first
+    latents: torch.Tensor  # (P, 4, h, w)
+    store: AttentionStore | None
+    blend: LocalBlend | None
+
+
+def _per_prompt(value: Sequence, num_prompts: int, what: str) -> list[list[str]]:
+    """`["cat"]` → the same words for every prompt; `[["cat"], ["dog"]]` → one list per prompt."""
+    if not value:
+        return [[] for _ in range(num_prompts)]
+    if all(isinstance(v, str) for v in value):
+        return [list(value) for _ in range(num_prompts)]
+    if len(value) != num_prompts:
+        raise ValueError(f"{what} has {len(value)} lists for {num_prompts} prompts; give one list per prompt "
+                         "or one flat list for all")
+    return [[v] if isinstance(v, str) else list(v) for v in value]
+
+
+def _reweight_scales(reweight: Mapping, targets: Sequence[str]) -> torch.Tensor:
+    """(T, 77) scales: one per (target prompt, word) — P2P_SPEC §9.3."""
+    rows = []
+    for t, target in enumerate(targets):
+        per_target = {}
+        for word, scale in reweight.items():
+            if isinstance(scale, (list, tuple)):
+                if len(scale) != len(targets):
+                    raise ValueError(f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
+                                     "give one number for all or one per target prompt")
+                scale = scale[t]
+            per_target[word] = float(scale)
+        rows.append(token_scales(target, per_target))
+    return torch.stack(rows)
+
+
+def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
+    if spec.self_max_side is not None:
+        return int(spec.self_max_side) ** 2
+    return math.floor(latent_hw[0] * spec.self_max_fraction + 1e-9) * math.floor(latent_hw[1] * spec.self_max_fraction + 1e-9)
+
+
+def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int]) -> AttentionEdit:
+    if spec.kind not in EDIT_KINDS:
+        raise ValueError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
+    source, targets = prompts[0], list(prompts[1:])
+    if not targets:
+        raise ValueError(f"edit kind {spec.kind!r} needs a source and at least one target prompt; got {list(prompts)}")
+    schedule = spec.cross_replace_steps
+    if spec.preserve:  # Fig. 5: only the named words' maps are injected
+        window = schedule if not isinstance(schedule, Mapping) else schedule.get(DEFAULT_KEY, 1.0)
+        schedule = {DEFAULT_KEY: 0.0, **{w: window for w in spec.preserve}}
+    kwargs = {}
+    kind = spec.kind
+    if kind == "replace":
+        kwargs["mapper"] = replace_mappers(source, targets)
+    elif kind == "refine":
+        kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets)
+    else:  # reweight alone / none: source maps go to targets token by token, so the tokens must line up
+        different = [t for t in targets if words(t) != words(source)] if kind == "reweight" else []
+        if different:
+            raise ValueError(f"reweight without a base edit needs targets equal to the source {source!r}; "
+                             f"{different[0]!r} differs — use edit=refine (or replace) with edit.reweight")
+        kind = "none"
+    if spec.reweight:
+        kwargs["reweight"] = _reweight_scales(spec.reweight, targets)
+    return AttentionEdit(num_prompts=len(prompts), kind=kind,
+                         cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps),
+                         self_steps=step_range(spec.self_replace_steps, num_steps),
+                         self_max_queries=self_max_queries(spec, latent_hw), **kwargs)
+
+
+def default_blend_downsamplings(model: StableDiffusion) -> int:
+    """latent/4 (SD's 16×16 at 512 px), or the model's deepest level if it has fewer."""
+    return min(2, len(model.config.unet.channel_mult) - 1)
+
+
+def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
+                downsamplings: int) -> LocalBlend:
+    return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, len(prompts), "blend.words"),
+                      latent_hw=latent_hw, num_steps=num_steps, threshold=spec.threshold, dilation=spec.dilation,
+                      start_step=step_range(spec.start, num_steps).stop,
+                      subtract_words=_per_prompt(spec.subtract_words, len(prompts), "blend.subtract_words"),
+                      subtract_threshold=spec.subtract_threshold,
+                      resolution_downsamplings=downsamplings if spec.resolution_downsamplings is None
+                      else spec.resolution_downsamplings)
+
+
+def build_store(spec: StoreSpec, *, num_prompts: int, latent_hw: tuple[int, int]) -> AttentionStore:
+    max_queries = math.floor(latent_hw[0] * spec.max_fraction + 1e-9) * math.floor(latent_hw[1] * spec.max_fraction + 1e-9)
+    return AttentionStore(num_prompts=num_prompts, per_step=spec.per_step,
+                          layers=LayerFilter(kinds=tuple(spec.kinds), max_queries=max_queries))
+
+
+def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = None, latent: torch.Tensor | None = None,
+         spec: EditSpec | None = None, blend: BlendSpec | None = None, store: StoreSpec | None = None,
+         settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
+         uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
+    """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
+    prompts = list(prompts)
+    settings = settings or SamplerSettings(guidance=model.config.guidance)
+    height, width = height or model.config.image_size, width or model.config.image_size
+    if latent is None:
+        if seed is None:
+            raise ValueError("edit needs a seed or an initial latent")
+        latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
+    latent_hw = tuple(latent.shape[-2:])
+    controllers: list[Controller] = []
+    recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
+    blender = build_blend(blend, prompts, num_steps=settings.steps, latent_hw=latent_hw,
+                          downsamplings=default_blend_downsamplings(model)) if blend and blend.words else None
+    controllers += [c for c in (recorder, blender) if c is not None]  # recorders first: they see unedited maps
+    if spec is not None and spec.kind != "none":
+        controllers.append(build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw))
+    controller = Compose(controllers) if controllers else None
+    latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
+                     latent_callback=blender.blend_latents if blender else None,
+                     uncond_embeddings=uncond_embeddings, progress=progress)
+    return EditResult(images=decode(model, latents), latents=latents, store=recorder, blend=blender)

@@ -1,0 +1,63 @@
+"""Which steps inject which maps (Hertz et al. 2022, §3.2 "Controlling the cross-attention"; P2P_SPEC §3).
+
+A window is a pair of fractions `(start, end)` of the run; step `i` of `n` is inside when
+`floor(start·n) ≤ i < floor(end·n)` — the official code's `int(f·n)` rule (a float `f` means `(0, f)`).
+Cross-attention windows can differ per word: `{"default_": f, "cat": (0, 1)}` gives the tokens of "cat"
+their own window and every other token the default one (without "default_" the default is the whole run).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence, Union
+
+import torch
+
+from p2p.tokens import word_token_positions
+
+Window = Union[float, Sequence[float]]
+CrossSchedule = Union[Window, Mapping[str, Window]]
+DEFAULT_KEY = "default_"  # the official code's name for "all tokens not named"
+CONTEXT_LENGTH = 77
+
+
+def step_range(window: Window, num_steps: int) -> range:
+    """The steps a window covers. `0.8` → steps [0, 40) of 50; `(0.2, 0.6)` → [10, 30)."""
+    if isinstance(window, (int, float)):
+        start, end = 0.0, float(window)
+    else:
+        if len(window) != 2:
+            raise ValueError(f"window {window!r} must be a fraction f (meaning (0, f)) or a pair (start, end)")
+        start, end = (float(w) for w in window)
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"window {window!r} must satisfy 0 ≤ start ≤ end ≤ 1 (fractions of the run)")
+    # +1e-9: 0.7·50 = 35.000000000000004 but 0.29·100 = 28.999999999999996; both mean the obvious step
+    return range(math.floor(start * num_steps + 1e-9), math.floor(end * num_steps + 1e-9))
+
+
+def window_mask(window: Window, num_steps: int) -> torch.Tensor:
+    """(num_steps,) float 0/1: 1 on the steps inside the window."""
+    mask = torch.zeros(num_steps)
+    steps = step_range(window, num_steps)
+    mask[steps.start:steps.stop] = 1.0
+    return mask
+
+
+def cross_alphas(schedule: CrossSchedule, *, targets: Sequence[str], num_steps: int,
+                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """α of P2P_SPEC §3: (num_steps, num_targets, context_length) in {0, 1}.
+
+    Target map = α·Edit(M_src, M_tgt) + (1 − α)·M_tgt. Words are looked up in each target prompt
+    (case-insensitive, punctuation stripped); a word missing from a target raises.
+    """
+    if not isinstance(schedule, Mapping):
+        schedule = {DEFAULT_KEY: schedule}
+    default = schedule.get(DEFAULT_KEY, 1.0)
+    alphas = window_mask(default, num_steps)[:, None, None].repeat(1, len(targets), context_length)
+    for word, window in schedule.items():
+        if word == DEFAULT_KEY:
+            continue
+        mask = window_mask(window, num_steps)
+        for t, target in enumerate(targets):
+            positions = word_token_positions(target, word)
+            alphas[:, t, positions] = mask[:, None]
+    return alphas
