@@ -93,15 +93,15 @@ class AttentionStore(Controller):
     """Records the conditional half's maps, averaged over heads, summed over steps (P2P_SPEC §6).
 
     `maps[site.name]` is (P, queries, keys) summed over recorded steps; `average(name)` divides by the
-    count. For hybrid layers `text_only=True` keeps only the text columns. With `per_step=True` each
+    count. Hybrid layers keep all columns (text first, then pixels). With `per_step=True` each
     step's maps are also kept (`steps[i][name]`) for the per-step views of Fig. 4. Maps are copies of what
     the model computed before any later controller in a `Compose` edits them.
     """
 
-    def __init__(self, *, num_prompts: int, layers: LayerFilter = LayerFilter(), text_only: bool = True,
-                 per_step: bool = False, steps: range | None = None):
+    def __init__(self, *, num_prompts: int, layers: LayerFilter = LayerFilter(), per_step: bool = False,
+                 steps: range | None = None):
         super().__init__(num_prompts=num_prompts)
-        self.layers, self.text_only, self.per_step, self.record_steps = layers, text_only, per_step, steps
+        self.layers, self.per_step, self.record_steps = layers, per_step, steps
         self.maps: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.sites: dict[str, AttentionSite] = {}
@@ -111,10 +111,7 @@ class AttentionStore(Controller):
         return self.layers(site) and (self.record_steps is None or self.step in self.record_steps)
 
     def __call__(self, probs, site):
-        cond = self.conditional(probs)
-        if self.text_only and site.kind == "hybrid":
-            cond = cond[..., :site.num_text_keys]
-        mean = cond.mean(dim=1).float()  # (P, queries, keys)
+        mean = self.conditional(probs).mean(dim=1).float()  # (P, queries, keys)
         self.sites[site.name] = site
         self.maps[site.name] = self.maps[site.name] + mean if site.name in self.maps else mean.clone()
         self.counts[site.name] = self.counts.get(site.name, 0) + 1
@@ -125,9 +122,9 @@ class AttentionStore(Controller):
     def average(self, name: str) -> torch.Tensor:
         return self.maps[name] / self.counts[name]
 
-    def names(self, *, kind: str | None = None, grid: tuple[int, int] | None = None) -> list[str]:
+    def names(self, *, kinds: tuple[str, ...] | None = None, grid: tuple[int, int] | None = None) -> list[str]:
         return [n for n, s in self.sites.items()
-                if (kind is None or s.kind == kind) and (grid is None or s.query_hw == grid)]
+                if (kinds is None or s.kind in kinds) and (grid is None or s.query_hw == grid)]
 
 
 class AttentionEdit(Controller):
