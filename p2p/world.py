@@ -7,7 +7,8 @@ layout -- positions and sizes -- is decided by randomness only and never appears
 the caption. That split is what makes Prompt-to-Prompt edits measurable here: an edit
 of the caption should change the named attribute while keeping the random layout.
 
-Coordinates are (y, x) = (row, column); a pixel's center sits at integer coordinates.
+Coordinates are (y, x) = (row, column) pixel indices: centroids and bboxes count in
+whole pixels, and a shape covers the pixels whose centers fall inside it.
 `p2p/reader.py` recovers the same attributes from any image.
 """
 from __future__ import annotations
@@ -269,32 +270,51 @@ def _sample_boxes(rng: np.random.Generator, counts: np.ndarray, config: WorldCon
     raise RuntimeError(f"no valid layout after {MAX_LAYOUT_ROUNDS} rounds; config {config} is too tight")
 
 
-def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects: int | None,
-          mention_background: bool | None, objects: Sequence[tuple[str, str]] | None,
-          background: str | None) -> tuple[np.ndarray, list[Scene]]:
-    """The shared sampler behind sample_scene and sample_batch: uint8 images (N, H, W, 3) and scenes."""
-    pairs, backgrounds = config.pairs, list(config.backgrounds)
+def _choose_objects(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects: int | None,
+                    objects: Sequence[tuple[str, str]] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Object counts (N,) and indices into config.pairs (N, MAX_OBJECTS); unused slots hold 0."""
+    pairs = config.pairs
     if objects is not None:
         objects = [tuple(obj) for obj in objects]
+        if num_objects is not None and num_objects != len(objects):
+            raise ValueError(f"num_objects={num_objects} contradicts the {len(objects)} objects {objects!r}")
         for obj in objects:
             if obj not in pairs:
                 raise ValueError(f"object {obj!r} is not a (color, shape) of this world; colors: "
                                  f"{list(config.colors)}, shapes: {list(config.shapes)}")
         if not 1 <= len(objects) <= MAX_OBJECTS or len(set(objects)) != len(objects):
             raise ValueError(f"objects {objects!r} must be 1..{MAX_OBJECTS} distinct (color, shape) pairs")
-        counts = np.full(n, len(objects))
-        pair_ids = np.tile([pairs.index(obj) for obj in objects] + [0] * (MAX_OBJECTS - len(objects)), (n, 1))
-    else:
-        if num_objects is not None and num_objects not in range(1, MAX_OBJECTS + 1):
-            raise ValueError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
-        if num_objects is None:
-            counts = 1 + (rng.random(n) < config.p_two_objects)
-        else:
-            counts = np.full(n, num_objects)
-        first = rng.integers(len(pairs), size=n)
-        # An offset in 1..len-1 makes the second object always differ from the first.
-        second = (first + 1 + rng.integers(max(len(pairs) - 1, 1), size=n)) % len(pairs)
-        pair_ids = np.stack([first, second], axis=1)
+        ids = [pairs.index(obj) for obj in objects] + [0] * (MAX_OBJECTS - len(objects))
+        return np.full(n, len(objects)), np.tile(ids, (n, 1))
+    if num_objects is not None and num_objects not in range(1, MAX_OBJECTS + 1):
+        raise ValueError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
+    counts = 1 + (rng.random(n) < config.p_two_objects) if num_objects is None else np.full(n, num_objects)
+    if (counts == 2).any() and len(pairs) < 2:
+        raise ValueError(f"two distinct objects need >= 2 (color, shape) pairs; this world has {pairs}")
+    first = rng.integers(len(pairs), size=n)
+    # An offset in 1..len-1 makes the second object always differ from the first.
+    second = (first + 1 + rng.integers(max(len(pairs) - 1, 1), size=n)) % len(pairs)
+    return counts, np.stack([first, second], axis=1)
+
+
+def _centroids_and_boxes(masks: np.ndarray):
+    """Centroid y, x (...) and bbox (..., 4) = (top, left, bottom, right) of masks (..., H, W)."""
+    size = masks.shape[-1]
+    area = np.maximum(masks.sum(axis=(-2, -1)), 1)
+    rows, cols = masks.any(axis=-1), masks.any(axis=-2)  # (..., H), (..., W)
+    cy = masks.sum(axis=-1) @ np.arange(size) / area
+    cx = masks.sum(axis=-2) @ np.arange(size) / area
+    box = np.stack([rows.argmax(-1), cols.argmax(-1), size - rows[..., ::-1].argmax(-1),
+                    size - cols[..., ::-1].argmax(-1)], axis=-1)
+    return cy, cx, box
+
+
+def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects: int | None,
+          mention_background: bool | None, objects: Sequence[tuple[str, str]] | None,
+          background: str | None) -> tuple[np.ndarray, list[Scene]]:
+    """The shared sampler behind sample_scene and sample_batch: uint8 images (N, H, W, 3) and scenes."""
+    pairs, backgrounds = config.pairs, list(config.backgrounds)
+    counts, pair_ids = _choose_objects(rng, n, config=config, num_objects=num_objects, objects=objects)
     if background is not None and background not in backgrounds:
         raise ValueError(f"background {background!r} is not one of {backgrounds}")
     bg_ids = (np.full(n, backgrounds.index(background)) if background is not None
@@ -317,14 +337,7 @@ def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects:
     slot = (masks * np.arange(1, MAX_OBJECTS + 1)[:, None, None]).sum(axis=1)  # (N, H, W), 0 = background
     images = table[np.arange(n)[:, None, None], slot]  # (N, H, W, 3)
 
-    area = masks.sum(axis=(2, 3))  # (N, 2)
-    coords = np.arange(size)
-    cy = (masks.sum(axis=3) * coords).sum(axis=2) / np.maximum(area, 1)
-    cx = (masks.sum(axis=2) * coords).sum(axis=2) / np.maximum(area, 1)
-    rows, cols = masks.any(axis=3), masks.any(axis=2)  # (N, 2, H), (N, 2, W)
-    box = np.stack([rows.argmax(2), cols.argmax(2), size - rows[..., ::-1].argmax(2),
-                    size - cols[..., ::-1].argmax(2)], axis=-1)  # (N, 2, 4)
-
+    cy, cx, box = _centroids_and_boxes(masks)
     scenes = []
     for i in range(n):
         truths = [ObjectTruth(shape=pairs[pair_ids[i, j]][1], color=pairs[pair_ids[i, j]][0], mask=masks[i, j],
@@ -354,8 +367,9 @@ def sample_batch(rng: np.random.Generator, n: int, *, config: WorldConfig = Worl
     """
     images, scenes = _draw(rng, n, config=config, num_objects=num_objects,
                            mention_background=mention_background, objects=None, background=None)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W)
-    return pixels.contiguous(), [scene.caption for scene in scenes], scenes
+    # Converted in numpy: no torch intra-op threads contend with the training step.
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32, order="C") / np.float32(127.5) - np.float32(1.0)  # (N, 3, H, W)
+    return torch.from_numpy(pixels), [scene.caption for scene in scenes], scenes
 
 
 def held_out_scenes(*, seed: int, n: int, config: WorldConfig = WorldConfig(),
