@@ -1,0 +1,182 @@
+"""Real images: DDIM inversion, null-text inversion, negative-prompt inversion (P2P_SPEC §7).
+
+- DDIM inversion (Song et al. 2021; Dhariwal & Nichol 2021, App. F): run the deterministic sampler
+  backwards from the image latent z_0 to z_T, keeping every latent of the trajectory.
+- Null-text inversion (Mokady et al. 2023, Algorithm 1): per step i, optimise the unconditional
+  embedding ∅_i so that the guided DDIM step from the current latent lands on the inversion
+  trajectory's next latent; the UNet stays frozen (no weight gradients).
+- Negative-prompt inversion (Miyake et al. 2023, arXiv 2305.16807): ∅_i = the source prompt's
+  conditional embedding, no optimisation.
+Editing then samples from z_T with ∅_i as the unconditional embedding at step i for every prompt.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
+from models.stable_diffusion import StableDiffusion
+from p2p.pipeline import SamplerSettings
+
+log = logging.getLogger(__name__)
+
+INVERSION_METHODS = ("ddim", "null_text", "negative_prompt")
+NULL_TEXT_LR = 1e-2  # Adam learning rate at step 0, decayed linearly: lr_i = 1e-2·(1 − i/100)
+NULL_TEXT_INNER_STEPS = 10  # Adam steps per sampling step, at most
+NULL_TEXT_EPSILON = 1e-5  # early stop when loss < ε + i·2e-5 (the reference's per-step tolerance)
+NULL_TEXT_EPSILON_SLOPE = 2e-5
+
+
+@dataclass
+class Inversion:
+    """Everything editing needs from an inverted image."""
+
+    x_T: torch.Tensor  # (1, 4, h, w) the latent to sample from
+    trajectory: list[torch.Tensor]  # DDIM inversion latents z_0 … z_T (steps + 1 entries)
+    uncond_embeddings: list[torch.Tensor] | None  # one (1, 77, d) per sampling step; None = the "" embedding
+    method: str
+    losses: list[float] = field(default_factory=list)  # null-text: final loss of each step
+    inner_steps: list[int] = field(default_factory=list)  # null-text: Adam steps taken at each step
+
+
+def _eps(model: StableDiffusion, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
+    return model.unet(x.to(model.dtype), torch.tensor(t, device=x.device), context.to(model.dtype)).float()
+
+
+def _guided(model, x, t, uncond, cond, guidance):
+    out_uncond, out_cond = _eps(model, torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
+@torch.no_grad()
+def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settings: SamplerSettings,
+                progress: bool = True) -> list[torch.Tensor]:
+    """z_0 → [z_0, z_1, …, z_T] along the sampling timesteps in ascending order.
+
+    Guidance 1 (the default of the reference) uses the conditional branch only; other values apply
+    classifier-free guidance with the empty prompt.
+    """
+    cond = model.encode_prompts([prompt])
+    uncond = model.encode_prompts([""]) if settings.guidance != 1.0 else None
+    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
+                               offset=settings.offset)[::-1]
+    z, trajectory = z0.float().to(model.device), [z0.float().to(model.device)]
+    for t in tqdm(timesteps, desc="DDIM inversion", disable=not progress, leave=False):
+        out = _eps(model, z, t, cond) if uncond is None else _guided(model, z, t, uncond, cond, settings.guidance)
+        t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
+        z = ddim_inverse_step(out, z, t_prev=t_prev, t=t, schedule=model.schedule, prediction=model.config.prediction)
+        trajectory.append(z)
+    return trajectory
+
+
+def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Tensor], prompt: str, *,
+                           settings: SamplerSettings, inner_steps: int = NULL_TEXT_INNER_STEPS,
+                           epsilon: float = NULL_TEXT_EPSILON, progress: bool = True,
+                           ) -> tuple[list[torch.Tensor], list[float], list[int]]:
+    """Mokady et al. 2023, Algorithm 1, with the reference's schedule; returns (∅_i, final losses, Adam steps).
+
+    Only the null embedding has a gradient: the UNet's parameters are frozen for the duration, so no weight
+    gradients are ever computed or stored.
+    """
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            cond = model.encode_prompts([prompt]).float()
+            uncond = model.encode_prompts([""]).float()
+        timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
+                                   offset=settings.offset)
+        latent = trajectory[-1]
+        embeddings, losses, used = [], [], []
+        bar = tqdm(total=len(timesteps), desc="null-text inversion", disable=not progress, leave=False)
+        for i, t in enumerate(timesteps):
+            t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
+            target = trajectory[len(trajectory) - i - 2]
+            uncond = uncond.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([uncond], lr=NULL_TEXT_LR * (1.0 - i / 100.0))
+            with torch.no_grad():
+                out_cond = _eps(model, latent, t, cond)
+            loss_value, steps_taken = float("nan"), 0
+            for _ in range(inner_steps):
+                out_uncond = _eps(model, latent, t, uncond)
+                guided = out_uncond + settings.guidance * (out_cond - out_uncond)
+                previous = ddim_step(guided, latent, t=t, t_prev=t_prev, schedule=model.schedule,
+                                     prediction=model.config.prediction)
+                loss = F.mse_loss(previous, target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss_value, steps_taken = loss.item(), steps_taken + 1
+                if loss_value < epsilon + i * NULL_TEXT_EPSILON_SLOPE:
+                    break
+            uncond = uncond.detach()
+            embeddings.append(uncond.clone())
+            losses.append(loss_value)
+            used.append(steps_taken)
+            with torch.no_grad():  # advance with the optimised ∅_i
+                latent = ddim_step(_guided(model, latent, t, uncond, cond, settings.guidance), latent, t=t,
+                                   t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction)
+            bar.set_postfix(loss=f"{loss_value:.2e}", adam=steps_taken)
+            bar.update()
+        bar.close()
+        return embeddings, losses, used
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+@torch.no_grad()
+def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: str = "null_text",
+           settings: SamplerSettings | None = None, inner_steps: int = NULL_TEXT_INNER_STEPS,
+           progress: bool = True) -> Inversion:
+    """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS)."""
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
+    settings = settings or SamplerSettings(guidance=model.config.guidance)
+    z0 = model.encode_images(image_to_tensor(image))  # VAE posterior mean × scale factor
+    trajectory = ddim_invert(model, z0, prompt, settings=SamplerSettings(
+        steps=settings.steps, guidance=1.0, offset=settings.offset), progress=progress)
+    if method == "ddim":
+        return Inversion(trajectory[-1], trajectory, None, method)
+    if method == "negative_prompt":
+        cond = model.encode_prompts([prompt])
+        return Inversion(trajectory[-1], trajectory, [cond.clone() for _ in range(settings.steps)], method)
+    with torch.enable_grad():
+        embeddings, losses, used = null_text_optimization(model, trajectory, prompt, settings=settings,
+                                                          inner_steps=inner_steps, progress=progress)
+    return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float (1, 3, H, W) in [-1, 1]."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB between uint8 images, optionally only where `mask` (H, W) is True."""
+    diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    if mask is not None:
+        if not mask.any():
+            raise ValueError("psnr mask selects no pixels")
+        diff = diff[mask.astype(bool)]
+    mse = diff.mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def restore_outside_mask(edited: np.ndarray, original: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """Paper Fig. 12: keep the edit inside the attention mask, the original image outside.
+
+    `mask` (1, h, w) or (h, w) in latent (or any) resolution, upsampled (nearest) to the image.
+    """
+    mask = mask.float().reshape(1, 1, *mask.shape[-2:])
+    mask = F.interpolate(mask, size=edited.shape[:2], mode="nearest")[0, 0].numpy()[..., None]
+    return (mask * edited + (1 - mask) * original).round().astype(np.uint8)
