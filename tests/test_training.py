@@ -1,0 +1,187 @@
+"""Training the built-in model (p2p/training.py, scripts/train_tiny.py): it learns, it is reproducible by
+seed, a resumed run equals an uninterrupted one, and the shipped file loads within its size budget.
+
+Runs on a reduced model (16 px world, 2-level VAE and UNet, 1-layer text encoder): every test is CPU-fast.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import p2p.training as training
+from models.loader import load_checkpoint
+from models.stable_diffusion import ModelConfig, StableDiffusion
+from models.text import TextConfig
+from models.unet import UNetConfig
+from models.vae import VAEConfig
+from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss,
+                          drop_captions, learning_rate, train, train_phase, vae_loss)
+from p2p.world import WorldConfig, sample_batch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = REPO_ROOT / "models" / "weights" / "tiny.safetensors"
+SMALL_WORLD = {"image_size": 16}  # objects 4…8 px
+
+
+def small_config() -> ModelConfig:
+    """The tiny model's structure (cross + hybrid attention, KL VAE, open_clip text), shrunk to 16 px."""
+    return ModelConfig(
+        name="tiny-test",
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+                        attention_kinds=("cross", "hybrid"), num_head_channels=32, context_dim=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        text=TextConfig(width=32, heads=2, layers=1, act="gelu", pad_token=0),
+        image_size=16, scale_factor=1.0)
+
+
+def small_model(seed: int = 0) -> StableDiffusion:
+    torch.manual_seed(seed)
+    return StableDiffusion(small_config())
+
+
+def small_train_config(run_dir: Path, *, seed: int = 0, resume: bool = False, steps: int = 4) -> TrainConfig:
+    phase = dict(steps=steps, batch_size=4, warmup_steps=2, lr=1e-3)
+    return TrainConfig(seed=seed, run_dir=str(run_dir), resume=resume, checkpoint_every=100, log_every=1,
+                       scale_samples=16, world=SMALL_WORLD,
+                       vae=PhaseConfig(**phase, ema_decay=0.0), unet=PhaseConfig(**phase, ema_decay=0.9))
+
+
+def assert_same_weights(a: StableDiffusion, b: StableDiffusion) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise reproducibility is promised per thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixed_batch(model: StableDiffusion):
+    images, captions, _ = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
+    return images, TokenCache(model.text_encoder)(captions)
+
+
+def overfit(model, *, phase: str, loss_fn, steps: int, tmp_path: Path) -> tuple[float, float]:
+    """Loss on one fixed batch (and fixed noise) before and after `steps` steps on that batch."""
+    before = loss_fn().item()
+    train_phase(model, phase=phase, cfg=PhaseConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=1, ema_decay=0),
+                loss_at_step=lambda step, rng: (loss_fn(), {}), seed=0, run_dir=tmp_path, resume=False,
+                checkpoint_every=1000, log_every=1000, progress=False)
+    with torch.no_grad():
+        return before, loss_fn().item()
+
+
+def test_vae_steps_lower_the_reconstruction_loss(tmp_path):
+    model = small_model()
+    images, _ = fixed_batch(model)
+    loss = lambda: vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator().manual_seed(0))[0]
+    before, after = overfit(model, phase="vae", loss_fn=loss, steps=25, tmp_path=tmp_path)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_diffusion_steps_lower_the_noise_prediction_loss(tmp_path):
+    model = small_model()
+    images, token_ids = fixed_batch(model)
+    latents = model.encode_images(images).detach()
+    loss = lambda: diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))[0]
+    before, after = overfit(model, phase="unet", loss_fn=loss, steps=25, tmp_path=tmp_path)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
+    model = small_model()
+    vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    text_before = model.text_encoder.model.transformer.resblocks[0].attn.in_proj_weight.clone()
+    images, token_ids = fixed_batch(model)
+    latents = model.encode_images(images).detach()
+    overfit(model, phase="unet", steps=2, tmp_path=tmp_path, loss_fn=lambda: diffusion_loss(
+        model, latents, token_ids, generator=torch.Generator().manual_seed(0))[0])
+    assert all(torch.equal(v, model.vae.state_dict()[k]) for k, v in vae_before.items())
+    assert not torch.equal(text_before, model.text_encoder.model.transformer.resblocks[0].attn.in_proj_weight)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    runs = [train(small_model(), small_train_config(tmp_path / name, seed=seed), progress=False)
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    assert_same_weights(runs[0], runs[1])
+    assert runs[0].config.scale_factor == runs[1].config.scale_factor != 1.0
+    state_a, state_c = runs[0].state_dict(), runs[2].state_dict()
+    assert any(not torch.equal(state_a[k], state_c[k]) for k in state_a)
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """SIGTERM in the middle of phase 2 → checkpoint → resume=true: bitwise the uninterrupted result
+    (model, optimizer moments and EMA restored; the data stream is a function of the step)."""
+    uninterrupted = train(small_model(), small_train_config(tmp_path / "full", steps=6), progress=False)
+
+    calls, real_loss = {"n": 0}, training.diffusion_loss
+
+    def loss_then_sigterm(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 2 of phase 2: the loop finishes the step, saves, stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", loss_then_sigterm)
+    with pytest.raises(StopRequested, match="after step 3"):
+        train(small_model(), small_train_config(tmp_path / "cut", steps=6), progress=False)
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
+    assert torch.load(tmp_path / "cut" / "unet-last.pt", weights_only=True)["step"] == 3
+
+    resumed = train(small_model(seed=123), small_train_config(tmp_path / "cut", steps=6, resume=True),
+                    progress=False)  # a different init: everything must come from the checkpoints
+    assert_same_weights(uninterrupted, resumed)
+    assert resumed.config.scale_factor == uninterrupted.config.scale_factor
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = PhaseConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    rates = [learning_rate(s, cfg) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert learning_rate(100, cfg) == pytest.approx(1e-4)
+
+
+def test_ema_tracks_recent_weights_and_copies_them_back():
+    module = torch.nn.Linear(3, 1)
+    ema = EMA(module.named_parameters(), decay=0.9)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    for _ in range(200):
+        ema.update(module.named_parameters())
+    assert torch.allclose(ema.shadow["weight"], torch.ones(1, 3), atol=1e-6)
+    fresh = torch.nn.Linear(3, 1)
+    ema.copy_to(fresh)
+    assert torch.equal(fresh.weight, ema.shadow["weight"]) and torch.equal(fresh.bias, ema.shadow["bias"])
+
+
+def test_caption_dropout_rate_and_empty_prompt():
+    captions = ["a red circle"] * 10_000
+    dropped = drop_captions(captions, p=0.1, rng=np.random.default_rng(0))
+    assert set(dropped) == {"", "a red circle"}  # "" is the prompt classifier-free guidance samples with
+    assert 0.09 < dropped.count("") / len(dropped) < 0.11
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="models/weights/tiny.safetensors not trained yet")
+def test_shipped_model_loads_and_is_small():
+    assert SHIPPED.stat().st_size <= 30 * 2 ** 20
+    model = load_checkpoint(SHIPPED)
+    assert model.config.name == "tiny" and model.config.image_size == 32
+    assert model.config.scale_factor != 1.0  # set from the trained VAE's latent statistics
+    assert 1.0 < model.config.guidance < 15.0
+    with torch.no_grad():
+        images, _, _ = sample_batch(np.random.default_rng(0), 16)
+        latents = model.encode_images(images)
+        assert 0.5 < latents.std().item() < 2.0  # roughly unit variance, as the diffusion model was trained on
+        reconstruction = model.decode_latents(latents)
+    assert (reconstruction - images).abs().mean().item() < 0.05
