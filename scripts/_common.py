@@ -1,0 +1,70 @@
+"""What every Hydra script shares: building the model from `cfg.model`, sampler settings from the common
+override names (`seed steps guidance negative_prompt height width dtype device`), and saving outputs into
+the run's own folder without ever overwriting a file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from models.loader import load_checkpoint
+from models.stable_diffusion import StableDiffusion, preset
+from p2p.pipeline import SamplerSettings
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_WEIGHTS = REPO / "models" / "weights" / "tiny.safetensors"
+
+
+def load_model(cfg: DictConfig) -> StableDiffusion:
+    """`cfg.model.name` + `cfg.model.checkpoint` (+ `cfg.dtype`, `cfg.device`) → a loaded model."""
+    name, checkpoint = cfg.model.name, cfg.model.get("checkpoint")
+    if checkpoint is None and name == "tiny":
+        checkpoint = TINY_WEIGHTS
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"the built-in model {checkpoint} is missing; train it with "
+                                    "`python scripts/train_tiny.py` (≈ 85 min on 2 CPU cores)")
+    if checkpoint is None:
+        raise ValueError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
+                         "(single-file safetensors; .ckpt files are refused)")
+    # The tiny file carries its own config; SD files get the named preset (their files hold no config).
+    config = None if name == "tiny" else preset(name)
+    return load_checkpoint(Path(checkpoint).expanduser(), config=config, dtype=cfg.dtype, device=cfg.device)
+
+
+def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:
+    guidance = cfg.guidance if cfg.get("guidance") is not None else (
+        cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)
+    return SamplerSettings(steps=int(cfg.steps), guidance=float(guidance), eta=float(cfg.get("eta", 0.0)))
+
+
+def run_dir() -> Path:
+    """The Hydra run's own output folder (named by the time to the microsecond, so runs never share one)."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def slug(text: str, *, max_length: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_length] or "prompt"
+
+
+def save_image(image: np.ndarray, path: Path) -> Path:
+    """uint8 (H, W, 3) → PNG; refuses to overwrite."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def save_config(cfg: DictConfig, out: Path) -> Path:
+    """The resolved config beside the images, so every output says how it was made."""
+    path = Path(out) / "config.yaml"
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
