@@ -47,7 +47,8 @@ class PhaseConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm
-    kl_weight: float = 1e-6  # VAE only: weight of the per-image KL sum against the per-pixel L1 mean
+    kl_weight: float = 1e-6  # VAE only: weight of the per-image KL sum against the per-pixel reconstruction mean
+    reconstruction: str = "l1"  # VAE only: "l1", "mse" or "l1+mse" (per-pixel means, summed)
     caption_dropout: float = 0.1  # UNet only: P(caption → "") for classifier-free guidance
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
 
@@ -102,14 +103,24 @@ def drop_captions(captions: list[str], *, p: float, rng: np.random.Generator) ->
 
 # ----------------------------------------------------------------------------- losses
 
-def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1(decode(z), x) with z ~ q(z|x), plus kl_weight × KL(q(z|x) ‖ N(0, I)) summed per image (LDM §3.1)."""
+RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")
+
+
+def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float, generator: torch.Generator,
+             reconstruction: str = "l1") -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction of x from z ~ q(z|x), plus kl_weight × KL(q(z|x) ‖ N(0, I)) summed per image (LDM §3.1).
+
+    L1 (LDM's pixel term) gives every pixel a gradient of the same size, so the ~90% background pixels that
+    are already nearly right keep pushing; MSE's gradient grows with the error, so wrong object colors
+    dominate it. "l1+mse" uses both."""
+    if reconstruction not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
     posterior = model.vae.encode(images)
-    reconstruction = model.vae.decode(posterior.sample(generator))
-    l1 = (reconstruction - images).abs().mean()
+    error = model.vae.decode(posterior.sample(generator)) - images
+    l1, mse = error.abs().mean(), error.pow(2).mean()
     kl = posterior.kl().mean()
-    return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+    pixel_loss = {"l1": l1, "mse": mse, "l1+mse": l1 + mse}[reconstruction]
+    return pixel_loss + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
 
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
@@ -291,7 +302,8 @@ def train_vae(model: StableDiffusion, cfg: TrainConfig, **loop) -> None:
 
     def loss_at_step(step: int, rng: np.random.Generator):
         images, _, _ = sample_batch(rng, cfg.vae.batch_size, config=world)
-        return vae_loss(model, images.to(model.device), kl_weight=cfg.vae.kl_weight, generator=torch_generator(rng))
+        return vae_loss(model, images.to(model.device), kl_weight=cfg.vae.kl_weight, generator=torch_generator(rng),
+                        reconstruction=cfg.vae.reconstruction)
 
     train_phase(model, phase="vae", cfg=cfg.vae, loss_at_step=loss_at_step, seed=cfg.seed, run_dir=cfg.run_dir,
                 resume=cfg.resume, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, **loop)
