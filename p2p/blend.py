@@ -91,8 +91,9 @@ class LocalBlend(Controller):
                                "choose resolution_downsamplings accordingly")
         mask = self._mask(self.weights, self.threshold, dilate=True)
         mask = mask[:1] | mask  # union of the source's words and each prompt's own
-        if self.subtract is not None:
-            mask = mask & ~self._mask(self.subtract, self.subtract_threshold, dilate=False)
+        if self.subtract is not None:  # null-text notebook: the subtract mask is a source ∪ prompt union too
+            subtract = self._mask(self.subtract, self.subtract_threshold, dilate=False)
+            mask = mask & ~(subtract[:1] | subtract)
         return mask.float()
 
     def blend_latents(self, step: int, latents: torch.Tensor) -> torch.Tensor:

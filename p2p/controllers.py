@@ -12,6 +12,7 @@ except the maps it was asked to record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,6 +29,19 @@ def grid_at(latent_hw: tuple[int, int], downsamplings: int) -> tuple[int, int]:
     return h, w
 
 
+def max_queries_at_fraction(latent_hw: tuple[int, int], fraction: float) -> int:
+    """Query count of the UNet level whose side is `fraction` of the latent's: 1/4 → two downsamplings.
+
+    Follows the UNet's own rounding (ceil at each halving), so odd latents (SD at 520 px: 65 → 33 → 17)
+    still reach their layers. A fraction between powers of two picks the next smaller level.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"resolution fraction {fraction} must be in (0, 1]")
+    downsamplings = math.ceil(math.log2(1 / fraction) - 1e-9)
+    h, w = grid_at(latent_hw, downsamplings)
+    return h * w
+
+
 class Controller:
     """Base controller: knows the batch layout and the step; wants nothing, changes nothing."""
 
@@ -38,6 +52,9 @@ class Controller:
         self.step = -1  # set by the sampling loop through begin_step
 
     def begin_step(self, step: int) -> None:
+        if step == 0 and self.step != -1:
+            raise RuntimeError(f"{type(self).__name__} already ran (it was at step {self.step}); controllers are "
+                               "built for one run — build a new one for every run")
         self.step = step
 
     def wants(self, site: AttentionSite) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
-from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at
+from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, max_queries_at_fraction
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
 from p2p.tokens import refine_alignments, replace_mappers, token_scales, words
@@ -94,7 +94,7 @@ def _reweight_scales(reweight: Mapping, targets: Sequence[str]) -> torch.Tensor:
 def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
     if spec.self_max_side is not None:
         return int(spec.self_max_side) ** 2
-    return math.floor(latent_hw[0] * spec.self_max_fraction + 1e-9) * math.floor(latent_hw[1] * spec.self_max_fraction + 1e-9)
+    return max_queries_at_fraction(latent_hw, spec.self_max_fraction)
 
 
 def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int]) -> AttentionEdit:
@@ -144,7 +144,7 @@ def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, late
 
 
 def build_store(spec: StoreSpec, *, num_prompts: int, latent_hw: tuple[int, int]) -> AttentionStore:
-    max_queries = math.floor(latent_hw[0] * spec.max_fraction + 1e-9) * math.floor(latent_hw[1] * spec.max_fraction + 1e-9)
+    max_queries = max_queries_at_fraction(latent_hw, spec.max_fraction)
     return AttentionStore(num_prompts=num_prompts, per_step=spec.per_step,
                           layers=LayerFilter(kinds=tuple(spec.kinds), max_queries=max_queries))
 

@@ -173,8 +173,6 @@ def test_local_blend_start_and_target_subtract_words(tiny):
     assert 0 < float(fast.blend.last_mask[1].mean()) < 1
 
 
-@pytest.mark.xfail(strict=True, reason="p2p/blend.py LocalBlend.mask: the subtract-words mask is not united with "
-                                       "the source's (null-text notebook get_mask does `mask[:1] + mask` for it too)")
 def test_local_blend_subtract_words_of_source_and_target(tiny):
     words, subtract = [["cat"], ["dog"]], [["bicycle"], ["bicycle"]]
     blend = BlendSpec(words=words, threshold=0.8, subtract_words=subtract, subtract_threshold=0.75,
