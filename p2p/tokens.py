@@ -24,23 +24,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+
+from models.text import END_TOKEN, START_TOKEN, clip_tokenizer  # one tokenizer for the model and the edits
 
 CONTEXT_LENGTH = 77  # CLIP's text context: start token + 75 content tokens + end token
-START_TOKEN = 49406  # <start_of_text> in CLIP's BPE vocabulary
-END_TOKEN = 49407  # <end_of_text>; SD 1.x also pads with it, SD 2.x pads with 0
 
 # Needleman–Wunsch scores of the reference (seq_aligner.get_mapper: ScoreParams(0, 1, -1)).
 # With a free gap a mismatch never pays off, so the alignment is a longest common subsequence.
 GAP_SCORE, MATCH_SCORE, MISMATCH_SCORE = 0, 1, -1
 
 WordRef = str | int | Sequence[int]  # a word, a word index, or explicit token positions
-
-
-@functools.cache
-def clip_tokenizer() -> SimpleTokenizer:
-    """open_clip's CLIP BPE tokenizer (vocabulary ships with the package); built once, it is slow."""
-    return SimpleTokenizer()
 
 
 @dataclass(frozen=True)
