@@ -1,0 +1,82 @@
+"""The paper's figures, one experiment config each (issue 5): conf/experiment/*.yaml over conf/figure.yaml.
+
+    python scripts/figure.py experiment=fig2_content          # shapes-world prompts, built-in model, CPU
+    python scripts/figure.py experiment=fig6_injection_steps steps=25 seed=7
+    python scripts/figure.py experiment=fig9_fader prompt_set=paper model=sd15 model.checkpoint=v1-5.safetensors
+    python scripts/figure.py experiment=fig10_12_real prompt_set=paper image=cat.jpg model=sd15 model.checkpoint=...
+    python scripts/figure.py -m experiment=fig2_content,fig6_injection_steps,fig9_fader   # several at once
+
+Writes into its own run folder outputs/figure/<experiment>/<date>/<time>: figure.png, images/ (each tile),
+figure.json (captions, files, numbers) and config.yaml; the real-image figure also writes photo.png.
+The layouts and the edits behind them live in p2p/figures.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image  # noqa: E402
+from p2p import figures  # noqa: E402
+from p2p.edit import EditSpec  # noqa: E402
+from p2p.images import load_image  # noqa: E402
+
+PROMPT_SETS = ("shapes", "paper")
+
+
+def prompt_set(cfg: DictConfig) -> dict:
+    """The chosen prompt set's builder arguments, checked against the model and the experiment."""
+    if cfg.figure is None:
+        raise ValueError("no figure chosen: pass experiment=NAME (one of conf/experiment/*.yaml)")
+    if cfg.prompt_set not in PROMPT_SETS or cfg.prompt_set not in cfg.prompt_sets:
+        raise ValueError(f"prompt_set={cfg.prompt_set!r}; this experiment has {sorted(cfg.prompt_sets)}")
+    if cfg.prompt_set == "paper" and cfg.model.name == "tiny" and cfg.check_model:
+        raise ValueError("prompt_set=paper needs Stable Diffusion weights: model=sd15 model.checkpoint=PATH "
+                         "(the built-in tiny model only knows the shapes world; use prompt_set=shapes)")
+    return OmegaConf.to_container(cfg.prompt_sets[cfg.prompt_set], resolve=True)
+
+
+def make_figure(cfg: DictConfig, out: Path) -> Path:
+    """Build the experiment's figure and save it with its tiles and the resolved config into `out`."""
+    params = prompt_set(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    model = load_model(cfg)
+    settings = sampler_settings(cfg, model)
+    set_seed = params.pop("seed", None)
+    seed = set_seed if cfg.seed is None else cfg.seed
+    common = dict(title=cfg.title, spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
+                  settings=settings, seed=seed, tile_size=cfg.tile_size)
+    if cfg.figure == "real":
+        scene = params.pop("scene", None)
+        if cfg.image is not None:
+            size = model.config.image_size
+            params["photo"] = load_image(cfg.image, height=size, width=size)
+        elif scene is not None:
+            params["photo"], caption = figures.render_scene(**scene)
+            params.setdefault("source", caption)
+        else:
+            raise ValueError("the real-image figure needs a photo: pass image=PATH")
+        if params.get("source") is None:
+            raise ValueError("the real-image figure needs the photo's caption as `source` in the prompt set")
+        save_image(params["photo"], out / "photo.png")
+        common.update(inner_steps=cfg.inversion.inner_steps, cache_dir=cfg.cache_dir)
+    figure = figures.build(cfg.figure, model, params, **common)
+    path = figure.save(out, tile_size=cfg.tile_size)
+    save_config(cfg, out)
+    return path
+
+
+@hydra.main(config_path="../conf", config_name="figure", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    path = make_figure(cfg, run_dir())
+    print(f"wrote {path} with images/, figure.json and config.yaml")
+
+
+if __name__ == "__main__":
+    main()
