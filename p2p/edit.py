@@ -16,7 +16,7 @@ import torch
 
 from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
-from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, max_queries_at_fraction
+from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
 from p2p.tokens import refine_alignments, replace_mappers, token_scales, words
@@ -127,9 +127,17 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
                          self_max_queries=self_max_queries(spec, latent_hw), **kwargs)
 
 
-def default_blend_downsamplings(model: StableDiffusion) -> int:
-    """latent/4 (SD's 16×16 at 512 px), or the model's deepest level if it has fewer."""
-    return min(2, len(model.config.unet.channel_mult) - 1)
+BLEND_DOWNSAMPLINGS = 2  # latent/4: SD's 16×16 cross-attention layers at 512 px (official LocalBlend)
+MIN_BLEND_SIDE = 4  # a coarser grid cannot outline an object; small latents (the tiny model's 8×8) go finer
+
+
+def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, int]) -> int:
+    """latent/4 as in the reference, unless that grid is under MIN_BLEND_SIDE on a side or the model has
+    fewer levels; then the finest level that satisfies both (never finer than the latent itself)."""
+    downsamplings = min(BLEND_DOWNSAMPLINGS, len(model.config.unet.channel_mult) - 1)
+    while downsamplings > 0 and min(grid_at(latent_hw, downsamplings)) < MIN_BLEND_SIDE:
+        downsamplings -= 1
+    return downsamplings
 
 
 def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
@@ -165,7 +173,7 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     controllers: list[Controller] = []
     recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
     blender = build_blend(blend, prompts, num_steps=settings.steps, latent_hw=latent_hw,
-                          downsamplings=default_blend_downsamplings(model)) if blend and blend.words else None
+                          downsamplings=default_blend_downsamplings(model, latent_hw)) if blend and blend.words else None
     controllers += [c for c in (recorder, blender) if c is not None]  # recorders first: they see unedited maps
     if spec is not None and spec.kind != "none":
         controllers.append(build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw))

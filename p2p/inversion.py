@@ -78,13 +78,15 @@ def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settin
 def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Tensor], prompt: str, *,
                            settings: SamplerSettings, inner_steps: int = NULL_TEXT_INNER_STEPS,
                            epsilon: float = NULL_TEXT_EPSILON, progress: bool = True,
-                           ) -> tuple[list[torch.Tensor], list[float], list[int]]:
+                           reference_schedule: bool = False) -> tuple[list[torch.Tensor], list[float], list[int]]:
     """Mokady et al. 2023, Algorithm 1, with the reference's schedule; returns (∅_i, final losses, Adam steps).
 
     Only the null embedding has a gradient: the UNet's parameters are frozen for the duration, so no weight
-    gradients are ever computed or stored.
+    gradients are ever computed or stored. `reference_schedule=True` reproduces the official code's cost for
+    benchmarks: weights left as they are (its UNet has requires_grad=True, so backward also computes weight
+    gradients) and every inner step taken.
     """
-    frozen = [p for p in model.parameters() if p.requires_grad]
+    frozen = [] if reference_schedule else [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
@@ -114,7 +116,7 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
                 loss.backward()
                 optimizer.step()
                 loss_value, steps_taken = loss.item(), steps_taken + 1
-                if loss_value < epsilon + i * NULL_TEXT_EPSILON_SLOPE:
+                if not reference_schedule and loss_value < epsilon + i * NULL_TEXT_EPSILON_SLOPE:
                     break
             uncond = uncond.detach()
             embeddings.append(uncond.clone())
@@ -135,7 +137,7 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
 @torch.no_grad()
 def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: str = "null_text",
            settings: SamplerSettings | None = None, inner_steps: int = NULL_TEXT_INNER_STEPS,
-           progress: bool = True) -> Inversion:
+           progress: bool = True, reference_schedule: bool = False) -> Inversion:
     """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS)."""
     if method not in INVERSION_METHODS:
         raise ValueError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
@@ -150,7 +152,8 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
         return Inversion(trajectory[-1], trajectory, [cond.clone() for _ in range(settings.steps)], method)
     with torch.enable_grad():
         embeddings, losses, used = null_text_optimization(model, trajectory, prompt, settings=settings,
-                                                          inner_steps=inner_steps, progress=progress)
+                                                          inner_steps=inner_steps, progress=progress,
+                                                          reference_schedule=reference_schedule)
     return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used)
 
 
