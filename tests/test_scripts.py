@@ -1,0 +1,86 @@
+"""The Hydra entry points as a user runs them: files written, config saved, nothing overwritten, errors named."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.loader import save_checkpoint
+from models.stable_diffusion import StableDiffusion, preset
+from p2p.world import sample_scene
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = '["a red circle on a black background","a blue circle on a black background"]'
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny_random.safetensors"
+    return save_checkpoint(StableDiffusion(preset("tiny")), path, dtype="fp16")
+
+
+def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in root.glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_edit_script_writes_images_grid_baseline_attention_and_config(checkpoint, tmp_path):
+    common = (f"model.checkpoint={checkpoint}", f"prompts={PROMPTS}", "steps=2", "seed=5", "progress=false",
+              f"hydra.run.dir={tmp_path}/run", "baseline=true", "attention=true", "blend=local", "blend.words=[circle]")
+    result = run("edit.py", *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "run"
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .hydra: Hydra's own record
+    assert names[:2] == ["00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png"]
+    for name in ("grid.png", "blend_mask.png", "config.yaml", "baseline", "attention"):
+        assert name in names
+    assert len(list((out / "baseline").glob("*.png"))) == 2 and len(list((out / "attention").glob("*.png"))) == 2
+    config = (out / "config.yaml").read_text()
+    assert "cross_replace_steps: 0.8" in config and "seed: 5" in config
+    assert str(out) in result.stdout
+    # the same folder again: refused, and the first run's files are intact
+    before = (out / "grid.png").read_bytes()
+    again = run("edit.py", *common, cwd=tmp_path)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert (out / "grid.png").read_bytes() == before
+
+
+def test_edit_script_names_bad_input(checkpoint, tmp_path):
+    result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "height=30",
+                 f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
+    assert result.returncode != 0 and "height=30" in result.stderr
+    result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "edit.reweight={dog: 2}",
+                 f"hydra.run.dir={tmp_path}/bad2", cwd=tmp_path)
+    assert result.returncode != 0 and "'dog'" in result.stderr
+    result = run("edit.py", "model=sd15", "steps=2", f"hydra.run.dir={tmp_path}/bad3", cwd=tmp_path)
+    assert result.returncode != 0 and "model.checkpoint" in result.stderr
+
+
+def test_edit_image_script_inverts_reconstructs_edits_and_reports(checkpoint, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(sample_scene(np.random.default_rng(0), num_objects=1).image).save(photo)
+    overrides = (f"model.checkpoint={checkpoint}", f"image={photo}", f"prompts={PROMPTS}", "steps=2",
+                 "inversion.inner_steps=2", "progress=false", f"cache_dir={tmp_path}/cache")
+    first = run("edit_image.py", *overrides, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = tmp_path / "a"
+    for name in ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png",
+                 "00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
+                 "config.yaml"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "null_text" and not metrics["from_cache"]
+    assert len(metrics["null_text_final_losses"]) == 2 and metrics["psnr_vae_reconstruction"] > 0
+    second = run("edit_image.py", *overrides, f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
+    assert second.returncode == 0 and json.loads((tmp_path / "b" / "metrics.json").read_text())["from_cache"]
