@@ -1,0 +1,90 @@
+"""scripts/generate.py as a user runs it: files, config, the same pixels as `p2p.pipeline.generate`, clear errors.
+
+Runs on a random-weight checkpoint of the tiny architecture written to a temporary folder, 2 DDIM steps.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from models.loader import load_checkpoint, save_checkpoint
+from models.stable_diffusion import StableDiffusion, preset
+from p2p.pipeline import SamplerSettings, generate
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle on a black background", "a blue square on a white background"]
+SEED, STEPS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(random_model, tmp_path_factory) -> Path:
+    model = random_model(lambda: StableDiffusion(preset("tiny")), seed=9)
+    return save_checkpoint(model, tmp_path_factory.mktemp("weights") / "tiny-random.safetensors")
+
+
+def run_script(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), *overrides], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+
+
+def test_generate_writes_images_and_config(tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    result = run_script(f"model.checkpoint={tiny_checkpoint}", f"prompts={PROMPTS!r}".replace("'", '"'),
+                        f"seed={SEED}", f"steps={STEPS}", "progress=false", f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert str(run) in result.stdout  # the script says where the files are
+
+    names = ["00_a_red_circle_on_a_black_background.png", "01_a_blue_square_on_a_white_background.png"]
+    assert sorted(p.name for p in run.glob("*.png")) == names
+    config = OmegaConf.load(run / "config.yaml")
+    assert list(config.prompts) == PROMPTS and config.seed == SEED and config.steps == STEPS
+    assert config.model.name == "tiny" and config.model.checkpoint == str(tiny_checkpoint)
+
+    model = load_checkpoint(tiny_checkpoint)
+    expected = generate(model, PROMPTS, seed=SEED, settings=SamplerSettings(steps=STEPS, guidance=model.config.guidance),
+                        progress=False)
+    for name, image in zip(names, expected):
+        saved = np.asarray(Image.open(run / name))
+        assert saved.shape == (32, 32, 3)  # the tiny model's native size when height/width are null
+        assert np.array_equal(saved, image), name
+
+    # the same run folder again: nothing is overwritten
+    again = run_script(f"model.checkpoint={tiny_checkpoint}", f"steps={STEPS}", "progress=false",
+                       f"hydra.run.dir={run}", f"prompts={PROMPTS[:1]!r}".replace("'", '"'))
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+
+
+def test_bad_size_is_named(tiny_checkpoint, tmp_path):
+    result = run_script(f"model.checkpoint={tiny_checkpoint}", "height=30", f"steps={STEPS}",
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "height=30 is not a positive multiple of 4" in result.stderr
+    assert not list((tmp_path / "run").glob("*.png"))
+
+
+def compose_generate(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="generate", overrides=list(overrides))
+
+
+def test_sd_preset_needs_a_checkpoint():
+    sys.path.insert(0, str(REPO))
+    from scripts._common import load_model
+    with pytest.raises(ValueError, match="pass model.checkpoint=PATH"):
+        load_model(compose_generate("model=sd15"))
+
+
+def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from scripts import _common
+    monkeypatch.setattr(_common, "TINY_WEIGHTS", tmp_path / "tiny.safetensors")
+    with pytest.raises(FileNotFoundError, match="python scripts/train_tiny.py"):
+        _common.load_model(compose_generate())
