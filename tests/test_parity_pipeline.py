@@ -20,7 +20,8 @@ from models.ddim import SD_BETA_END, SD_BETA_START, SD_TIMESTEP_OFFSET
 from models.loader import original_state_dict
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.pipeline import SamplerSettings, generate
-from test_parity_text import clip_tokenizer_files, hf_clip_text_model_from_ours, hf_clip_tokenizer
+from test_parity_text import (SD1_CLIP_TEXT_CONFIG, clip_tokenizer_files, hf_clip_text_model_from_ours,
+                              hf_clip_tokenizer)
 from test_parity_unet import diffusers_unet_from_ours
 from test_parity_vae import diffusers_vae_from_ours
 
@@ -36,7 +37,6 @@ SD2_CLIP_TEXT_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden
 
 def sd2_text_encoder_from_ours(model: StableDiffusion) -> CLIPTextModel:
     """SD 2.x's text encoder as diffusers builds it: open_clip weights through `convert_open_clip_checkpoint`."""
-    from test_parity_text import SD1_CLIP_TEXT_CONFIG
     reference = CLIPTextModel(CLIPTextConfig(**{**SD1_CLIP_TEXT_CONFIG, **SD2_CLIP_TEXT_CONFIG})).eval()
     converted = convert_open_clip_checkpoint(reference, original_state_dict(model))
     prefix = "" if hasattr(reference, "text_model") else "text_model."  # transformers ≥ 5 has no text_model level
