@@ -18,6 +18,19 @@ def pytest_configure(config):
                    "still part of the default run, deselect with -m 'not slow'")
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_small_tensors(request):
+    """Tests on tiny models run on one thread: at these sizes a second thread costs more than it saves, and
+    under load two contending threads were measured ~100× slower. Full-size (`slow`) tests keep the default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(module: nn.Module, *, seed: int) -> nn.Module:
     """Fill every parameter from a seeded generator, in `named_parameters` order.
 

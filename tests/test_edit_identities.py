@@ -23,15 +23,6 @@ CAT = ["a cat riding a bicycle", "a dog riding a bicycle"]
 ALL_SELF_LAYERS = dict(self_max_side=8)  # the 8×8 self layers too: nothing escapes the self rule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread costs more than it saves, and the 2 CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)

@@ -21,11 +21,8 @@ PROMPT = "a red circle on a black background"
 
 @pytest.fixture(scope="module")
 def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small run faster on one thread than two contending ones
     torch.manual_seed(0)
-    yield StableDiffusion(preset("tiny")).eval().requires_grad_(False)
-    torch.set_num_threads(threads)
+    return StableDiffusion(preset("tiny")).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,6 @@ def _model(**unet_changes):
     return StableDiffusion(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread costs more than it saves, and the 2 CPU cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """8×8 latents; cross attention at 8×8, hybrid (text keys first) at 4×4 and 2×2."""
