@@ -2,6 +2,7 @@
 seed, a resumed run equals an uninterrupted one, and the shipped file loads within its size budget.
 
 Runs on a reduced model (16 px world, 2-level VAE and UNet, 1-layer text encoder): every test is CPU-fast.
+Bitwise reproducibility is promised for a fixed thread count; conftest runs these tests on one thread.
 """
 from __future__ import annotations
 
@@ -56,14 +57,6 @@ def assert_same_weights(a: StableDiffusion, b: StableDiffusion) -> None:
     assert state_a.keys() == state_b.keys()
     different = [k for k in state_a if not torch.equal(state_a[k], state_b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise reproducibility is promised per thread count
-    yield
-    torch.set_num_threads(threads)
 
 
 def fixed_batch(model: StableDiffusion):
