@@ -124,7 +124,7 @@ def main(cfg: DictConfig) -> None:
         line = next(l for l in child.stdout.splitlines() if l.startswith("RESULT "))
         results[scheme] = json.loads(line[len("RESULT "):])
     a, b, c = (results[s] for s in SCHEMES)
-    print(f"model={cfg.model.name} {'random weights ' if cfg.random_weights else ''}size={cfg.height}x{cfg.width} "
+    print(f"model={cfg.model.name} {'random weights ' if cfg.random_weights else ''}size={cfg.height or 'native'}x{cfg.width or 'native'} "
           f"steps={cfg.steps} prompts={len(cfg.prompts)} device={cfg.device} threads={torch.get_num_threads()}")
     for r in (a, b, c):
         print(f"  {r['scheme']:<10} {r['seconds']:8.2f} s   peak extra memory {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
