@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,8 +63,10 @@ def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -
         kept_objects = [o for o in reading.objects if (o.color, o.shape) == kept]
         row = {"source": source, "target": target, "seed": seed, "source_correct": bool(matches_caption(reading, source)["all"]),
                "target_correct": bool(matches_caption(read_image(result.images[1]), target)["all"])}
-        if row["source_correct"] and kept_objects:
+        if kept_objects:  # judged wherever the kept object was drawn, even if the other one was not
             row["kept_object_unchanged"] = unchanged_pixels(result.images[0], result.images[1], kept_objects[0].mask)
+            outside = result.blend.last_mask[1, 0] == 0  # latent positions the blend kept from the source
+            row["latent_outside_mask_equal"] = bool(torch.equal(result.latents[1][:, outside], result.latents[0][:, outside]))
         rows.append(row)
     return rows
 
@@ -95,6 +98,7 @@ def main(cfg: DictConfig) -> None:
         "kept_object_fully_unchanged": float(np.mean([r["kept_object_unchanged"] == 1.0 for r in judged])) if judged else None,
         "kept_object_unchanged_pixels": float(np.mean([r["kept_object_unchanged"] for r in judged])) if judged else None,
         "target_correct": float(np.mean([r["target_correct"] for r in judged])) if judged else None,
+        "latent_outside_mask_equal": float(np.mean([r["latent_outside_mask_equal"] for r in judged])) if judged else None,
         "rows": rows}
     (out / "edits.json").write_text(json.dumps(report, indent=1, default=float))
     for swap in ("color", "shape"):
@@ -104,7 +108,8 @@ def main(cfg: DictConfig) -> None:
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
     lb = report["local_blend"]
-    print(f"local blend n={lb['n']} other object fully unchanged={lb['kept_object_fully_unchanged']} "
+    print(f"local blend n={lb['n']} latent outside mask == source: {lb['latent_outside_mask_equal']} "
+          f"other object fully unchanged={lb['kept_object_fully_unchanged']} "
           f"unchanged pixels={lb['kept_object_unchanged_pixels']} edited object right={lb['target_correct']}")
     print(f"wrote {out / 'edits.json'}")
 
