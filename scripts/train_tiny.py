@@ -1,6 +1,6 @@
 """Train the built-in tiny model on the shapes world and write models/weights/tiny.safetensors.
 
-    python scripts/train_tiny.py                      # both phases, ≈ 70 min on one core of a 2-core CPU
+    python scripts/train_tiny.py                      # both phases, ≈ 80 min on one core of a 2-core CPU
     python scripts/train_tiny.py device=cuda          # minutes on a GPU
     python scripts/train_tiny.py resume=true          # continue after Ctrl-C / SIGTERM / a crash
     python scripts/train_tiny.py name=quick vae.steps=20 unet.steps=20 output=runs/train_tiny/quick/tiny.safetensors
