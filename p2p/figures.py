@@ -139,6 +139,13 @@ def _image_tiles(images: np.ndarray, prompts: Sequence[str]) -> list[Tile]:
     return [Tile(image, prompt, prompt) for image, prompt in zip(images, prompts)]
 
 
+def _blend_spec(blend: Sequence | dict | None) -> BlendSpec | None:
+    """A row's `blend`: BlendSpec.words forms (a word list, or one list per prompt), or a dict of BlendSpec fields."""
+    if not blend:
+        return None
+    return BlendSpec(**blend) if isinstance(blend, dict) else BlendSpec(words=list(blend))
+
+
 def _spec_with(spec: EditSpec, overrides: dict | str | None) -> EditSpec | None:
     """`spec` with a row's overrides; `"none"` = no edit (same-seed sampling)."""
     if overrides == NO_INJECTION:
@@ -158,14 +165,14 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
                 rows: Sequence[dict], source: str | None = None, targets: Sequence[str] = ()) -> Figure:
     """Figs. 2, 5, 7, 8: each row is one `edit` run of its source and targets (defaults: the figure's).
 
-    A row is `{label, source?, targets?, seed?, edit?: {EditSpec field: value} | "none", blend?: words}`;
-    `blend` takes BlendSpec.words forms (one list for all prompts, or one list per prompt).
+    A row is `{label, source?, targets?, seed?, edit?: {EditSpec field: value} | "none", blend?}`; `blend` is
+    a word list in BlendSpec.words forms (one list for all prompts, or one per prompt) or a dict of BlendSpec fields.
     """
     figure = Figure(title)
     for row in rows:
         row = dict(row)
         label, row_source, row_targets = row.pop("label"), row.pop("source", source), row.pop("targets", targets)
-        row_spec, blend_words = _spec_with(spec, row.pop("edit", None)), row.pop("blend", None)
+        row_spec, blend = _spec_with(spec, row.pop("edit", None)), _blend_spec(row.pop("blend", None))
         row_seed = row.pop("seed", seed)
         if row:
             raise ValueError(f"row {label!r} has unknown keys {sorted(row)}; accepted: label, source, targets, "
@@ -173,8 +180,7 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
         if row_source is None or not row_targets:
             raise ValueError(f"row {label!r} needs a source and at least one target prompt")
         prompts = [row_source, *row_targets]
-        result = edit(model, prompts, seed=row_seed, spec=row_spec, settings=settings, progress=False,
-                      blend=BlendSpec(words=list(blend_words)) if blend_words else None)
+        result = edit(model, prompts, seed=row_seed, spec=row_spec, blend=blend, settings=settings, progress=False)
         figure.add_row(label, _image_tiles(result.images, prompts))
     return figure
 
@@ -236,7 +242,7 @@ def fader_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings
         result = edit(model, [prompt] * (1 + len(values)), seed=row.get("seed", seed), spec=row_spec,
                       settings=settings, progress=False)
         tiles = [Tile(result.images[0], "source", f"{prompt}_source")]
-        tiles += [Tile(image, f"{word} × {c:g}", f"{prompt}_{word}_c{c:g}") for image, c in zip(result.images[1:], values)]
+        tiles += [Tile(image, f"{word}: c = {c:g}", f"{prompt}_{word}_c{c:g}") for image, c in zip(result.images[1:], values)]
         figure.add_row(f"{prompt}: reweight '{word}'", tiles)
     return figure
 
@@ -250,10 +256,11 @@ def render_scene(*, seed: int, objects: Sequence[Sequence[str]], background: str
 
 def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings,
                       photo: np.ndarray, source: str, targets: Sequence[str], methods: Sequence[str] = ("null_text", "ddim"),
-                      blend: Sequence | None = None, inner_steps: int = 10, cache_dir: str | None = None,
+                      blend: Sequence | dict | None = None, inner_steps: int = 10, cache_dir: str | None = None,
                       tile_size: int = 128) -> Figure:
     """Figs. 10-12: invert the photo with each method, reconstruct it, edit it; with `blend` words, the Fig. 12
-    path: the LocalBlend mask of the first method's edit and the photo restored outside that mask."""
+    path: the LocalBlend mask of the first method's edit and the photo restored outside that mask. `blend` takes
+    the forms of a `rows_figure` row's."""
     prompts = [source, *targets]
     figure = Figure(title)
     vae = decode(model, model.encode_images(image_to_tensor(photo)))[0]
@@ -276,7 +283,7 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
         figure.add_row(f"{method} inversion + P2P", _image_tiles(result.images, prompts))
     if blend:
         inversion = inversions[methods[0]]
-        result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings, blend=BlendSpec(words=list(blend)),
+        result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings, blend=_blend_spec(blend),
                       uncond_embeddings=inversion.uncond_embeddings, progress=False)
         masks = result.blend.last_mask  # (P, 1, h, w); row 0 (the source) is unused
         figure.add_row("LocalBlend mask: the edited words' attention",
