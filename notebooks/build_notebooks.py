@@ -232,8 +232,8 @@ injected (self-attention is left alone here, as in the paper's figure). At 0% it
 sampling. Already 20% pins the blue circle to the source's place — the layout is decided in the first steps
 (notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
-survive even 100%. "not read" means the reader did not read the tile as its caption — here mostly colors
-between yellow and green, or an edge the reader calls another shape.'''),
+survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
+strict about colors and corners at 32 px, so look at the tile before trusting the label.'''),
     ("code", '''FRACTIONS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 sweep = {f: edit(model, PROMPTS, seed=SEED, settings=settings, progress=False,
                  spec=EditSpec(kind="replace", cross_replace_steps=f, self_replace_steps=0.0))
