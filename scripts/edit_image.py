@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> None:
     result = None
     if len(prompts) > 1:
         result = edit(model, prompts, latent=inversion.x_T, spec=spec if spec.kind != "none" else None,
-                      blend=blend, store=StoreSpec() if cfg.attention else None, settings=settings,
+                      blend=blend, store=StoreSpec(max_fraction=1.0) if cfg.attention else None, settings=settings,
                       uncond_embeddings=inversion.uncond_embeddings, progress=cfg.progress)
         edited = result.images
         if cfg.restore_unedited:
