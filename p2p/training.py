@@ -50,6 +50,7 @@ class PhaseConfig:
     kl_weight: float = 1e-6  # VAE only: weight of the per-image KL sum against the per-pixel reconstruction mean
     reconstruction: str = "l1"  # VAE only: "l1", "mse" or "l1+mse" (per-pixel means, summed)
     caption_dropout: float = 0.1  # UNet only: P(caption → "") for classifier-free guidance
+    snr_gamma: float = 0.0  # UNet only: min-SNR-γ loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = off
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
 
 
@@ -123,9 +124,21 @@ def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float, 
     return pixel_loss + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
 
+def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the ε-MSE under min-SNR-γ (Hang et al. 2023, Eq. 8 for ε-prediction):
+    min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps (SNR ≫ γ), which the 'simple' loss
+    weights as much as the rest though they decide only fine detail, are down-weighted; γ = 5 in the paper."""
+    a = alphas_cumprod.cpu()[t.cpu()]  # float64 on the CPU (some accelerators have no float64)
+    snr = a / (1 - a)
+    return (snr.clamp(max=gamma) / snr).to(t.device, torch.float32)
+
+
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss)."""
+                   generator: torch.Generator, snr_gamma: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss),
+    optionally weighted per sample by min-SNR-γ (snr_gamma > 0). The logged 'mse' is always unweighted."""
+    if snr_gamma < 0:
+        raise ValueError(f"snr_gamma must be ≥ 0 (0 = unweighted), got {snr_gamma}")
     b, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -133,8 +146,12 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
     if model.config.prediction != "epsilon":
         raise ValueError(f"training supports prediction='epsilon' only, not {model.config.prediction!r}")
-    loss = F.mse_loss(prediction, noise)
-    return loss, {"mse": loss.item()}
+    per_sample = (prediction - noise).pow(2).flatten(1).mean(1)
+    mse = per_sample.mean()
+    if snr_gamma == 0:
+        return mse, {"mse": mse.item()}
+    loss = (min_snr_weights(t, model.schedule.alphas_cumprod, snr_gamma) * per_sample).mean()
+    return loss, {"mse": mse.item()}
 
 
 @torch.no_grad()
@@ -318,7 +335,8 @@ def train_unet(model: StableDiffusion, cfg: TrainConfig, **loop) -> EMA | None:
         with torch.no_grad():
             latents = model.encode_images(images)  # posterior mean × scale_factor; the VAE is frozen
         captions = drop_captions(captions, p=cfg.unet.caption_dropout, rng=rng)
-        return diffusion_loss(model, latents, tokens(captions), generator=torch_generator(rng))
+        return diffusion_loss(model, latents, tokens(captions), generator=torch_generator(rng),
+                              snr_gamma=cfg.unet.snr_gamma)
 
     return train_phase(model, phase="unet", cfg=cfg.unet, loss_at_step=loss_at_step, seed=cfg.seed,
                        run_dir=cfg.run_dir, resume=cfg.resume, checkpoint_every=cfg.checkpoint_every,

@@ -20,7 +20,7 @@ from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
-from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss,
+from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss, min_snr_weights,
                           drop_captions, learning_rate, train, train_phase, vae_loss)
 from p2p.world import WorldConfig, sample_batch
 
@@ -89,6 +89,25 @@ def test_diffusion_steps_lower_the_noise_prediction_loss(tmp_path):
     loss = lambda: diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))[0]
     before, after = overfit(model, phase="unet", loss_fn=loss, steps=25, tmp_path=tmp_path)
     assert after < 0.7 * before, (before, after)
+
+
+def test_min_snr_weights_follow_the_formula_and_reweight_the_loss():
+    model = small_model()
+    a = model.schedule.alphas_cumprod
+    t = torch.tensor([0, 400, 999])
+    snr = a[t] / (1 - a[t])
+    weights = min_snr_weights(t, a, gamma=5.0)
+    assert torch.allclose(weights, (torch.minimum(snr, torch.tensor(5.0, dtype=snr.dtype)) / snr).float())
+    assert weights[0] < 0.01 and weights[2] == 1.0  # clean steps down-weighted, the noisiest kept at 1
+    images, token_ids = fixed_batch(model)
+    latents = model.encode_images(images).detach()
+    plain, plain_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))
+    weighted, weighted_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
+                                            snr_gamma=5.0)
+    assert plain_log["mse"] == weighted_log["mse"] == pytest.approx(plain.item())  # the log stays the plain MSE
+    assert weighted.item() < plain.item()  # every weight is ≤ 1 and some are < 1
+    with pytest.raises(ValueError, match="snr_gamma"):
+        diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0), snr_gamma=-1)
 
 
 def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
