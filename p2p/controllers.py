@@ -153,8 +153,10 @@ class AttentionEdit(Controller):
       none:    M_src[..., j]                              (same prompts: the fader of Fig. 9)
     c = per-(target, token) reweight scales (1 elsewhere; no renormalisation, as in the reference).
     α = per-step, per-target, per-token window (`p2p.schedules.cross_alphas`).
-    Self-attention (and the pixel columns of hybrid layers): during the self window, in layers with at most
-    `self_max_queries` queries, the targets' maps are replaced by the source's.
+    Self-attention: during the self window, in layers with at most `self_max_queries` queries, the targets'
+    maps are replaced by the source's.
+    Hybrid (Imagen) layers: only their text columns are edited, by the cross rule (P2P_SPEC §2); their pixel
+    columns are each prompt's own, whatever the self window says.
     """
 
     def __init__(self, *, num_prompts: int, kind: str, cross_alphas: torch.Tensor, self_steps: range,
@@ -186,7 +188,7 @@ class AttentionEdit(Controller):
             return self._cross_active()
         if site.kind == "self":
             return self._self_active(site)
-        return self._cross_active() or self._self_active(site)  # hybrid
+        return self._cross_active()  # hybrid: text columns only
 
     def __call__(self, probs, site):
         probs = probs.clone()  # the caller's tensor is never edited in place
@@ -195,8 +197,8 @@ class AttentionEdit(Controller):
         text = site.num_text_keys
         if site.kind != "self" and self._cross_active():
             cond[1:, ..., :text] = self._edit_cross(cond[0, ..., :text], cond[1:, ..., :text])
-        if site.kind != "cross" and self._self_active(site):
-            cond[1:, ..., text:] = cond[:1, ..., text:]  # source's self maps for every target
+        if site.kind == "self" and self._self_active(site):
+            cond[1:] = cond[:1]  # source's self maps for every target
         return probs
 
     def _edit_cross(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

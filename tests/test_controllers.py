@@ -54,7 +54,7 @@ def test_attention_edit_wants_only_inside_its_windows_and_below_the_self_thresho
     expected = {  # step: (cross 8×8, self 8×8, self 2×2, hybrid 4×4, hybrid 2×2)
         0: (True, False, False, True, True),
         1: (True, False, True, True, True),
-        2: (False, False, True, False, True),  # hybrid 2×2: for its pixel columns only
+        2: (False, False, True, False, False),  # hybrid: text columns only, so outside the cross window: no
         3: (False, False, False, False, False),
     }
     for step, wanted in expected.items():
@@ -187,7 +187,7 @@ def test_self_layers_take_the_whole_source_map_inside_the_window_only():
     assert not controller.wants(SELF_2)
 
 
-def test_hybrid_text_columns_get_the_cross_edit_and_pixel_columns_the_self_rule():
+def test_hybrid_layers_edit_only_their_text_columns():
     text, pixels = slice(0, TEXT), slice(TEXT, None)
     # cross steps [0, 2), self steps [1, 3); self rule up to 2×2
     controller = _edit(EditSpec(kind="reweight", cross_replace_steps=0.5, self_replace_steps=(0.25, 0.75),
@@ -201,16 +201,14 @@ def test_hybrid_text_columns_get_the_cross_edit_and_pixel_columns_the_self_rule(
     torch.testing.assert_close(cross_only[..., text], source[..., text] * scaled, atol=0, rtol=0)
     assert torch.equal(cross_only[..., pixels], target[..., pixels])
 
-    both = _run(controller, probs, HYBRID_2, step=1)[3]
+    both = _run(controller, probs, HYBRID_2, step=1)[3]  # inside the self window too: pixels still untouched
     torch.testing.assert_close(both[..., text], source[..., text] * scaled, atol=0, rtol=0)
-    assert torch.equal(both[..., pixels], source[..., pixels])
+    assert torch.equal(both[..., pixels], target[..., pixels])
 
-    self_only = _run(controller, probs, HYBRID_2, step=2)[3]
-    assert torch.equal(self_only[..., text], target[..., text])
-    assert torch.equal(self_only[..., pixels], source[..., pixels])
-
-    above_threshold = _run(controller, _probs(HYBRID_4), HYBRID_4, step=1)  # 16 queries > 4: text only
-    assert torch.equal(above_threshold[3][..., TEXT:], _probs(HYBRID_4)[3][..., TEXT:])
+    controller.begin_step(2)  # self window only: nothing to do in a hybrid layer
+    assert not controller.wants(HYBRID_2)
+    self_only = controller(probs, HYBRID_2)
+    assert torch.equal(self_only, probs)
 
 
 def test_a_batch_of_the_wrong_size_is_refused():

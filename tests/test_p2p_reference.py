@@ -129,11 +129,21 @@ def test_object_preservation_injects_one_word(tiny):
 
 
 @pytest.mark.parametrize("threshold", [dict(self_max_fraction=0.5), dict(self_max_side=8)],
-                         ids=["latent/2 (4x4 hybrid)", "side 8 (8x8 self)"])
-def test_self_window_thresholds(tiny, threshold):
+                         ids=["latent/2 (4x4 self)", "side 8 (8x8 self)"])
+def test_self_window_thresholds(cross_only, threshold):
     spec = EditSpec(kind="replace", cross_replace_steps=0.0, self_replace_steps=(0.25, 0.75), **threshold)
-    _compare(tiny, CAT, spec=spec, kind="replace", cross=0.0, self_window=(0.25, 0.75),
+    _compare(cross_only, CAT, spec=spec, kind="replace", cross=0.0, self_window=(0.25, 0.75),
              self_fraction=threshold.get("self_max_fraction", 0.25), self_side=threshold.get("self_max_side"))
+
+
+def test_hybrid_pixel_columns_are_never_injected(tiny):
+    """P2P_SPEC §2: in hybrid layers edits touch only the text columns. The tiny UNet's only pure self layers
+    are at 8×8, so a self window that reaches down to 4×4 (its hybrid layers) but not 8×8 changes nothing."""
+    spec = EditSpec(kind="replace", cross_replace_steps=0.0, self_replace_steps=1.0, self_max_fraction=0.5)
+    fast = edit(tiny, CAT, seed=SEED, spec=spec, settings=SETTINGS, height=32, width=32, progress=False)
+    latent = initial_latent(SEED, height=32, width=32, latent_factor=tiny.config.latent_factor)
+    plain = sample(tiny, CAT, latent=latent, settings=SETTINGS, progress=False)
+    torch.testing.assert_close(fast.latents, plain, atol=TOLERANCE, rtol=0)
 
 
 # --- LocalBlend ---------------------------------------------------------------------------------------
