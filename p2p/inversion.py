@@ -27,6 +27,7 @@ from p2p.pipeline import SamplerSettings
 log = logging.getLogger(__name__)
 
 INVERSION_METHODS = ("ddim", "null_text", "negative_prompt")
+NULL_TEXT_INITS = ("empty", "negative_prompt")  # ∅_0 before optimisation: the "" embedding (spec) or the caption's
 NULL_TEXT_LR = 1e-2  # Adam learning rate at step 0, decayed linearly: lr_i = 1e-2·(1 − i/100)
 NULL_TEXT_INNER_STEPS = 10  # Adam steps per sampling step, at most
 NULL_TEXT_EPSILON = 1e-5  # early stop when loss < ε + i·2e-5 (the reference's per-step tolerance)
@@ -77,22 +78,36 @@ def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settin
 
 def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Tensor], prompt: str, *,
                            settings: SamplerSettings, inner_steps: int = NULL_TEXT_INNER_STEPS,
-                           epsilon: float = NULL_TEXT_EPSILON, progress: bool = True,
+                           epsilon: float = NULL_TEXT_EPSILON, progress: bool = True, init: str = "empty",
                            reference_schedule: bool = False) -> tuple[list[torch.Tensor], list[float], list[int]]:
     """Mokady et al. 2023, Algorithm 1, with the reference's schedule; returns (∅_i, final losses, Adam steps).
 
-    Only the null embedding has a gradient: the UNet's parameters are frozen for the duration, so no weight
-    gradients are ever computed or stored. `reference_schedule=True` reproduces the official code's cost for
-    benchmarks: weights left as they are (its UNet has requires_grad=True, so backward also computes weight
-    gradients) and every inner step taken.
+    Per step i: the loss of the current ∅ is computed first; if it is below ε + i·2e-5 the step is done (no
+    Adam step: already converged), else one Adam step and again, at most `inner_steps` Adam steps. The
+    latent then advances with the final ∅ — the guided step whose loss was last computed, so no extra UNet
+    call. The reported loss is that of the final ∅ (the reference reports the one before its last update).
+    Only ∅ has a gradient: the UNet's parameters are frozen for the duration, so no weight gradients are
+    ever computed or stored.
+
+    init: ∅ before step 0 — "empty" (the "" embedding, as the paper and P2P_SPEC §7) or "negative_prompt"
+    (the caption's own embedding: Miyake et al.'s training-free solution, which null-text then refines;
+    on models where that is already exact, most steps take no Adam step at all).
+
+    `reference_schedule=True` reproduces the official code's cost for benchmarks: weights left as they are
+    (its UNet has requires_grad=True, so backward also computes weight gradients), all `inner_steps` Adam
+    steps taken at every step, then a separate UNet call to advance.
     """
+    if init not in NULL_TEXT_INITS:
+        raise ValueError(f"null-text init {init!r} is not supported; choose one of {NULL_TEXT_INITS}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be ≥ 0, got {inner_steps}")
     frozen = [] if reference_schedule else [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
         with torch.no_grad():
             cond = model.encode_prompts([prompt]).float()
-            uncond = model.encode_prompts([""]).float()
+            uncond = cond.clone() if init == "negative_prompt" else model.encode_prompts([""]).float()
         timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                    offset=settings.offset)
         latent = trajectory[-1]
@@ -105,26 +120,35 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
             optimizer = torch.optim.Adam([uncond], lr=NULL_TEXT_LR * (1.0 - i / 100.0))
             with torch.no_grad():
                 out_cond = _eps(model, latent, t, cond)
-            loss_value, steps_taken = float("nan"), 0
-            for _ in range(inner_steps):
+            steps_taken, tolerance = 0, epsilon + i * NULL_TEXT_EPSILON_SLOPE
+
+            def guided_step():  # the DDIM step with the current ∅_i, and its distance to the trajectory
                 out_uncond = _eps(model, latent, t, uncond)
                 guided = out_uncond + settings.guidance * (out_cond - out_uncond)
                 previous = ddim_step(guided, latent, t=t, t_prev=t_prev, schedule=model.schedule,
                                      prediction=model.config.prediction)
-                loss = F.mse_loss(previous, target)
+                return previous, F.mse_loss(previous, target)
+
+            while True:
+                previous, loss = guided_step()
+                loss_value = loss.item()
+                if not reference_schedule and (loss_value < tolerance or steps_taken == inner_steps):
+                    break
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                loss_value, steps_taken = loss.item(), steps_taken + 1
-                if not reference_schedule and loss_value < epsilon + i * NULL_TEXT_EPSILON_SLOPE:
-                    break
+                steps_taken += 1
+                if reference_schedule and steps_taken >= inner_steps:
+                    break  # (its loss is the one before the last update, as the official code logs it)
             uncond = uncond.detach()
             embeddings.append(uncond.clone())
             losses.append(loss_value)
             used.append(steps_taken)
-            with torch.no_grad():  # advance with the optimised ∅_i
-                latent = ddim_step(_guided(model, latent, t, uncond, cond, settings.guidance), latent, t=t,
-                                   t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction)
+            if reference_schedule:  # the official code's separate call to advance with the optimised ∅_i
+                with torch.no_grad():
+                    previous = ddim_step(_guided(model, latent, t, uncond, cond, settings.guidance), latent, t=t,
+                                         t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction)
+            latent = previous.detach()
             bar.set_postfix(loss=f"{loss_value:.2e}", adam=steps_taken)
             bar.update()
         bar.close()
@@ -137,8 +161,9 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
 @torch.no_grad()
 def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: str = "null_text",
            settings: SamplerSettings | None = None, inner_steps: int = NULL_TEXT_INNER_STEPS,
-           progress: bool = True, reference_schedule: bool = False) -> Inversion:
-    """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS)."""
+           null_init: str = "empty", progress: bool = True, reference_schedule: bool = False) -> Inversion:
+    """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS);
+    null_init: where null-text's ∅ starts (one of NULL_TEXT_INITS; see `null_text_optimization`)."""
     if method not in INVERSION_METHODS:
         raise ValueError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
     settings = settings or SamplerSettings(guidance=model.config.guidance)
@@ -153,7 +178,7 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
     with torch.enable_grad():
         embeddings, losses, used = null_text_optimization(model, trajectory, prompt, settings=settings,
                                                           inner_steps=inner_steps, progress=progress,
-                                                          reference_schedule=reference_schedule)
+                                                          init=null_init, reference_schedule=reference_schedule)
     return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used)
 
 

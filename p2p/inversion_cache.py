@@ -33,12 +33,14 @@ def model_fingerprint(model: StableDiffusion) -> str:
 
 
 def inversion_key(*, image: np.ndarray, prompt: str, fingerprint: str, method: str, settings: SamplerSettings,
-                  inner_steps: int) -> str:
+                  inner_steps: int, null_init: str = "empty") -> str:
     digest = hashlib.sha256()
     digest.update(str(image.shape).encode() + image.tobytes())
     fields = {"prompt": prompt, "model": fingerprint, "method": method, "steps": settings.steps,
               "guidance": settings.guidance, "offset": settings.offset, "inner_steps": inner_steps,
               "format": CACHE_FORMAT}
+    if method == "null_text":  # only null-text has a starting point (kept out of other keys: old entries stay valid)
+        fields["null_init"] = null_init
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
@@ -69,18 +71,18 @@ def load_inversion(path: Path) -> Inversion:
 
 
 def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cache_dir: str | Path | None,
-                  method: str, settings: SamplerSettings, inner_steps: int, progress: bool = True,
-                  ) -> tuple[Inversion, bool]:
+                  method: str, settings: SamplerSettings, inner_steps: int, null_init: str = "empty",
+                  progress: bool = True) -> tuple[Inversion, bool]:
     """`p2p.inversion.invert` through the cache; returns (inversion, whether it came from the cache)."""
     if cache_dir is None:
         return invert(model, image, prompt, method=method, settings=settings, inner_steps=inner_steps,
-                      progress=progress), False
+                      null_init=null_init, progress=progress), False
     key = inversion_key(image=image, prompt=prompt, fingerprint=model_fingerprint(model), method=method,
-                        settings=settings, inner_steps=inner_steps)
+                        settings=settings, inner_steps=inner_steps, null_init=null_init)
     path = Path(cache_dir) / f"{method}-{key}.safetensors"
     if path.exists():
         return load_inversion(path), True
     inversion = invert(model, image, prompt, method=method, settings=settings, inner_steps=inner_steps,
-                       progress=progress)
+                       null_init=null_init, progress=progress)
     save_inversion(inversion, path)
     return inversion, False

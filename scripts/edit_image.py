@@ -47,7 +47,8 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     inversion, from_cache = cached_invert(model, image, prompts[0], cache_dir=cfg.cache_dir,
                                           method=cfg.inversion.method, settings=settings,
-                                          inner_steps=cfg.inversion.inner_steps, progress=cfg.progress)
+                                          inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init,
+                                          progress=cfg.progress)
     inversion_seconds = time.perf_counter() - start
 
     vae_reconstruction = decode(model, model.encode_images(image_to_tensor(image)))[0]

@@ -65,7 +65,7 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
         if params.get("source") is None:
             raise ValueError("the real-image figure needs the photo's caption as `source` in the prompt set")
         save_image(params["photo"], out / "photo.png")
-        common.update(inner_steps=cfg.inversion.inner_steps, cache_dir=cfg.cache_dir)
+        common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init, cache_dir=cfg.cache_dir)
     figure = figures.build(cfg.figure, model, params, **common)
     path = figure.save(out, tile_size=cfg.tile_size)
     save_config(cfg, out)
