@@ -128,7 +128,10 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
 
 
 BLEND_DOWNSAMPLINGS = 2  # latent/4: SD's 16×16 cross-attention layers at 512 px (official LocalBlend)
-MIN_BLEND_SIDE = 4  # a coarser grid cannot outline an object; small latents (the tiny model's 8×8) go finer
+# The blend mask is max-pooled 3×3 (dilation) on its grid: on a grid under 8 cells a side one cell grows to
+# over a third of the image, so the mask cannot keep anything. SD at 512 px: latent/4 = 16 (the reference);
+# the tiny model's 8×8 latent: its 8×8 cross layers instead of the 2×2 at latent/4.
+MIN_BLEND_SIDE = 8
 
 
 def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, int]) -> int:

@@ -6,13 +6,14 @@ latent outside its mask; targets do not interact; a run leaves nothing behind fo
 that is not in its prompt raises.
 """
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.controllers import AttentionStore, Compose, LayerFilter
-from p2p.edit import BlendSpec, EditSpec, build_blend, build_edit, edit
+from p2p.edit import BlendSpec, EditSpec, build_blend, build_edit, default_blend_downsamplings, edit
 from p2p.pipeline import SamplerSettings, initial_latent, sample
 
 STEPS = 4
@@ -190,3 +191,12 @@ def test_a_missing_word_raises_naming_it(tiny, spec, blend):
 def test_replace_between_different_word_counts_raises_suggesting_refine(tiny):
     with pytest.raises(ValueError, match="refine"):
         _edit(tiny, ["a cat riding a bicycle", "a fluffy cat riding a bicycle"], spec=EditSpec(kind="replace"))
+
+
+@pytest.mark.parametrize("name,latent,expected", [("sd15", 64, 2), ("sd15", 96, 2), ("sd15", 32, 2), ("sd15", 16, 1),
+                                                  ("tiny", 8, 0)])
+def test_default_blend_grid_is_latent_over_4_but_never_under_8_cells(name, latent, expected):
+    # SD 512 px: the reference's 16×16; a smaller image or the tiny model: the finest level with ≥ 8 cells,
+    # where a 3×3 dilation still leaves most of the image outside the mask
+    model = SimpleNamespace(config=preset(name))
+    assert default_blend_downsamplings(model, (latent, latent)) == expected
