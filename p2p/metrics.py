@@ -21,6 +21,7 @@ from p2p.reader import mask_iou, matches_caption, read_image
 class EditScore:
     source_correct: bool  # the source image reads as the source caption
     target_correct: bool  # the edited image reads as the target caption (edit success)
+    target_colors: bool  # the edited image's object colors are the target caption's (shape and background aside)
     iou: float  # IoU of the union of object masks, source vs target (layout preservation)
     centroid_shift: float  # px between the object centroids (mean over objects paired by order); nan if unpaired
     background_changed: float  # fraction of pixels outside both images' objects whose color changed by > 32
@@ -43,9 +44,11 @@ def score_edit(source: np.ndarray, target: np.ndarray, *, source_caption: str, t
         shift = float("nan")
     outside = ~(src_mask | tgt_mask)
     changed = np.abs(source.astype(int) - target.astype(int)).max(axis=-1) > 32
+    target_match = matches_caption(tgt, target_caption)
     return EditScore(
         source_correct=bool(matches_caption(src, source_caption)["all"]),
-        target_correct=bool(matches_caption(tgt, target_caption)["all"]),
+        target_correct=bool(target_match["all"]),
+        target_colors=bool(target_match["colors"]),
         iou=mask_iou(src_mask, tgt_mask) if (src_mask.any() or tgt_mask.any()) else 1.0,
         centroid_shift=shift,
         background_changed=float(changed[outside].mean()) if outside.any() else 0.0,
@@ -81,13 +84,16 @@ def edit_study(model: StableDiffusion, cases: Iterable[tuple[str, str]], *, seed
 
 
 def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) -> dict:
-    """Rates over a study: success, layout kept (IoU ≥ threshold), both, mean IoU, median centroid shift."""
+    """Rates over a study: success, target colors reached, layout kept (IoU ≥ threshold), success and kept,
+    mean IoU, median centroid shift."""
     ok = [r for r in rows if r[f"{prefix}_source_correct"]]  # judge edits of sources the model drew right
     if not ok:
         return {"n": 0}
     success = np.array([r[f"{prefix}_target_correct"] for r in ok])
     iou = np.array([r[f"{prefix}_iou"] for r in ok])
     shift = np.array([r[f"{prefix}_centroid_shift"] for r in ok], dtype=float)
-    return {"n": len(ok), "success": float(success.mean()), "mean_iou": float(iou.mean()),
+    colors = np.array([r.get(f"{prefix}_target_colors", False) for r in ok])
+    return {"n": len(ok), "success": float(success.mean()), "target_colors": float(colors.mean()),
+            "mean_iou": float(iou.mean()),
             "kept_layout": float((iou >= iou_threshold).mean()), "success_and_kept": float((success & (iou >= iou_threshold)).mean()),
             "median_centroid_shift": float(np.nanmedian(shift)) if np.isfinite(shift).any() else float("nan")}

@@ -105,6 +105,7 @@ def main(cfg: DictConfig) -> None:
         for kind in ("edit", "baseline"):
             s = report[f"{swap}_swap"][kind]
             print(f"{swap} swap {kind:<8} n={s.get('n')} success={s.get('success', float('nan')):.3f} "
+                  f"target colors={s.get('target_colors', float('nan')):.3f} "
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
     lb = report["local_blend"]

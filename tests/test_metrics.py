@@ -1,0 +1,68 @@
+"""p2p.metrics on rendered scenes, where the right answer is known exactly (issues 5 and 7)."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from p2p.metrics import score_edit, summarize, unchanged_pixels
+from p2p.world import make_caption, rasterize, render, sample_scene
+
+BACKGROUND = "black"
+
+
+def _scene(color="red", shape="circle", background=BACKGROUND):
+    return sample_scene(np.random.default_rng(7), objects=[(color, shape)], background=background,
+                        mention_background=True)
+
+
+def _moved(scene, *, dy, dx):
+    """The scene's object shifted by (dy, dx) pixels (same color, shape and size)."""
+    obj = scene.objects[0]
+    top, left = obj.bbox[0] + dy, obj.bbox[1] + dx
+    mask = rasterize(obj.shape, size=obj.size, top=top, left=left, image_size=scene.image.shape[0])
+    return render([dataclasses.replace(obj, mask=mask)], background=scene.background)
+
+
+def test_a_color_swap_in_place_succeeds_and_keeps_the_layout():
+    scene = _scene()
+    recolored = render([dataclasses.replace(scene.objects[0], color="blue")], background=BACKGROUND)
+    score = score_edit(scene.image, recolored, source_caption=scene.caption,
+                       target_caption=make_caption([("blue", "circle")], background=BACKGROUND))
+    assert score.source_correct and score.target_correct and score.target_colors
+    assert score.iou == 1.0 and score.centroid_shift == 0.0 and score.background_changed == 0.0
+
+
+def test_a_moved_object_loses_the_layout_and_a_wrong_color_fails():
+    scene = _scene()
+    moved = _moved(scene, dy=0, dx=-6)
+    score = score_edit(scene.image, moved, source_caption=scene.caption,
+                       target_caption=make_caption([("blue", "circle")], background=BACKGROUND))
+    assert not score.target_correct and not score.target_colors  # still red
+    assert score.iou < 0.8 and score.centroid_shift == pytest.approx(6.0, abs=0.5)
+
+
+def test_summarize_counts_only_edits_of_correct_sources():
+    rows = [{"edit_source_correct": True, "edit_target_correct": True, "edit_target_colors": True,
+             "edit_iou": 0.9, "edit_centroid_shift": 0.5},
+            {"edit_source_correct": True, "edit_target_correct": False, "edit_target_colors": True,
+             "edit_iou": 0.5, "edit_centroid_shift": 3.0},
+            {"edit_source_correct": False, "edit_target_correct": True, "edit_target_colors": True,
+             "edit_iou": 1.0, "edit_centroid_shift": 0.0}]
+    summary = summarize(rows, prefix="edit")
+    assert summary["n"] == 2 and summary["success"] == 0.5 and summary["target_colors"] == 1.0
+    assert summary["kept_layout"] == 0.5 and summary["success_and_kept"] == 0.5
+    assert summary["mean_iou"] == pytest.approx(0.7) and summary["median_centroid_shift"] == pytest.approx(1.75)
+    assert summarize(rows[2:], prefix="edit") == {"n": 0}
+
+
+def test_unchanged_pixels_uses_its_tolerance_and_refuses_an_empty_mask():
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    b = a.copy()
+    b[0, 0] = 9  # over the default tolerance of 8
+    b[0, 1] = 8  # within it
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, :2] = True
+    assert unchanged_pixels(a, b, mask) == 0.5
+    assert unchanged_pixels(a, b, mask, tolerance=9) == 1.0
+    with pytest.raises(ValueError, match="no pixels"):
+        unchanged_pixels(a, b, np.zeros((4, 4), dtype=bool))
