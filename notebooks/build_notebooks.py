@@ -213,8 +213,10 @@ for target, image in zip(TARGETS, plain.images[1:]):
 
 `kind="replace"` hands each target token the map of the source token in the same place (the swapped word gets
 the swapped-out word's map; the padding tokens, which carry most of the attention in this model, get theirs)
-for the first 80% of the steps (`cross_replace_steps`); `self_replace_steps=0.4` also copies the source's
-self-attention maps in the coarse layers during the first 40% — the paper's defaults. The edit is an
+for the first 80% of the steps (`cross_replace_steps`); `self_replace_steps=0.4` would also copy the source's
+self-attention maps in layers at most latent/4 on a side during the first 40% — the paper's defaults. (This
+model's only layers that coarse are hybrid, and P2P edits only their text columns, so here the cross-attention
+injection does all the work.) The edit is an
 `AttentionEdit` controller (`p2p/controllers.py`), the same one `scripts/edit.py edit=replace` builds.
 Every object now stays where the source put it; a shape swap cannot reach IoU 1, since a triangle covers
 other pixels than a circle.'''),
