@@ -198,8 +198,8 @@ class ReferenceP2P:
                             edited = src[:, j]
                         edited = edited * self.scale[t][j]
                         out[row, h, :, j] = a * edited + (1.0 - a) * tgt[:, j]
-                if site.kind in ("self", "hybrid") and step in self.self_steps and self._self_layer(site):
-                    for j in range(text, probs.shape[-1]):  # pixel columns: the source's
+                if site.kind == "self" and step in self.self_steps and self._self_layer(site):
+                    for j in range(probs.shape[-1]):  # self maps: the source's (hybrid pixel columns: never)
                         out[row, h, :, j] = src[:, j]
         return out
 
