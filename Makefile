@@ -2,7 +2,7 @@
 PYTHON ?= python
 DEMO_PROMPTS ?= ["a red circle on a black background","a blue circle on a black background"]
 
-.PHONY: install install-test demo test test-fast
+.PHONY: install install-test demo test test-fast eval
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -19,3 +19,10 @@ test: install-test
 
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# Every number of the model card (models/weights/README.md): generation quality, editing, real images.
+# ~35 min on one core of a 2-core CPU; each script prints its table and where its JSON went.
+eval: install
+	$(PYTHON) scripts/eval_tiny.py
+	$(PYTHON) scripts/eval_edits.py
+	$(PYTHON) scripts/eval_inversion.py
