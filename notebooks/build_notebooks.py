@@ -121,7 +121,7 @@ rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, 
 display(views.grid(rows))'''),
     ("md", '''How early? Below, for each word, the correlation between its map at each step and its map at the last
 step (1 = the same picture). The circle's map starts blurred and has its final shape well before the end
-(about step 19 of 50 here); the background's map, spread over everything, keeps changing to the last step.
+(about step 15 of 50 here); the background's map, spread over everything, keeps changing to the last step.
 What is decided early is *where the object goes*; the remaining steps draw colors and edges into a layout that
 no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of the run
 (notebook 2).'''),
@@ -231,8 +231,8 @@ for target, image in zip(TARGETS, injected.images[1:]):
 
 One row per target, one column per fraction of the steps during which the source's cross-attention maps are
 injected (self-attention is left alone here, as in the paper's figure). At 0% it is plain same-seed
-sampling. Already 20% pins the blue circle to the source's place — the layout is decided in the first steps
-(notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
+sampling. 20% is not enough for the blue circle, 40% pins it to the source's place — the layout is decided in
+the first steps (notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
 survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
 strict about colors and corners at 32 px, so look at the tile before trusting the label.'''),
@@ -290,8 +290,9 @@ SEED = 7
 
 _, aligned = refine_alignment(SOURCE, TARGETS[0])
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
-    ("md", '''Plain sampling moves the circle when the background changes; refine keeps it nearer to where the source
-drew it (higher IoU), though on this model not exactly in place.'''),
+    ("md", '''Plain sampling moves the circle when the background changes; on this model refine barely changes that (the
+IoUs move by a few hundredths): the aligned tokens' maps are injected, but the new background words and the
+padding decide most of the layout here.'''),
     ("code", '''refine = EditSpec(kind="refine", cross_replace_steps=0.8, self_replace_steps=0.4)
 
 plain = edit(model, [SOURCE, *TARGETS], seed=SEED, settings=settings, progress=False)
@@ -309,9 +310,9 @@ word gets more say over every pixel, below 1 less, negative values push it away.
 alongside and all its maps are injected, so only the reweighted word's influence changes. One scale per
 target prompt: here copies of the same prompt, one per `c`.
 
-On this model the fader acts on the circle's *size*: more weight on `circle`, a bigger circle; negative
-weight, a smaller one. It needs values far beyond the paper's ±2, because the word's column holds so little
-of the attention.'''),
+On this model the fader acts on the circle's *size*, and only at the ends of the range: negative weights
+shrink the circle, weights between 1 and 5 change little, 10 shrinks it again and 20 breaks the image.
+The word's column holds so little of the attention that only large |c| matter.'''),
     ("code", '''PROMPT = "a red circle on a black background"
 WORD = "circle"
 SCALES = [-5.0, -2.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0]
@@ -350,7 +351,8 @@ for name, result in (("swap only", unblended), ("swap + LocalBlend", blended)):
 self-attention, so that the circle keeps its place while the rest of the prompt — here the background — is
 generated freely. On this model that barely helps: the circle's own column carries a few percent of the
 attention, and the padding tokens, which are not injected, decide the layout. Injecting every token
-(`kind="replace"`, which here swaps the background word) is what keeps the circle in place.'''),
+(`kind="replace"`, which here swaps the background word) helps more, but on this model still does not keep
+the circle in place when the background changes.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 CONTEXTS = ["a red circle on a white background", "a red circle on a gray background"]
 preserve = EditSpec(kind="refine", preserve=["circle"], self_replace_steps=0.0)
@@ -390,7 +392,8 @@ notebook defaults to 25 DDIM steps; on a laptop CPU the null-text inversion take
 
 The guidance scale is 2.5 here, half the model's default. Null-text embeddings are optimised for the source
 prompt; at guidance 5 the pull toward a *changed* prompt is amplified past what this small model tolerates,
-and the blue edit below falls apart (set `guidance=model.config.guidance` below to see it).'''),
+and the blue edit below degrades into a ring on a tinted background (set `guidance=model.config.guidance`
+below to see it).'''),
     ("code", setup_cell(25) + '''
 INNER_STEPS = int(os.environ.get("P2P_NOTEBOOK_INNER_STEPS", "10"))  # null-text Adam steps per DDIM step (paper: 10)'''),
     ("code", '''import matplotlib.pyplot as plt
@@ -419,8 +422,8 @@ display(views.image_grid(np.stack([photo, vae_only]), [caption, f"VAE only: {psn
 
 `invert` returns `x_T` and, for null-text and negative-prompt inversion, one unconditional embedding per
 step. Reconstructing = sampling the caption from `x_T` with those embeddings (`edit` without an edit spec).
-Plain DDIM inversion drifts — the circle comes back orange; null-text inversion comes back within
-a fraction of a dB of the VAE's ceiling; negative-prompt inversion, with no optimisation at all, close behind.'''),
+Plain DDIM inversion drifts (a few dB below the others); null-text inversion comes back within a fraction of a
+dB of the VAE's ceiling; on this model negative-prompt inversion, with no optimisation at all, does as well.'''),
     ("code", '''METHODS = ["ddim", "null_text", "negative_prompt"]
 inversions = {method: invert(model, photo, caption, method=method, settings=settings, inner_steps=INNER_STEPS,
                              progress=False) for method in METHODS}
@@ -430,7 +433,7 @@ reconstructions = {method: edit(model, [caption], latent=inversion.x_T, uncond_e
 display(views.image_grid(np.stack([photo, *reconstructions.values()]),
                          ["photo", *[f"{method}: {psnr(image, photo):.1f} dB" for method, image in reconstructions.items()]]))'''),
     ("md", '''Null-text inversion stops optimising a step early once its loss is below `1e-5 + i·2e-5` (the reference's
-tolerance). On this model the loss stays above that at every step, so every step takes all `INNER_STEPS`.'''),
+tolerance), checked before each Adam step; the right plot shows how many steps each DDIM step took.'''),
     ("code", '''null_text = inversions["null_text"]
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 2.8))
 left.semilogy(range(1, STEPS + 1), null_text.losses)
@@ -446,8 +449,8 @@ unconditional embeddings at every step, for source and targets alike (`self_repl
 null-text paper's setting for real images). Under each edit: whether it reads as the target caption, the
 layout IoU with the photo, and the PSNR of the background (the pixels outside the photo's circle). Both
 inversions keep the circle in place and change its color; on this model the DDIM-inverted edits even keep
-the black background cleaner (null-text's blue circle has a dark core and a faint halo), while null-text's
-strength is the faithful reconstruction above.'''),
+the black background cleaner (null-text's blue edit tints it), while null-text's strength is the faithful
+reconstruction above.'''),
     ("code", '''TARGETS = [caption.replace("red", "blue"), caption.replace("red", "yellow")]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.5)
 background = ~scene.objects[0].mask
