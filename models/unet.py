@@ -15,7 +15,7 @@ conditioning, Eq. 3), Saharia et al. 2022 (Imagen, hybrid attention).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -132,7 +132,7 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
             while True:
                 previous, loss = guided_step()
                 loss_value = loss.item()
-                if not reference_schedule and (loss_value < tolerance or steps_taken == inner_steps):
+                if steps_taken == inner_steps or (not reference_schedule and loss_value < tolerance):
                     break
                 optimizer.zero_grad()
                 loss.backward()

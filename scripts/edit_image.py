@@ -29,7 +29,7 @@ from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.images import load_image  # noqa: E402
 from p2p.inversion import image_to_tensor, psnr, restore_outside_mask  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
-from p2p.pipeline import SamplerSettings, decode, sample  # noqa: E402
+from p2p.pipeline import decode, sample  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="edit_image", version_base="1.3")

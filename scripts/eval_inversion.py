@@ -21,7 +21,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +31,7 @@ from p2p.edit import EditSpec, edit  # noqa: E402
 from p2p.inversion import NULL_TEXT_INNER_STEPS, image_to_tensor, invert, psnr  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
 from p2p.reader import matches_caption, read_image  # noqa: E402
-from p2p.world import WorldConfig, parse_caption, render, sample_scene  # noqa: E402
+from p2p.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
 
 # name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding
 METHODS = {"ddim": dict(method="ddim"), "negative_prompt": dict(method="negative_prompt"),

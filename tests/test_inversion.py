@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.images import load_image
-from p2p.inversion import NULL_TEXT_INNER_STEPS, ddim_invert, image_to_tensor, invert, null_text_optimization, psnr, restore_outside_mask
+from p2p.inversion import ddim_invert, image_to_tensor, invert, null_text_optimization, psnr, restore_outside_mask
 from p2p.inversion_cache import cached_invert
 from p2p.pipeline import SamplerSettings, sample
 from p2p.world import sample_scene
