@@ -76,9 +76,10 @@ def random_model() -> Callable[..., nn.Module]:
 
 @pytest.fixture(scope="session")
 def sd_keys_dir() -> Path:
-    """The key lists of the real SD checkpoints: `$P2P_SHARED_DIR/sd-keys`, else `../shared/sd-keys` next to the repo."""
-    shared = Path(os.environ.get("P2P_SHARED_DIR", REPO_ROOT.parent / "shared"))
-    keys_dir = shared / "sd-keys"
+    """The key lists of the real SD checkpoints (every tensor name and shape of SD 1.5 and SD 2.1 files):
+    `$P2P_SHARED_DIR/sd-keys` when set, else the copy in tests/data/sd-keys (so a clean clone tests them too)."""
+    shared = os.environ.get("P2P_SHARED_DIR")
+    keys_dir = Path(shared) / "sd-keys" if shared else REPO_ROOT / "tests" / "data" / "sd-keys"
     if not (keys_dir / "keys_sd15.txt").is_file():
         pytest.skip(f"SD key lists not found in {keys_dir} (set P2P_SHARED_DIR to the folder holding sd-keys/)")
     return keys_dir
