@@ -121,16 +121,12 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
             with torch.no_grad():
                 out_cond = _eps(model, latent, t, cond)
             steps_taken, tolerance = 0, epsilon + i * NULL_TEXT_EPSILON_SLOPE
-
-            def guided_step():  # the DDIM step with the current ∅_i, and its distance to the trajectory
+            while True:  # the guided DDIM step with the current ∅_i, its distance to the trajectory, maybe Adam
                 out_uncond = _eps(model, latent, t, uncond)
                 guided = out_uncond + settings.guidance * (out_cond - out_uncond)
                 previous = ddim_step(guided, latent, t=t, t_prev=t_prev, schedule=model.schedule,
                                      prediction=model.config.prediction)
-                return previous, F.mse_loss(previous, target)
-
-            while True:
-                previous, loss = guided_step()
+                loss = F.mse_loss(previous, target)
                 loss_value = loss.item()
                 if steps_taken == inner_steps or (not reference_schedule and loss_value < tolerance):
                     break

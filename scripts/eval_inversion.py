@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
 from scripts.eval_edits import swap_pair  # noqa: E402
+from scripts.eval_tiny import one_object_scores  # noqa: E402
 from p2p.edit import EditSpec, edit  # noqa: E402
 from p2p.inversion import NULL_TEXT_INNER_STEPS, image_to_tensor, invert, psnr  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
-from p2p.reader import matches_caption, read_image  # noqa: E402
 from p2p.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
 
 # name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding
@@ -49,7 +49,6 @@ def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
         inversion = invert(model, image, prompt, method="null_text", settings=settings,
                            inner_steps=NULL_TEXT_INNER_STEPS, progress=False, reference_schedule=True)
         seconds = time.perf_counter() - start
-        model.requires_grad_(False)
         latents = sample(model, [prompt], latent=inversion.x_T, settings=settings,
                          uncond_embeddings=inversion.uncond_embeddings, progress=False)
         return seconds, psnr(decode(model, latents)[0], image)
@@ -89,10 +88,9 @@ def main(cfg: DictConfig) -> None:
             inversion = inversions[method]
             edited = edit(model, [source, target], latent=inversion.x_T, spec=spec, settings=settings,
                           uncond_embeddings=inversion.uncond_embeddings, progress=False).images
-            reading = read_image(edited[1])
-            largest = max(reading.objects, key=lambda o: o.area, default=None)
-            row[f"{prefix}_target_correct"] = bool(matches_caption(reading, target)["all"])  # count, shape, color, bg
-            row[f"{prefix}_color_correct"] = largest is not None and largest.color == parse_caption(target).objects[0][0]
+            scores = one_object_scores(edited[1], target)
+            row[f"{prefix}_target_correct"] = scores["all"]  # count, shape, color and background all read right
+            row[f"{prefix}_color_correct"] = scores["color"]  # the largest object has the target color
             row[f"{prefix}_background_psnr"] = psnr(edited[1], image, mask=~object_mask)
         if index < cfg.reference_n:
             row["seconds_null_text_reference"], row["psnr_null_text_reference"] = reference_null_text(
