@@ -84,3 +84,17 @@ def test_edit_image_script_inverts_reconstructs_edits_and_reports(checkpoint, tm
     assert len(metrics["null_text_final_losses"]) == 2 and metrics["psnr_vae_reconstruction"] > 0
     second = run("edit_image.py", *overrides, f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
     assert second.returncode == 0 and json.loads((tmp_path / "b" / "metrics.json").read_text())["from_cache"]
+
+
+def test_eval_inversion_script_reports_every_method_the_reference_and_the_edits(checkpoint, tmp_path):
+    done = run("eval_inversion.py", f"model.checkpoint={checkpoint}", "n=2", "reference_n=1", "steps=2",
+               f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "inversion.json").read_text())
+    summary, rows = report["summary"], report["rows"]
+    assert len(rows) == 2 and "seconds_null_text_reference" in rows[0] and "seconds_null_text_reference" not in rows[1]
+    for method in ("vae", "ddim", "negative_prompt", "null_text", "null_text_from_negative", "null_text_reference"):
+        assert np.isfinite(summary[f"psnr_{method}"]), method
+    for prefix in ("edit", "edit_from_negative"):
+        assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr"} <= summary.keys()
+    assert summary["null_text_speedup_vs_reference"] > 0 and summary["null_text_from_negative_speedup_vs_reference"] > 0
