@@ -89,6 +89,11 @@ class StableDiffusion(nn.Module):
         return self.cond_stage_model
 
     @property
+    def context_length(self) -> int:
+        """Text positions per prompt that cross-attention sees: CLIP's 77 for SD, fewer for the tiny model."""
+        return self.config.text.context_length
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -97,7 +102,7 @@ class StableDiffusion(nn.Module):
         return next(self.parameters()).dtype
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → (b, 77, context_dim) text features in the model's dtype."""
+        """Prompts → (b, context_length, context_dim) text features in the model's dtype."""
         return self.cond_stage_model.encode(list(prompts)).to(self.dtype)
 
     def encode_images(self, images: torch.Tensor, *, sample: bool = False,

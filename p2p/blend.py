@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from models.attention import AttentionSite
 from p2p.controllers import Controller, grid_at
-from p2p.tokens import word_token_positions
+from p2p.tokens import CONTEXT_LENGTH, word_token_positions
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ DEFAULT_DILATION = 1  # max-pool kernel 2k+1 = 3 (official `k = 1`)
 DEFAULT_RESOLUTION_DOWNSAMPLINGS = 2  # latent/4: the 16×16 layers of SD at 512 px
 
 
-def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *, context_length: int = 77) -> torch.Tensor:
-    """(P, 77) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`)."""
+def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *,
+                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """(P, context_length) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`)."""
     if len(words) != len(prompts):
         raise ValueError(f"blend words for {len(words)} prompts given; the batch has {len(prompts)} prompts")
     weights = torch.zeros(len(prompts), context_length)
@@ -44,18 +45,20 @@ class LocalBlend(Controller):
                  num_steps: int, threshold: float = DEFAULT_THRESHOLD, dilation: int = DEFAULT_DILATION,
                  start_step: int = 0, subtract_words: Sequence[Sequence[str]] | None = None,
                  subtract_threshold: float = DEFAULT_THRESHOLD,
-                 resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS):
+                 resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS,
+                 context_length: int = CONTEXT_LENGTH):
         super().__init__(num_prompts=len(prompts))
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"blend threshold {threshold} must be in [0, 1)")
         if not any(words):
             raise ValueError("LocalBlend needs at least one word (per prompt: the object being edited)")
-        self.weights = word_weights(prompts, words)
-        self.subtract = word_weights(prompts, subtract_words) if subtract_words and any(subtract_words) else None
+        self.weights = word_weights(prompts, words, context_length=context_length)
+        self.subtract = (word_weights(prompts, subtract_words, context_length=context_length)
+                         if subtract_words and any(subtract_words) else None)
         self.threshold, self.subtract_threshold, self.dilation = threshold, subtract_threshold, dilation
         self.latent_hw, self.num_steps, self.start_step = tuple(latent_hw), num_steps, start_step
         self.grid = grid_at(self.latent_hw, resolution_downsamplings)
-        self.summed: torch.Tensor | None = None  # (P, 77, h, w): per-token maps summed over layers and steps
+        self.summed: torch.Tensor | None = None  # (P, L, h, w): per-token maps summed over layers and steps
         self.seen_grids: set[tuple[int, int]] = set()
         self.last_mask: torch.Tensor | None = None  # (P, 1, H, W) latent-size mask of the last blend
 

@@ -171,11 +171,11 @@ class AttentionEdit(Controller):
         if cross_alphas.shape[1] != num_targets:
             raise ValueError(f"cross_alphas has {cross_alphas.shape[1]} targets, the batch {num_targets}")
         self.kind = kind
-        self.cross_alphas = cross_alphas  # (steps, T, 77)
+        self.cross_alphas = cross_alphas  # (steps, T, L): L text positions (77 for SD)
         self.self_steps, self.self_max_queries = self_steps, self_max_queries
-        self.mapper = mapper  # replace: (T, 77, 77) float; refine: (T, 77) long
-        self.refine_alphas = refine_alphas  # refine: (T, 77), 1 = aligned token
-        self.reweight = reweight  # (T, 77) or None
+        self.mapper = mapper  # replace: (T, L, L) float; refine: (T, L) long
+        self.refine_alphas = refine_alphas  # refine: (T, L), 1 = aligned token
+        self.reweight = reweight  # (T, L) or None
 
     def _cross_active(self) -> bool:
         return 0 <= self.step < len(self.cross_alphas) and bool(self.cross_alphas[self.step].any())
@@ -195,6 +195,10 @@ class AttentionEdit(Controller):
         cond = probs[self.num_prompts:]  # a view into the clone: edits below land in `probs`
         self.conditional(probs)  # validates the batch layout
         text = site.num_text_keys
+        if site.kind != "self" and text != self.cross_alphas.shape[-1]:
+            raise ValueError(f"layer {site.name} attends to {text} text tokens but the edit was built for "
+                             f"{self.cross_alphas.shape[-1]}; build it with the model's context length "
+                             "(p2p.edit.build_edit(..., context_length=model.context_length))")
         if site.kind != "self" and self._cross_active():
             cond[1:, ..., :text] = self._edit_cross(cond[0, ..., :text], cond[1:, ..., :text])
         if site.kind == "self" and self._self_active(site):
@@ -202,11 +206,11 @@ class AttentionEdit(Controller):
         return probs
 
     def _edit_cross(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """source (heads, Q, 77), targets (T, heads, Q, 77) → edited targets."""
+        """source (heads, Q, L), targets (T, heads, Q, L) → edited targets."""
         if self.kind == "replace":
             edited = torch.einsum("hqi,tij->thqj", source, self.mapper.to(source))
         elif self.kind == "refine":
-            edited = source[:, :, self.mapper].permute(2, 0, 1, 3)  # (T, heads, Q, 77): M_src[..., a_t(j)]
+            edited = source[:, :, self.mapper].permute(2, 0, 1, 3)  # (T, heads, Q, L): M_src[..., a_t(j)]
             keep = self.refine_alphas.to(source)[:, None, None, :]
             edited = edited * keep + targets * (1 - keep)
         else:

@@ -18,7 +18,7 @@ from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
-from p2p.tokens import refine_alignments, replace_mappers, token_scales, words
+from p2p.tokens import CONTEXT_LENGTH, refine_alignments, replace_mappers, token_scales, words
 
 EDIT_KINDS = ("replace", "refine", "reweight", "none")
 
@@ -74,8 +74,8 @@ def _per_prompt(value: Sequence, num_prompts: int, what: str) -> list[list[str]]
     return [[v] if isinstance(v, str) else list(v) for v in value]
 
 
-def _reweight_scales(reweight: Mapping, targets: Sequence[str]) -> torch.Tensor:
-    """(T, 77) scales: one per (target prompt, word) — P2P_SPEC §9.3."""
+def _reweight_scales(reweight: Mapping, targets: Sequence[str], context_length: int) -> torch.Tensor:
+    """(T, L) scales: one per (target prompt, word) — P2P_SPEC §9.3."""
     rows = []
     for t, target in enumerate(targets):
         per_target = {}
@@ -86,7 +86,7 @@ def _reweight_scales(reweight: Mapping, targets: Sequence[str]) -> torch.Tensor:
                                      "give one number for all or one per target prompt")
                 scale = scale[t]
             per_target[word] = float(scale)
-        rows.append(token_scales(target, per_target))
+        rows.append(token_scales(target, per_target, context_length=context_length))
     return torch.stack(rows)
 
 
@@ -96,7 +96,9 @@ def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
     return max_queries_at_fraction(latent_hw, spec.self_max_fraction)
 
 
-def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int]) -> AttentionEdit:
+def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
+               context_length: int = CONTEXT_LENGTH) -> AttentionEdit:
+    """The edit controller; `context_length` = the model's text positions (`model.context_length`)."""
     if spec.kind not in EDIT_KINDS:
         raise ValueError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
     source, targets = prompts[0], list(prompts[1:])
@@ -109,9 +111,9 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     kwargs = {}
     kind = spec.kind
     if kind == "replace":
-        kwargs["mapper"] = replace_mappers(source, targets)
+        kwargs["mapper"] = replace_mappers(source, targets, context_length=context_length)
     elif kind == "refine":
-        kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets)
+        kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets, context_length=context_length)
     else:  # reweight alone / none: source maps go to targets token by token, so the tokens must line up
         different = [t for t in targets if words(t) != words(source)] if kind == "reweight" else []
         if different:
@@ -119,9 +121,10 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
                              f"{different[0]!r} differs — use edit=refine (or replace) with edit.reweight")
         kind = "none"
     if spec.reweight:
-        kwargs["reweight"] = _reweight_scales(spec.reweight, targets)
+        kwargs["reweight"] = _reweight_scales(spec.reweight, targets, context_length)
     return AttentionEdit(num_prompts=len(prompts), kind=kind,
-                         cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps),
+                         cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps,
+                                                    context_length=context_length),
                          self_steps=step_range(spec.self_replace_steps, num_steps),
                          self_max_queries=self_max_queries(spec, latent_hw), **kwargs)
 
@@ -143,14 +146,14 @@ def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, in
 
 
 def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
-                downsamplings: int) -> LocalBlend:
+                downsamplings: int, context_length: int = CONTEXT_LENGTH) -> LocalBlend:
     return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, len(prompts), "blend.words"),
                       latent_hw=latent_hw, num_steps=num_steps, threshold=spec.threshold, dilation=spec.dilation,
                       start_step=step_range(spec.start, num_steps).stop,
                       subtract_words=_per_prompt(spec.subtract_words, len(prompts), "blend.subtract_words"),
                       subtract_threshold=spec.subtract_threshold,
                       resolution_downsamplings=downsamplings if spec.resolution_downsamplings is None
-                      else spec.resolution_downsamplings)
+                      else spec.resolution_downsamplings, context_length=context_length)
 
 
 def build_store(spec: StoreSpec, *, num_prompts: int, latent_hw: tuple[int, int]) -> AttentionStore:
@@ -175,10 +178,12 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     controllers: list[Controller] = []
     recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
     blender = build_blend(blend, prompts, num_steps=settings.steps, latent_hw=latent_hw,
-                          downsamplings=default_blend_downsamplings(model, latent_hw)) if blend and blend.words else None
+                          downsamplings=default_blend_downsamplings(model, latent_hw),
+                          context_length=model.context_length) if blend and blend.words else None
     controllers += [c for c in (recorder, blender) if c is not None]  # recorders first: they see unedited maps
     if spec is not None and spec.kind != "none":
-        controllers.append(build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw))
+        controllers.append(build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw,
+                                      context_length=model.context_length))
     controller = Compose(controllers) if controllers else None
     latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
                      latent_callback=blender.blend_latents if blender else None,

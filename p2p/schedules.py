@@ -12,12 +12,11 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from p2p.tokens import word_token_positions
+from p2p.tokens import CONTEXT_LENGTH, word_token_positions
 
 Window = Union[float, Sequence[float]]
 CrossSchedule = Union[Window, Mapping[str, Window]]
 DEFAULT_KEY = "default_"  # the official code's name for "all tokens not named"
-CONTEXT_LENGTH = 77
 
 
 def step_range(window: Window, num_steps: int) -> range:

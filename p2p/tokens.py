@@ -1,13 +1,14 @@
-"""Token handling for Prompt-to-Prompt: which of the 77 text positions belong to which word,
+"""Token handling for Prompt-to-Prompt: which of the text positions belong to which word,
 and how the positions of a source prompt map onto those of a target prompt.
 
-A prompt becomes the sequence `[SOT, tokens…, EOT, padding…]` of CONTEXT_LENGTH ids; position 0
-is the start token. Everything here works on *positions*, so it serves SD 1.x (padded with the end
+A prompt becomes the sequence `[SOT, tokens…, EOT, padding…]` of L ids, L = the text encoder's
+context length (CLIP's 77 = CONTEXT_LENGTH for SD, the default everywhere; the built-in tiny model
+uses fewer); position 0 is the start token. Everything here works on *positions*, so it serves SD 1.x (padded with the end
 token) and SD 2.x (padded with 0) alike; only `tokenize` needs the padding id.
 
 - word lookup (P2P_SPEC §9.2): words are matched case-insensitively with surrounding punctuation
   stripped, a missing word raises, explicit word indices and token positions are accepted;
-- `replace_mapper` (paper §3.2 "Word Swap", P2P_SPEC §4): the (77, 77) matrix A of
+- `replace_mapper` (paper §3.2 "Word Swap", P2P_SPEC §4): the (L, L) matrix A of
   `Edit = einsum('bhpw,wn->bhpn', M_src, A)`, with the tail after a multi-token swap mapped
   correctly (P2P_SPEC §9.1);
 - `refine_alignment` (paper §3.2 "Adding a New Phrase", P2P_SPEC §4): Needleman–Wunsch alignment
@@ -189,8 +190,8 @@ def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list
     return positions
 
 
-def replace_mapper(source: str, target: str) -> torch.Tensor:
-    """Word-swap mapper A, float (77, 77): A[i, j] = weight of source token i in target token j
+def replace_mapper(source: str, target: str, *, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """Word-swap mapper A, float (L, L) with L = `context_length` (CLIP's 77 for SD): A[i, j] = weight of source token i in target token j
     (paper §3.2 "Word Swap"; P2P_SPEC §4: `Edit = einsum('bhpw,wn->bhpn', M_src, A)`).
 
     Words pair up by index. A word whose tokens are unchanged, or a swapped word with as many tokens
@@ -210,7 +211,9 @@ def replace_mapper(source: str, target: str) -> torch.Tensor:
             f"{len(source_words)} and target {target!r} has {len(target_words)}; "
             "use refine (refine_alignment) to add or remove words"
         )
-    mapper = torch.zeros(CONTEXT_LENGTH, CONTEXT_LENGTH)
+    for prompt in (source, target):
+        _check_length(prompt, end_position(prompt) - 1, context_length)
+    mapper = torch.zeros(context_length, context_length)
     mapper[0, 0] = 1.0  # start token
     for source_word, target_word in zip(source_words, target_words):
         rows, columns = torch.tensor(source_word.positions), torch.tensor(target_word.positions)
@@ -219,23 +222,26 @@ def replace_mapper(source: str, target: str) -> torch.Tensor:
         else:
             mapper[rows[:, None], columns[None, :]] = 1.0 / len(columns)
     shift = end_position(source) - end_position(target)
-    for column in range(end_position(target), CONTEXT_LENGTH):  # end token, then padding
-        mapper[min(column + shift, CONTEXT_LENGTH - 1), column] = 1.0
+    for column in range(end_position(target), context_length):  # end token, then padding
+        mapper[min(column + shift, context_length - 1), column] = 1.0
     return mapper
 
 
-def replace_mappers(source: str, targets: Sequence[str]) -> torch.Tensor:
-    """`replace_mapper` for each target: float (T, 77, 77)."""
-    return torch.stack([replace_mapper(source, target) for target in _checked_targets(targets)])
+def replace_mappers(source: str, targets: Sequence[str], *, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """`replace_mapper` for each target: float (T, L, L)."""
+    return torch.stack([replace_mapper(source, target, context_length=context_length)
+                        for target in _checked_targets(targets)])
 
 
-def refine_alignment(source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_alignment(source: str, target: str, *,
+                     context_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement mapper (paper §3.2 "Adding a New Phrase"; P2P_SPEC §4).
 
     Globally aligns the token ids `[SOT, …, EOT]` of both prompts (Needleman–Wunsch, gap 0, match +1,
     mismatch −1, i.e. a longest common subsequence). Returns
-    - mapper, long (77,): mapper[j] = the source position aligned with target position j;
-    - alphas, float (77,): 1 where target token j is aligned, 0 where it is new.
+    - mapper, long (L,): mapper[j] = the source position aligned with target position j;
+    - alphas, float (L,): 1 where target token j is aligned, 0 where it is new
+    (L = `context_length`, CLIP's 77 for SD).
     For a new token mapper[j] = j, a valid index whose column the caller ignores (alpha 0);
     the reference stores −1 there. Equally good alignments are broken as in the reference: tracing
     back from the end, a target insertion wins over a source deletion, which wins over a match, so
@@ -248,24 +254,26 @@ def refine_alignment(source: str, target: str) -> tuple[torch.Tensor, torch.Tens
     tokenizer = clip_tokenizer()
     source_ids = [START_TOKEN, *tokenizer.encode(source), END_TOKEN]
     target_ids = [START_TOKEN, *tokenizer.encode(target), END_TOKEN]
-    _check_length(source, len(source_ids) - 2, CONTEXT_LENGTH)
-    _check_length(target, len(target_ids) - 2, CONTEXT_LENGTH)
-    mapper = torch.arange(CONTEXT_LENGTH)
-    alphas = torch.ones(CONTEXT_LENGTH)
+    _check_length(source, len(source_ids) - 2, context_length)
+    _check_length(target, len(target_ids) - 2, context_length)
+    mapper = torch.arange(context_length)
+    alphas = torch.ones(context_length)
     for target_position, source_position in enumerate(_align(source_ids, target_ids)):
         if source_position is None:
             alphas[target_position] = 0.0
         else:
             mapper[target_position] = source_position
     shift = len(source_ids) - len(target_ids)
-    for position in range(len(target_ids), CONTEXT_LENGTH):
-        mapper[position] = min(position + shift, CONTEXT_LENGTH - 1)
+    for position in range(len(target_ids), context_length):
+        mapper[position] = min(position + shift, context_length - 1)
     return mapper, alphas
 
 
-def refine_alignments(source: str, targets: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`refine_alignment` for each target: mappers long (T, 77), alphas float (T, 77)."""
-    mappers, alphas = zip(*(refine_alignment(source, target) for target in _checked_targets(targets)))
+def refine_alignments(source: str, targets: Sequence[str], *,
+                      context_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refine_alignment` for each target: mappers long (T, L), alphas float (T, L)."""
+    mappers, alphas = zip(*(refine_alignment(source, target, context_length=context_length)
+                            for target in _checked_targets(targets)))
     return torch.stack(mappers), torch.stack(alphas)
 
 
@@ -299,14 +307,16 @@ def _checked_targets(targets: Sequence[str]) -> Sequence[str]:
     return targets
 
 
-def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float]) -> torch.Tensor:
-    """Per-position attention scales, float (77,), for re-weighting (paper §3.2 "Attention Re-weighting").
+def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float], *,
+                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """Per-position attention scales, float (context_length,), for re-weighting (paper §3.2 "Attention Re-weighting").
 
     One scale per (prompt, word) (P2P_SPEC §9.3): `scales` maps a word, word index or tuple of token
     positions (see `word_token_positions`) to one number; every other position keeps 1. Call once per
     target prompt. Two entries that reach the same token raise.
     """
-    result = torch.ones(CONTEXT_LENGTH)
+    _check_length(prompt, end_position(prompt) - 1, context_length)
+    result = torch.ones(context_length)
     owner: dict[int, object] = {}
     for word, scale in scales.items():
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):

@@ -88,7 +88,8 @@ def run_scheme(cfg: DictConfig) -> dict:
     spec = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
     controller = None
     if cfg.scheme != "plain":
-        controller = build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw)
+        controller = build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw,
+                                context_length=model.context_length)
     if cfg.scheme == "reference":
         store = ReferenceScheme(num_prompts=len(prompts), max_queries=(latent_hw[0] // 2) * (latent_hw[1] // 2))
         controller = Compose([store, controller])

@@ -34,7 +34,6 @@ from p2p.tokens import refine_alignment, replace_mapper, word_token_positions
 
 log = logging.getLogger(__name__)
 
-CONTEXT = 77  # text tokens
 
 
 def spec_steps(window, num_steps: int) -> list[int]:
@@ -58,6 +57,7 @@ class ReferenceP2P:
     self_window: float or (start, end). self_fraction / self_side: a layer is replaced when both sides of
           its query grid are ≤ latent side × fraction (or ≤ self_side when that is given).
     reweight: {word: c or [c per target]}: the edited columns of every target are multiplied by c.
+    context: text positions per prompt (the model's `context_length`; 77 for SD).
     blend_words: one list of words per prompt (or None: no LocalBlend). blend_grid: the query grid whose
           cross/hybrid maps are accumulated. subtract_words: one list per prompt or None.
     """
@@ -68,7 +68,7 @@ class ReferenceP2P:
                  blend_words: Sequence[Sequence[str]] | None = None, blend_grid: tuple[int, int] | None = None,
                  blend_threshold: float = 0.3, blend_dilation: int = 1, blend_start: float = 0.0,
                  subtract_words: Sequence[Sequence[str]] | None = None, subtract_threshold: float = 0.3,
-                 subtract_union: bool = True):
+                 subtract_union: bool = True, context: int = 77):
         self.prompts = list(prompts)
         self.num_prompts = len(prompts)
         self.targets = self.prompts[1:]
@@ -76,6 +76,7 @@ class ReferenceP2P:
         self.latent_hw = tuple(latent_hw)
         self.kind = kind
         self.step = -1
+        self.context = context  # text positions per prompt: 77 for SD, the model's own otherwise
 
         # --- α[step][t][j] ∈ {0, 1}: P2P_SPEC §3, built token by token -------------------------------
         if preserve:
@@ -91,7 +92,7 @@ class ReferenceP2P:
             for target in self.targets:
                 word_positions = {word: word_token_positions(target, word) for word in word_steps}
                 row = []
-                for j in range(CONTEXT):
+                for j in range(self.context):
                     window_steps = default_steps  # tokens of no named word: the default window
                     for word, steps in word_steps.items():
                         if j in word_positions[word]:
@@ -106,18 +107,18 @@ class ReferenceP2P:
         if kind == "replace":
             self.mapper = []
             for target in self.targets:
-                A = replace_mapper(self.prompts[0], target).tolist()
-                self.mapper.append([[(i, A[i][j]) for i in range(CONTEXT) if A[i][j] != 0.0] for j in range(CONTEXT)])
+                A = replace_mapper(self.prompts[0], target, context_length=self.context).tolist()
+                self.mapper.append([[(i, A[i][j]) for i in range(self.context) if A[i][j] != 0.0] for j in range(self.context)])
         elif kind == "refine":
             self.aligned = []
             for target in self.targets:
-                positions, alphas = refine_alignment(self.prompts[0], target)
-                self.aligned.append([int(positions[j]) if alphas[j] == 1 else None for j in range(CONTEXT)])
+                positions, alphas = refine_alignment(self.prompts[0], target, context_length=self.context)
+                self.aligned.append([int(positions[j]) if alphas[j] == 1 else None for j in range(self.context)])
         elif kind not in ("none", None):
             raise ValueError(kind)
 
         # --- reweight c[t][j] -------------------------------------------------------------------------
-        self.scale = [[1.0] * CONTEXT for _ in self.targets]
+        self.scale = [[1.0] * self.context for _ in self.targets]
         for word, value in (reweight or {}).items():
             for t, target in enumerate(self.targets):
                 c = value[t] if isinstance(value, (list, tuple)) else value

@@ -24,10 +24,12 @@ MIN_EFFECT = 1e-3  # the edit must move some target latent at least this far fro
 CAT = ["a cat riding a bicycle", "a dog riding a bicycle"]
 
 
-def _model(**unet_changes):
+def _model(context_length: int | None = None, **unet_changes):
     torch.manual_seed(0)
     config = preset("tiny")
     config.unet = dataclasses.replace(config.unet, **unet_changes)
+    if context_length is not None:
+        config.text = dataclasses.replace(config.text, context_length=context_length)
     return StableDiffusion(config).eval()
 
 
@@ -39,15 +41,17 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def cross_only():
-    """Pure SD layers (attn1 self + attn2 cross) at 8×8, 4×4 and 2×2."""
-    return _model(attention_kinds=("cross", "cross", "cross"))
+    """Pure SD layers (attn1 self + attn2 cross) at 8×8, 4×4 and 2×2, with SD's 77 text positions (the tiny
+    model has fewer), so every kind is checked at both context lengths."""
+    return _model(context_length=77, attention_kinds=("cross", "cross", "cross"))
 
 
 def _compare(model, prompts, *, spec, blend=None, height=32, width=32, **reference):
     fast = edit(model, prompts, seed=SEED, spec=spec, blend=blend, settings=SETTINGS, height=height, width=width,
                 progress=False)
     latent = initial_latent(SEED, height=height, width=width, latent_factor=model.config.latent_factor)
-    ref = ReferenceP2P(prompts=prompts, num_steps=STEPS, latent_hw=tuple(latent.shape[-2:]), **reference)
+    ref = ReferenceP2P(prompts=prompts, num_steps=STEPS, latent_hw=tuple(latent.shape[-2:]),
+                      context=model.context_length, **reference)
     slow = sample(model, prompts, latent=latent, settings=SETTINGS, controller=ref, latent_callback=ref.blend,
                   progress=False)
     plain = sample(model, prompts, latent=latent, settings=SETTINGS, progress=False)
@@ -208,3 +212,34 @@ def test_cross_only_sd_layers(cross_only):
                          cross={"default_": 0.75, "red": 0.25}, self_window=0.5, self_fraction=0.5,
                          reweight={"fluffy": 2.0}, blend_words=[["cat"], ["cat"]], blend_grid=(4, 4))
     torch.testing.assert_close(fast.blend.last_mask[1:], ref.last_mask[1:], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def short_context():
+    """The tiny layout with 16 text positions instead of CLIP's 77 (what the built-in model may use)."""
+    return _model(context_length=16)
+
+
+def test_short_context_replace_multi_token(short_context):
+    # 'lasagne' is two tokens, so EOT and padding shift inside a 16-position context
+    prompts = ["a cat eating pizza outside", "a cat eating lasagne outside"]
+    spec = EditSpec(kind="replace", cross_replace_steps={"default_": 1.0, "lasagne": 0.5}, self_replace_steps=0.5,
+                    reweight={"lasagne": 1.5})
+    _compare(short_context, prompts, spec=spec, kind="replace", cross={"default_": 1.0, "lasagne": 0.5},
+             self_window=0.5, reweight={"lasagne": 1.5})
+
+
+def test_short_context_refine_and_blend(short_context):
+    prompts = ["a cat riding a bicycle", "a fluffy cat riding a red bicycle"]
+    blend = BlendSpec(words=[["cat"], ["cat"]], threshold=0.3, resolution_downsamplings=0)
+    fast, ref = _compare(short_context, prompts, spec=EditSpec(kind="refine", cross_replace_steps=0.75), blend=blend,
+                         kind="refine", cross=0.75, blend_words=[["cat"], ["cat"]], blend_grid=(8, 8))
+    torch.testing.assert_close(fast.blend.last_mask[1:], ref.last_mask[1:], atol=0, rtol=0)
+
+
+def test_edit_built_for_another_context_length_is_refused(short_context):
+    from p2p.edit import build_edit
+    controller = build_edit(EditSpec(kind="replace"), CAT, num_steps=STEPS, latent_hw=(8, 8))  # 77, the SD default
+    latent = initial_latent(SEED, height=32, width=32, latent_factor=short_context.config.latent_factor)
+    with pytest.raises(ValueError, match="16 text tokens but the edit was built for 77"):
+        sample(short_context, CAT, latent=latent, settings=SETTINGS, controller=controller, progress=False)

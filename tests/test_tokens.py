@@ -79,6 +79,26 @@ def test_over_long_prompt_raises_instead_of_truncating():
             fail()
 
 
+def test_a_shorter_context_sizes_every_map_and_keeps_its_limit():
+    """The built-in model may attend to fewer than 77 positions: maps are (L, L) / (L,), the tail shift is clamped
+    at L − 1, and a prompt over L − 2 tokens raises with the model's limit in the message."""
+    source, target = "a cat eating pizza outside", "a cat eating lasagne outside"  # lasagne: 2 tokens
+    short, full = replace_mapper(source, target, context_length=16), replace_mapper(source, target)
+    assert short.shape == (16, 16) and torch.equal(short[:15, :15], full[:15, :15])
+    assert short[14, 15] == 1 and short[:, 15].sum() == 1  # target padding j ← source j − 1
+    back = replace_mapper(target, source, context_length=16)  # source longer: j ← j + 1, clamped at 15
+    assert back[15, 14] == back[15, 15] == 1 and back[:, 5:].sum(dim=0).eq(1).all()  # 5: after the swapped word
+    mapper, alphas = refine_alignment("a cat", "a fluffy cat", context_length=16)
+    assert mapper.shape == alphas.shape == (16,) and mapper[15] == 14 and alphas.sum() == 15  # one new token
+    assert token_scales(source, {"pizza": 2.0}, context_length=16).shape == (16,)
+    too_long = " ".join(["cat"] * 15)
+    for fail in (lambda: replace_mapper(too_long, too_long, context_length=16),
+                 lambda: refine_alignment("a cat", too_long, context_length=16),
+                 lambda: token_scales(too_long, {"cat": 2.0}, context_length=16)):
+        with pytest.raises(ValueError, match="has 15 tokens, but at most 14 fit"):
+            fail()
+
+
 # --- words and their positions ---------------------------------------------------------------------
 
 def test_words_split_on_any_whitespace():
