@@ -8,7 +8,8 @@ Studies (one-object captions unless said otherwise; each seed draws its own capt
   target color reached, source–target object-mask IoU, IoU ≥ 0.8 rate;
 - shape swap: centroid shift with and without injection;
 - LocalBlend on two-object captions (swap one object's color, blend words = its shape): the fraction of the
-  other object's pixels that stay unchanged, and whether the edited object got its new color.
+  other object's pixels that stay unchanged, how much of it the blend mask covers (what the mask covers
+  LocalBlend cannot protect), and whether the edited object got its new color.
 Writes `edits.json` (summaries + per-seed rows) into the run folder and prints a table.
 """
 from __future__ import annotations
@@ -66,6 +67,8 @@ def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -
         if kept_objects:  # judged wherever the kept object was drawn, even if the other one was not
             row["kept_object_unchanged"] = unchanged_pixels(result.images[0], result.images[1], kept_objects[0].mask)
             outside = result.blend.last_mask[1, 0] == 0  # latent positions the blend kept from the source
+            in_mask = np.kron((~outside).numpy(), np.ones((result.images.shape[1] // outside.shape[0],) * 2)) > 0
+            row["kept_object_in_mask"] = float(in_mask[kept_objects[0].mask].mean())  # blend could not protect these
             row["latent_outside_mask_equal"] = bool(torch.equal(result.latents[1][:, outside], result.latents[0][:, outside]))
         rows.append(row)
     return rows
@@ -99,6 +102,7 @@ def main(cfg: DictConfig) -> None:
         "kept_object_unchanged_pixels": float(np.mean([r["kept_object_unchanged"] for r in judged])) if judged else None,
         "target_correct": float(np.mean([r["target_correct"] for r in judged])) if judged else None,
         "latent_outside_mask_equal": float(np.mean([r["latent_outside_mask_equal"] for r in judged])) if judged else None,
+        "kept_object_in_mask": float(np.mean([r["kept_object_in_mask"] for r in judged])) if judged else None,
         "rows": rows}
     (out / "edits.json").write_text(json.dumps(report, indent=1, default=float))
     for swap in ("color", "shape"):
@@ -111,7 +115,8 @@ def main(cfg: DictConfig) -> None:
     lb = report["local_blend"]
     print(f"local blend n={lb['n']} latent outside mask == source: {lb['latent_outside_mask_equal']} "
           f"other object fully unchanged={lb['kept_object_fully_unchanged']} "
-          f"unchanged pixels={lb['kept_object_unchanged_pixels']} edited object right={lb['target_correct']}")
+          f"unchanged pixels={lb['kept_object_unchanged_pixels']} edited object right={lb['target_correct']} "
+          f"other object inside the blend mask={lb['kept_object_in_mask']}")
     print(f"wrote {out / 'edits.json'}")
 
 

@@ -98,3 +98,17 @@ def test_eval_inversion_script_reports_every_method_the_reference_and_the_edits(
     for prefix in ("edit", "edit_from_negative"):
         assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr"} <= summary.keys()
     assert summary["null_text_speedup_vs_reference"] > 0 and summary["null_text_from_negative_speedup_vs_reference"] > 0
+
+
+def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
+    # the shipped model (a random one draws nothing the reader can judge), few seeds and steps
+    done = run("eval_edits.py", "n=3", "steps=10", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "edits.json").read_text())
+    for swap in ("color_swap", "shape_swap"):
+        assert len(report[swap]["rows"]) == 3 and {"edit", "baseline"} <= report[swap].keys()
+    blend = report["local_blend"]
+    assert len(blend["rows"]) == 3 and blend["n"] >= 1  # seeds 10000-10002 draw the kept object (deterministic)
+    for row in (r for r in blend["rows"] if "kept_object_unchanged" in r):
+        assert 0 <= row["kept_object_in_mask"] <= 1 and 0 <= row["kept_object_unchanged"] <= 1
+        assert row["latent_outside_mask_equal"]  # LocalBlend copies the source latent outside its mask, exactly
