@@ -24,11 +24,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
 from models.loader import save_checkpoint  # noqa: E402
+from models.text import clip_tokenizer  # noqa: E402
 from models.stable_diffusion import StableDiffusion, tiny_config  # noqa: E402
 from p2p.training import PhaseConfig, StopRequested, TrainConfig, train  # noqa: E402
+from p2p.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
 
 MAX_FILE_MB = 30  # issue 7: the committed weights stay small
-SCRIPT_ONLY_KEYS = ("name", "output", "guidance")
+SCRIPT_ONLY_KEYS = ("name", "output", "guidance", "context_length")
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
@@ -38,10 +40,23 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     return TrainConfig(**{**plain, "vae": PhaseConfig(**plain["vae"]), "unet": PhaseConfig(**plain["unet"])})
 
 
+def check_context_length(context_length: int, world: WorldConfig) -> None:
+    """Refuse, before any training, a text context too short for the world's longest caption."""
+    def longest(words):
+        return max(words, key=lambda w: len(clip_tokenizer().encode(w)))
+    caption = make_caption([(longest(world.colors), longest(world.shapes))] * MAX_OBJECTS,
+                           background=longest(world.backgrounds))
+    needed = len(clip_tokenizer().encode(caption)) + 2  # + start and end tokens
+    if not needed <= context_length <= 77:
+        raise ValueError(f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
+                         f"positions with the start and end tokens; choose {needed}..77 (CLIP's maximum)")
+
+
 @hydra.main(config_path="../conf", config_name="train_tiny", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = train_config(cfg)
+    check_context_length(int(cfg.context_length), WorldConfig(**config.world))
     if config.device == "cpu":
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
@@ -51,6 +66,7 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(config.seed)  # the initial weights
     model_config = tiny_config()
     model_config.guidance = float(cfg.guidance)
+    model_config.text.context_length = int(cfg.context_length)
     model = StableDiffusion(model_config).to(config.device)
     began = time.time()
     try:

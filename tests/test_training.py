@@ -197,3 +197,20 @@ def test_shipped_model_loads_and_is_small():
         assert 0.5 < latents.std().item() < 2.0  # roughly unit variance, as the diffusion model was trained on
         reconstruction = model.decode_latents(latents)
     assert (reconstruction - images).abs().mean().item() < 0.05
+
+
+def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "tiny.safetensors"
+    common = [sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
+              "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
+              f"output={out}", "log_every=1"]
+    done = subprocess.run([*common, "context_length=16"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = load_checkpoint(out)
+    assert model.context_length == 16 and model.encode_prompts(["a red circle"]).shape[1] == 16
+    refused = subprocess.run([*common, "context_length=12", f"run_dir={tmp_path}/refused"], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode != 0 and "context_length=12" in refused.stderr and "choose 13..77" in refused.stderr
+    assert not list((tmp_path / "refused").glob("*.pt")) and not (tmp_path / "refused" / "config.yaml").exists()
