@@ -1,6 +1,6 @@
 """Train the built-in tiny model on the shapes world and write models/weights/tiny.safetensors.
 
-    python scripts/train_tiny.py                      # both phases, ≈ 80 min on one core of a 2-core CPU
+    python scripts/train_tiny.py                      # both phases, 81 min measured on one core of a 2-core CPU
     python scripts/train_tiny.py device=cuda          # minutes on a GPU
     python scripts/train_tiny.py resume=true          # continue after Ctrl-C / SIGTERM / a crash
     python scripts/train_tiny.py name=quick vae.steps=20 unet.steps=20 output=runs/train_tiny/quick/tiny.safetensors
@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
+# before torch loads OpenMP: spinning threads stall a shared CPU (set OMP_WAIT_POLICY=ACTIVE for threads=2 on an idle one)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
