@@ -115,7 +115,7 @@ steps, from the first, noisiest one to the last.'''),
     ("code", '''WORDS = ["circle", "background"]
 finest = [grids[0]]  # the 8×8 cross-attention layers
 shown = sorted({round(i * (STEPS - 1) / 5) for i in range(6)})  # six evenly spaced steps, first and last included
-per_step = {step: views.token_maps(store, 0, grids=finest, step=step) for step in range(STEPS)}  # step → (77, 8, 8)
+per_step = {step: views.token_maps(store, 0, grids=finest, step=step) for step in range(STEPS)}  # step → (77 tokens, 8, 8)
 rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, word)].sum(dim=0)),
                          f"{word}, step {step + 1}") for step in shown] for word in WORDS]
 display(views.grid(rows))'''),
@@ -145,12 +145,12 @@ fill the 77 slots after `<end>`. This model pads with token 0, as SD 2 does, and
 share of the 8×8 layers' attention that each token gets, averaged over pixels and steps: in this model most of
 it goes to the padding, and each word's own column holds a percent or two. Notebook 3 comes back to this —
 it is why single-word controls are weak on this model.'''),
-    ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (77,): mean over pixels; each pixel's row sums to 1
+    ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (77,) for this model: mean over pixels; each pixel's row sums to 1
 tokens = ["<start>", *decode_tokens(PROMPT), "<end>"]
 shares = [*mass[:len(tokens)].tolist(), mass[len(tokens):].sum().item()]
 fig, ax = plt.subplots(figsize=(7, 2.5))
 ax.bar(range(len(shares)), shares)
-ax.set_xticks(range(len(shares)), [*tokens, f"padding\\n({77 - len(tokens)} tokens)"], rotation=45, ha="right")
+ax.set_xticks(range(len(shares)), [*tokens, f"padding\\n({model.context_length - len(tokens)} tokens)"], rotation=45, ha="right")
 ax.set(ylabel="share of attention")
 plt.show()
 print(f"words {mass[1:len(tokens) - 1].sum():.0%}, start + end {mass[0] + mass[len(tokens) - 1]:.0%}, "
@@ -288,7 +288,7 @@ Here the source names no background and the model draws it black; the targets as
 TARGETS = ["a red circle on a white background", "a red circle on a gray background"]
 SEED = 7
 
-_, aligned = refine_alignment(SOURCE, TARGETS[0])
+_, aligned = refine_alignment(SOURCE, TARGETS[0], context_length=model.context_length)
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
     ("md", '''Plain sampling moves the circle when the background changes; on this model refine barely changes that (the
 IoUs move by a few hundredths): the aligned tokens' maps are injected, but the new background words and the

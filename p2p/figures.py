@@ -186,7 +186,7 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
 
 
 def word_map(maps: torch.Tensor, prompt: str, word: str) -> torch.Tensor:
-    """(h, w): a word's tokens summed from per-token maps (77, h, w) — a word may be several tokens."""
+    """(h, w): a word's tokens summed from per-token maps (L, h, w) — a word may be several tokens."""
     return maps[word_token_positions(prompt, word)].sum(dim=0)
 
 

@@ -80,7 +80,7 @@ def image_grid(images: np.ndarray, captions: Sequence[str], *, columns: int | No
 
 def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tuple[int, int]] | None = None,
                step: int | None = None) -> torch.Tensor:
-    """(77, h, w) cross-attention per token for one prompt: averaged over heads (done by the store), over
+    """(L, h, w) cross-attention per token (L = the model's text positions, 77 for SD) for one prompt: averaged over heads (done by the store), over
     the recorded text layers whose grid is in `grids` (None: all), and over steps (or one `step`).
     Layers of different grids are upsampled (nearest) to the largest before averaging."""
     source = store.steps.get(step) if step is not None else None
@@ -96,7 +96,7 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
     for name in names:
         site = store.sites[name]
         m = source[name] if source is not None else store.average(name)
-        m = m[prompt_index, :, :site.num_text_keys].T.reshape(1, -1, *site.query_hw)  # (1, 77, h, w)
+        m = m[prompt_index, :, :site.num_text_keys].T.reshape(1, -1, *site.query_hw)  # (1, L, h, w)
         maps.append(F.interpolate(m, size=target, mode="nearest")[0])
     return torch.stack(maps).mean(dim=0)
 

@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> None:
     spec = EditSpec(**spec_dict)
     blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
     blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
-    # text-attention maps of every resolution: cheap (77 keys), and the tiny model's cross layers are at the full latent
+    # text-attention maps of every resolution: cheap (a few dozen text keys), and the tiny model's cross layers are at the full latent
     store = StoreSpec(max_fraction=1.0) if cfg.attention else None
     common = dict(seed=cfg.seed, settings=settings, height=cfg.height, width=cfg.width, progress=cfg.progress)
     result = edit(model, prompts, spec=spec if spec.kind != "none" else None, blend=blend, store=store, **common)
