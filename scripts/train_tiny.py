@@ -38,7 +38,8 @@ def train_config(cfg: DictConfig) -> TrainConfig:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in (*SCRIPT_ONLY_KEYS, "hydra"):
         plain.pop(key, None)
-    return TrainConfig(**{**plain, "vae": PhaseConfig(**plain["vae"]), "unet": PhaseConfig(**plain["unet"])})
+    return TrainConfig(**{**plain, "vae": PhaseConfig(**plain["vae"]), "unet": PhaseConfig(**plain["unet"]),
+                          "world": plain.get("world") or {}})
 
 
 def check_context_length(context_length: int, world: WorldConfig) -> None:
