@@ -2,9 +2,9 @@
 and how the positions of a source prompt map onto those of a target prompt.
 
 A prompt becomes the sequence `[SOT, tokens…, EOT, padding…]` of L ids, L = the text encoder's
-context length (CLIP's 77 = CONTEXT_LENGTH for SD, the default everywhere; the built-in tiny model
-uses fewer); position 0 is the start token. Everything here works on *positions*, so it serves SD 1.x (padded with the end
-token) and SD 2.x (padded with 0) alike; only `tokenize` needs the padding id.
+context length (CLIP's 77 = CONTEXT_LENGTH for SD, the default everywhere; a tiny model may use fewer);
+position 0 is the start token. Everything here works on *positions*, so it serves SD 1.x (padded with the
+end token) and SD 2.x (padded with 0) alike; only `tokenize` needs the padding id.
 
 - word lookup (P2P_SPEC §9.2): words are matched case-insensitively with surrounding punctuation
   stripped, a missing word raises, explicit word indices and token positions are accepted;
@@ -191,8 +191,8 @@ def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list
 
 
 def replace_mapper(source: str, target: str, *, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """Word-swap mapper A, float (L, L) with L = `context_length` (CLIP's 77 for SD): A[i, j] = weight of source token i in target token j
-    (paper §3.2 "Word Swap"; P2P_SPEC §4: `Edit = einsum('bhpw,wn->bhpn', M_src, A)`).
+    """Word-swap mapper A, float (L, L), L = `context_length` (CLIP's 77 for SD): A[i, j] = weight of source
+    token i in target token j (paper §3.2 "Word Swap"; P2P_SPEC §4: `Edit = einsum('bhpw,wn->bhpn', M_src, A)`).
 
     Words pair up by index. A word whose tokens are unchanged, or a swapped word with as many tokens
     in both prompts, maps one-to-one. A swapped word with different token counts sends each of its

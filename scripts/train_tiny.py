@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-# before torch loads OpenMP: spinning threads stall a shared CPU (set OMP_WAIT_POLICY=ACTIVE for threads=2 on an idle one)
+# before torch loads OpenMP: spinning threads stall a shared CPU (OMP_WAIT_POLICY=ACTIVE for threads=2 on an idle one)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 import torch  # noqa: E402

@@ -108,7 +108,8 @@ class ReferenceP2P:
             self.mapper = []
             for target in self.targets:
                 A = replace_mapper(self.prompts[0], target, context_length=self.context).tolist()
-                self.mapper.append([[(i, A[i][j]) for i in range(self.context) if A[i][j] != 0.0] for j in range(self.context)])
+                self.mapper.append([[(i, A[i][j]) for i in range(self.context) if A[i][j] != 0.0]
+                                    for j in range(self.context)])
         elif kind == "refine":
             self.aligned = []
             for target in self.targets:
