@@ -16,6 +16,7 @@ import torch
 from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
+from p2p.inversion import restore_outside_mask
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
 from p2p.tokens import CONTEXT_LENGTH, refine_alignments, replace_mappers, token_scales, words
@@ -45,6 +46,9 @@ class BlendSpec:
     subtract_words: list = field(default_factory=list)  # same forms as `words`
     subtract_threshold: float = DEFAULT_THRESHOLD
     resolution_downsamplings: int | None = None  # None = latent/4 (SD) clipped to the model's deepest level
+    # After decoding, copy the source's pixels outside the (upsampled) last mask into each target, as the
+    # Fig. 12 path does with the photo: the latent blend keeps latents, but a decoder spreads any change.
+    restore_pixels: bool = False
 
 
 @dataclass
@@ -188,4 +192,8 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
                      latent_callback=blender.blend_latents if blender else None,
                      uncond_embeddings=uncond_embeddings, progress=progress)
-    return EditResult(images=decode(model, latents), latents=latents, store=recorder, blend=blender)
+    images = decode(model, latents)
+    if blender is not None and blend.restore_pixels and blender.last_mask is not None:
+        images[1:] = [restore_outside_mask(image, images[0], mask) for image, mask in zip(images[1:],
+                                                                                           blender.last_mask[1:])]
+    return EditResult(images=images, latents=latents, store=recorder, blend=blender)

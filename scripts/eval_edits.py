@@ -9,7 +9,8 @@ Studies (one-object captions unless said otherwise; each seed draws its own capt
 - shape swap: centroid shift with and without injection;
 - LocalBlend on two-object captions (swap one object's color, blend words = its shape): the fraction of the
   other object's pixels that stay unchanged, how much of it the blend mask covers (what the mask covers
-  LocalBlend cannot protect), and whether the edited object got its new color.
+  LocalBlend cannot protect), and whether the edited image reads as its caption. Blend settings: the `blend`
+  group, by default `local_tiny` (`blend=local` for the reference's).
 Writes `edits.json` (summaries + per-seed rows) into the run folder and prints a table.
 """
 from __future__ import annotations

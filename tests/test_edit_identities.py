@@ -200,3 +200,17 @@ def test_default_blend_grid_is_latent_over_4_but_never_under_8_cells(name, laten
     # where a 3×3 dilation still leaves most of the image outside the mask
     model = SimpleNamespace(config=preset(name))
     assert default_blend_downsamplings(model, (latent, latent)) == expected
+
+
+def test_restore_pixels_copies_the_source_image_outside_the_blend_mask(tiny):
+    blend = BlendSpec(words=[["cat"], ["dog"]], threshold=0.9, resolution_downsamplings=0, dilation=0)
+    latent_only = edit(tiny, CAT, seed=SEED, spec=EditSpec(kind="replace"), blend=blend, settings=SETTINGS,
+                       progress=False)
+    restored = edit(tiny, CAT, seed=SEED, spec=EditSpec(kind="replace"), settings=SETTINGS, progress=False,
+                    blend=BlendSpec(**{**blend.__dict__, "restore_pixels": True}))
+    mask = torch.nn.functional.interpolate(restored.blend.last_mask[1:2].float(), size=(32, 32))[0, 0].bool().numpy()
+    assert 0 < mask.mean() < 1
+    assert (restored.images[1][~mask] == restored.images[0][~mask]).all()  # outside: the source's pixels, exactly
+    assert (restored.images[1][mask] == latent_only.images[1][mask]).all()  # inside: the edit, untouched
+    assert (latent_only.images[1][~mask] != latent_only.images[0][~mask]).any()  # the decoder alone spreads changes
+    assert (restored.images[0] == latent_only.images[0]).all()  # the source is never changed
