@@ -196,11 +196,16 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def mask_at(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A latent-grid mask, (1, h, w) or (h, w), upsampled (nearest) to `size` = (H, W): float 0/1, (H, W)."""
+    mask = mask.float().reshape(1, 1, *mask.shape[-2:])
+    return F.interpolate(mask, size=tuple(size), mode="nearest")[0, 0].numpy()
+
+
 def restore_outside_mask(edited: np.ndarray, original: np.ndarray, mask: torch.Tensor) -> np.ndarray:
     """Paper Fig. 12: keep the edit inside the attention mask, the original image outside.
 
     `mask` (1, h, w) or (h, w) in latent (or any) resolution, upsampled (nearest) to the image.
     """
-    mask = mask.float().reshape(1, 1, *mask.shape[-2:])
-    mask = F.interpolate(mask, size=edited.shape[:2], mode="nearest")[0, 0].numpy()[..., None]
+    mask = mask_at(mask, edited.shape[:2])[..., None]
     return (mask * edited + (1 - mask) * original).round().astype(np.uint8)

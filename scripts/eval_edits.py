@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
+from p2p.inversion import mask_at  # noqa: E402
 from p2p.metrics import edit_study, summarize, unchanged_pixels  # noqa: E402
 from p2p.reader import matches_caption, read_image  # noqa: E402
 from p2p.world import WorldConfig, make_caption  # noqa: E402
@@ -68,7 +69,7 @@ def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -
         if kept_objects:  # judged wherever the kept object was drawn, even if the other one was not
             row["kept_object_unchanged"] = unchanged_pixels(result.images[0], result.images[1], kept_objects[0].mask)
             outside = result.blend.last_mask[1, 0] == 0  # latent positions the blend kept from the source
-            in_mask = np.kron((~outside).numpy(), np.ones((result.images.shape[1] // outside.shape[0],) * 2)) > 0
+            in_mask = mask_at(result.blend.last_mask[1], result.images.shape[1:3]) > 0
             row["kept_object_in_mask"] = float(in_mask[kept_objects[0].mask].mean())  # blend could not protect these
             row["latent_outside_mask_equal"] = bool(torch.equal(result.latents[1][:, outside], result.latents[0][:, outside]))
         rows.append(row)
