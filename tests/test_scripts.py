@@ -115,10 +115,14 @@ def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
 
 
 def test_edit_script_takes_dict_overrides_as_the_readme_writes_them(checkpoint, tmp_path):
-    # Hydra refuses new keys in an existing {} node, so the configs declare these dicts as null
+    # Hydra refuses new keys in an existing {} node, so the configs declare these dicts as null. The fader acts
+    # only inside its word's window (P2P_SPEC §3): red 0.5 of 2 steps = step 0.
     result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "edit=reweight",
                  'prompts=["a red circle","a red circle"]', "edit.reweight={red: 3}",
-                 "edit.cross_replace_steps={default_: 0.8, red: 0.4}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+                 "edit.cross_replace_steps={default_: 0.8, red: 0.5}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "red: 3" in saved and "default_: 0.8" in saved
+    assert "red: 3" in saved and "default_: 0.8" in saved and "red: 0.5" in saved
+    # the prompts are identical, so the target equals the source unless the fader was really applied
+    source, target = (np.asarray(Image.open(next((tmp_path / "run").glob(f"{i:02d}_*.png")))) for i in (0, 1))
+    assert (source != target).any()
