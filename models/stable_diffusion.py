@@ -134,8 +134,10 @@ def _sd2(name: str, *, prediction: str, image_size: int) -> ModelConfig:
 def tiny_config() -> ModelConfig:
     """The built-in shapes-world model (issue 7): 32×32 RGB, 8×8×4 latents (VAE factor 4), a UNet with
     cross-attention at 8×8 and Imagen-style hybrid attention at 4×4 and 2×2, a 4-layer open_clip text
-    transformer (width 64, padding with 0). ~13 M parameters, ~26 MB in fp16 (most of it CLIP's 49408-token
-    embedding table). `scale_factor` and `guidance` are set by the training script."""
+    transformer (width 64, padding with 0). ~13 M parameters, ~24 MB in fp16 (most of it CLIP's 49408-token
+    embedding table). `scale_factor`, `guidance` and the text `context_length` are set by the training script
+    (the shipped file: 16 positions, `conf/train_tiny.yaml`; this preset keeps CLIP's 77, which the tests of
+    P2P at SD's length use)."""
     return ModelConfig(
         name="tiny",
         unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
