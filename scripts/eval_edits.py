@@ -5,7 +5,8 @@
 
 Studies (one-object captions unless said otherwise; each seed draws its own caption pair):
 - color swap with injection (edit group, default cross 0.8 / self 0.4) vs same-seed sampling without it:
-  target color reached, source–target object-mask IoU, IoU ≥ 0.8 rate;
+  target color reached, source–target object-mask IoU, IoU ≥ 0.8 rate; and the ceiling of that measurement:
+  the IoU of the perfect edit (a render and the same layout in the new color, both through the model's VAE);
 - shape swap: centroid shift with and without injection;
 - LocalBlend on two-object captions (swap one object's color, blend words = its shape): the fraction of the
   other object's pixels that stay unchanged, how much of it the blend mask covers (what the mask covers
@@ -15,6 +16,7 @@ Writes `edits.json` (summaries + per-seed rows) into the run folder and prints a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
-from p2p.inversion import mask_at  # noqa: E402
-from p2p.metrics import edit_study, summarize, unchanged_pixels  # noqa: E402
+from p2p.inversion import image_to_tensor, mask_at  # noqa: E402
+from p2p.metrics import edit_study, score_edit, summarize, unchanged_pixels  # noqa: E402
+from p2p.pipeline import decode  # noqa: E402
 from p2p.reader import matches_caption, read_image  # noqa: E402
-from p2p.world import WorldConfig, make_caption  # noqa: E402
+from p2p.world import WorldConfig, make_caption, parse_caption, render, sample_scene  # noqa: E402
 
 
 def swap_pair(rng: np.random.Generator, world: WorldConfig, *, swap: str) -> tuple[str, str]:
@@ -43,6 +46,24 @@ def swap_pair(rng: np.random.Generator, world: WorldConfig, *, swap: str) -> tup
         return make_caption([(color, shape)], background=background), make_caption([(new, shape)], background=background)
     new = rng.choice([s for s in shapes if s != shape])
     return make_caption([(color, shape)], background=background), make_caption([(color, new)], background=background)
+
+
+def perfect_color_swaps(model, world: WorldConfig, *, seed: int, n: int) -> list[dict]:
+    """The IoU a color swap would score if the model kept the object exactly: a one-object render and the
+    same layout in another color, both encoded and decoded by the model's VAE, scored like the edits."""
+    rng, rows = np.random.default_rng([seed, 3]), []
+    for _ in range(n):
+        scene = sample_scene(rng, config=world, num_objects=1)
+        obj = scene.objects[0]
+        new = str(rng.choice([c for c in world.colors if c != obj.color]))
+        recolored = render([dataclasses.replace(obj, color=new)], background=scene.background, config=world)
+        with torch.no_grad():
+            source, target = (decode(model, model.encode_images(image_to_tensor(image)))[0]
+                              for image in (scene.image, recolored))
+        target_caption = make_caption([(new, obj.shape)], background=parse_caption(scene.caption).background)
+        score = score_edit(source, target, source_caption=scene.caption, target_caption=target_caption)
+        rows.append({"caption": scene.caption, "new_color": new, "iou": score.iou})
+    return rows
 
 
 def blend_case(rng: np.random.Generator, world: WorldConfig) -> tuple[str, str, str, tuple[str, str]]:
@@ -93,6 +114,9 @@ def main(cfg: DictConfig) -> None:
             rows += edit_study(model, [swap_pair(rng, world, swap=swap)], seeds=[seed], spec=spec, settings=settings)
         report[f"{swap}_swap"] = {"edit": summarize(rows, prefix="edit"), "baseline": summarize(rows, prefix="baseline"),
                                   "rows": rows}
+    perfect = [r["iou"] for r in perfect_color_swaps(model, world, seed=cfg.first_seed, n=cfg.n)]
+    report["color_swap"]["perfect_edit"] = {"n": len(perfect), "mean_iou": float(np.mean(perfect)),
+                                            "kept_layout": float(np.mean(np.array(perfect) >= 0.8))}
     rng = np.random.default_rng([cfg.first_seed, 2])
     cases = [blend_case(rng, world) for _ in seeds]
     rows = blend_study(model, cases, seeds=seeds, spec=spec, blend=OmegaConf.to_container(cfg.blend, resolve=True),
@@ -114,6 +138,9 @@ def main(cfg: DictConfig) -> None:
                   f"target colors={s.get('target_colors', float('nan')):.3f} "
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
+    p = report["color_swap"]["perfect_edit"]
+    print(f"color swap perfect   n={p['n']} (the same layout recolored, through the VAE) mean IoU={p['mean_iou']:.3f} "
+          f"IoU>=0.8={p['kept_layout']:.3f}")
     lb = report["local_blend"]
     print(f"local blend n={lb['n']} latent outside mask == source: {lb['latent_outside_mask_equal']} "
           f"other object fully unchanged={lb['kept_object_fully_unchanged']} "

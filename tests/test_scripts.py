@@ -107,6 +107,8 @@ def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
     report = json.loads((tmp_path / "run" / "edits.json").read_text())
     for swap in ("color_swap", "shape_swap"):
         assert len(report[swap]["rows"]) == 3 and {"edit", "baseline"} <= report[swap].keys()
+    perfect = report["color_swap"]["perfect_edit"]  # the measurement's ceiling: a recolored render through the VAE
+    assert perfect["n"] == 3 and perfect["mean_iou"] > 0.8 and perfect["kept_layout"] > 0.5
     blend = report["local_blend"]
     assert len(blend["rows"]) == 3 and blend["n"] >= 1  # seeds 10000-10002 draw the kept object (deterministic)
     for row in (r for r in blend["rows"] if "kept_object_unchanged" in r):
