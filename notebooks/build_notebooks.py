@@ -55,7 +55,7 @@ NB01 = [
     ("md", '''# 1 · Cross-attention maps: where the prompt goes in the picture
 
 Stable Diffusion reads the prompt in its **cross-attention** layers: every pixel of a UNet feature map
-(a *query*) takes a softmax over the prompt's 77 tokens (the *keys*), `M = softmax(QKᵀ/√d)`. Row *i* of `M`
+(a *query*) takes a softmax over the prompt's tokens (the *keys*: 77 in SD, 16 in the built-in model), `M = softmax(QKᵀ/√d)`. Row *i* of `M`
 says how much each token contributes to pixel *i*; column *j*, reshaped to the feature map, is token *j*'s
 **attention map**.
 
@@ -121,7 +121,7 @@ rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, 
 display(views.grid(rows))'''),
     ("md", '''How early? Below, for each word, the correlation between its map at each step and its map at the last
 step (1 = the same picture). The circle's map starts blurred and has its final shape well before the end
-(about step 15 of 50 here); the background's map, spread over everything, keeps changing to the last step.
+(from about step 20 of 50 here); the background's map, spread over everything, keeps changing to the last step.
 What is decided early is *where the object goes*; the remaining steps draw colors and edges into a layout that
 no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of the run
 (notebook 2).'''),
@@ -140,11 +140,12 @@ plt.show()'''),
     ("md", '''## Where does the attention go?
 
 The tiles above show the prompt's tokens only. Each pixel's attention also goes to the *padding* tokens that
-fill the 77 slots after `<end>`. This model pads with token 0, as SD 2 does, and its text encoder is causal
-(each token sees the ones before it), so every padding token is a summary of the whole prompt. Below, the
-share of the 8×8 layers' attention that each token gets, averaged over pixels and steps: in this model most of
-it goes to the padding, and each word's own column holds a percent or two. Notebook 3 comes back to this —
-it is why single-word controls are weak on this model.'''),
+fill the slots after `<end>` (16 in this model's context, 77 in SD's). This model pads with token 0, as SD 2
+does, and its text encoder is causal (each token sees the ones before it), so every padding token is a summary
+of the whole prompt. Below, the share of the 8×8 layers' attention that each token gets, averaged over pixels
+and steps: with this prompt's 7 padding tokens, the words together get a little under half of it and the
+padding about 40% — so each word's own column holds only a few percent to a tenth. Notebook 3 comes back to
+this: it is one reason single-word controls are weaker on this model than in the paper.'''),
     ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (77,) for this model: mean over pixels; each pixel's row sums to 1
 tokens = ["<start>", *decode_tokens(PROMPT), "<end>"]
 shares = [*mass[:len(tokens)].tolist(), mass[len(tokens):].sum().item()]
@@ -155,15 +156,14 @@ ax.set(ylabel="share of attention")
 plt.show()
 print(f"words {mass[1:len(tokens) - 1].sum():.0%}, start + end {mass[0] + mass[len(tokens) - 1]:.0%}, "
       f"padding {mass[len(tokens):].sum():.0%}")'''),
-    ("md", '''## A limit of the tiny model: two objects
+    ("md", '''## Two objects
 
-Ask for two objects and this model often draws the wrong number of shapes or mixes the colors (the model
-card measures how often it gets two-object prompts right). Its maps do not separate the words either: below,
-`circle` and `square` both cover every shape drawn. In SD the maps of different nouns land on different
-objects (paper Fig. 4); here they mark "where the objects are", which is still enough for word swaps that
-keep the layout (notebook 2).'''),
+Ask for two objects and this model gets both right only about two times in three (the model card measures
+it); other seeds draw a third shape or mix the colors. When it draws them right, as here, its maps separate
+the nouns, as in SD (paper Fig. 4): `red` and `circle` light the circle, `square` the square (`blue`'s map
+stays nearly flat).'''),
     ("code", '''TWO = "a red circle and a blue square on a black background"
-two = edit(model, [TWO], seed=5, settings=settings, store=StoreSpec(max_fraction=1.0), progress=False)
+two = edit(model, [TWO], seed=3, settings=settings, store=StoreSpec(max_fraction=1.0), progress=False)
 display(views.grid([[views.captioned(two.images[0], TWO),
                      *views.cross_attention_tiles(two.store, TWO, 0, grids=finest)]]))'''),
 ]
@@ -196,8 +196,8 @@ from p2p.pipeline import SamplerSettings
 Source first, then the targets; all start from one shared initial latent `x_T` (`p2p.pipeline.initial_latent`).
 Without an edit spec nothing touches the attention. `score_edit` reads every image with the shapes world's
 reader (`p2p/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
-source and target — 1 means the object covers exactly the same pixels. Watch the blue circle: with the same
-seed it lands on the other side of the image.'''),
+source and target — 1 means the object covers exactly the same pixels. Watch the blue and the yellow
+circle: with the same seed they land on the other side of the image.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 TARGETS = ["a blue circle on a black background", "a yellow circle on a black background",
            "a red square on a black background", "a red triangle on a black background"]
@@ -212,14 +212,14 @@ for target, image in zip(TARGETS, plain.images[1:]):
     ("md", '''## With injection: one line of config
 
 `kind="replace"` hands each target token the map of the source token in the same place (the swapped word gets
-the swapped-out word's map; the padding tokens, which carry most of the attention in this model, get theirs)
+the swapped-out word's map; the padding tokens, which carry about 40% of the attention in this model, get theirs)
 for the first 80% of the steps (`cross_replace_steps`); `self_replace_steps=0.4` would also copy the source's
 self-attention maps in layers at most latent/4 on a side during the first 40% — the paper's defaults. (This
 model's only layers that coarse are hybrid, and P2P edits only their text columns, so here the cross-attention
 injection does all the work.) The edit is an
 `AttentionEdit` controller (`p2p/controllers.py`), the same one `scripts/edit.py edit=replace` builds.
 Every object now stays where the source put it; a shape swap cannot reach IoU 1, since a triangle covers
-other pixels than a circle.'''),
+other pixels than a circle. (The reader does not read the injected square as a square: look at the tile.)'''),
     ("code", '''swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
 
 injected = edit(model, PROMPTS, seed=SEED, spec=swap, settings=settings, progress=False)
@@ -231,7 +231,7 @@ for target, image in zip(TARGETS, injected.images[1:]):
 
 One row per target, one column per fraction of the steps during which the source's cross-attention maps are
 injected (self-attention is left alone here, as in the paper's figure). At 0% it is plain same-seed
-sampling. 20% is not enough for the blue circle, 40% pins it to the source's place — the layout is decided in
+sampling. 20% is not enough for the blue and yellow circles, 40% pins them to the source's place — the layout is decided in
 the first steps (notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
 survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
@@ -260,9 +260,9 @@ attention maps with the source's. Each one below is **one line of config** (an `
 the schemas of the scripts' `edit=` and `blend=` config groups), run through the same `edit` call and the
 same controllers as `scripts/edit.py`, and compared with plain same-seed sampling.
 
-A warning before the pictures: notebook 1 showed that in this tiny model most of the cross-attention goes
-to the padding tokens, which summarise the whole prompt, and each word's own column holds only a few
-percent. Edits that act on one word's column are therefore much weaker here than in the paper's SD
+A warning before the pictures: notebook 1 showed that in this tiny model about 40% of the cross-attention
+goes to the padding tokens, which summarise the whole prompt, and each word's own column holds only a few
+percent to a tenth. Edits that act on one word's column are therefore weaker here than in the paper's SD
 results; the sections below say what they do on this model and measure it.'''),
     ("md", LOADING_MD),
     ("code", setup_cell(50)),
@@ -290,9 +290,9 @@ SEED = 7
 
 _, aligned = refine_alignment(SOURCE, TARGETS[0], context_length=model.context_length)
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
-    ("md", '''Plain sampling moves the circle when the background changes; on this model refine barely changes that (the
-IoUs move by a few hundredths): the aligned tokens' maps are injected, but the new background words and the
-padding decide most of the layout here.'''),
+    ("md", '''Plain sampling moves the circle when the background changes; on this model refine helps only a little (the
+circle's IoU with the source rises by about 0.1, and the circle still moves): the aligned tokens' maps are
+injected, but the new background words, whose maps are free, still move the layout.'''),
     ("code", '''refine = EditSpec(kind="refine", cross_replace_steps=0.8, self_replace_steps=0.4)
 
 plain = edit(model, [SOURCE, *TARGETS], seed=SEED, settings=settings, progress=False)
@@ -312,7 +312,7 @@ target prompt: here copies of the same prompt, one per `c`.
 
 On this model the fader acts on the circle's *size*, and only at the ends of the range: negative weights
 shrink the circle, weights between 1 and 5 change little, 10 shrinks it again and 20 breaks the image.
-The word's column holds so little of the attention that only large |c| matter.'''),
+The word's column holds only a small part of the attention, so only large |c| matter.'''),
     ("code", '''PROMPT = "a red circle on a black background"
 WORD = "circle"
 SCALES = [-5.0, -2.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0]
@@ -349,10 +349,11 @@ for name, result in (("swap only", unblended), ("swap + LocalBlend", blended)):
 
 `preserve=["circle"]` injects only that word's maps (every other token gets an empty window) and no
 self-attention, so that the circle keeps its place while the rest of the prompt — here the background — is
-generated freely. On this model that barely helps: the circle's own column carries a few percent of the
-attention, and the padding tokens, which are not injected, decide the layout. Injecting every token
-(`kind="replace"`, which here swaps the background word) helps more, but on this model still does not keep
-the circle in place when the background changes.'''),
+generated freely. On this model that does not help: the circle's own column carries a small part of the
+attention, and the other words and the padding tokens, which are not injected, decide the layout (at this
+seed the circle moves only a little even without injection; the IoUs stay around 0.6). Injecting every token
+(`kind="replace"`, which here swaps the background word) helps a little for the white background, but on this
+model still does not keep the circle in place when the background changes.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 CONTEXTS = ["a red circle on a white background", "a red circle on a gray background"]
 preserve = EditSpec(kind="refine", preserve=["circle"], self_replace_steps=0.0)
@@ -391,9 +392,9 @@ Inversion costs more than sampling (null-text runs up to `INNER_STEPS` optimiser
 notebook defaults to 25 DDIM steps; on a laptop CPU the null-text inversion takes about ten seconds.
 
 The guidance scale is 2.5 here, half the model's default. Null-text embeddings are optimised for the source
-prompt; at guidance 5 the pull toward a *changed* prompt is amplified past what this small model tolerates,
-and the blue edit below degrades into a ring on a tinted background (set `guidance=model.config.guidance`
-below to see it).'''),
+prompt; at guidance 5 the pull toward a *changed* prompt is amplified past what this small model tolerates:
+the null-text edits grow the circle and tint the background (docs/FIGURES.md, Figs. 10–12; set
+`guidance=model.config.guidance` below to see it).'''),
     ("code", setup_cell(25) + '''
 INNER_STEPS = int(os.environ.get("P2P_NOTEBOOK_INNER_STEPS", "10"))  # null-text Adam steps per DDIM step (paper: 10)'''),
     ("code", '''import matplotlib.pyplot as plt
@@ -422,7 +423,7 @@ display(views.image_grid(np.stack([photo, vae_only]), [caption, f"VAE only: {psn
 
 `invert` returns `x_T` and, for null-text and negative-prompt inversion, one unconditional embedding per
 step. Reconstructing = sampling the caption from `x_T` with those embeddings (`edit` without an edit spec).
-Plain DDIM inversion drifts (a few dB below the others); null-text inversion comes back within a fraction of a
+Plain DDIM inversion drifts (about 2 dB below the others); null-text inversion comes back within a fraction of a
 dB of the VAE's ceiling; on this model negative-prompt inversion, with no optimisation at all, does as well.'''),
     ("code", '''METHODS = ["ddim", "null_text", "negative_prompt"]
 inversions = {method: invert(model, photo, caption, method=method, settings=settings, inner_steps=INNER_STEPS,
@@ -449,8 +450,8 @@ unconditional embeddings at every step, for source and targets alike (`self_repl
 null-text paper's setting for real images). Under each edit: whether it reads as the target caption, the
 layout IoU with the photo, and the PSNR of the background (the pixels outside the photo's circle). Both
 inversions keep the circle in place and change its color; on this model the DDIM-inverted edits even keep
-the black background cleaner (null-text's blue edit tints it), while null-text's strength is the faithful
-reconstruction above.'''),
+the black background cleaner (null-text's edits tint it slightly: about 21 dB outside the circle against
+24–27 dB), while null-text's strength is the faithful reconstruction above.'''),
     ("code", '''TARGETS = [caption.replace("red", "blue"), caption.replace("red", "yellow")]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.5)
 background = ~scene.objects[0].mask
