@@ -115,7 +115,7 @@ steps, from the first, noisiest one to the last.'''),
     ("code", '''WORDS = ["circle", "background"]
 finest = [grids[0]]  # the 8×8 cross-attention layers
 shown = sorted({round(i * (STEPS - 1) / 5) for i in range(6)})  # six evenly spaced steps, first and last included
-per_step = {step: views.token_maps(store, 0, grids=finest, step=step) for step in range(STEPS)}  # step → (77 tokens, 8, 8)
+per_step = {step: views.token_maps(store, 0, grids=finest, step=step) for step in range(STEPS)}  # step → (16 tokens, 8, 8)
 rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, word)].sum(dim=0)),
                          f"{word}, step {step + 1}") for step in shown] for word in WORDS]
 display(views.grid(rows))'''),
@@ -146,7 +146,7 @@ of the whole prompt. Below, the share of the 8×8 layers' attention that each to
 and steps: with this prompt's 7 padding tokens, the words together get a little under half of it and the
 padding about 40% — so each word's own column holds only a few percent to a tenth. Notebook 3 comes back to
 this: it is one reason single-word controls are weaker on this model than in the paper.'''),
-    ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (77,) for this model: mean over pixels; each pixel's row sums to 1
+    ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (16,) for this model: mean over pixels; each pixel's row sums to 1
 tokens = ["<start>", *decode_tokens(PROMPT), "<end>"]
 shares = [*mass[:len(tokens)].tolist(), mass[len(tokens):].sum().item()]
 fig, ax = plt.subplots(figsize=(7, 2.5))
