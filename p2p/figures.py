@@ -30,7 +30,7 @@ from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit
-from p2p.inversion import image_to_tensor, psnr, restore_outside_mask
+from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction
 from p2p.inversion_cache import cached_invert
 from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.tokens import word_token_positions, words
@@ -263,7 +263,7 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
     the forms of a `rows_figure` row's."""
     prompts = [source, *targets]
     figure = Figure(title)
-    vae = decode(model, model.encode_images(image_to_tensor(photo)))[0]
+    vae = vae_reconstruction(model, photo)
     reconstruction_tiles = [Tile(photo, "photo", "photo"),
                             Tile(vae, f"VAE only: {psnr(vae, photo):.1f} dB", "vae_reconstruction")]
     figure.metrics["psnr_vae"] = round(psnr(vae, photo), 3)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
 from models.stable_diffusion import StableDiffusion
-from p2p.pipeline import SamplerSettings
+from p2p.pipeline import SamplerSettings, decode
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,12 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def vae_reconstruction(model: StableDiffusion, image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) → the same through the VAE alone (posterior mean, decoded): every inversion's upper bound."""
+    return decode(model, model.encode_images(image_to_tensor(image)))[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:

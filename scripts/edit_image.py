@@ -27,7 +27,7 @@ from scripts._common import load_model, run_dir, sampler_settings, save_config, 
 from p2p import views  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.images import load_image  # noqa: E402
-from p2p.inversion import image_to_tensor, psnr, restore_outside_mask  # noqa: E402
+from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
 
@@ -51,11 +51,11 @@ def main(cfg: DictConfig) -> None:
                                           progress=cfg.progress)
     inversion_seconds = time.perf_counter() - start
 
-    vae_reconstruction = decode(model, model.encode_images(image_to_tensor(image)))[0]
+    vae_only = vae_reconstruction(model, image)
     reconstruction = decode(model, sample(model, prompts[:1], latent=inversion.x_T, settings=settings,
                                           uncond_embeddings=inversion.uncond_embeddings, progress=cfg.progress))[0]
     save_image(image, out / "original.png")
-    save_image(vae_reconstruction, out / "vae_reconstruction.png")
+    save_image(vae_only, out / "vae_reconstruction.png")
     save_image(reconstruction, out / "inversion_reconstruction.png")
 
     blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
@@ -77,13 +77,13 @@ def main(cfg: DictConfig) -> None:
 
     metrics = {
         "method": inversion.method, "from_cache": from_cache, "inversion_seconds": round(inversion_seconds, 3),
-        "psnr_vae_reconstruction": round(psnr(vae_reconstruction, image), 3),
+        "psnr_vae_reconstruction": round(psnr(vae_only, image), 3),
         "psnr_inversion_reconstruction": round(psnr(reconstruction, image), 3),
         "null_text_final_losses": inversion.losses, "null_text_adam_steps": inversion.inner_steps,
         "steps": settings.steps, "guidance": settings.guidance,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    tiles = [views.captioned(image, "original"), views.captioned(vae_reconstruction, "VAE reconstruction"),
+    tiles = [views.captioned(image, "original"), views.captioned(vae_only, "VAE reconstruction"),
              views.captioned(reconstruction, f"{inversion.method} reconstruction")]
     rows = [tiles]
     if result is not None:

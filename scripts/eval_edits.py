@@ -30,9 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
-from p2p.inversion import image_to_tensor, mask_at  # noqa: E402
+from p2p.inversion import mask_at, vae_reconstruction  # noqa: E402
 from p2p.metrics import edit_study, score_edit, summarize, unchanged_pixels  # noqa: E402
-from p2p.pipeline import decode  # noqa: E402
 from p2p.reader import matches_caption, read_image  # noqa: E402
 from p2p.world import WorldConfig, make_caption, parse_caption, render, sample_scene  # noqa: E402
 
@@ -57,9 +56,7 @@ def perfect_color_swaps(model, world: WorldConfig, *, seed: int, n: int) -> list
         obj = scene.objects[0]
         new = str(rng.choice([c for c in world.colors if c != obj.color]))
         recolored = render([dataclasses.replace(obj, color=new)], background=scene.background, config=world)
-        with torch.no_grad():
-            source, target = (decode(model, model.encode_images(image_to_tensor(image)))[0]
-                              for image in (scene.image, recolored))
+        source, target = vae_reconstruction(model, scene.image), vae_reconstruction(model, recolored)
         target_caption = make_caption([(new, obj.shape)], background=parse_caption(scene.caption).background)
         score = score_edit(source, target, source_caption=scene.caption, target_caption=target_caption)
         rows.append({"caption": scene.caption, "new_color": new, "iou": score.iou})

@@ -29,7 +29,7 @@ from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
 from scripts.eval_edits import swap_pair  # noqa: E402
 from scripts.eval_tiny import one_object_scores  # noqa: E402
 from p2p.edit import EditSpec, edit  # noqa: E402
-from p2p.inversion import NULL_TEXT_INNER_STEPS, image_to_tensor, invert, psnr  # noqa: E402
+from p2p.inversion import NULL_TEXT_INNER_STEPS, invert, psnr, vae_reconstruction  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
 from p2p.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
 
@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> None:
                              mention_background=True)
         image, object_mask = scene.image, scene.objects[0].mask
         row = {"source": source, "target": target,
-               "psnr_vae": psnr(decode(model, model.encode_images(image_to_tensor(image)))[0], image)}
+               "psnr_vae": psnr(vae_reconstruction(model, image), image)}
         inversions = {}
         for method, arguments in METHODS.items():
             start = time.perf_counter()

@@ -10,9 +10,10 @@ from PIL import Image
 
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.images import load_image
-from p2p.inversion import ddim_invert, image_to_tensor, invert, null_text_optimization, psnr, restore_outside_mask
+from p2p.inversion import (ddim_invert, image_to_tensor, invert, null_text_optimization, psnr, restore_outside_mask,
+                           vae_reconstruction)
 from p2p.inversion_cache import cached_invert
-from p2p.pipeline import SamplerSettings, sample
+from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.world import sample_scene
 
 STEPS = 4
@@ -176,3 +177,9 @@ def test_psnr_and_restore_outside_mask():
     mask[0, 0, 0] = 1  # top-left quarter keeps the edit
     out = restore_outside_mask(b, a, mask)
     assert (out[:4, :4] == 255).all() and (out[4:] == 0).all() and (out[:4, 4:] == 0).all()
+
+
+def test_vae_reconstruction_is_the_decoded_posterior_mean(model, photo):
+    image = vae_reconstruction(model, photo)
+    assert image.dtype == np.uint8 and image.shape == photo.shape
+    assert (image == decode(model, model.encode_images(image_to_tensor(photo)))[0]).all()
