@@ -51,6 +51,21 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device) -> torch.device:
+    """A device string/object → torch.device, refusing names torch does not know and GPUs this machine lacks."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but this torch sees no CUDA GPU; use device=cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for but MPS is not available here; use device=cpu")
+    return resolved
+
+
 def is_ignored(key: str, config: ModelConfig) -> bool:
     """True for declared ignorable keys, including text layers past the ones the config runs (SD 2.x's last)."""
     if any(p.search(key) for p in IGNORED_KEYS):
@@ -97,7 +112,7 @@ def _open(path: Path):
 def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtype="fp32",
                     device: str | torch.device = "cpu") -> StableDiffusion:
     """Load a single-file checkpoint strictly. `config` overrides the metadata or detected preset."""
-    path, dtype = Path(path), resolve_dtype(dtype)
+    path, dtype, device = Path(path), resolve_dtype(dtype), resolve_device(device)
     with _open(path) as f:
         metadata = f.metadata() or {}
         keys = list(f.keys())

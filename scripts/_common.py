@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
 from models.loader import load_checkpoint
@@ -34,6 +34,26 @@ def load_model(cfg: DictConfig) -> StableDiffusion:
     # The tiny file carries its own config; SD files get the named preset (their files hold no config).
     config = None if name == "tiny" else preset(name)
     return load_checkpoint(Path(checkpoint).expanduser(), config=config, dtype=cfg.dtype, device=cfg.device)
+
+
+def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
+    """`prompts=...` from the command line → a list of non-empty strings, at least `minimum` of them.
+
+    A bare string is refused rather than read as a list of its characters (`prompts='a red circle'` would
+    otherwise give one prompt per letter); an empty list and non-string entries are refused too ("" is a
+    prompt: the unconditional one).
+    """
+    example = "prompts='[\"a red circle on a black background\", \"a blue circle on a black background\"]'"
+    if isinstance(value, str) or not isinstance(value, (list, tuple, ListConfig)):
+        raise ValueError(f"{name} must be a list of strings, got {value!r}; pass e.g. {example}")
+    prompts = list(value)
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{name} must hold strings; {bad!r} are not (got {prompts!r}); quote them")
+    if len(prompts) < minimum:
+        raise ValueError(f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
+                         f"({prompts!r}); pass e.g. {example}")
+    return prompts
 
 
 def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._common import load_model, sampler_settings  # noqa: E402
+from scripts._common import load_model, prompt_list, sampler_settings  # noqa: E402
 from models.attention import AttentionSite  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
 from p2p.controllers import Compose, Controller  # noqa: E402
@@ -80,7 +80,7 @@ def peak_memory_bytes(device: str) -> int:
 
 def run_scheme(cfg: DictConfig) -> dict:
     model = build_model(cfg)
-    prompts = list(cfg.prompts)
+    prompts = prompt_list(cfg.prompts, minimum=2)
     settings = sampler_settings(cfg, model)
     height, width = cfg.height or model.config.image_size, cfg.width or model.config.image_size
     latent = initial_latent(cfg.seed, height=height, width=width, latent_factor=model.config.latent_factor)

@@ -18,15 +18,13 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p.pipeline import generate  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> list[Path]:
-    prompts = list(cfg.prompts)
-    if not prompts:
-        raise ValueError("prompts is empty; pass e.g. prompts='[\"a red circle on a black background\"]'")
+    prompts = prompt_list(cfg.prompts)
     out = run_dir()
     model = load_model(cfg)
     # height/width null: the model's own size; a size the VAE cannot halve evenly raises before sampling

@@ -88,3 +88,34 @@ def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
     monkeypatch.setattr(_common, "TINY_WEIGHTS", tmp_path / "tiny.safetensors")
     with pytest.raises(FileNotFoundError, match="python scripts/train_tiny.py"):
         _common.load_model(compose_generate())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prompts=a red circle", "prompts must be a list of strings, got 'a red circle'"),  # not one prompt per letter
+    ("prompts=[]", "prompts needs at least 1 prompt, got 0"),
+    ("prompts=[1,2]", "prompts must hold strings; [1, 2] are not"),
+])
+def test_bad_prompts_are_named(override, message):
+    sys.path.insert(0, str(REPO))
+    from scripts._common import prompt_list
+    with pytest.raises(ValueError) as err:
+        prompt_list(compose_generate(override).prompts)
+    assert message in str(err.value)
+
+
+def test_prompt_list_minimum_and_unconditional_prompt():
+    sys.path.insert(0, str(REPO))
+    from scripts._common import prompt_list
+    assert prompt_list(compose_generate('prompts=["", "a red circle"]').prompts) == ["", "a red circle"]
+    with pytest.raises(ValueError, match=r"needs at least 2 prompts, got 1 \(\['a red circle'\]\)"):
+        prompt_list(["a red circle"], minimum=2)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device 'gpu' is not a torch device"),
+    pytest.param("cuda", "sees no CUDA GPU", marks=pytest.mark.skipif(
+        __import__("torch").cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_bad_device_is_named_before_reading_the_checkpoint(tiny_checkpoint, device, message):
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tiny_checkpoint, device=device)
