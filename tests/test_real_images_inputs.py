@@ -1,0 +1,130 @@
+"""Real-image inputs nobody drew with the shapes world: odd files, odd modes, odd sizes, bad settings (issue 4)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from p2p.images import load_image
+
+
+def halves(height=40, width=60) -> np.ndarray:
+    """Left half black, right half white: orientation and crops are visible in the result."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, width // 2:] = 255
+    return image
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Orientation 6: the viewer turns the stored pixels 90° clockwise, so the black left half ends up on top.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(halves()).save(path, exif=exif, quality=95)
+    loaded = load_image(path, height=32, width=32).astype(int)
+    assert loaded[:8].mean() < 30 and loaded[-8:].mean() > 225, "the top must be black, the bottom white"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "P", "1", "CMYK", "I;16", "F"])
+def test_every_mode_gives_the_same_picture(tmp_path, mode):
+    """A black/white image saved in any mode loads as the same black/white RGB picture."""
+    source = Image.fromarray(halves())
+    if mode == "I;16":  # 16-bit grayscale: white is 65535, which must become 255, not clip every gray to white
+        values = np.asarray(source.convert("L")).astype(np.uint16) * 257
+        values[:, :10] = 128 * 257  # a mid gray stays mid gray
+        converted, suffix = Image.fromarray(values), ".png"
+    elif mode == "F":  # float TIFF in [0, 1]
+        converted, suffix = Image.fromarray(np.asarray(source.convert("L")).astype(np.float32) / 255), ".tif"
+    else:
+        converted, suffix = source.convert(mode), (".jpg" if mode == "CMYK" else ".png")
+    path = tmp_path / f"image{suffix}"
+    converted.save(path)
+    loaded = load_image(path, height=40, width=60).astype(int)
+    assert loaded.shape == (40, 60, 3)
+    assert loaded[:, 12:26].mean() < 20 and loaded[:, 34:].mean() > 235, mode
+    if mode == "I;16":
+        assert abs(loaded[:, 2:8].mean() - 128) < 3
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), "P")
+    palette.putpalette([10, 20, 30, 200, 100, 50])
+    path = tmp_path / "palette.png"
+    palette.save(path, transparency=1)  # index 1 transparent
+    loaded = load_image(path, height=2, width=2)
+    assert (loaded[0, 0] == (10, 20, 30)).all() and (loaded[0, 1] == 255).all() and (loaded[1, 0] == 255).all()
+    gray_alpha = np.zeros((4, 4, 2), np.uint8)
+    gray_alpha[0, 0] = (0, 255)  # one opaque black pixel, the rest transparent
+    loaded = load_image(Image.fromarray(gray_alpha, "LA"), height=4, width=4)
+    assert (loaded[0, 0] == 0).all() and (loaded.reshape(-1, 3)[1:] == 255).all()
+
+
+def test_arrays_and_pil_images_are_accepted():
+    rgb = halves()
+    from_array = load_image(rgb, height=40, width=60)
+    assert (from_array == rgb).all()
+    assert (load_image(Image.fromarray(rgb), height=40, width=60) == rgb).all()
+    assert (load_image(rgb[..., 0].astype(np.float32) / 255, height=40, width=60) == rgb).all()
+    with pytest.raises(ValueError, match=r"shape \(40, 60, 2\).*\(H, W, 3\)"):
+        load_image(np.zeros((40, 60, 2), np.uint8), height=32, width=32)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        load_image(np.full((4, 4, 3), 2.0), height=32, width=32)
+    with pytest.raises(ValueError, match="int64"):
+        load_image(np.zeros((4, 4, 3), np.int64), height=32, width=32)
+
+
+@pytest.mark.parametrize("shape, size", [((1, 1, 3), (32, 64)), ((1, 3, 3), (64, 32)), ((3, 2000, 3), (16, 16)),
+                                         ((2000, 2, 3), (8, 64))])
+def test_tiny_and_extreme_aspect_images_fill_the_requested_size(shape, size):
+    height, width = size
+    assert load_image(np.full(shape, 7, np.uint8), height=height, width=width).shape == (height, width, 3)
+
+
+def test_non_square_output_keeps_the_centre():
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[:, 40:60] = 255  # a white vertical stripe in the middle
+    wide = load_image(image, height=16, width=64)  # crops top and bottom, keeps the full width
+    assert wide.shape == (16, 64, 3) and wide[:, 30:34].min() > 200 and wide[:, :20].max() < 30
+
+
+def test_margins_are_cut_before_the_centre_crop():
+    image = halves(40, 80)
+    # cutting the 40 white columns leaves a black 40×40 square
+    assert load_image(image, height=8, width=8, margins=(0, 0, 40, 0)).max() == 0
+    assert load_image(image, height=8, width=8, margins=[40, 0, 0, 0]).min() == 255  # any sequence
+
+
+@pytest.mark.parametrize("margins", [(-1, 0, 0, 0), (0, 0, 0), (0, 0, 0, 0, 0), (1.5, 0, 0, 0), "0000", 5,
+                                     (0, 0, True, 0), None])
+def test_invalid_margins_are_named(margins):
+    with pytest.raises(ValueError, match=r"margins=.*four whole numbers.*\(left, top, right, bottom\)"):
+        load_image(halves(), height=32, width=32, margins=margins)
+
+
+@pytest.mark.parametrize("margins", [(30, 0, 30, 0), (0, 40, 0, 0), (0, 0, 100, 0)])
+def test_margins_that_leave_nothing_are_named(margins):
+    with pytest.raises(ValueError, match=r"leave nothing of a 60×40 image"):
+        load_image(halves(), height=32, width=32, margins=margins)
+
+
+@pytest.mark.parametrize("height, width", [(0, 32), (-8, 32), (32.5, 32), (32, None)])
+def test_invalid_sizes_are_named(height, width):
+    with pytest.raises(ValueError, match=r"(height|width)=.* positive whole number"):
+        load_image(halves(), height=height, width=width)
+
+
+def test_unreadable_sources_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png' does not exist"):
+        load_image(tmp_path / "missing.png", height=32, width=32)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_image(tmp_path, height=32, width=32)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read .*notes.png"):
+        load_image(text, height=32, width=32)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="cannot read .*truncated.png"):
+        load_image(truncated, height=32, width=32)
+    with pytest.raises(TypeError, match="file path, a PIL image or a numpy array"):
+        load_image(42, height=32, width=32)
