@@ -12,6 +12,7 @@ Editing then samples from z_T with ∅_i as the unconditional embedding at step 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
 from models.stable_diffusion import StableDiffusion
-from p2p.pipeline import SamplerSettings, decode
+from p2p.pipeline import SamplerSettings, check_image_size, decode
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ NULL_TEXT_LR = 1e-2  # Adam learning rate at step 0, decayed linearly: lr_i = 1e
 NULL_TEXT_INNER_STEPS = 10  # Adam steps per sampling step, at most
 NULL_TEXT_EPSILON = 1e-5  # early stop when loss < ε + i·2e-5 (the reference's per-step tolerance)
 NULL_TEXT_EPSILON_SLOPE = 2e-5
+DDIM_INVERSION_GUIDANCE = 1.0  # the reference's: the conditional branch alone walks z_0 → z_T
 
 
 @dataclass
@@ -40,10 +42,11 @@ class Inversion:
 
     x_T: torch.Tensor  # (1, 4, h, w) the latent to sample from
     trajectory: list[torch.Tensor]  # DDIM inversion latents z_0 … z_T (steps + 1 entries)
-    uncond_embeddings: list[torch.Tensor] | None  # one (1, 77, d) per sampling step; None = the "" embedding
+    uncond_embeddings: list[torch.Tensor] | None  # (1, context, d) per sampling step, noisiest first; None = ""
     method: str
     losses: list[float] = field(default_factory=list)  # null-text: final loss of each step
     inner_steps: list[int] = field(default_factory=list)  # null-text: Adam steps taken at each step
+    seconds: float | None = None  # wall time `invert` took (kept by the cache: what a cached entry once cost)
 
 
 def _eps(model: StableDiffusion, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
@@ -55,16 +58,30 @@ def _guided(model, x, t, uncond, cond, guidance):
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
+def _check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"the caption must be one string, got {type(prompt).__name__} {prompt!r}")
+
+
+def _check_latent(latent: torch.Tensor, model: StableDiffusion, what: str) -> None:
+    channels = model.config.unet.in_channels
+    if latent.ndim != 4 or latent.shape[1] != channels:
+        raise ValueError(f"{what} has shape {tuple(latent.shape)}; expected (batch, {channels}, h, w) latents")
+
+
 @torch.no_grad()
 def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settings: SamplerSettings,
                 progress: bool = True) -> list[torch.Tensor]:
-    """z_0 → [z_0, z_1, …, z_T] along the sampling timesteps in ascending order.
+    """z_0 → [z_0, z_1, …, z_T] along the sampling timesteps in ascending order (steps + 1 latents).
 
-    Guidance 1 (the default of the reference) uses the conditional branch only; other values apply
-    classifier-free guidance with the empty prompt.
+    `settings.guidance` = 1 (the reference's, `DDIM_INVERSION_GUIDANCE`) uses the conditional branch only;
+    other values apply classifier-free guidance with the empty prompt. z_0: (b, 4, h, w), one caption for all.
     """
-    cond = model.encode_prompts([prompt])
-    uncond = model.encode_prompts([""]) if settings.guidance != 1.0 else None
+    _check_prompt(prompt)
+    _check_latent(z0, model, "z0")
+    batch = z0.shape[0]
+    cond = model.encode_prompts([prompt]).expand(batch, -1, -1)
+    uncond = model.encode_prompts([""]).expand(batch, -1, -1) if settings.guidance != 1.0 else None
     timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                offset=settings.offset)[::-1]
     z, trajectory = z0.float().to(model.device), [z0.float().to(model.device)]
@@ -101,18 +118,49 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
         raise ValueError(f"null-text init {init!r} is not supported; choose one of {NULL_TEXT_INITS}")
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be ≥ 0, got {inner_steps}")
+    _check_prompt(prompt)
+    _check_trajectory(trajectory, model, steps=settings.steps)
+    # detached copies: a trajectory made under torch.inference_mode() cannot take part in autograd
+    trajectory = [z.detach().float().to(model.device).clone() for z in trajectory]
     frozen = [] if reference_schedule else [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            cond = model.encode_prompts([prompt]).float()
-            uncond = cond.clone() if init == "negative_prompt" else model.encode_prompts([""]).float()
-        timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
-                                   offset=settings.offset)
-        latent = trajectory[-1]
-        embeddings, losses, used = [], [], []
-        bar = tqdm(total=len(timesteps), desc="null-text inversion", disable=not progress, leave=False)
+        for p in frozen:
+            p.requires_grad_(False)
+        with torch.enable_grad():  # ∅ needs a gradient even when the caller runs under torch.no_grad()
+            return _optimize_null_text(model, trajectory, prompt, settings=settings, inner_steps=inner_steps,
+                                       epsilon=epsilon, progress=progress, init=init,
+                                       reference_schedule=reference_schedule)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _check_trajectory(trajectory: Sequence[torch.Tensor], model: StableDiffusion, *, steps: int) -> None:
+    """Null-text targets are trajectory[-2], trajectory[-3], …: a wrong length would silently pair steps wrongly."""
+    if len(trajectory) != steps + 1:
+        raise ValueError(f"the trajectory has {len(trajectory)} latents for steps={steps}; null-text inversion "
+                         f"needs the DDIM inversion's z_0 … z_T, {steps + 1} latents")
+    for i, latent in enumerate(trajectory):
+        _check_latent(latent, model, f"trajectory[{i}]")
+        if latent.shape[0] != 1:
+            raise ValueError(f"trajectory[{i}] holds a batch of {latent.shape[0]} latents; null-text inversion "
+                             "optimises one ∅ per step for one image: invert images one at a time")
+        if latent.shape != trajectory[0].shape:
+            raise ValueError(f"trajectory[{i}] has shape {tuple(latent.shape)} but trajectory[0] "
+                             f"{tuple(trajectory[0].shape)}; every latent of a trajectory has the same shape")
+
+
+def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, epsilon, progress, init,
+                        reference_schedule):
+    """The loop of `null_text_optimization`, its inputs checked and the weights already frozen."""
+    with torch.no_grad():
+        cond = model.encode_prompts([prompt]).float()
+        uncond = cond.clone() if init == "negative_prompt" else model.encode_prompts([""]).float()
+    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
+                               offset=settings.offset)
+    latent = trajectory[-1]
+    embeddings, losses, used = [], [], []
+    with tqdm(total=len(timesteps), desc="null-text inversion", disable=not progress, leave=False) as bar:
         for i, t in enumerate(timesteps):
             t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
             target = trajectory[len(trajectory) - i - 2]
@@ -147,41 +195,49 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
             latent = previous.detach()
             bar.set_postfix(loss=f"{loss_value:.2e}", adam=steps_taken)
             bar.update()
-        bar.close()
-        return embeddings, losses, used
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    return embeddings, losses, used
 
 
 @torch.no_grad()
 def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: str = "null_text",
            settings: SamplerSettings | None = None, inner_steps: int = NULL_TEXT_INNER_STEPS,
-           null_init: str = "empty", progress: bool = True, reference_schedule: bool = False) -> Inversion:
-    """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS);
-    null_init: where null-text's ∅ starts (one of NULL_TEXT_INITS; see `null_text_optimization`)."""
+           null_init: str = "empty", inversion_guidance: float = DDIM_INVERSION_GUIDANCE, progress: bool = True,
+           reference_schedule: bool = False) -> Inversion:
+    """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS).
+
+    `settings` are those the edits will sample with (steps, guidance w, offset; η must be 0: the inversion
+    retraces deterministic DDIM). `inversion_guidance`: the DDIM inversion's own guidance scale (the
+    reference's 1). null_init: where null-text's ∅ starts (one of NULL_TEXT_INITS; see `null_text_optimization`).
+    """
     if method not in INVERSION_METHODS:
         raise ValueError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
+    _check_prompt(prompt)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
-    z0 = model.encode_images(image_to_tensor(image))  # VAE posterior mean × scale factor
+    if settings.eta != 0:
+        raise ValueError(f"eta={settings.eta}: inversion retraces deterministic DDIM; sample the edits with eta=0")
+    image_tensor = image_to_tensor(image)
+    check_image_size(image.shape[0], image.shape[1], latent_factor=model.config.latent_factor)
+    start = time.perf_counter()
+    z0 = model.encode_images(image_tensor)  # VAE posterior mean × scale factor
     trajectory = ddim_invert(model, z0, prompt, settings=SamplerSettings(
-        steps=settings.steps, guidance=1.0, offset=settings.offset), progress=progress)
-    if method == "ddim":
-        return Inversion(trajectory[-1], trajectory, None, method)
+        steps=settings.steps, guidance=inversion_guidance, offset=settings.offset), progress=progress)
+    embeddings, losses, used = None, [], []
     if method == "negative_prompt":
         cond = model.encode_prompts([prompt])
-        return Inversion(trajectory[-1], trajectory, [cond.clone() for _ in range(settings.steps)], method)
-    with torch.enable_grad():
+        embeddings = [cond.clone() for _ in range(settings.steps)]
+    elif method == "null_text":
         embeddings, losses, used = null_text_optimization(model, trajectory, prompt, settings=settings,
                                                           inner_steps=inner_steps, progress=progress,
                                                           init=null_init, reference_schedule=reference_schedule)
-    return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used)
+    return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used,
+                     seconds=time.perf_counter() - start)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (1, 3, H, W) in [-1, 1]."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
+                         f"{getattr(image, 'shape', '')}; p2p.images.load_image makes one from a file")
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 

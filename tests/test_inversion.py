@@ -183,3 +183,127 @@ def test_vae_reconstruction_is_the_decoded_posterior_mean(model, photo):
     image = vae_reconstruction(model, photo)
     assert image.dtype == np.uint8 and image.shape == photo.shape
     assert (image == decode(model, model.encode_images(image_to_tensor(photo)))[0]).all()
+
+
+def test_ddim_inversion_guidance_is_settable_and_batches_share_the_caption(model, photo):
+    z0 = model.encode_images(image_to_tensor(photo))
+    settings = SamplerSettings(steps=STEPS, guidance=3.0)
+    guided = ddim_invert(model, z0, PROMPT, settings=settings, progress=False)
+    plain = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=STEPS, guidance=1.0), progress=False)
+    assert not torch.allclose(guided[-1], plain[-1]), "the guidance scale must change the trajectory"
+    inversion = invert(model, photo, PROMPT, method="ddim", settings=SamplerSettings(steps=STEPS, guidance=5.0),
+                       inversion_guidance=3.0, progress=False)
+    assert all(torch.allclose(a, b) for a, b in zip(inversion.trajectory, guided))
+    pair = ddim_invert(model, torch.cat([z0, z0.flip(-1)]), PROMPT, settings=settings, progress=False)
+    assert len(pair) == STEPS + 1 and pair[-1].shape[0] == 2
+    assert torch.allclose(pair[-1][:1], guided[-1], atol=1e-4)
+    with pytest.raises(ValueError, match=r"z0 has shape \(4, 8, 8\)"):
+        ddim_invert(model, z0[0], PROMPT, settings=settings, progress=False)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_every_method_gives_one_embedding_per_step_for_any_step_count(model, photo, steps):
+    settings = SamplerSettings(steps=steps, guidance=5.0)
+    for method in ("null_text", "negative_prompt", "ddim"):
+        inversion = invert(model, photo, PROMPT, method=method, settings=settings, inner_steps=1, progress=False)
+        assert len(inversion.trajectory) == steps + 1 and torch.equal(inversion.x_T, inversion.trajectory[-1])
+        assert inversion.seconds > 0
+        if method != "ddim":
+            assert len(inversion.uncond_embeddings) == steps
+        reconstruct(model, inversion, settings)  # the sampler accepts what the inversion made
+
+
+def test_null_text_refuses_a_trajectory_that_does_not_fit(model, photo):
+    settings = SamplerSettings(steps=STEPS, guidance=5.0)
+    trajectory = ddim_invert(model, model.encode_images(image_to_tensor(photo)), PROMPT,
+                             settings=SamplerSettings(steps=STEPS, guidance=1.0), progress=False)
+    # a shorter trajectory would otherwise pair step i with the wrong target (negative indices wrap around)
+    with pytest.raises(ValueError, match=rf"{STEPS} latents for steps={STEPS}.*{STEPS + 1} latents"):
+        null_text_optimization(model, trajectory[1:], PROMPT, settings=settings, progress=False)
+    with pytest.raises(ValueError, match="batch of 2 latents.*one image"):
+        null_text_optimization(model, [torch.cat([z, z]) for z in trajectory], PROMPT, settings=settings,
+                               progress=False)
+    with pytest.raises(ValueError, match=r"trajectory\[2\] has shape \(1, 4, 4, 4\) but trajectory\[0\]"):
+        null_text_optimization(model, trajectory[:2] + [trajectory[2][..., :4, :4]] + trajectory[3:], PROMPT,
+                               settings=settings, progress=False)
+    with pytest.raises(TypeError, match="caption must be one string"):
+        null_text_optimization(model, trajectory, [PROMPT], settings=settings, progress=False)
+
+
+def test_null_text_works_under_no_grad_and_inference_mode(model, photo):
+    settings = SamplerSettings(steps=2, guidance=5.0)
+    z0 = model.encode_images(image_to_tensor(photo))
+    plain_trajectory = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=2, guidance=1.0), progress=False)
+    expected = null_text_optimization(model, plain_trajectory, PROMPT, settings=settings, inner_steps=2,
+                                      progress=False)
+    with torch.inference_mode():  # a trajectory made here cannot join autograd unless copied
+        trajectory = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=2, guidance=1.0), progress=False)
+    with torch.no_grad():  # ∅ still gets its gradient
+        embeddings, losses, used = null_text_optimization(model, trajectory, PROMPT, settings=settings,
+                                                          inner_steps=2, progress=False)
+    assert used == expected[2] and losses == expected[1]
+    assert all(torch.equal(a, b) for a, b in zip(embeddings, expected[0]))
+
+
+def test_requires_grad_is_restored_when_null_text_fails_midway(model, photo, monkeypatch):
+    model.requires_grad_(True)
+    calls, forward = [0], model.unet.forward
+
+    def failing_forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # inside the optimisation loop, after some Adam steps
+            raise RuntimeError("interrupted")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.unet, "forward", failing_forward)
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=5,
+                   progress=False)
+        assert calls[0] == 6
+        assert all(p.requires_grad for p in model.parameters()), "requires_grad must be restored"
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("caption", ["", "circle", "a big red circle and a small blue square on a black background"])
+def test_null_text_handles_captions_of_any_length(model, photo, caption):
+    caption = " ".join(caption.split()[:model.context_length - 2])  # whatever fits the tiny model's context
+    inversion = invert(model, photo, caption, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1,
+                       progress=False)
+    assert len(inversion.uncond_embeddings) == 2 and all(np.isfinite(inversion.losses))
+
+
+def test_invert_names_bad_inputs(model, photo):
+    settings = SamplerSettings(steps=2, guidance=5.0)
+    factor = model.config.latent_factor
+    with pytest.raises(ValueError, match=rf"height={32 - factor // 2} is not a positive multiple of {factor}"):
+        invert(model, photo[:32 - factor // 2], PROMPT, settings=settings, progress=False)
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\).*float32"):
+        invert(model, photo.astype(np.float32), PROMPT, settings=settings, progress=False)
+    with pytest.raises(TypeError, match="caption must be one string"):
+        invert(model, photo, [PROMPT], settings=settings, progress=False)
+    with pytest.raises(ValueError, match="eta=0.5.*deterministic"):
+        invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, eta=0.5), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["replace", "refine", "reweight", "blend"])
+def test_every_edit_kind_runs_on_an_inverted_image_with_two_targets(model, photo, kind):
+    from p2p.edit import BlendSpec, EditSpec, edit
+
+    settings = SamplerSettings(steps=STEPS, guidance=5.0)
+    inversion = invert(model, photo, PROMPT, settings=settings, inner_steps=1, progress=False)
+    targets = {"replace": ["a blue circle on a black background", "a green circle on a black background"],
+               "refine": ["a big red circle on a black background", "a red circle on a white background"],
+               "reweight": [PROMPT, PROMPT], "blend": ["a blue circle on a black background",
+                                                      "a green circle on a black background"]}[kind]
+    spec = EditSpec(kind="replace" if kind == "blend" else kind,
+                    reweight={"red": [2.0, -1.0]} if kind == "reweight" else {})
+    blend = BlendSpec(words=["circle"], threshold=0.0) if kind == "blend" else None
+    result = edit(model, [PROMPT, *targets], latent=inversion.x_T, spec=spec, blend=blend, settings=settings,
+                  uncond_embeddings=inversion.uncond_embeddings, progress=False)
+    assert result.images.shape == (3, *photo.shape)
+    # the source row is the inversion's own reconstruction: the edit never touches it
+    assert torch.allclose(result.latents[:1], reconstruct(model, inversion, settings), atol=1e-4)
+    assert not torch.allclose(result.latents[1], result.latents[2]), "each target gets its own edit"
