@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models.stable_diffusion import StableDiffusion
-from p2p.inversion import Inversion, invert
+from p2p.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
 from p2p.pipeline import SamplerSettings
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the stored layout changes
 
@@ -33,14 +38,18 @@ def model_fingerprint(model: StableDiffusion) -> str:
 
 
 def inversion_key(*, image: np.ndarray, prompt: str, fingerprint: str, method: str, settings: SamplerSettings,
-                  inner_steps: int, null_init: str = "empty") -> str:
+                  inner_steps: int, null_init: str = "empty",
+                  inversion_guidance: float = DDIM_INVERSION_GUIDANCE) -> str:
     digest = hashlib.sha256()
-    digest.update(str(image.shape).encode() + image.tobytes())
+    digest.update(f"{image.shape}{image.dtype}".encode() + np.ascontiguousarray(image).tobytes())
     fields = {"prompt": prompt, "model": fingerprint, "method": method, "steps": settings.steps,
               "guidance": settings.guidance, "offset": settings.offset, "inner_steps": inner_steps,
               "format": CACHE_FORMAT}
-    if method == "null_text":  # only null-text has a starting point (kept out of other keys: old entries stay valid)
+    # Options added later enter the key only when they differ from their old fixed value: old entries stay valid.
+    if method == "null_text":  # only null-text has a starting point
         fields["null_init"] = null_init
+    if inversion_guidance != DDIM_INVERSION_GUIDANCE:
+        fields["inversion_guidance"] = inversion_guidance
     digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
@@ -51,38 +60,72 @@ def save_inversion(inversion: Inversion, path: Path) -> Path:
     for i, e in enumerate(inversion.uncond_embeddings or []):
         tensors[f"uncond.{i}"] = e.float().contiguous().cpu()
     meta = {"method": inversion.method, "losses": json.dumps(inversion.losses),
-            "inner_steps": json.dumps(inversion.inner_steps), "format": str(CACHE_FORMAT)}
+            "inner_steps": json.dumps(inversion.inner_steps), "seconds": json.dumps(inversion.seconds),
+            "format": str(CACHE_FORMAT)}
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written cache entry
+    # Written under a name of its own, then renamed (atomic): a killed run never leaves a half-written entry,
+    # and two runs writing the same entry at once never write into one file.
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
 def load_inversion(path: Path) -> Inversion:
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+        meta = f.metadata() or {}
     tensors = load_file(str(path))
     count = lambda prefix: sum(1 for k in tensors if k.startswith(prefix))
     uncond = [tensors[f"uncond.{i}"] for i in range(count("uncond."))] or None
     return Inversion(x_T=tensors["x_T"], trajectory=[tensors[f"trajectory.{i}"] for i in range(count("trajectory."))],
                      uncond_embeddings=uncond, method=meta["method"], losses=json.loads(meta["losses"]),
-                     inner_steps=json.loads(meta["inner_steps"]))
+                     inner_steps=json.loads(meta["inner_steps"]), seconds=json.loads(meta.get("seconds", "null")))
+
+
+def _fits(inversion: Inversion, *, method: str, steps: int) -> bool:
+    """Whether a loaded entry is the complete inversion its key promises (a hand-edited file may not be)."""
+    embeddings = inversion.uncond_embeddings
+    return (inversion.method == method and len(inversion.trajectory) == steps + 1
+            and inversion.x_T.shape == inversion.trajectory[-1].shape
+            and (embeddings is None) == (method == "ddim") and (embeddings is None or len(embeddings) == steps))
 
 
 def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cache_dir: str | Path | None,
                   method: str, settings: SamplerSettings, inner_steps: int, null_init: str = "empty",
-                  progress: bool = True) -> tuple[Inversion, bool]:
-    """`p2p.inversion.invert` through the cache; returns (inversion, whether it came from the cache)."""
-    if cache_dir is None:
+                  inversion_guidance: float = DDIM_INVERSION_GUIDANCE, progress: bool = True
+                  ) -> tuple[Inversion, bool]:
+    """`p2p.inversion.invert` through the cache; returns (inversion, whether it came from the cache).
+
+    An entry that cannot be read (truncated, overwritten, from another version) is logged and recomputed.
+    """
+    def compute() -> Inversion:
         return invert(model, image, prompt, method=method, settings=settings, inner_steps=inner_steps,
-                      null_init=null_init, progress=progress), False
+                      null_init=null_init, inversion_guidance=inversion_guidance, progress=progress)
+
+    if cache_dir is None:
+        return compute(), False
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise NotADirectoryError(f"cache_dir {str(cache_dir)!r} is a file; pass a folder, or null for no cache")
+    image_to_tensor(image)  # names a wrong image before it is hashed
     key = inversion_key(image=image, prompt=prompt, fingerprint=model_fingerprint(model), method=method,
-                        settings=settings, inner_steps=inner_steps, null_init=null_init)
+                        settings=settings, inner_steps=inner_steps, null_init=null_init,
+                        inversion_guidance=inversion_guidance)
     path = Path(cache_dir) / f"{method}-{key}.safetensors"
     if path.exists():
-        return load_inversion(path), True
-    inversion = invert(model, image, prompt, method=method, settings=settings, inner_steps=inner_steps,
-                       null_init=null_init, progress=progress)
+        try:
+            cached = load_inversion(path)
+        except Exception as err:  # any unreadable file: safetensors, JSON and missing keys raise different types
+            log.warning("inversion cache entry %s is unreadable (%s: %s); recomputing it", path,
+                        type(err).__name__, err)
+        else:
+            if _fits(cached, method=method, steps=settings.steps):
+                return cached, True
+            log.warning("inversion cache entry %s is incomplete; recomputing it", path)
+    inversion = compute()
     save_inversion(inversion, path)
     return inversion, False

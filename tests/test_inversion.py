@@ -3,6 +3,8 @@
 The numbers on the trained built-in model (null-text within 1 dB of the VAE bound, colour swaps on
 inverted renders) are measured by scripts/eval_inversion.py; the numbers are in the model card.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,86 @@ def test_every_edit_kind_runs_on_an_inverted_image_with_two_targets(model, photo
     # the source row is the inversion's own reconstruction: the edit never touches it
     assert torch.allclose(result.latents[:1], reconstruct(model, inversion, settings), atol=1e-4)
     assert not torch.allclose(result.latents[1], result.latents[2]), "each target gets its own edit"
+
+
+CACHE_SETTINGS = SamplerSettings(steps=2, guidance=5.0)
+
+
+def cache_kwargs(tmp_path, **changes):
+    return {"cache_dir": tmp_path, "method": "null_text", "settings": CACHE_SETTINGS, "inner_steps": 1,
+            "progress": False, **changes}
+
+
+def test_cache_key_covers_every_setting_and_the_weights(model, photo, tmp_path):
+    first, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+    assert not hit and first.seconds > 0
+    again, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+    assert hit and again.seconds == pytest.approx(first.seconds), "a hit reports what the inversion once cost"
+    for changes in ({"settings": SamplerSettings(steps=2, guidance=4.0)},
+                    {"settings": SamplerSettings(steps=2, guidance=5.0, offset=0)},
+                    {"inner_steps": 2}, {"null_init": "negative_prompt"}, {"inversion_guidance": 2.0},
+                    {"method": "negative_prompt"}, {"method": "ddim"}):
+        _, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path, **changes))
+        assert not hit, changes
+    _, hit = cached_invert(model, np.ascontiguousarray(photo[:, ::-1]), PROMPT, **cache_kwargs(tmp_path))
+    assert not hit, "a mirrored image has the same pixel values but is another image"
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        parameter.add_(1e-3)
+    try:
+        _, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+        assert not hit, "other weights must not reuse the inversion"
+    finally:
+        with torch.no_grad():
+            parameter.sub_(1e-3)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "incomplete"])
+def test_a_damaged_cache_entry_is_recomputed(model, photo, tmp_path, damage, caplog):
+    from p2p.inversion_cache import save_inversion
+
+    first, _ = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+    (entry,) = tmp_path.glob("*.safetensors")
+    if damage == "incomplete":  # a readable file that holds fewer null embeddings than the key promises
+        first.uncond_embeddings = first.uncond_embeddings[:1]
+        entry.unlink()
+        save_inversion(first, entry)
+    else:
+        entry.write_bytes({"garbage": b"not a safetensors file" * 10, "empty": b"",
+                           "truncated": entry.read_bytes()[:len(entry.read_bytes()) // 2]}[damage])
+    recomputed, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+    assert not hit and len(recomputed.uncond_embeddings) == 2
+    assert "recomputing" in caplog.text and entry.name in caplog.text
+    again, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))  # the rewritten entry serves again
+    assert hit and all(torch.equal(a, b) for a, b in zip(again.uncond_embeddings, recomputed.uncond_embeddings))
+
+
+def test_cache_writes_are_atomic(model, photo, tmp_path, monkeypatch):
+    import p2p.inversion_cache as cache
+
+    first, _ = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
+    (entry,) = tmp_path.glob("*.safetensors")
+    before = entry.read_bytes()
+    temporary_names = []
+
+    def interrupted_save(tensors, filename, metadata):  # a run killed while writing
+        temporary_names.append(filename)
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "save_file", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save_inversion(first, entry)
+    with pytest.raises(KeyboardInterrupt):
+        cache.save_inversion(first, entry)
+    assert entry.read_bytes() == before, "the old entry stays whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name], "no temporary file is left behind"
+    assert len(set(temporary_names)) == 2 and all(Path(n).parent == tmp_path for n in temporary_names), \
+        "each writer has its own temporary file in the cache folder (so the rename is atomic)"
+
+
+def test_cache_dir_that_is_a_file_is_named(model, photo, tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("")
+    with pytest.raises(NotADirectoryError, match="cache_dir .*cache' is a file"):
+        cached_invert(model, photo, PROMPT, **cache_kwargs(not_a_folder))
