@@ -34,7 +34,7 @@ def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *,
     weights = torch.zeros(len(prompts), context_length)
     for p, (prompt, prompt_words) in enumerate(zip(prompts, words)):
         for word in prompt_words:
-            weights[p, word_token_positions(prompt, word)] = 1.0
+            weights[p, word_token_positions(prompt, word, context_length=context_length)] = 1.0
     return weights
 
 
@@ -48,8 +48,11 @@ class LocalBlend(Controller):
                  resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS,
                  context_length: int = CONTEXT_LENGTH):
         super().__init__(num_prompts=len(prompts))
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"blend threshold {threshold} must be in [0, 1)")
+        for name, value in (("threshold", threshold), ("subtract_threshold", subtract_threshold)):
+            if not 0.0 <= value < 1.0:  # maps are divided by their max: at 1 or above no pixel passes
+                raise ValueError(f"blend {name} {value} must be in [0, 1)")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 0:
+            raise ValueError(f"blend dilation {dilation!r} must be an int ≥ 0 (max-pool kernel 2·dilation + 1)")
         if not any(words):
             raise ValueError("LocalBlend needs at least one word (per prompt: the object being edited)")
         self.weights = word_weights(prompts, words, context_length=context_length)

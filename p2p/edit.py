@@ -18,8 +18,9 @@ from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
 from p2p.inversion import restore_outside_mask
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
-from p2p.schedules import DEFAULT_KEY, cross_alphas, step_range
-from p2p.tokens import CONTEXT_LENGTH, refine_alignments, replace_mappers, token_scales, words
+from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
+from p2p.tokens import (CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers,
+                        token_scales, words)
 
 EDIT_KINDS = ("replace", "refine", "reweight", "none")
 
@@ -79,16 +80,24 @@ def _per_prompt(value: Sequence, num_prompts: int, what: str) -> list[list[str]]
 
 
 def _reweight_scales(reweight: Mapping, targets: Sequence[str], context_length: int) -> torch.Tensor:
-    """(T, L) scales: one per (target prompt, word) — P2P_SPEC §9.3."""
+    """(T, L) scales: one per (target prompt, word) — P2P_SPEC §9.3.
+
+    A target that lacks the word may give it the scale 1 (nothing to scale there), so that with several
+    targets each can fade its own word: `{"dog": [2, 1]}` for targets "a dog …" and "a horse …".
+    """
     rows = []
     for t, target in enumerate(targets):
         per_target = {}
         for word, scale in reweight.items():
-            if isinstance(scale, (list, tuple)):
+            if isinstance(scale, Sequence) and not isinstance(scale, str):
                 if len(scale) != len(targets):
                     raise ValueError(f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
                                      "give one number for all or one per target prompt")
                 scale = scale[t]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise ValueError(f"reweight for {word!r} must be a number (or one per target prompt), got {scale!r}")
+            if scale == 1 and not has_word(target, word):
+                continue
             per_target[word] = float(scale)
         rows.append(token_scales(target, per_target, context_length=context_length))
     return torch.stack(rows)
@@ -96,7 +105,11 @@ def _reweight_scales(reweight: Mapping, targets: Sequence[str], context_length: 
 
 def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
     if spec.self_max_side is not None:
-        return int(spec.self_max_side) ** 2
+        side = spec.self_max_side
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ValueError(f"self_max_side={side!r} must be a positive int (a query grid side, in latent pixels); "
+                             "to inject no self-attention set self_replace_steps=0")
+        return side ** 2
     return max_queries_at_fraction(latent_hw, spec.self_max_fraction)
 
 
@@ -105,9 +118,13 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     """The edit controller; `context_length` = the model's text positions (`model.context_length`)."""
     if spec.kind not in EDIT_KINDS:
         raise ValueError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
+    prompts = check_prompts(prompts, context_length=context_length)
     source, targets = prompts[0], list(prompts[1:])
     if not targets:
         raise ValueError(f"edit kind {spec.kind!r} needs a source and at least one target prompt; got {list(prompts)}")
+    if spec.kind == "reweight" and not spec.reweight:
+        raise ValueError("edit kind 'reweight' needs the words to scale: reweight={word: scale} "
+                         "(scripts: edit.reweight={red: 3}); without them the edit does nothing")
     schedule = spec.cross_replace_steps
     if spec.preserve:  # Fig. 5: only the named words' maps are injected
         window = schedule if not isinstance(schedule, Mapping) else schedule.get(DEFAULT_KEY, 1.0)
@@ -129,7 +146,7 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     return AttentionEdit(num_prompts=len(prompts), kind=kind,
                          cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps,
                                                     context_length=context_length),
-                         self_steps=step_range(spec.self_replace_steps, num_steps),
+                         self_steps=named_step_range(spec.self_replace_steps, num_steps, "self_replace_steps"),
                          self_max_queries=self_max_queries(spec, latent_hw), **kwargs)
 
 
@@ -151,9 +168,10 @@ def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, in
 
 def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
                 downsamplings: int, context_length: int = CONTEXT_LENGTH) -> LocalBlend:
+    prompts = check_prompts(prompts, context_length=context_length)
     return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, len(prompts), "blend.words"),
                       latent_hw=latent_hw, num_steps=num_steps, threshold=spec.threshold, dilation=spec.dilation,
-                      start_step=step_range(spec.start, num_steps).stop,
+                      start_step=named_step_range(spec.start, num_steps, "blend start").stop,
                       subtract_words=_per_prompt(spec.subtract_words, len(prompts), "blend.subtract_words"),
                       subtract_threshold=spec.subtract_threshold,
                       resolution_downsamplings=downsamplings if spec.resolution_downsamplings is None
@@ -171,7 +189,9 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
          settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
          uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
     """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
-    prompts = list(prompts)
+    prompts = check_prompts(prompts, context_length=model.context_length)
+    if not prompts:
+        raise ValueError("edit needs at least one prompt (the source)")
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     height, width = height or model.config.image_size, width or model.config.image_size
     if latent is None:

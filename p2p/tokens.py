@@ -143,8 +143,23 @@ def decode_tokens(prompt: str) -> list[str]:
     return [tokenizer.decode([token_id]).strip() for token_id in tokenizer.encode(prompt)]
 
 
-def word_token_positions(prompt: str, word: WordRef) -> list[int]:
-    """Positions (SOT = 0) of a word's tokens in the 77-sequence (P2P_SPEC §9.2).
+def check_prompts(prompts: Sequence[str], *, context_length: int = CONTEXT_LENGTH) -> list[str]:
+    """The prompts as a list, each a string that fits the text encoder's `context_length` positions.
+
+    Checked before any controller is built, so a bad prompt is named instead of surfacing as an index
+    error in a token-position map sized for the model.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings (source first), got {prompts!r}")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"every prompt must be a string, got {prompt!r} in {list(prompts)}")
+        _check_length(prompt, end_position(prompt) - 1, context_length)
+    return list(prompts)
+
+
+def word_token_positions(prompt: str, word: WordRef, *, context_length: int = CONTEXT_LENGTH) -> list[int]:
+    """Positions (SOT = 0) of a word's tokens in the `context_length`-sequence (77 for SD; P2P_SPEC §9.2).
 
     `word` is one of
     - a string: matched case-insensitively without surrounding punctuation ('Cat,' finds 'cat');
@@ -152,8 +167,10 @@ def word_token_positions(prompt: str, word: WordRef) -> list[int]:
     - an int: a word index into `words(prompt)` (negative counts from the end);
     - a list or tuple of ints: explicit token positions, checked to lie in 1..number of tokens.
     Punctuation attached to a word has its own tokens and is not part of the word's positions.
+    A prompt longer than `context_length − 2` tokens raises: its positions would not exist in the model.
     """
     all_words = prompt_words(prompt)
+    _check_length(prompt, end_position(prompt) - 1, context_length)
     if isinstance(word, str):
         return _positions_of_text(prompt, all_words, word)
     if isinstance(word, int) and not isinstance(word, bool):
@@ -167,7 +184,14 @@ def word_token_positions(prompt: str, word: WordRef) -> list[int]:
                     f"got {word!r}")
 
 
-def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
+def has_word(prompt: str, word: WordRef) -> bool:
+    """Whether a word (str) occurs in the prompt, matched as `word_token_positions` matches it.
+    Word indices and explicit positions refer to no particular word: True (they are range-checked on use)."""
+    return _find_text(prompt, prompt_words(prompt), word) != [] if isinstance(word, str) else True
+
+
+def _find_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
+    """Positions of every occurrence of the word(s) `text`; [] when there is none."""
     query = [_word_key(part) for part in text.split()]
     if not query or not all(query):
         raise ValueError(f"word {text!r} is empty; name a word of {prompt!r}")
@@ -176,10 +200,15 @@ def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> lis
     for start in range(len(keys) - len(query) + 1):
         if keys[start:start + len(query)] == query:
             positions += [p for word in all_words[start:start + len(query)] for p in word.word_positions]
+    return sorted(set(positions))  # overlapping matches of a repeated phrase share positions
+
+
+def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
+    positions = _find_text(prompt, all_words, text)
     if not positions:
         raise ValueError(f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
-                         f"without surrounding punctuation: {keys}")
-    return sorted(set(positions))  # overlapping matches of a repeated phrase share positions
+                         f"without surrounding punctuation: {[word.key for word in all_words]}")
+    return positions
 
 
 def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list[int]:
@@ -322,7 +351,7 @@ def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale for {word!r} must be one number, got {scale!r}; "
                             "use one token_scales call per target prompt")
-        for position in word_token_positions(prompt, word):
+        for position in word_token_positions(prompt, word, context_length=context_length):
             if position in owner:
                 raise ValueError(f"{word!r} and {owner[position]!r} both scale token {position} of {prompt!r}")
             owner[position] = word

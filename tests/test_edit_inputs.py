@@ -1,0 +1,117 @@
+"""Edits built from inputs beyond the two-prompt examples: several targets that each change their own word,
+prompts at and over the model's text length, and settings outside what they mean — each either works as
+P2P_SPEC §3–§5 says or raises an error that names the bad value (P2P_SPEC §9.2, ../shared/STYLE.md).
+
+Controllers are built without a model (`build_edit`, `build_blend`), so these tests take milliseconds.
+"""
+import pytest
+import torch
+
+from p2p.edit import BlendSpec, EditSpec, build_blend, build_edit
+from p2p.schedules import cross_alphas
+from p2p.tokens import CONTEXT_LENGTH as TEXT
+
+STEPS = 4
+LATENT = (8, 8)
+THREE = ["a cat riding a bicycle", "a dog riding a bicycle", "a cat riding a horse"]  # each target swaps one word
+
+
+def _edit(spec, prompts=THREE, *, context_length=TEXT):
+    return build_edit(spec, prompts, num_steps=STEPS, latent_hw=LATENT, context_length=context_length)
+
+
+# --- several targets, each with its own word ------------------------------------------------------------
+
+def test_a_per_word_window_acts_in_the_targets_that_have_the_word():
+    # the reference skips targets without the word; 'dog' is only in target 0, 'horse' only in target 1
+    alphas = _edit(EditSpec(cross_replace_steps={"default_": 0.5, "dog": 1.0, "horse": 0.25})).cross_alphas
+    dog, horse = 2, 5  # SOT a dog … / SOT a cat riding a horse
+    assert alphas[:, 0, dog].tolist() == [1, 1, 1, 1] and alphas[:, 1, dog].tolist() == [1, 1, 0, 0]
+    assert alphas[:, 1, horse].tolist() == [1, 0, 0, 0] and alphas[:, 0, horse].tolist() == [1, 1, 0, 0]
+
+
+def test_a_per_word_window_for_a_word_in_no_target_raises_naming_it():
+    with pytest.raises(ValueError, match="'fox' of cross_replace_steps is not in any target prompt"):
+        _edit(EditSpec(cross_replace_steps={"default_": 0.5, "fox": 1.0}))
+    with pytest.raises(ValueError, match="'fox'"):  # object preservation names its words the same way
+        _edit(EditSpec(preserve=["fox"]))
+
+
+def test_reweight_may_leave_a_target_without_the_word_at_scale_one():
+    scales = _edit(EditSpec(kind="replace", reweight={"dog": [3.0, 1.0], "horse": [1, -2.0]})).reweight
+    expected = torch.ones(2, TEXT)
+    expected[0, 2], expected[1, 5] = 3.0, -2.0
+    assert torch.equal(scales, expected)
+
+
+def test_reweight_of_a_word_missing_from_a_target_it_scales_raises_naming_both():
+    with pytest.raises(ValueError, match="word 'dog' is not in prompt 'a cat riding a horse'"):
+        _edit(EditSpec(kind="replace", reweight={"dog": 2.0}))
+    with pytest.raises(ValueError, match="reweight for 'dog' must be a number"):
+        _edit(EditSpec(kind="replace", reweight={"dog": ["x", 1.0]}))
+
+
+def test_reweight_alone_without_words_raises_instead_of_doing_nothing():
+    with pytest.raises(ValueError, match="needs the words to scale"):
+        _edit(EditSpec(kind="reweight"), ["a cat", "a cat"])
+
+
+# --- prompts and the model's text length ---------------------------------------------------------------
+
+LONG = "a " + " ".join(["red"] * 19)  # 20 tokens: fits CLIP's 77, not a 16-position model
+
+
+@pytest.mark.parametrize("build", [
+    lambda: cross_alphas({"red": 0.5}, targets=[LONG], num_steps=STEPS, context_length=16),
+    lambda: build_blend(BlendSpec(words=["red"]), [LONG, LONG], num_steps=STEPS, latent_hw=LATENT, downsamplings=0,
+                        context_length=16),
+    lambda: _edit(EditSpec(kind="reweight", reweight={"red": 2.0}), [LONG, LONG], context_length=16),
+], ids=["window", "blend", "reweight"])
+def test_a_prompt_over_the_models_text_length_raises_naming_it(build):
+    # word positions were looked up against CLIP's 77 and indexed past the model's 16 (IndexError)
+    with pytest.raises(ValueError, match=r"'a red red .*' has 20 tokens, but at most 14 fit \(16"):
+        build()
+
+
+def test_prompts_must_be_a_list_of_strings():
+    with pytest.raises(TypeError, match="list of strings"):
+        _edit(EditSpec(), "a cat riding a bicycle")
+    with pytest.raises(TypeError, match="must be a string, got 2"):
+        _edit(EditSpec(), ["a cat", 2])
+
+
+# --- settings outside their range ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,message", [
+    (EditSpec(self_replace_steps=1.5), "self_replace_steps: window 1.5 must satisfy 0 ≤ start ≤ end ≤ 1"),
+    (EditSpec(self_replace_steps=(0.6, 0.2)), "self_replace_steps: window"),
+    (EditSpec(self_replace_steps=True), "self_replace_steps: window True must be a fraction"),
+    (EditSpec(cross_replace_steps=-0.1), "cross_replace_steps: window -0.1"),
+    (EditSpec(cross_replace_steps=(0.2, 0.5, 0.9)), "cross_replace_steps: window"),
+    (EditSpec(cross_replace_steps={"default_": 0.8, "dog": (0, 1.2)}), r"cross_replace_steps\['dog'\]: window"),
+    (EditSpec(self_max_side=-8), "self_max_side=-8 must be a positive int"),
+    (EditSpec(self_max_side=0), "self_max_side=0 must be a positive int"),
+    (EditSpec(self_max_fraction=0), "resolution fraction 0 must be in"),
+], ids=["self>1", "self reversed", "self bool", "cross<0", "cross triple", "word>1", "side<0", "side 0", "fraction 0"])
+def test_out_of_range_settings_raise_naming_the_setting(spec, message):
+    with pytest.raises(ValueError, match=message):
+        _edit(spec)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(threshold=1.0), "threshold 1.0 must be in"),
+    (dict(threshold=-0.1), "threshold -0.1 must be in"),
+    (dict(subtract_words=["riding"], subtract_threshold=1.5), "subtract_threshold 1.5 must be in"),
+    (dict(dilation=-1), "dilation -1 must be an int"),
+    (dict(start=1.2), "blend start: window 1.2"),
+])
+def test_out_of_range_blend_settings_raise_naming_the_setting(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_blend(BlendSpec(words=["riding"], **changes), THREE, num_steps=STEPS, latent_hw=LATENT, downsamplings=0)
+
+
+def test_blend_threshold_zero_is_allowed_and_keeps_every_attended_pixel():
+    blend = build_blend(BlendSpec(words=["riding"], threshold=0.0), THREE, num_steps=STEPS, latent_hw=LATENT,
+                        downsamplings=0)
+    blend.summed = torch.rand(3, TEXT, *LATENT) + 0.01  # every pixel attends a little
+    assert bool(blend.mask()[1:].all())
