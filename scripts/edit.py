@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
-from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
+from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.tokens import words  # noqa: E402
 
 
@@ -48,16 +48,43 @@ def attention_row(result, prompts: list[str], focus: list[list[str]]):
     return tiles
 
 
+def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]:
+    """The run's prompts, edit and blend, checked before the model is loaded: a string given as `prompts`
+    would otherwise be split into characters, and `blend=local` without words would silently not blend."""
+    example = """prompts='["a red circle","a blue circle"]'"""
+    if not OmegaConf.is_list(cfg.prompts) or not all(isinstance(p, str) for p in cfg.prompts):
+        raise ValueError(f"prompts must be a list of strings, source first ({example}); got {cfg.prompts!r}")
+    prompts = list(cfg.prompts)
+    spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
+    if spec.kind not in EDIT_KINDS:
+        raise ValueError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
+                         "(config groups: edit=replace|refine|reweight|store)")
+    if spec.kind != "none" and len(prompts) < 2:
+        raise ValueError(f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
+                         f"{prompts} — to sample one prompt and record its attention use edit=store attention=true")
+    blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
+    if not blend_dict.get("words") and set(blend_dict) != {"words"}:  # a blend group other than blend=none
+        raise ValueError("LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
+                         "blend.words=[[red],[blue]]; or blend=none for no blend")
+    blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
+    return prompts, spec, blend
+
+
+def check_fresh(out: Path) -> Path:
+    """The run folder, refused before any work if an earlier run already wrote there (a reused hydra.run.dir)."""
+    earlier = sorted(p.name for p in out.glob("*.png")) + [p.name for p in out.glob("config.yaml")]
+    if earlier:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(earlier[:3])}); refusing to overwrite it — "
+                              "leave hydra.run.dir at its default (a new folder per run) or pick a new one")
+    return out
+
+
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    out = run_dir()
+    out = check_fresh(run_dir())
+    prompts, spec, blend = edit_inputs(cfg)
     model = load_model(cfg)
-    prompts = list(cfg.prompts)
     settings = sampler_settings(cfg, model)
-    spec_dict = OmegaConf.to_container(cfg.edit, resolve=True)
-    spec = EditSpec(**spec_dict)
-    blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
-    blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
     # text-attention maps of every resolution: cheap (a few dozen text keys), and the tiny model's cross layers are at the full latent
     store = StoreSpec(max_fraction=1.0) if cfg.attention else None
     common = dict(seed=cfg.seed, settings=settings, height=cfg.height, width=cfg.width, progress=cfg.progress)

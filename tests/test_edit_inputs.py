@@ -115,3 +115,48 @@ def test_blend_threshold_zero_is_allowed_and_keeps_every_attended_pixel():
                         downsamplings=0)
     blend.summed = torch.rand(3, TEXT, *LATENT) + 0.01  # every pixel attends a little
     assert bool(blend.mask()[1:].all())
+
+
+# --- scripts/edit.py: the config as Hydra composes it, checked before the model is loaded ---------------
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+    from pathlib import Path
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose(config_name="edit", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prompts=a red circle"], "prompts must be a list of strings"),  # was split into 12 one-letter prompts
+    (["prompts=[1,2]"], "prompts must be a list of strings"),
+    (['prompts=["a red circle"]'], "needs a source and at least one target prompt"),
+    (["edit.kind=swap"], "edit.kind='swap' is not supported"),
+    (["blend=local"], "LocalBlend needs its words"),  # was: no blend at all, silently
+])
+def test_edit_script_refuses_bad_inputs_before_loading_the_model(overrides, message):
+    from scripts.edit import edit_inputs
+
+    with pytest.raises(ValueError, match=message):
+        edit_inputs(_compose(*overrides))
+
+
+def test_edit_script_inputs_for_every_edit_kind_and_blend():
+    from scripts.edit import edit_inputs
+
+    prompts, spec, blend = edit_inputs(_compose('prompts=["a red circle"]', "edit=store"))
+    assert prompts == ["a red circle"] and spec.kind == "none" and blend is None
+    for kind in ("replace", "refine", "reweight"):
+        _, spec, _ = edit_inputs(_compose(f"edit={kind}", "edit.self_replace_steps=[0.1,0.5]"))
+        assert spec.kind == kind and list(spec.self_replace_steps) == [0.1, 0.5]
+    _, _, blend = edit_inputs(_compose("blend=local", "blend.words=[[red],[blue]]", "blend.threshold=0.5"))
+    assert blend.words == [["red"], ["blue"]] and blend.threshold == 0.5
+
+
+def test_edit_script_refuses_a_run_folder_that_holds_an_earlier_run(tmp_path):
+    from scripts.edit import check_fresh
+
+    assert check_fresh(tmp_path) == tmp_path  # Hydra's own .hydra/ and log are there before main runs
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        check_fresh(tmp_path)
