@@ -136,10 +136,10 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     elif kind == "refine":
         kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets, context_length=context_length)
     else:  # reweight alone / none: source maps go to targets token by token, so the tokens must line up
-        different = [t for t in targets if words(t) != words(source)] if kind == "reweight" else []
+        different = [t for t in targets if words(t) != words(source)]
         if different:
-            raise ValueError(f"reweight without a base edit needs targets equal to the source {source!r}; "
-                             f"{different[0]!r} differs — use edit=refine (or replace) with edit.reweight")
+            raise ValueError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
+                             f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader")
         kind = "none"
     if spec.reweight:
         kwargs["reweight"] = _reweight_scales(spec.reweight, targets, context_length)
@@ -192,6 +192,9 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     prompts = check_prompts(prompts, context_length=model.context_length)
     if not prompts:
         raise ValueError("edit needs at least one prompt (the source)")
+    if spec is not None and spec.kind == "none" and (spec.reweight or spec.preserve):
+        raise ValueError(f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
+                         "would be ignored; use kind 'reweight' (identical prompts), 'replace' or 'refine'")
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     height, width = height or model.config.image_size, width or model.config.image_size
     if latent is None:

@@ -160,3 +160,20 @@ def test_edit_script_refuses_a_run_folder_that_holds_an_earlier_run(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         check_fresh(tmp_path)
+
+
+def test_kind_none_injects_nothing_into_a_different_prompt_and_refuses_a_fader():
+    # 'none' copied the source's columns token by token into any target, whatever its words
+    with pytest.raises(ValueError, match="needs targets equal to the source"):
+        _edit(EditSpec(kind="none"), ["a cat riding a bicycle", "a dog on a mat"])
+    assert _edit(EditSpec(kind="none", cross_replace_steps=1.0), ["a cat", "a cat"]).kind == "none"
+
+
+def test_edit_with_kind_none_refuses_settings_it_would_ignore():
+    from types import SimpleNamespace
+
+    from p2p.edit import edit
+
+    model = SimpleNamespace(context_length=TEXT)  # refused before the model is used
+    with pytest.raises(ValueError, match="edit kind 'none' edits nothing"):
+        edit(model, ["a cat", "a cat"], seed=0, spec=EditSpec(kind="none", reweight={"cat": 2.0}))
