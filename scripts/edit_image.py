@@ -8,7 +8,9 @@
 
 Writes: original.png, vae_reconstruction.png, inversion_reconstruction.png, one PNG per prompt of the edit
 batch (source first), grid.png, metrics.json (reconstruction PSNRs, inversion time, null-text losses) and
-config.yaml. Inversions are cached in `cache_dir` keyed by image, caption, model, settings and method.
+config.yaml; a folder that holds a previous run's files is refused before any work. `edit=store` with the
+caption alone only inverts and reconstructs. Inversions are cached in `cache_dir` keyed by image,
+caption, model, settings and method.
 """
 from __future__ import annotations
 
@@ -25,31 +27,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
+from scripts.edit import edit_inputs  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.images import load_image  # noqa: E402
 from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
-from p2p.pipeline import decode, sample  # noqa: E402
+from p2p.pipeline import check_image_size, decode, sample  # noqa: E402
+
+
+OUTPUTS = ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png", "metrics.json",
+           "config.yaml")  # besides one PNG per prompt; Hydra's own .hydra/ and log are not ours
+
+
+def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]:
+    """Everything a user types, checked before the model loads: returns the prompts, the edit and the blend."""
+    for key, form in (("image", "image=PATH/TO/photo.png"),
+                      ("prompts", "prompts='[\"caption of the photo\", \"target caption\"]'")):
+        if OmegaConf.is_missing(cfg, key) or cfg[key] is None:
+            raise ValueError(f"{key} is required: pass {form}")
+    if cfg.negative_prompt:
+        raise ValueError(f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
+                         "comes from the inversion (inversion=negative_prompt uses the caption); leave it empty")
+    prompts, spec, blend = edit_inputs(cfg)  # the rules of scripts/edit.py: a list of strings, targets for an edit
+    if not prompts:
+        raise ValueError("prompts=[] is empty: give the photo's caption first, then target captions")
+    if cfg.restore_unedited and blend is None:
+        raise ValueError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
+    return prompts, spec, blend
+
+
+def check_fresh(out: Path) -> None:
+    """Refuse a folder that already holds a run's results before spending minutes on an inversion."""
+    previous = sorted(p.name for p in out.iterdir() if p.name in OUTPUTS or p.suffix == ".png") if out.is_dir() else []
+    if previous:
+        raise FileExistsError(f"{out} already holds a previous run's {', '.join(previous)}; refusing to overwrite "
+                              "them: pick another hydra.run.dir (or leave it to Hydra's dated default)")
 
 
 @hydra.main(config_path="../conf", config_name="edit_image", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    prompts, spec, blend = check_request(cfg)
     out = run_dir()
+    check_fresh(out)
     model = load_model(cfg)
-    prompts = list(cfg.prompts)
-    if len(prompts) < 1:
-        raise ValueError("prompts must hold the photo's caption first, then target captions")
     height = cfg.height or model.config.image_size
     width = cfg.width or model.config.image_size
-    image = load_image(cfg.image, height=height, width=width, margins=tuple(cfg.margins))
+    check_image_size(height, width, latent_factor=model.config.latent_factor)
+    margins = OmegaConf.to_container(cfg.margins) if OmegaConf.is_list(cfg.margins) else cfg.margins
+    image = load_image(cfg.image, height=height, width=width, margins=margins)
     settings = sampler_settings(cfg, model)
+    save_config(cfg, out)  # first, so that even a run that fails later says how it was started
 
     start = time.perf_counter()
     inversion, from_cache = cached_invert(model, image, prompts[0], cache_dir=cfg.cache_dir,
                                           method=cfg.inversion.method, settings=settings,
                                           inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init,
-                                          progress=cfg.progress)
-    inversion_seconds = time.perf_counter() - start
+                                          inversion_guidance=float(cfg.inversion.guidance), progress=cfg.progress)
+    load_seconds = time.perf_counter() - start
 
     vae_only = vae_reconstruction(model, image)
     reconstruction = decode(model, sample(model, prompts[:1], latent=inversion.x_T, settings=settings,
@@ -58,11 +92,6 @@ def main(cfg: DictConfig) -> None:
     save_image(vae_only, out / "vae_reconstruction.png")
     save_image(reconstruction, out / "inversion_reconstruction.png")
 
-    blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
-    blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
-    if cfg.restore_unedited and blend is None:
-        raise ValueError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
-    spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
     result = None
     if len(prompts) > 1:
         result = edit(model, prompts, latent=inversion.x_T, spec=spec if spec.kind != "none" else None,
@@ -70,26 +99,32 @@ def main(cfg: DictConfig) -> None:
                       uncond_embeddings=inversion.uncond_embeddings, progress=cfg.progress)
         edited = result.images
         if cfg.restore_unedited:
+            if result.blend.last_mask is None:
+                raise ValueError(f"restore_unedited=true: the blend never ran (blend.start={blend.start} of "
+                                 f"{settings.steps} steps), so there is no mask; lower blend.start")
             edited = np.stack([edited[0]] + [restore_outside_mask(im, image, result.blend.last_mask[i])
                                              for i, im in enumerate(edited) if i > 0])
         for i, (im, p) in enumerate(zip(edited, prompts)):
             save_image(im, out / f"{i:02d}_{slug(p)}.png")
 
     metrics = {
-        "method": inversion.method, "from_cache": from_cache, "inversion_seconds": round(inversion_seconds, 3),
+        "method": inversion.method, "from_cache": from_cache,
+        # what computing the inversion took (on a cache hit: when it was computed), and this run's wait for it
+        "inversion_seconds": round(inversion.seconds if inversion.seconds is not None else load_seconds, 3),
+        "inversion_wait_seconds": round(load_seconds, 3),
         "psnr_vae_reconstruction": round(psnr(vae_only, image), 3),
         "psnr_inversion_reconstruction": round(psnr(reconstruction, image), 3),
         "null_text_final_losses": inversion.losses, "null_text_adam_steps": inversion.inner_steps,
-        "steps": settings.steps, "guidance": settings.guidance,
+        "steps": settings.steps, "guidance": settings.guidance, "inversion_guidance": float(cfg.inversion.guidance),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with open(out / "metrics.json", "x") as file:  # "x": never overwrite
+        json.dump(metrics, file, indent=2)
     tiles = [views.captioned(image, "original"), views.captioned(vae_only, "VAE reconstruction"),
              views.captioned(reconstruction, f"{inversion.method} reconstruction")]
     rows = [tiles]
     if result is not None:
         rows.append([views.captioned(im, p) for im, p in zip(edited, prompts)])
     views.save_png(views.grid(rows), out / "grid.png")
-    save_config(cfg, out)
     print(f"PSNR: VAE {metrics['psnr_vae_reconstruction']} dB, {inversion.method} inversion "
           f"{metrics['psnr_inversion_reconstruction']} dB; files in {out}")
 

@@ -1,4 +1,10 @@
 """Real-image inputs nobody drew with the shapes world: odd files, odd modes, odd sizes, bad settings (issue 4)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -128,3 +134,80 @@ def test_unreadable_sources_are_named(tmp_path):
         load_image(truncated, height=32, width=32)
     with pytest.raises(TypeError, match="file path, a PIL image or a numpy array"):
         load_image(42, height=32, width=32)
+
+
+# --- scripts/edit_image.py: the config as Hydra composes it, checked before the model is loaded -----------
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = '["a red circle on a black background","a blue circle on a black background"]'
+
+
+def compose_edit_image(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="edit_image", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"prompts={CAPTIONS}"], "image is required: pass image=PATH"),
+    (["image=photo.png"], "prompts is required"),
+    (["image=photo.png", "prompts=a red circle"], "prompts must be a list of strings"),  # not 12 one-letter prompts
+    (["image=photo.png", "prompts=[1,2]"], "prompts must be a list of strings"),
+    (["image=photo.png", 'prompts=["a red circle"]'], "needs a source and at least one target prompt"),
+    (["image=photo.png", "prompts=[]", "edit=store"], r"prompts=\[\] is empty"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "negative_prompt=blurry"], "negative_prompt='blurry' has no effect"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "restore_unedited=true"], "restore_unedited=true needs a mask"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "blend=local"], "LocalBlend needs its words"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "edit.kind=swap"], "edit.kind='swap' is not supported"),
+])
+def test_edit_image_refuses_bad_overrides_before_loading_the_model(overrides, message):
+    from scripts.edit_image import check_request
+
+    with pytest.raises(ValueError, match=message):
+        check_request(compose_edit_image(*overrides))
+
+
+def test_edit_image_accepts_every_inversion_and_a_caption_alone_without_an_edit():
+    from scripts.edit_image import check_request
+
+    for method in ("ddim", "negative_prompt", "null_text"):
+        cfg = compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", f"inversion={method}")
+        assert cfg.inversion.method == method and cfg.inversion.guidance == 1.0
+        assert check_request(cfg)[0] == json.loads(CAPTIONS)
+    prompts, spec, blend = check_request(compose_edit_image("image=photo.png", 'prompts=["a red circle"]',
+                                                            "edit=store"))
+    assert prompts == ["a red circle"] and spec.kind == "none" and blend is None
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="null_text"):  # Hydra lists the inversions there are
+        compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", "inversion=nulltext")
+
+
+def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(halves(48, 40)).save(photo)
+    prompts = CAPTIONS[:-1] + ',"a green circle on a black background"]'
+    overrides = [f"image={photo}", f"prompts={prompts}", "steps=3", "inversion.inner_steps=1", "progress=false",
+                 f"cache_dir={tmp_path / 'cache'}", "blend=local", "blend.words=[circle]", "restore_unedited=true",
+                 f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "run"
+    for name in ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png",
+                 "00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
+                 "02_a_green_circle_on_a_black_background.png"):
+        assert np.asarray(Image.open(out / name)).shape == (32, 32, 3) or name == "grid.png", name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inversion_seconds"] > 0 and np.isfinite(metrics["psnr_vae_reconstruction"])
+    assert np.isfinite(metrics["psnr_inversion_reconstruction"]) and len(metrics["null_text_final_losses"]) == 3
+    config = (out / "config.yaml").read_text()
+    assert "method: null_text" in config and str(photo) in config and "kind: replace" in config
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert "previous run's" in again.stderr and "metrics.json" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == \
+        {name: data for name, data in before.items() if not name.endswith(".log")}
