@@ -82,7 +82,9 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
                step: int | None = None) -> torch.Tensor:
     """(L, h, w) cross-attention per token (L = the model's text positions, 77 for SD) for one prompt: averaged over heads (done by the store), over
     the recorded text layers whose grid is in `grids` (None: all), and over steps (or one `step`).
-    Layers of different grids are upsampled (nearest) to the largest before averaging."""
+    Layers of different grids are upsampled (nearest) to the largest before averaging.
+    Each pixel's maps sum to 1 over the tokens when only cross layers are averaged; a hybrid layer contributes
+    its text columns as the model computed them, which sum to the share of attention that went to text (< 1)."""
     source = store.steps.get(step) if step is not None else None
     if step is not None and source is None:
         raise ValueError(f"step {step} was not recorded; build the store with per_step=True "

@@ -177,3 +177,32 @@ def test_edit_with_kind_none_refuses_settings_it_would_ignore():
     model = SimpleNamespace(context_length=TEXT)  # refused before the model is used
     with pytest.raises(ValueError, match="edit kind 'none' edits nothing"):
         edit(model, ["a cat", "a cat"], seed=0, spec=EditSpec(kind="none", reweight={"cat": 2.0}))
+
+
+# --- stored maps, as the views read them ----------------------------------------------------------------
+
+def test_stored_maps_are_distributions_over_the_keys_and_views_over_the_tokens():
+    import dataclasses
+
+    from models.stable_diffusion import StableDiffusion, preset
+    from p2p import views
+    from p2p.edit import StoreSpec, edit
+    from p2p.pipeline import SamplerSettings
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config.unet = dataclasses.replace(config.unet, attention_kinds=("cross", "cross", "cross"))  # SD's layer kinds
+    model = StableDiffusion(config).eval()
+    prompts = ["a cat eating pizza", "a cat eating lasagne", "a dog eating pizza"]
+    result = edit(model, prompts, seed=0, settings=SamplerSettings(steps=2, guidance=5.0), progress=False,
+                  spec=EditSpec(kind="replace", cross_replace_steps=1.0, reweight={"eating": [3.0, 1.0]}),
+                  store=StoreSpec(kinds=("cross", "self"), max_fraction=1.0, per_step=True))
+    assert {site.kind for site in result.store.sites.values()} == {"cross", "self"}
+    for name in result.store.maps:  # recorded before the edit (the fader would break the sum)
+        torch.testing.assert_close(result.store.average(name).sum(dim=-1), torch.ones(3, *result.store.maps[name].shape[1:2]))
+    for prompt_index, prompt in enumerate(prompts):
+        for step in (None, 1):
+            per_token = views.token_maps(result.store, prompt_index, step=step)
+            assert per_token.shape == (TEXT, 8, 8)
+            torch.testing.assert_close(per_token.sum(dim=0), torch.ones(8, 8))
+        assert len(views.cross_attention_tiles(result.store, prompt, prompt_index)) == len(views.decode_tokens(prompt)) + 2
