@@ -244,13 +244,19 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def vae_reconstruction(model: StableDiffusion, image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) → the same through the VAE alone (posterior mean, decoded): every inversion's upper bound."""
-    return decode(model, model.encode_images(image_to_tensor(image)))[0]
+    image_tensor = image_to_tensor(image)
+    check_image_size(image.shape[0], image.shape[1], latent_factor=model.config.latent_factor)  # else it shrinks
+    return decode(model, model.encode_images(image_tensor))[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Peak signal-to-noise ratio in dB between uint8 images, optionally only where `mask` (H, W) is True."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr compares images of one shape, got {a.shape} and {b.shape}")
     diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
     if mask is not None:
+        if mask.shape != a.shape[:2]:
+            raise ValueError(f"psnr mask has shape {mask.shape}; the images are {a.shape[:2]}")
         if not mask.any():
             raise ValueError("psnr mask selects no pixels")
         diff = diff[mask.astype(bool)]

@@ -392,3 +392,13 @@ def test_cache_dir_that_is_a_file_is_named(model, photo, tmp_path):
     not_a_folder.write_text("")
     with pytest.raises(NotADirectoryError, match="cache_dir .*cache' is a file"):
         cached_invert(model, photo, PROMPT, **cache_kwargs(not_a_folder))
+
+
+def test_psnr_and_vae_reconstruction_name_mismatched_shapes(model, photo):
+    with pytest.raises(ValueError, match=r"one shape, got \(32, 32, 3\) and \(32, 16, 3\)"):
+        psnr(photo, photo[:, :16])
+    with pytest.raises(ValueError, match=r"mask has shape \(4, 4\)"):
+        psnr(photo, photo, mask=np.ones((4, 4), bool))
+    factor = model.config.latent_factor
+    with pytest.raises(ValueError, match=rf"height={32 - factor // 2} is not a positive multiple"):
+        vae_reconstruction(model, photo[:32 - factor // 2])  # would silently come back smaller
