@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.ddim import add_noise
+from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
 from p2p.world import WorldConfig, sample_batch
@@ -52,6 +53,21 @@ class PhaseConfig:
     snr_gamma: float = 0.0  # UNet only: min-SNR-γ loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = off
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
 
+    def __post_init__(self):
+        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+                  "warmup_steps": self.warmup_steps >= 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+                  "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip > 0,
+                  "kl_weight": self.kl_weight >= 0, "caption_dropout": 0 <= self.caption_dropout < 1,
+                  "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1}
+        accepted = {"steps": "≥ 1", "batch_size": "≥ 1", "lr": "> 0", "warmup_steps": "≥ 0", "min_lr_ratio": "in [0, 1]",
+                    "weight_decay": "≥ 0", "grad_clip": "> 0", "kl_weight": "≥ 0", "caption_dropout": "in [0, 1)",
+                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
+        if self.reconstruction not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
+
 
 @dataclass
 class TrainConfig:
@@ -68,6 +84,23 @@ class TrainConfig:
     unet: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=4000, batch_size=64, lr=4e-4,
                                                                   warmup_steps=200, weight_decay=0.01))
     world: dict = field(default_factory=dict)  # WorldConfig overrides (empty = the default world)
+
+    def __post_init__(self):
+        for name in ("threads", "checkpoint_every", "log_every", "scale_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value ≥ 1")
+        self.device = str(resolve_device(self.device))
+
+
+RUN_FILES = ("vae-last.pt", "unet-last.pt", "vae-log.jsonl", "unet-log.jsonl")
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
+    """A fresh run never writes over an earlier run's checkpoints and logs: it must resume it or go elsewhere."""
+    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if found and not resume:
+        raise FileExistsError(f"{run_dir} already holds a training run ({', '.join(found)}); continue it with "
+                              "resume=true, or start a new one elsewhere (name=... or run_dir=...)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -347,6 +380,7 @@ def train(model: StableDiffusion, cfg: TrainConfig, *, progress: bool = True) ->
 
     A finished phase is skipped on resume: its checkpoint holds cfg.steps as its step.
     """
+    check_run_dir(cfg.run_dir, resume=cfg.resume)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     vae_state = checkpoint_path(cfg.run_dir, "vae")
     vae_done = cfg.resume and vae_state.exists() and torch.load(vae_state, weights_only=True)["step"] >= cfg.vae.steps

@@ -1,10 +1,15 @@
 """Train the built-in tiny model on the shapes world and write models/weights/tiny.safetensors.
 
-    python scripts/train_tiny.py                      # both phases: the shipped file, 78 min on an idle 2-core CPU
+    python scripts/train_tiny.py                      # both phases: the shipped file's recipe, 78 min on an idle
+                                                      # 2-core CPU → runs/train_tiny/default/tiny.safetensors
     python scripts/train_tiny.py threads=1            # on a machine shared with other jobs (≈ 110 min)
     python scripts/train_tiny.py device=cuda          # minutes on a GPU
     python scripts/train_tiny.py resume=true          # continue after Ctrl-C / SIGTERM / a crash
-    python scripts/train_tiny.py name=quick vae.steps=20 unet.steps=20 output=runs/train_tiny/quick/tiny.safetensors
+    python scripts/train_tiny.py name=quick vae.steps=20 unet.steps=20     # → runs/train_tiny/quick/
+    python scripts/train_tiny.py output=models/weights/tiny.safetensors overwrite=true   # replace the built-in model
+
+Nothing is overwritten unless asked: a run folder that holds a run must be resumed (resume=true) or left for
+another name=, and an existing output file needs overwrite=true. Both are checked before any training.
 
 The library part (losses, loop, EMA, checkpoints) is p2p/training.py; this file only wires the config.
 """
@@ -29,19 +34,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 from models.loader import save_checkpoint  # noqa: E402
 from models.text import clip_tokenizer  # noqa: E402
 from models.stable_diffusion import StableDiffusion, tiny_config  # noqa: E402
-from p2p.training import PhaseConfig, StopRequested, TrainConfig, train  # noqa: E402
+from p2p.training import PhaseConfig, StopRequested, TrainConfig, check_run_dir, train  # noqa: E402
 from p2p.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
 
 MAX_FILE_MB = 30  # issue 7: the committed weights stay small
-SCRIPT_ONLY_KEYS = ("name", "output", "guidance", "context_length")
+SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length")
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in (*SCRIPT_ONLY_KEYS, "hydra"):
         plain.pop(key, None)
-    return TrainConfig(**{**plain, "vae": PhaseConfig(**plain["vae"]), "unet": PhaseConfig(**plain["unet"]),
-                          "world": plain.get("world") or {}})
+    phases = {}
+    for phase in ("vae", "unet"):
+        try:
+            phases[phase] = PhaseConfig(**plain[phase])
+        except ValueError as err:  # name the override the user typed: vae.steps=-1, not steps=-1
+            raise ValueError(f"{phase}.{err}") from None
+    return TrainConfig(**{**plain, **phases, "world": plain.get("world") or {}})
+
+
+def check_output(output: Path, *, overwrite: bool) -> None:
+    """Before any training: a finished model is never replaced unless the user says so."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output={output} exists; pass overwrite=true to replace it, or choose another output=")
+    if output.suffix != ".safetensors":
+        raise ValueError(f"output={output} must end in .safetensors (the only format the loader reads)")
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """config.yaml for a fresh run; a resume keeps it and adds config-resume-K.yaml (it may change e.g. steps)."""
+    path, k = run_dir / "config.yaml", 1
+    while path.exists():
+        path, k = run_dir / f"config-resume-{k}.yaml", k + 1
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
 
 
 def check_context_length(context_length: int, world: WorldConfig) -> None:
@@ -59,13 +86,15 @@ def check_context_length(context_length: int, world: WorldConfig) -> None:
 @hydra.main(config_path="../conf", config_name="train_tiny", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = train_config(cfg)
+    config, output = train_config(cfg), Path(cfg.output)
     check_context_length(int(cfg.context_length), WorldConfig(**config.world))
+    check_output(output, overwrite=bool(cfg.overwrite))
+    check_run_dir(config.run_dir, resume=config.resume)
     if config.device == "cpu":
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    save_run_config(cfg, run_dir)
 
     torch.manual_seed(config.seed)  # the initial weights
     model_config = tiny_config()
@@ -80,9 +109,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
     wall_s = time.time() - began
 
-    output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.float().cpu(), output, dtype="fp16", overwrite=True)
+    save_checkpoint(model.float().cpu(), output, dtype="fp16", overwrite=bool(cfg.overwrite))
     size_mb = output.stat().st_size / 2 ** 20
     if size_mb > MAX_FILE_MB:
         raise RuntimeError(f"{output} is {size_mb:.1f} MB; the shipped model must stay ≤ {MAX_FILE_MB} MB")

@@ -214,3 +214,37 @@ def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
                              text=True, timeout=300, cwd=tmp_path)
     assert refused.returncode != 0 and "context_length=12" in refused.stderr and "choose 13..77" in refused.stderr
     assert not list((tmp_path / "refused").glob("*.pt")) and not (tmp_path / "refused" / "config.yaml").exists()
+
+    # nothing is overwritten: the same run folder without resume, or the same output without overwrite=true,
+    # is refused before any training; resume + overwrite finishes and keeps the first run's config
+    weights = out.read_bytes()
+    again = subprocess.run([*common, f"output={tmp_path}/other.safetensors"], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+    assert again.returncode != 0 and "already holds a training run" in again.stderr and "resume=true" in again.stderr
+    again = subprocess.run([*common, "resume=true"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode != 0 and f"output={out} exists; pass overwrite=true" in again.stderr
+    assert out.read_bytes() == weights
+    resumed = subprocess.run([*common, "resume=true", "overwrite=true"], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "config-resume-1.yaml").exists()
+
+
+@pytest.mark.parametrize("phase, message", [
+    (dict(steps=-1), "steps=-1 is out of range; use a value ≥ 1"),
+    (dict(batch_size=0), "batch_size=0 is out of range"),
+    (dict(caption_dropout=1.0), "caption_dropout=1.0 is out of range; use a value in [0, 1)"),
+    (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
+    (dict(reconstruction="l2"), "reconstruction='l2' is not one of ('l1', 'mse', 'l1+mse')"),
+])
+def test_bad_phase_settings_are_named(phase, message):
+    with pytest.raises(ValueError) as err:
+        PhaseConfig(**phase)
+    assert message in str(err.value)
+
+
+def test_bad_run_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="threads=0 is out of range"):
+        TrainConfig(threads=0)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        TrainConfig(device="gpu")
