@@ -67,7 +67,7 @@ def _open(source: ImageSource) -> Image.Image:
     if not isinstance(source, (str, Path)):
         raise TypeError(f"image source of type {type(source).__name__} is not supported; pass a file path, "
                         f"a PIL image or a numpy array {ARRAY_LAYOUTS}")
-    path = Path(source)
+    path = Path(source).expanduser()  # `image=~/photo.png` on a command line reaches us unexpanded
     if path.is_dir():
         raise IsADirectoryError(f"image {str(path)!r} is a directory; pass the path of an image file")
     if not path.is_file():

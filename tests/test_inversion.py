@@ -402,3 +402,11 @@ def test_psnr_and_vae_reconstruction_name_mismatched_shapes(model, photo):
     factor = model.config.latent_factor
     with pytest.raises(ValueError, match=rf"height={32 - factor // 2} is not a positive multiple"):
         vae_reconstruction(model, photo[:32 - factor // 2])  # would silently come back smaller
+
+
+def test_null_text_shows_a_progress_bar_with_its_loss(model, photo, capsys):
+    invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1, progress=True)
+    shown = capsys.readouterr().err
+    assert "null-text inversion" in shown and "loss=" in shown and "DDIM inversion" in shown
+    invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1, progress=False)
+    assert "null-text inversion" not in capsys.readouterr().err

@@ -211,3 +211,9 @@ def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
     assert "previous run's" in again.stderr and "metrics.json" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == \
         {name: data for name, data in before.items() if not name.endswith(".log")}
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.fromarray(halves()).save(tmp_path / "photo.png")
+    assert (load_image("~/photo.png", height=40, width=60) == halves()).all()
