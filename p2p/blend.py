@@ -72,6 +72,9 @@ class LocalBlend(Controller):
         return site.query_hw == self.grid
 
     def __call__(self, probs, site):
+        if site.num_text_keys != self.weights.shape[1]:
+            raise ValueError(f"layer {site.name} attends to {site.num_text_keys} text tokens but the blend was built "
+                             f"for {self.weights.shape[1]}; build it with the model's context_length")
         text = self.conditional(probs)[..., :site.num_text_keys].mean(dim=1).float()  # (P, Q, 77)
         maps = text.transpose(1, 2).reshape(self.num_prompts, -1, *site.query_hw)  # (P, 77, h, w)
         self.summed = maps.clone() if self.summed is None else self.summed + maps

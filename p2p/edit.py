@@ -67,14 +67,24 @@ class EditResult:
     blend: LocalBlend | None
 
 
-def _per_prompt(value: Sequence, num_prompts: int, what: str) -> list[list[str]]:
-    """`["cat"]` → the same words for every prompt; `[["cat"], ["dog"]]` → one list per prompt."""
+def _per_prompt(value: Sequence, prompts: Sequence[str], what: str) -> list[list[str]]:
+    """`["cat"]` → the same words for every prompt; `[["cat"], ["dog"]]` → one list per prompt.
+
+    The reference's `LocalBlend(prompts, ("cat", "dog"))` meant one word per prompt: a flat list with a word
+    missing from some prompt raises, pointing to the per-prompt form.
+    """
     if not value:
-        return [[] for _ in range(num_prompts)]
+        return [[] for _ in prompts]
     if all(isinstance(v, str) for v in value):
-        return [list(value) for _ in range(num_prompts)]
-    if len(value) != num_prompts:
-        raise ValueError(f"{what} has {len(value)} lists for {num_prompts} prompts; give one list per prompt "
+        for word in value:
+            missing = [p for p in prompts if not has_word(p, word)]
+            if missing:
+                raise ValueError(f"{what}: word {word!r} is not in prompt {missing[0]!r}; a flat list applies to every "
+                                 f"prompt — for one word per prompt give one list per prompt, e.g. "
+                                 f"{[[w] for w in value]}")
+        return [list(value) for _ in prompts]
+    if len(value) != len(prompts):
+        raise ValueError(f"{what} has {len(value)} lists for {len(prompts)} prompts; give one list per prompt "
                          "or one flat list for all")
     return [[v] if isinstance(v, str) else list(v) for v in value]
 
@@ -169,10 +179,10 @@ def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, in
 def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
                 downsamplings: int, context_length: int = CONTEXT_LENGTH) -> LocalBlend:
     prompts = check_prompts(prompts, context_length=context_length)
-    return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, len(prompts), "blend.words"),
+    return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, prompts, "blend.words"),
                       latent_hw=latent_hw, num_steps=num_steps, threshold=spec.threshold, dilation=spec.dilation,
                       start_step=named_step_range(spec.start, num_steps, "blend start").stop,
-                      subtract_words=_per_prompt(spec.subtract_words, len(prompts), "blend.subtract_words"),
+                      subtract_words=_per_prompt(spec.subtract_words, prompts, "blend.subtract_words"),
                       subtract_threshold=spec.subtract_threshold,
                       resolution_downsamplings=downsamplings if spec.resolution_downsamplings is None
                       else spec.resolution_downsamplings, context_length=context_length)

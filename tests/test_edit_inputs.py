@@ -206,3 +206,23 @@ def test_stored_maps_are_distributions_over_the_keys_and_views_over_the_tokens()
             assert per_token.shape == (TEXT, 8, 8)
             torch.testing.assert_close(per_token.sum(dim=0), torch.ones(8, 8))
         assert len(views.cross_attention_tiles(result.store, prompt, prompt_index)) == len(views.decode_tokens(prompt)) + 2
+
+
+def test_a_flat_blend_word_list_missing_from_a_prompt_points_to_per_prompt_lists():
+    # the reference's LocalBlend(prompts, ("cat", "dog")) is one word per prompt; ours is one list for every prompt
+    with pytest.raises(ValueError, match=r"blend.words: word 'cat' is not in prompt 'a dog riding a bicycle'.*\[\['cat'\], \['dog'\]\]"):
+        build_blend(BlendSpec(words=["cat", "dog"]), THREE[:2], num_steps=STEPS, latent_hw=LATENT, downsamplings=0)
+    blend = build_blend(BlendSpec(words=[["cat"], ["dog"]]), THREE[:2], num_steps=STEPS, latent_hw=LATENT,
+                        downsamplings=0)
+    assert blend.weights[:, 2].tolist() == [1.0, 1.0]  # 'cat' in the source, 'dog' in the target: position 2
+
+
+def test_a_blend_built_for_another_text_length_is_refused_by_name():
+    from models.attention import AttentionSite
+
+    blend = build_blend(BlendSpec(words=["cat"]), ["a cat", "a cat"], num_steps=STEPS, latent_hw=LATENT,
+                        downsamplings=0)  # 77 positions, the SD default
+    site = AttentionSite("input_blocks.1.1.transformer_blocks.0.attn2", "cross", LATENT, 16)
+    blend.begin_step(0)
+    with pytest.raises(ValueError, match="attends to 16 text tokens but the blend was built for 77"):
+        blend(torch.rand(4, 2, 64, 16).softmax(dim=-1), site)
