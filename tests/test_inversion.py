@@ -410,3 +410,15 @@ def test_null_text_shows_a_progress_bar_with_its_loss(model, photo, capsys):
     assert "null-text inversion" in shown and "loss=" in shown and "DDIM inversion" in shown
     invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1, progress=False)
     assert "null-text inversion" not in capsys.readouterr().err
+
+
+def test_null_text_restores_a_partly_trainable_model_as_it_was(model, photo):
+    parameters = list(model.parameters())
+    for i, p in enumerate(parameters):
+        p.requires_grad_(i % 2 == 0)  # e.g. a model being fine-tuned in part
+    try:
+        invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=2, progress=False)
+        assert [p.requires_grad for p in parameters] == [i % 2 == 0 for i in range(len(parameters))]
+        assert all(p.grad is None for p in parameters)
+    finally:
+        model.requires_grad_(False)
