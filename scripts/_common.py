@@ -56,6 +56,13 @@ def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
     return prompts
 
 
+def check_counts(cfg: DictConfig, **minimums: int) -> None:
+    """Refuse e.g. n=0 up front (an evaluation over no seeds would fail late, or report nothing)."""
+    for name, minimum in minimums.items():
+        if not isinstance(cfg[name], int) or cfg[name] < minimum:
+            raise ValueError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
+
+
 def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:
     guidance = cfg.guidance if cfg.get("guidance") is not None else (
         cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
+from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
 from p2p.inversion import mask_at, vae_reconstruction  # noqa: E402
 from p2p.metrics import edit_study, score_edit, summarize, unchanged_pixels  # noqa: E402
@@ -96,6 +96,7 @@ def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -
 
 @hydra.main(config_path="../conf", config_name="eval_edits", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    check_counts(cfg, n=1)
     out = run_dir()
     model = load_model(cfg)
     settings = sampler_settings(cfg, model)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._common import load_model, run_dir, sampler_settings  # noqa: E402
+from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from scripts.eval_edits import swap_pair  # noqa: E402
 from scripts.eval_tiny import one_object_scores  # noqa: E402
 from p2p.edit import EditSpec, edit  # noqa: E402
@@ -59,6 +59,7 @@ def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
 
 @hydra.main(config_path="../conf", config_name="eval_inversion", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    check_counts(cfg, n=1, reference_n=0)
     out = run_dir()
     model = load_model(cfg)
     settings = sampler_settings(cfg, model)

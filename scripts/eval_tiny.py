@@ -1,8 +1,8 @@
 """Generation quality of the built-in tiny model, read back by the shapes-world reader (issue 7).
 
     python scripts/eval_tiny.py                                  # the numbers in models/weights/README.md
-    python scripts/eval_tiny.py num_seeds=50 guidance=3          # a quick guidance probe
-    python scripts/eval_tiny.py checkpoint=runs/train_tiny/default/tiny.safetensors
+    python scripts/eval_tiny.py n=50 guidance=3                  # a quick guidance probe
+    python scripts/eval_tiny.py model.checkpoint=runs/train_tiny/default/tiny.safetensors
 
 Three studies over held-out seeds (seed i draws x_T with `initial_latent(first_seed + i)`; training never
 uses these, it draws its noise from its own per-step generators):
@@ -14,7 +14,8 @@ uses these, it draws its noise from its own per-step generators):
   the object moves (mask IoU < 0.8 or centroid shift > 2 px). P2P only matters if this is common.
 
 Seeds are batched: each prompt of a batch gets its own x_T, so 200 images cost ~ 200/batch UNet calls per step.
-Writes results.json and samples.png (the first one-object and two-object images, captioned) to `out_dir`.
+Writes results.json, samples.png (the first one-object and two-object images, captioned) and config.yaml to its
+own run folder (outputs/eval_tiny/<date>/<time>).
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from models.loader import load_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion  # noqa: E402
+from scripts._common import TINY_WEIGHTS, check_counts, load_model, run_dir, sampler_settings, save_config  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.metrics import score_edit  # noqa: E402
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample  # noqa: E402
@@ -93,16 +94,18 @@ def rate(rows: list[dict], key: str) -> tuple[float, int]:
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
-@hydra.main(config_path="../conf", config_name="eval_tiny", version_base=None)
+@hydra.main(config_path="../conf", config_name="eval_tiny", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(cfg.threads)
-    world = WorldConfig()
-    model = load_checkpoint(cfg.checkpoint, device=cfg.device)
-    settings = SamplerSettings(steps=cfg.steps, guidance=model.config.guidance if cfg.guidance is None else cfg.guidance)
-    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.num_seeds))
-    one = cycled_captions(num_objects=1, n=cfg.num_seeds, seed=cfg.first_seed, world=world)
-    two = cycled_captions(num_objects=2, n=cfg.num_seeds, seed=cfg.first_seed + 1, world=world)
+    check_counts(cfg, n=1, batch_size=1, sample_tiles=1)
+    world, out_dir = WorldConfig(), run_dir()
+    model = load_model(cfg)
+    checkpoint = cfg.model.get("checkpoint") or TINY_WEIGHTS
+    settings = sampler_settings(cfg, model)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.n))
+    one = cycled_captions(num_objects=1, n=cfg.n, seed=cfg.first_seed, world=world)
+    two = cycled_captions(num_objects=2, n=cfg.n, seed=cfg.first_seed + 1, world=world)
     swapped = [swap_color(c, index=i, world=world) for i, c in enumerate(one)]
 
     began = time.time()
@@ -122,8 +125,8 @@ def main(cfg: DictConfig) -> None:
             moved = score.iou < MOVED_MIN_IOU or not score.centroid_shift <= MOVED_MAX_SHIFT_PX
             layout_rows.append({**asdict(score), "moved": moved})
 
-    results = {"checkpoint": str(cfg.checkpoint), "steps": settings.steps, "guidance": settings.guidance,
-               "num_seeds": cfg.num_seeds, "first_seed": cfg.first_seed, "images": len(images),
+    results = {"checkpoint": str(checkpoint), "steps": settings.steps, "guidance": settings.guidance,
+               "n": cfg.n, "first_seed": cfg.first_seed, "images": len(images),
                "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "metrics": {}}
     for key in ("color", "shape", "background", "exactly_one", "all"):
         results["metrics"][f"one.{key}"] = rate(one_rows, key)
@@ -132,15 +135,14 @@ def main(cfg: DictConfig) -> None:
     results["metrics"]["layout.moved"] = rate(layout_rows, "moved")
     results["metrics"]["layout.mean_iou"] = rate(layout_rows, "iou")
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tiles = min(cfg.sample_tiles, cfg.num_seeds)
+    as_json = {**results, "metrics": {k: (None if np.isnan(v) else v, n) for k, (v, n) in results["metrics"].items()}}
+    (out_dir / "results.json").write_text(json.dumps(as_json, indent=2))  # a rate over no rows is null, not NaN
+    save_config(cfg, out_dir)
+    tiles = min(cfg.sample_tiles, cfg.n)
     views.image_grid(np.concatenate([one_images[:tiles], two_images[:tiles], swapped_images[:tiles]]),
                      one[:tiles] + two[:tiles] + swapped[:tiles], columns=tiles).save(out_dir / "samples.png")
 
-    print(f"{cfg.checkpoint}: {len(images)} images, {settings.steps} DDIM steps, guidance {settings.guidance}, "
+    print(f"{checkpoint}: {len(images)} images, {settings.steps} DDIM steps, guidance {settings.guidance}, "
           f"{seconds:.0f} s ({seconds / len(images):.2f} s/image, {torch.get_num_threads()} threads)")
     print(f"{'metric':<22}{'rate':>8}{'n':>6}{'target':>9}")
     for name, (value, n) in results["metrics"].items():
