@@ -34,7 +34,7 @@ class EditSpec:
     # notebook 1/4 → 16² at 512 px; null-text notebook 1/2 → 32²), or ≤ `self_max_side`² when that is set.
     self_max_fraction: float = 0.25
     self_max_side: int | None = None
-    reweight: dict = field(default_factory=dict)  # {word: c} for all targets, or {word: [c per target]}
+    reweight: dict = field(default_factory=dict)  # {word: c} for all targets, or {word: [c per target]} (1: target lacks it)
     preserve: list = field(default_factory=list)  # object preservation (Fig. 5): only these words' maps inject
 
 
