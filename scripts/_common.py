@@ -63,10 +63,24 @@ def check_counts(cfg: DictConfig, **minimums: int) -> None:
             raise ValueError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
 
 
+def number(value, *, name: str, kind: type = float):
+    """A command-line value as an int or a float, or an error naming it (steps=abc, steps=2.5, guidance=true)."""
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        converted = kind(value)
+        if kind is int and converted != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    return converted
+
+
 def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:
     guidance = cfg.guidance if cfg.get("guidance") is not None else (
         cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)
-    return SamplerSettings(steps=int(cfg.steps), guidance=float(guidance), eta=float(cfg.get("eta", 0.0)))
+    return SamplerSettings(steps=number(cfg.steps, name="steps", kind=int), guidance=number(guidance, name="guidance"),
+                           eta=number(cfg.get("eta", 0.0), name="eta"))
 
 
 def run_dir() -> Path:

@@ -119,3 +119,15 @@ def test_prompt_list_minimum_and_unconditional_prompt():
 def test_bad_device_is_named_before_reading_the_checkpoint(tiny_checkpoint, device, message):
     with pytest.raises(ValueError, match=message):
         load_checkpoint(tiny_checkpoint, device=device)
+
+
+@pytest.mark.parametrize("override, message", [("steps=abc", "steps='abc' is not an integer"),
+                                               ("steps=2.5", "steps=2.5 is not an integer"),
+                                               ("guidance=x", "guidance='x' is not a number")])
+def test_non_numbers_are_named(override, message):
+    sys.path.insert(0, str(REPO))
+    from scripts._common import sampler_settings
+    model = StableDiffusion(preset("tiny"))
+    with pytest.raises(ValueError) as err:
+        sampler_settings(compose_generate(override), model)
+    assert message in str(err.value)
