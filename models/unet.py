@@ -57,7 +57,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 (LDM's `normalization`), so fp16 models stay stable."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        # weights in float32 too: CPU kernels refuse a float32 input with fp16/bf16 parameters
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:

@@ -194,34 +194,43 @@ def build_store(spec: StoreSpec, *, num_prompts: int, latent_hw: tuple[int, int]
                           layers=LayerFilter(kinds=tuple(spec.kinds), max_queries=max_queries))
 
 
-def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = None, latent: torch.Tensor | None = None,
-         spec: EditSpec | None = None, blend: BlendSpec | None = None, store: StoreSpec | None = None,
-         settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
-         uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
-    """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
+def build_controllers(model: StableDiffusion, prompts: Sequence[str], *, spec: EditSpec | None,
+                      blend: BlendSpec | None, store: StoreSpec | None, num_steps: int, latent_hw: tuple[int, int]
+                      ) -> tuple[AttentionStore | None, LocalBlend | None, Controller | None]:
+    """The recorder, the blend and the one controller that runs them with the edit. Every check of the
+    prompts against the edit (word counts of a replace, blend words, reweight words) happens here, so callers
+    with slow work before sampling (an inversion) can call this first to fail fast."""
     prompts = check_prompts(prompts, context_length=model.context_length)
     if not prompts:
         raise ValueError("edit needs at least one prompt (the source)")
     if spec is not None and spec.kind == "none" and (spec.reweight or spec.preserve):
         raise ValueError(f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
                          "would be ignored; use kind 'reweight' (identical prompts), 'replace' or 'refine'")
+    recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
+    blender = build_blend(blend, prompts, num_steps=num_steps, latent_hw=latent_hw,
+                          downsamplings=default_blend_downsamplings(model, latent_hw),
+                          context_length=model.context_length) if blend and blend.words else None
+    controllers: list[Controller] = [c for c in (recorder, blender) if c is not None]  # recorders first: unedited maps
+    if spec is not None and spec.kind != "none":
+        controllers.append(build_edit(spec, prompts, num_steps=num_steps, latent_hw=latent_hw,
+                                      context_length=model.context_length))
+    return recorder, blender, Compose(controllers) if controllers else None
+
+
+def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = None, latent: torch.Tensor | None = None,
+         spec: EditSpec | None = None, blend: BlendSpec | None = None, store: StoreSpec | None = None,
+         settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
+         uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
+    """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     height, width = height or model.config.image_size, width or model.config.image_size
     if latent is None:
         if seed is None:
             raise ValueError("edit needs a seed or an initial latent")
         latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
-    latent_hw = tuple(latent.shape[-2:])
-    controllers: list[Controller] = []
-    recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
-    blender = build_blend(blend, prompts, num_steps=settings.steps, latent_hw=latent_hw,
-                          downsamplings=default_blend_downsamplings(model, latent_hw),
-                          context_length=model.context_length) if blend and blend.words else None
-    controllers += [c for c in (recorder, blender) if c is not None]  # recorders first: they see unedited maps
-    if spec is not None and spec.kind != "none":
-        controllers.append(build_edit(spec, prompts, num_steps=settings.steps, latent_hw=latent_hw,
-                                      context_length=model.context_length))
-    controller = Compose(controllers) if controllers else None
+    recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
+                                                      num_steps=settings.steps, latent_hw=tuple(latent.shape[-2:]))
+    prompts = list(prompts)
     latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
                      latent_callback=blender.blend_latents if blender else None,
                      uncond_embeddings=uncond_embeddings, progress=progress)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
 from scripts.edit import edit_inputs  # noqa: E402
-from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
+from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # noqa: E402
 from p2p.images import load_image  # noqa: E402
 from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
@@ -76,6 +76,10 @@ def main(cfg: DictConfig) -> None:
     margins = OmegaConf.to_container(cfg.margins) if OmegaConf.is_list(cfg.margins) else cfg.margins
     image = load_image(cfg.image, height=height, width=width, margins=margins)
     settings = sampler_settings(cfg, model)
+    if len(prompts) > 1:  # the edit's own checks (a replace's word counts, blend words, ...) before the inversion
+        build_controllers(model, prompts, spec=spec if spec.kind != "none" else None, blend=blend, store=None,
+                          num_steps=settings.steps, latent_hw=(height // model.config.latent_factor,
+                                                               width // model.config.latent_factor))
     save_config(cfg, out)  # first, so that even a run that fails later says how it was started
 
     start = time.perf_counter()

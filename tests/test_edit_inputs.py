@@ -172,11 +172,12 @@ def test_kind_none_injects_nothing_into_a_different_prompt_and_refuses_a_fader()
 def test_edit_with_kind_none_refuses_settings_it_would_ignore():
     from types import SimpleNamespace
 
-    from p2p.edit import edit
+    from p2p.edit import build_controllers
 
     model = SimpleNamespace(context_length=TEXT)  # refused before the model is used
-    with pytest.raises(ValueError, match="edit kind 'none' edits nothing"):
-        edit(model, ["a cat", "a cat"], seed=0, spec=EditSpec(kind="none", reweight={"cat": 2.0}))
+    with pytest.raises(ValueError, match="edit kind 'none' edits nothing"):  # edit() builds through this
+        build_controllers(model, ["a cat", "a cat"], spec=EditSpec(kind="none", reweight={"cat": 2.0}), blend=None,
+                          store=None, num_steps=2, latent_hw=(8, 8))
 
 
 # --- stored maps, as the views read them ----------------------------------------------------------------

@@ -128,3 +128,27 @@ def test_edit_script_takes_dict_overrides_as_the_readme_writes_them(checkpoint, 
     # the prompts are identical, so the target equals the source unless the fader was really applied
     source, target = (np.asarray(Image.open(next((tmp_path / "run").glob(f"{i:02d}_*.png")))) for i in (0, 1))
     assert (source != target).any()
+
+
+def test_edit_image_checks_the_edit_before_the_inversion(checkpoint, tmp_path):
+    # a replace between captions of different word counts: named before minutes of null-text inversion
+    photo = tmp_path / "photo.png"
+    Image.fromarray(sample_scene(np.random.default_rng(0), num_objects=1).image).save(photo)
+    result = run("edit_image.py", f"model.checkpoint={checkpoint}", f"image={photo}", "steps=2",
+                 """prompts=["a red circle on a black background","a blue square"]""", f"cache_dir={tmp_path}/cache",
+                 f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode != 0 and "replace needs prompts with the same number of words" in result.stderr
+    assert "inversion" not in result.stderr.split("Traceback")[0] and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_samples_on_the_cpu(dtype, tmp_path):
+    # GroupNorm runs in float32: CPU kernels refused a float32 input with fp16/bf16 weights
+    done = run("generate.py", f"dtype={dtype}", "steps=3", "progress=false", f"hydra.run.dir={tmp_path}/run",
+               'prompts=["a red circle on a black background"]', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full = run("generate.py", "steps=3", "progress=false", f"hydra.run.dir={tmp_path}/full",
+               'prompts=["a red circle on a black background"]', cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    half, single = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))).astype(int) for d in ("run", "full"))
+    assert np.abs(half - single).mean() < 2  # the same picture up to rounding
