@@ -49,7 +49,7 @@ def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
     prompts = list(value)
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise ValueError(f"{name} must hold strings; {bad!r} are not (got {prompts!r}); quote them")
+        raise ValueError(f"{name} must be a list of strings; {bad!r} are not strings (got {prompts!r}): quote them")
     if len(prompts) < minimum:
         raise ValueError(f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
                          f"({prompts!r}); pass e.g. {example}")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.tokens import words  # noqa: E402
@@ -52,9 +52,7 @@ def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]
     """The run's prompts, edit and blend, checked before the model is loaded: a string given as `prompts`
     would otherwise be split into characters, and `blend=local` without words would silently not blend."""
     example = """prompts='["a red circle","a blue circle"]'"""
-    if not OmegaConf.is_list(cfg.prompts) or not all(isinstance(p, str) for p in cfg.prompts):
-        raise ValueError(f"prompts must be a list of strings, source first ({example}); got {cfg.prompts!r}")
-    prompts = list(cfg.prompts)
+    prompts = prompt_list(cfg.prompts)
     spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
     if spec.kind not in EDIT_KINDS:
         raise ValueError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "

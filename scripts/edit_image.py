@@ -49,8 +49,6 @@ def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | Non
         raise ValueError(f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
                          "comes from the inversion (inversion=negative_prompt uses the caption); leave it empty")
     prompts, spec, blend = edit_inputs(cfg)  # the rules of scripts/edit.py: a list of strings, targets for an edit
-    if not prompts:
-        raise ValueError("prompts=[] is empty: give the photo's caption first, then target captions")
     if cfg.restore_unedited and blend is None:
         raise ValueError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
     return prompts, spec, blend

@@ -93,7 +93,7 @@ def test_missing_builtin_weights_say_how_to_make_them(monkeypatch, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("prompts=a red circle", "prompts must be a list of strings, got 'a red circle'"),  # not one prompt per letter
     ("prompts=[]", "prompts needs at least 1 prompt, got 0"),
-    ("prompts=[1,2]", "prompts must hold strings; [1, 2] are not"),
+    ("prompts=[1,2]", "prompts must be a list of strings; [1, 2] are not strings"),
 ])
 def test_bad_prompts_are_named(override, message):
     sys.path.insert(0, str(REPO))

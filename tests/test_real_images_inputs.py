@@ -155,7 +155,7 @@ def compose_edit_image(*overrides):
     (["image=photo.png", "prompts=a red circle"], "prompts must be a list of strings"),  # not 12 one-letter prompts
     (["image=photo.png", "prompts=[1,2]"], "prompts must be a list of strings"),
     (["image=photo.png", 'prompts=["a red circle"]'], "needs a source and at least one target prompt"),
-    (["image=photo.png", "prompts=[]", "edit=store"], r"prompts=\[\] is empty"),
+    (["image=photo.png", "prompts=[]", "edit=store"], "prompts needs at least 1 prompt, got 0"),
     (["image=photo.png", f"prompts={CAPTIONS}", "negative_prompt=blurry"], "negative_prompt='blurry' has no effect"),
     (["image=photo.png", f"prompts={CAPTIONS}", "restore_unedited=true"], "restore_unedited=true needs a mask"),
     (["image=photo.png", f"prompts={CAPTIONS}", "blend=local"], "LocalBlend needs its words"),
