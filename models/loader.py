@@ -1,9 +1,11 @@
 """Strict loading of single-file safetensors checkpoints (SD 1.x, SD 2.x, and the built-in tiny model).
 
-Steps: refuse pickles → read the header → choose the config (file metadata, explicit override, or
-detection from key names and shapes) → drop a *declared* set of ignorable keys → rename SD 1.x text
-keys by rule → check names and shapes, listing every problem → build on the meta device and
-`load_state_dict(strict=True, assign=True)`, so a 4 GB file is never held twice in memory.
+Steps: refuse pickles → read the header → choose the config (explicit override, file metadata, or
+detection from key names and shapes; SD-XL, inpainting, LoRA, diffusers-format files are named and
+refused) → drop a *declared* set of ignorable keys → check names, shapes and dtypes against the model's
+keys in the file's own naming, listing every problem, before reading any tensor → read and cast →
+rename SD 1.x text keys by rule → build on the meta device and `load_state_dict(strict=True, assign=True)`,
+so a 4 GB file is never held twice in memory.
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ class CheckpointError(ValueError):
 
 
 def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
+    if isinstance(dtype, torch.dtype) or dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
@@ -54,7 +56,7 @@ def resolve_dtype(dtype) -> torch.dtype:
 def resolve_device(device) -> torch.device:
     """A device string/object → torch.device, refusing names torch does not know and GPUs this machine lacks."""
     try:
-        resolved = torch.device(device)
+        resolved = torch.device(device.strip().lower() if isinstance(device, str) else device)  # device=CPU
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -74,34 +76,89 @@ def is_ignored(key: str, config: ModelConfig) -> bool:
     return bool(match) and int(match.group(1)) >= config.text.layers
 
 
+# SD 2.x 512-ε and 768-v files have identical weights; their public names tell them apart
+_SD2_V_NAME = re.compile(r"768|(^|[-_.])v([-_.]|$)")  # v2-1_768-ema-pruned, 768-v-ema, sd21-v
+_SD2_BASE_NAME = re.compile(r"base|512")  # v2-1_512-ema-pruned, 512-base-ema
+_SD14_NAME = re.compile(r"(^|[^0-9.])1[-_.]?4($|[^0-9])")  # sd-v1-4, sd14 (same weights' layout as 1.5)
+SUPPORTED = ("SD 1.x (model=sd14|sd15), SD 2.x (model=sd21-base|sd21) and files carrying their config in the "
+             f"'{CONFIG_METADATA_KEY}' metadata (the built-in model)")
+_UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+_IN_CHANNELS = {9: "an inpainting checkpoint (image + mask + latent: 9 UNet input channels)",
+                8: "an InstructPix2Pix checkpoint (8 UNet input channels)",
+                5: "an SD 2 depth-to-image checkpoint (5 UNet input channels)"}
+
+
+def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What a file we cannot load is, judged from its keys and shapes (None: it looks like a text-to-image LDM)."""
+    keys = list(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "an SD-XL checkpoint (text encoders under 'conditioner.embedders.')"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_down" in k for k in keys):
+        return "a LoRA (low-rank weight differences, not a whole model)"
+    if any(re.match(r"^((unet|vae|text_encoder|encoder|decoder)\.)?(down_blocks|mid_block|up_blocks)\.", k) for k in keys):
+        return "a diffusers-format file (diffusers module names, not the original single-file layout)"
+    if _UNET_INPUT in shapes and len(shapes[_UNET_INPUT]) == 4 and shapes[_UNET_INPUT][1] != 4:
+        channels = shapes[_UNET_INPUT][1]
+        return _IN_CHANNELS.get(channels, f"a UNet with {channels} input channels (text-to-image SD has 4)")
+    if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):
+        return "a class- or image-conditioned UNet ('label_emb': unCLIP or similar)"
+    return None
+
+
+def _sd_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """'sd1' (HF CLIP ViT-L/14 text keys), 'sd2' (OpenCLIP ViT-H/14 text keys) or None."""
+    if shapes.get(HF_PREFIX + "embeddings.token_embedding.weight", (0, 0))[-1] == 768:
+        return "sd1"
+    if shapes.get("cond_stage_model.model.token_embedding.weight", (0, 0))[-1] == 1024:
+        return "sd2"
+    return None
+
+
 def detect_config(shapes: dict[str, tuple[int, ...]], *, path: str = "") -> ModelConfig:
-    """Pick a preset from key names and shapes. SD 2.x ε (512) and v (768) have identical weights:
-    the file name decides ('768' or '-v' → sd21), else sd21 with a warning to pass `model=sd21-base`."""
-    if any(k.startswith(HF_PREFIX) for k in shapes):
-        return preset("sd15")  # SD 1.4 and 1.5 share one architecture
-    width = shapes.get("cond_stage_model.model.token_embedding.weight", (0, 0))[1]
-    if width == 1024:
-        name = Path(path).name.lower()
-        if "base" in name or "512" in name:
+    """Pick a preset from key names and shapes. SD 1.4 and 1.5 share one architecture (the file name picks
+    the preset's name). SD 2.x ε (512) and v (768) have identical weights: the file name decides ('768' or a
+    '-v' part → sd21, 'base' or '512' → sd21-base), else sd21 with a warning to pass `model=sd21-base`."""
+    unsupported = describe_unsupported(shapes)
+    if unsupported:
+        raise CheckpointError(f"{path}: {unsupported}; supported are {SUPPORTED}")
+    name = Path(path).name.lower()
+    family = _sd_family(shapes)
+    if family == "sd1":
+        return preset("sd14" if _SD14_NAME.search(name) else "sd15")
+    if family == "sd2":
+        is_v, is_base = bool(_SD2_V_NAME.search(name)), bool(_SD2_BASE_NAME.search(name))
+        if is_base and not is_v:
             return preset("sd21-base")
-        if not ("768" in name or "-v" in name):
-            log.warning("%s: cannot tell SD 2.x 512-ε from 768-v by its weights; assuming sd21 (v). "
+        if is_v == is_base:  # neither hint, or both
+            log.warning("%s: cannot tell SD 2.x 512-ε from 768-v by its weights or name; assuming sd21 (v). "
                         "Pass model=sd21-base for the ε model.", path)
         return preset("sd21")
     raise CheckpointError(f"{path}: not a recognised SD checkpoint (no SD 1.x or SD 2.x text encoder keys, and no "
-                          f"'{CONFIG_METADATA_KEY}' metadata); pass a model config explicitly")
+                          f"'{CONFIG_METADATA_KEY}' metadata); supported are {SUPPORTED}")
+
+
+def _refuse_pickle(path: Path, why: str) -> CheckpointError:
+    converted = f"{path.stem}.safetensors" if path.suffix != ".safetensors" else f"{path.stem}-converted.safetensors"
+    return CheckpointError(
+        f"{path}: {why} Convert it once, in an environment you trust: python -c \"import torch, safetensors.torch "
+        f"as st; sd = torch.load('{path.name}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+        f"st.save_file({{k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}}, "
+        f"'{converted}')\"")
 
 
 def _open(path: Path):
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: refusing to unpickle a '{path.suffix}' file (it can run arbitrary code). Convert it once, "
-            f"in an environment you trust: python -c \"import torch, safetensors.torch as st; "
-            f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-            f"st.save_file({{k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}}, "
-            f"'{path.stem}.safetensors')\"")
+        raise _refuse_pickle(path, f"refusing to unpickle a '{path.suffix}' file (it can run arbitrary code).")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the single-file .safetensors checkpoint itself (diffusers "
+                              "folders are not supported)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
+        raise _refuse_pickle(path, "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
+                                   "it is not unpickled (that can run arbitrary code).")
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -109,42 +166,82 @@ def _open(path: Path):
                               "safetensors file?") from err
 
 
+def _config_from_metadata(metadata: dict[str, str], *, path: Path) -> ModelConfig | None:
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a model config ({err}); "
+                              "pass model=<preset> to ignore it") from err
+
+
 def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtype="fp32",
                     device: str | torch.device = "cpu") -> StableDiffusion:
-    """Load a single-file checkpoint strictly. `config` overrides the metadata or detected preset."""
+    """Load a single-file checkpoint strictly. `config` overrides the metadata or detected preset.
+
+    Names, shapes and dtypes are checked from the file's header before any tensor is read, so a wrong file
+    fails in a second whatever its size; then only the model's own tensors are read, cast one at a time.
+    """
     path, dtype, device = Path(path), resolve_dtype(dtype), resolve_device(device)
     with _open(path) as f:
-        metadata = f.metadata() or {}
-        keys = list(f.keys())
-        if config is None and CONFIG_METADATA_KEY in metadata:
-            config = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
-        if config is None:
-            config = detect_config({k: tuple(f.get_slice(k).get_shape()) for k in keys}, path=str(path))
+        header = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(s.get_shape()) for k, s in header.items()}
+        config = config or _config_from_metadata(f.metadata() or {}, path=path) or detect_config(shapes, path=str(path))
+        with torch.device("meta"):
+            model = StableDiffusion(config)
+        expected = check_checkpoint(shapes, model, path=str(path),
+                                    non_float=[k for k, s in header.items() if not _is_float(s.get_dtype())])
         state = {}
         try:
-            for key in keys:
-                if not is_ignored(key, config):
-                    tensor = f.get_tensor(key)
-                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            for key in expected:
+                state[key] = f.get_tensor(key).to(dtype)
         except Exception as err:
             raise CheckpointError(f"{path}: reading tensor {key!r} failed ({err}); the file may be truncated") from err
     if config.text.hf_layout:
         state = hf_clip_to_open_clip(state)
-
-    with torch.device("meta"):
-        model = StableDiffusion(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state(state, expected, path=str(path), config_name=config.name)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
 
 
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], *, path: str,
-                config_name: str) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or misshaped:
+def check_checkpoint(shapes: dict[str, tuple[int, ...]], model: StableDiffusion, *, path: str,
+                     non_float: list[str] = ()) -> dict[str, tuple[int, ...]]:
+    """Check a file's header (key → shape) against `model` (may be on `meta`) and return the keys to read.
+
+    Compared in the file's own naming (SD 1.x text keys stay HF CLIP's), after dropping the declared
+    ignorable keys; raises a CheckpointError listing every problem, with what the file seems to be."""
+    expected = {k: tuple(v.shape) for k, v in original_state_dict(model).items()}
+    kept = {k: shape for k, shape in shapes.items() if not is_ignored(k, model.config)}
+    check_state(kept, expected, path=path, config_name=model.config.name,
+                non_float=[k for k in non_float if k in expected], hint=_hint(shapes, model.config))
+    return expected
+
+
+def _is_float(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"  # F16, F32, F64, F8_*, BF16
+
+
+def _hint(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> str:
+    """A line for the error message: what the file seems to be when it does not match the config."""
+    unsupported = describe_unsupported(shapes)
+    if unsupported:
+        return f"The file looks like {unsupported}; supported are {SUPPORTED}."
+    family = _sd_family(shapes)
+    if family == "sd1" and not config.text.hf_layout:
+        return "The file looks like SD 1.x: pass model=sd15 (or sd14)."
+    if family == "sd2" and config.text.width != 1024:
+        return "The file looks like SD 2.x: pass model=sd21-base (512, ε) or model=sd21 (768, v)."
+    return ""
+
+
+def check_state(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], *, path: str,
+                config_name: str, non_float: list[str] = (), hint: str = "") -> None:
+    """Raise a CheckpointError listing every missing, unexpected, mis-shaped and non-float key."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    non_float = sorted(non_float)
+    if missing or unexpected or misshaped or non_float:
         def listing(title, items, fmt):
             return [f"  {len(items)} {title}:"] + [f"    {fmt(k)}" for k in items[:20]] + (
                 [f"    … and {len(items) - 20} more"] if len(items) > 20 else [])
@@ -154,8 +251,11 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
         if unexpected:
             lines += listing("unexpected keys", unexpected, str)
         if misshaped:
-            lines += listing("mis-shaped keys", misshaped,
-                             lambda k: f"{k}: file {tuple(state[k].shape)}, model {expected[k]}")
+            lines += listing("mis-shaped keys", misshaped, lambda k: f"{k}: file {shapes[k]}, model {expected[k]}")
+        if non_float:
+            lines += listing("keys that are not floating point (weights must be)", non_float, str)
+        if hint:
+            lines.append(hint)
         raise CheckpointError("\n".join(lines))
 
 
