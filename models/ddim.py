@@ -44,12 +44,22 @@ def scaled_linear_schedule(*, beta_start: float = SD_BETA_START, beta_end: float
 
 def ddim_timesteps(num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    offset: int = SD_TIMESTEP_OFFSET) -> list[int]:
-    """Descending sampling timesteps, evenly spaced ("leading"): [(n−1)·k + offset, …, offset], k = T // n."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"steps={num_steps} is out of range; use 1…{num_train_timesteps}")
+    """Descending sampling timesteps, evenly spaced ("leading"): [(n−1)·k + offset, …, offset], k = T // n.
+
+    As diffusers' DDIMScheduler (`timestep_spacing="leading"`, `steps_offset`): with offset 1, 2…999 steps
+    all work (999 steps: 999, 998, …, 1) and 1000 steps would need timestep 1000, which does not exist.
+    The offset may equal the stride (the last step then goes to ᾱ_0, the same ᾱ as "after the last step").
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"steps={num_steps!r} is out of range; use an integer in 1…{num_train_timesteps}")
     stride = num_train_timesteps // num_steps
-    if not 0 <= offset < stride:
-        raise ValueError(f"timestep offset {offset} must be in [0, {stride}) for {num_steps} steps")
+    if not 0 <= offset <= stride:
+        raise ValueError(f"timestep offset {offset} must be in [0, {stride}] for {num_steps} steps")
+    first = (num_steps - 1) * stride + offset
+    if first >= num_train_timesteps:
+        raise ValueError(f"steps={num_steps} with timestep offset {offset} would start at timestep {first}, past the "
+                         f"schedule's last ({num_train_timesteps - 1}); use at most {num_train_timesteps - offset} "
+                         "steps or offset 0")
     return [i * stride + offset for i in reversed(range(num_steps))]
 
 
