@@ -18,18 +18,39 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
-from p2p.pipeline import generate  # noqa: E402
+from scripts._common import load_model, number, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from models.ddim import ddim_timesteps  # noqa: E402
+from models.stable_diffusion import ModelConfig, preset  # noqa: E402
+from models.text import tokenize  # noqa: E402
+from p2p.pipeline import check_image_size, generate  # noqa: E402
+
+
+def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
+    """Prompts, negative prompt, size and steps checked against the model's config, so that a bad value is
+    named before sampling (and, for the SD presets, before their multi-GB file is read). Returns the
+    `generate` arguments they become: height/width null mean the model's native size."""
+    prompts = prompt_list(cfg.prompts)
+    negative_prompt = "" if cfg.negative_prompt is None else cfg.negative_prompt
+    if not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be one string (used with every prompt), got {negative_prompt!r}")
+    height = config.image_size if cfg.height is None else cfg.height
+    width = config.image_size if cfg.width is None else cfg.width
+    check_image_size(height, width, latent_factor=config.latent_factor)
+    tokenize([*prompts, negative_prompt], context_length=config.text.context_length)  # over-long prompts raise
+    ddim_timesteps(number(cfg.steps, name="steps", kind=int), num_train_timesteps=config.num_train_timesteps)
+    return dict(prompts=prompts, negative_prompt=negative_prompt, height=height, width=width)
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> list[Path]:
-    prompts = prompt_list(cfg.prompts)
+    if cfg.model.name != "tiny":  # the SD presets' configs are known without their files (tiny's is in its file)
+        check_request(cfg, preset(cfg.model.name))
     out = run_dir()
     model = load_model(cfg)
-    # height/width null: the model's own size; a size the VAE cannot halve evenly raises before sampling
-    images = generate(model, prompts, seed=cfg.seed, height=cfg.height, width=cfg.width,
-                      settings=sampler_settings(cfg, model), negative_prompt=cfg.negative_prompt,
+    request = check_request(cfg, model.config)
+    prompts = request["prompts"]
+    images = generate(model, prompts, seed=cfg.seed, height=request["height"], width=request["width"],
+                      settings=sampler_settings(cfg, model), negative_prompt=request["negative_prompt"],
                       progress=cfg.progress)
     saved = [save_image(image, out / f"{i:02d}_{slug(prompt)}.png") for i, (image, prompt) in enumerate(zip(images, prompts))]
     save_config(cfg, out)

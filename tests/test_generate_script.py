@@ -131,3 +131,44 @@ def test_non_numbers_are_named(override, message):
     with pytest.raises(ValueError) as err:
         sampler_settings(compose_generate(override), model)
     assert message in str(err.value)
+
+
+def check_request(*overrides: str, config=None):
+    sys.path.insert(0, str(REPO))
+    from scripts.generate import check_request as check
+    return check(compose_generate(*overrides), config or preset("sd15"))
+
+
+def test_request_defaults_and_null_negative_prompt():
+    request = check_request("model=sd15", "negative_prompt=null", 'prompts=["a cat", ""]')
+    assert request == dict(prompts=["a cat", ""], negative_prompt="", height=512, width=512)
+    assert check_request("height=64", "width=96") == dict(prompts=["a red circle on a black background"],
+                                                         negative_prompt="", height=64, width=96)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("height=0", "height=0 is not a positive multiple of 8"),  # used to fall back to the native size silently
+    ("width=100", "width=100 is not a positive multiple of 8 (the VAE's downsampling factor); try 96"),
+    ("negative_prompt=[ugly,blurry]", "negative_prompt must be one string (used with every prompt), got ['ugly', 'blurry']"),
+    ("steps=0", "steps=0 is out of range"),
+    (f"prompts=[\"{'cat ' * 76}\"]", "has 76 tokens; at most 75 fit"),
+    (f"negative_prompt=\"{'cat ' * 76}\"", "has 76 tokens; at most 75 fit"),
+])
+def test_bad_requests_are_named(override, message):
+    with pytest.raises(ValueError) as err:
+        check_request(override)
+    assert message in str(err.value)
+
+
+def test_prompt_length_follows_the_models_text_context():
+    """The built-in model reads 16 text positions (its file's config), so 15 tokens already do not fit."""
+    config = preset("tiny")
+    config.text.context_length = 16
+    with pytest.raises(ValueError, match="has 15 tokens; at most 14 fit"):
+        check_request(f"prompts=[\"{'cat ' * 15}\"]", config=config)
+
+
+def test_sd_size_is_checked_before_the_checkpoint_is_read(tmp_path):
+    result = run_script("model=sd15", f"model.checkpoint={tmp_path / 'not-read.safetensors'}", "height=500",
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0 and "height=500 is not a positive multiple of 8" in result.stderr
