@@ -17,7 +17,7 @@ from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
 from p2p.inversion import restore_outside_mask
-from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
+from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
 from p2p.tokens import (CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers,
                         token_scales, words)
@@ -223,7 +223,7 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
          uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
     """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
     settings = settings or SamplerSettings(guidance=model.config.guidance)
-    height, width = height or model.config.image_size, width or model.config.image_size
+    height, width = image_size(model, height, width)
     if latent is None:
         if seed is None:
             raise ValueError("edit needs a seed or an initial latent")

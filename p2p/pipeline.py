@@ -107,11 +107,16 @@ def decode(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_size(model: StableDiffusion, height: int | None, width: int | None) -> tuple[int, int]:
+    """None → the model's native size; anything else is kept (and checked later), so height=0 is an error."""
+    return (model.config.image_size if height is None else height,
+            model.config.image_size if width is None else width)
+
+
 def generate(model: StableDiffusion, prompts: Sequence[str], *, seed: int, height: int | None = None,
              width: int | None = None, settings: SamplerSettings | None = None, **kwargs) -> np.ndarray:
     """Text to image for a batch of prompts that share one seed; uint8 (P, H, W, 3)."""
-    height = height or model.config.image_size
-    width = width or model.config.image_size
+    height, width = image_size(model, height, width)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
     generator = torch.Generator("cpu").manual_seed(int(seed) + 1) if settings.eta > 0 else None

@@ -172,3 +172,12 @@ def test_sd_size_is_checked_before_the_checkpoint_is_read(tmp_path):
     result = run_script("model=sd15", f"model.checkpoint={tmp_path / 'not-read.safetensors'}", "height=500",
                         f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0 and "height=500 is not a positive multiple of 8" in result.stderr
+
+
+def test_library_size_zero_is_an_error_not_the_native_size():
+    from p2p.edit import edit
+    model = StableDiffusion(preset("tiny"))
+    with pytest.raises(ValueError, match="height=0 is not a positive multiple"):
+        generate(model, ["a red circle"], seed=0, height=0)
+    with pytest.raises(ValueError, match="width=0 is not a positive multiple"):
+        edit(model, ["a red circle"], seed=0, width=0)
