@@ -24,20 +24,22 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
-from p2p.edit import BlendSpec, EditSpec, StoreSpec, edit
-from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction
+from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
+from p2p.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
 from p2p.inversion_cache import cached_invert
-from p2p.pipeline import SamplerSettings, decode, sample
+from p2p.pipeline import SamplerSettings, check_image_size, decode, sample
 from p2p.tokens import word_token_positions, words
 from p2p.world import WorldConfig, sample_scene
 
 LABEL_WIDTH = 170  # px of the row-label column on the left
-TITLE_HEIGHT = 28  # px of the title strip on top
+TITLE_HEIGHT = 28  # px of the title strip on top (at least: a title that wraps gets the lines it needs)
+TITLE_FONT_SIZE = 15
+LABEL_FONT_SIZE = 13
 GAP = 4  # px between tiles and rows (as views.grid)
 FRAME_GRAY = (190, 190, 190)  # 1 px tile frame: white attention maps and white backgrounds stay visible
 NO_INJECTION = "none"  # a row's `edit: none` = same-seed sampling without any attention edit
@@ -56,25 +58,32 @@ class Figure:
     rows: list[list[Tile]] = field(default_factory=list)
     row_labels: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # numbers worth keeping beside the picture (PSNRs, …)
+    settings: dict = field(default_factory=dict)  # how it was made, as used (seed, steps, guidance, size)
 
     def add_row(self, label: str, tiles: Sequence[Tile]) -> None:
         self.rows.append(list(tiles))
         self.row_labels.append(label)
 
     def render(self, *, tile_size: int) -> Image.Image:
-        """Title on top; per row: its label on the left, then the captioned tiles."""
+        """Title on top; per row: its label on the left, then the captioned tiles. A title or label too long
+        for its box wraps, and the box grows to hold every line."""
+        if not self.rows:
+            raise ValueError(f"figure {self.title!r} has no rows to draw")
         strips = []
         for label, row in zip(self.row_labels, self.rows):
             tiles = views.grid([[views.captioned(_framed(t.image, tile_size), t.caption) for t in row]], gap=GAP)
-            strip = Image.new("RGB", (LABEL_WIDTH + tiles.width, tiles.height), "white")
-            _draw_text(strip, label, box=(4, 0, LABEL_WIDTH - 8, tiles.height), size=13)
+            text = _text_block(label, width=LABEL_WIDTH - 8, size=LABEL_FONT_SIZE)
+            strip = Image.new("RGB", (LABEL_WIDTH + tiles.width, max(tiles.height, text.height)), "white")
+            strip.paste(text, (4, (strip.height - text.height) // 2))
             strip.paste(tiles, (LABEL_WIDTH, 0))
             strips.append(strip)
         width = max(s.width for s in strips)
-        height = TITLE_HEIGHT + sum(s.height for s in strips) + GAP * (len(strips) - 1)
-        canvas = Image.new("RGB", (width, height), "white")
-        _draw_text(canvas, self.title, box=(4, 0, width - 8, TITLE_HEIGHT), size=15)
-        y = TITLE_HEIGHT
+        title = _text_block(self.title, width=width - 8, size=TITLE_FONT_SIZE)
+        title_height = max(TITLE_HEIGHT, title.height)
+        canvas = Image.new("RGB", (width, title_height + sum(s.height for s in strips) + GAP * (len(strips) - 1)),
+                           "white")
+        canvas.paste(title, (4, (title_height - title.height) // 2))
+        y = title_height
         for strip in strips:
             canvas.paste(strip, (0, y))
             y += strip.height + GAP
@@ -86,7 +95,8 @@ class Figure:
         manifest_path = out / "figure.json"
         if manifest_path.exists():
             raise FileExistsError(f"{manifest_path} exists; refusing to overwrite it")
-        manifest = {"title": self.title, "metrics": self.metrics, "tile_size": tile_size, "rows": []}
+        manifest = {"title": self.title, "settings": self.settings, "metrics": self.metrics, "tile_size": tile_size,
+                    "rows": []}
         for r, (label, row) in enumerate(zip(self.row_labels, self.rows)):
             entries = []
             for c, tile in enumerate(row):
@@ -112,27 +122,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.+-]+", "_", text.lower()).strip("_")[:60] or "tile"
 
 
-def _draw_text(canvas: Image.Image, text: str, *, box: tuple[int, int, int, int], size: int) -> None:
-    """`text` wrapped to the box's width and centred vertically in it (left-aligned)."""
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has a single bitmap size
-        font = ImageFont.load_default()
-    left, top, right, bottom = box
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > right - left:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    lines += [line] if line else []
+def _text_block(text: str, *, width: int, size: int) -> Image.Image:
+    """`text` wrapped to `width` px (views.wrap: long words are broken too), black on white, as tall as its lines."""
+    font = views.font(size)
+    lines = views.wrap(text, width, font)
     line_height = font.getbbox("Ag")[3] + 2
-    y = top + max(0, (bottom - top - line_height * len(lines)) // 2)
-    draw = ImageDraw.Draw(canvas)
+    block = Image.new("RGB", (width, line_height * len(lines) + 4), "white")
+    draw = ImageDraw.Draw(block)
     for i, line in enumerate(lines):
-        draw.text((left, y + i * line_height), line, fill="black", font=font)
+        draw.text((0, 2 + i * line_height), line, fill="black", font=font)
+    return block
 
 
 def _image_tiles(images: np.ndarray, prompts: Sequence[str]) -> list[Tile]:
@@ -161,16 +160,33 @@ def _spec_with(spec: EditSpec, overrides: dict | str | None) -> EditSpec | None:
 # ----------------------------------------------------------------------------- builders
 
 
+def _check_edits(model: StableDiffusion, runs: Sequence[dict], *, settings: SamplerSettings,
+                 height: int | None, width: int | None) -> None:
+    """Build (and drop) each run's controllers before any sampling: a bad prompt, word or window in the last
+    row of a figure then fails in a second, not after every earlier row was drawn (minutes on SD)."""
+    size = (height or model.config.image_size, width or model.config.image_size)
+    check_image_size(*size, latent_factor=model.config.latent_factor)
+    latent_hw = (size[0] // model.config.latent_factor, size[1] // model.config.latent_factor)
+    for run in runs:
+        build_controllers(model, run["prompts"], spec=run.get("spec"), blend=run.get("blend"), store=None,
+                          num_steps=settings.steps, latent_hw=latent_hw)
+
+
 def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
-                rows: Sequence[dict], source: str | None = None, targets: Sequence[str] = ()) -> Figure:
+                rows: Sequence[dict], source: str | None = None, targets: Sequence[str] = (),
+                height: int | None = None, width: int | None = None) -> Figure:
     """Figs. 2, 5, 7, 8: each row is one `edit` run of its source and targets (defaults: the figure's).
 
     A row is `{label, source?, targets?, seed?, edit?: {EditSpec field: value} | "none", blend?}`; `blend` is
     a word list in BlendSpec.words forms (one list for all prompts, or one per prompt) or a dict of BlendSpec fields.
     """
-    figure = Figure(title)
-    for row in rows:
+    if not rows:
+        raise ValueError("a rows figure needs at least one row: rows: [{label: ..., edit: ...}, ...]")
+    runs = []
+    for number, row in enumerate(rows, start=1):
         row = dict(row)
+        if "label" not in row:
+            raise ValueError(f"row {number} ({row}) has no label; every row needs `label: text shown on its left`")
         label, row_source, row_targets = row.pop("label"), row.pop("source", source), row.pop("targets", targets)
         row_spec, blend = _spec_with(spec, row.pop("edit", None)), _blend_spec(row.pop("blend", None))
         row_seed = row.pop("seed", seed)
@@ -179,51 +195,63 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
                              "seed, edit, blend")
         if row_source is None or not row_targets:
             raise ValueError(f"row {label!r} needs a source and at least one target prompt")
-        prompts = [row_source, *row_targets]
-        result = edit(model, prompts, seed=row_seed, spec=row_spec, blend=blend, settings=settings, progress=False)
-        figure.add_row(label, _image_tiles(result.images, prompts))
+        runs.append(dict(label=label, prompts=[row_source, *row_targets], spec=row_spec, blend=blend, seed=row_seed))
+    _check_edits(model, runs, settings=settings, height=height, width=width)
+    figure = Figure(title)
+    for run in runs:
+        result = edit(model, run["prompts"], seed=run["seed"], spec=run["spec"], blend=run["blend"],
+                      settings=settings, height=height, width=width, progress=False)
+        figure.add_row(run["label"], _image_tiles(result.images, run["prompts"]))
     return figure
-
-
-def word_map(maps: torch.Tensor, prompt: str, word: str) -> torch.Tensor:
-    """(h, w): a word's tokens summed from per-token maps (L, h, w) — a word may be several tokens."""
-    return maps[word_token_positions(prompt, word)].sum(dim=0)
 
 
 def attention_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
                      prompt: str, words_over_steps: Sequence[str], steps_shown: int = 6,
                      downsamplings: Sequence[int] | None = None, store_max_fraction: float = 0.5,
-                     tile_size: int = 128) -> Figure:
+                     tile_size: int = 128, height: int | None = None, width: int | None = None) -> Figure:
     """Fig. 4: the image and every word's cross-attention map averaged over steps, then chosen words' maps at
-    `steps_shown` evenly spaced steps. `downsamplings` = which layers to average, as latent side / 2^d (SD at
+    `steps_shown` evenly spaced steps. A word split into several tokens shows their summed maps; a word that
+    occurs twice gets a tile per occurrence. `downsamplings` = which layers to average, as latent side / 2^d (SD at
     512 px: [2] = the reference's 16×16 view; None: every recorded layer, upsampled to the largest); the store
     records layers up to latent side × `store_max_fraction`."""
     del spec  # no edit: the maps of plain sampling
+    for word in words_over_steps:  # before sampling: a word missing from the prompt raises, naming the prompt's words
+        word_token_positions(prompt, word, context_length=model.context_length)
+    if not isinstance(steps_shown, int) or steps_shown < 1:
+        raise ValueError(f"steps_shown={steps_shown!r}; show at least 1 step")
     store = StoreSpec(kinds=("cross", "hybrid"), max_fraction=store_max_fraction, per_step=True)
-    result = edit(model, [prompt], seed=seed, store=store, settings=settings, progress=False)
+    result = edit(model, [prompt], seed=seed, store=store, settings=settings, height=height, width=width,
+                  progress=False)
     latent_hw = tuple(result.latents.shape[-2:])
     grids = [grid_at(latent_hw, d) for d in downsamplings] if downsamplings is not None else None
     average = views.token_maps(result.store, 0, grids=grids)
     figure = Figure(title)
     tiles = [Tile(result.images[0], prompt, prompt)]
-    tiles += [Tile(views.heat(word_map(average, prompt, w), size=tile_size), w, f"average_{w}") for w in words(prompt)]
+    tiles += [Tile(views.heat(views.word_map(average, prompt, index), size=tile_size), w, f"average_{w}")
+              for index, w in enumerate(words(prompt))]  # by index: each 'a' of 'a cat and a dog' its own map
     figure.add_row("image; each word's map averaged over all steps", tiles)
     count = min(steps_shown, settings.steps)
     shown = sorted({round(i * (settings.steps - 1) / max(count - 1, 1)) for i in range(count)})
     per_step = {s: views.token_maps(result.store, 0, grids=grids, step=s) for s in shown}
     for w in words_over_steps:
         figure.add_row(f"'{w}' over the steps (first to last)",
-                       [Tile(views.heat(word_map(per_step[s], prompt, w), size=tile_size),
+                       [Tile(views.heat(views.word_map(per_step[s], prompt, w), size=tile_size),
                              f"step {s + 1}/{settings.steps}", f"{w}_step{s + 1:03d}") for s in shown])
     return figure
 
 
 def injection_sweep_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings,
-                           seed: int, source: str, targets: Sequence[str], fractions: Sequence[float]) -> Figure:
+                           seed: int, source: str, targets: Sequence[str], fractions: Sequence[float],
+                           height: int | None = None, width: int | None = None) -> Figure:
     """Fig. 6: columns inject the source's cross-attention maps during the first f of the steps (0: none)."""
+    if not fractions or not targets:
+        raise ValueError(f"an injection sweep needs fractions and targets; got fractions={list(fractions)}, "
+                         f"targets={list(targets)}")
     prompts = [source, *targets]
-    columns = [edit(model, prompts, seed=seed, spec=dataclasses.replace(spec, cross_replace_steps=float(f)),
-                    settings=settings, progress=False).images for f in fractions]
+    specs = [dataclasses.replace(spec, cross_replace_steps=float(f)) for f in fractions]
+    _check_edits(model, [dict(prompts=prompts, spec=s) for s in specs], settings=settings, height=height, width=width)
+    columns = [edit(model, prompts, seed=seed, spec=s, settings=settings, height=height, width=width,
+                    progress=False).images for s in specs]
     figure = Figure(title)
     figure.add_row("source", [Tile(columns[0][0], source, source)])
     for t, target in enumerate(targets, start=1):
@@ -233,14 +261,27 @@ def injection_sweep_figure(model: StableDiffusion, *, title: str, spec: EditSpec
 
 
 def fader_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
-                 rows: Sequence[dict], values: Sequence[float]) -> Figure:
-    """Fig. 9: per row `{prompt, word}`, the prompt regenerated with the word's attention scaled by each c."""
-    figure = Figure(title)
+                 rows: Sequence[dict], values: Sequence[float], height: int | None = None,
+                 width: int | None = None) -> Figure:
+    """Fig. 9: per row `{prompt, word, seed?}`, the prompt regenerated with the word's attention scaled by each c."""
+    if not rows or not values:
+        raise ValueError(f"a fader figure needs rows ({{prompt, word}}) and values of c; got rows={list(rows)}, "
+                         f"values={list(values)}")
+    runs = []
     for row in rows:
-        prompt, word = row["prompt"], row["word"]
-        row_spec = dataclasses.replace(spec, reweight={word: [float(c) for c in values]})
-        result = edit(model, [prompt] * (1 + len(values)), seed=row.get("seed", seed), spec=row_spec,
-                      settings=settings, progress=False)
+        row = dict(row)
+        prompt, word, row_seed = row.pop("prompt", None), row.pop("word", None), row.pop("seed", seed)
+        if not isinstance(prompt, str) or not isinstance(word, str) or row:
+            raise ValueError(f"a fader row is {{prompt: text, word: one of its words, seed?: int}}; got "
+                             f"{dict(prompt=prompt, word=word, **row)}")
+        runs.append(dict(prompt=prompt, word=word, seed=row_seed, prompts=[prompt] * (1 + len(values)),
+                         spec=dataclasses.replace(spec, reweight={word: [float(c) for c in values]})))
+    _check_edits(model, runs, settings=settings, height=height, width=width)
+    figure = Figure(title)
+    for run in runs:
+        prompt, word = run["prompt"], run["word"]
+        result = edit(model, run["prompts"], seed=run["seed"], spec=run["spec"], settings=settings, height=height,
+                      width=width, progress=False)
         tiles = [Tile(result.images[0], "source", f"{prompt}_source")]
         tiles += [Tile(image, f"{word}: c = {c:g}", f"{prompt}_{word}_c{c:g}") for image, c in zip(result.images[1:], values)]
         figure.add_row(f"{prompt}: reweight '{word}'", tiles)
@@ -262,6 +303,12 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
     path: the LocalBlend mask of the first method's edit and the photo restored outside that mask. `blend` takes
     the forms of a `rows_figure` row's."""
     prompts = [source, *targets]
+    unknown = [m for m in methods if m not in INVERSION_METHODS]
+    if not methods or unknown:
+        raise ValueError(f"methods={list(methods)}; choose one or more of {INVERSION_METHODS}")
+    # the edits' prompts, words and windows are checked before the inversions, which take the time
+    _check_edits(model, [dict(prompts=prompts, spec=spec, blend=_blend_spec(blend))], settings=settings,
+                 height=photo.shape[0], width=photo.shape[1])
     figure = Figure(title)
     vae = vae_reconstruction(model, photo)
     reconstruction_tiles = [Tile(photo, "photo", "photo"),

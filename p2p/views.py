@@ -3,6 +3,8 @@ self-attention SVD components (P2P_SPEC §6) and LocalBlend masks. Everything re
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -12,57 +14,95 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from p2p.controllers import AttentionStore
-from p2p.tokens import decode_tokens
+from p2p.tokens import decode_tokens, word_token_positions
 
 CAPTION_HEIGHT_FRACTION = 0.2  # caption strip height relative to the tile (the reference: 0.2)
 MIN_TILE = 96  # tiles are upscaled (nearest) to at least this many pixels so 32 px images stay readable
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+# A caption may hold any text a prompt can (accents, dashes, symbols): Pillow's built-in font has glyphs for ASCII
+# only, so captions use DejaVu Sans (Latin, Greek, Cyrillic, most symbols), which matplotlib — a dependency of the
+# package — ships with its data. Characters DejaVu lacks (CJK, emoji) still draw as boxes.
+CAPTION_FONT = "DejaVuSans.ttf"
+
+
+@functools.lru_cache(maxsize=None)
+def _font_file() -> str | None:
+    spec = importlib.util.find_spec("matplotlib")  # located, not imported (importing it costs a second)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / CAPTION_FONT
+    return str(path) if path.is_file() else None
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    """The caption font at `size` px: DejaVu Sans when matplotlib's copy is there, else Pillow's default."""
+    if _font_file() is not None:
+        return ImageFont.truetype(_font_file(), size)
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has a single bitmap size
         return ImageFont.load_default()
 
 
-def _wrap(text: str, width_px: int, font) -> list[str]:
+def wrap(text: str, width_px: float, font: ImageFont.ImageFont) -> list[str]:
+    """`text` as lines no wider than `width_px`: broken at spaces, and inside a word only when the word alone
+    is wider than the line (a long word or a 300-character token would otherwise run off the tile)."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
-        if line and font.getlength(candidate) > width_px:
-            lines.append(line)
-            line = word
-        else:
+        if font.getlength(candidate) <= width_px:
             line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while len(word) > 1 and font.getlength(word) > width_px:  # the longest head that fits, at least a letter
+            cut = 1
+            while cut < len(word) and font.getlength(word[:cut + 1]) <= width_px:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
     return lines + ([line] if line else [])
 
 
 def captioned(image: np.ndarray | Image.Image, caption: str, *, size: int | None = None) -> Image.Image:
-    """The image (upscaled with nearest to `size`) with `caption` centred underneath."""
-    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    """The image (upscaled with nearest to `size` px wide) with `caption` centred underneath, wrapped to the
+    tile's width. Font and strip scale with the tile's shorter side, so a wide tile gets no giant caption."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"images are uint8 (H, W) or (H, W, 3) arrays (or PIL images), got dtype {image.dtype}; "
+                             "convert with (255 * image).round().clip(0, 255).astype(np.uint8)")
+        image = Image.fromarray(image)
     size = size or max(MIN_TILE, image.width)
     scale = size / image.width
     image = image.convert("RGB").resize((size, max(1, round(image.height * scale))), Image.NEAREST)
-    font = _font(max(10, size // 10))
-    lines = _wrap(caption, size - 4, font)
-    line_height = font.getbbox("Ag")[3] + 2
-    strip = max(int(size * CAPTION_HEIGHT_FRACTION), line_height * len(lines) + 4)
+    side = min(image.width, image.height)
+    caption_font = font(max(10, side // 10))
+    lines = wrap(str(caption), image.width - 4, caption_font)
+    line_height = caption_font.getbbox("Ag")[3] + 2
+    strip = max(int(side * CAPTION_HEIGHT_FRACTION), line_height * len(lines) + 4)
     canvas = Image.new("RGB", (image.width, image.height + strip), "white")
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text(((image.width - font.getlength(line)) / 2, image.height + 2 + i * line_height), line,
-                  fill="black", font=font)
+        draw.text(((image.width - caption_font.getlength(line)) / 2, image.height + 2 + i * line_height), line,
+                  fill="black", font=caption_font)
     return canvas
 
 
 def grid(tiles: Sequence[Sequence[Image.Image]], *, gap: int = 4) -> Image.Image:
-    """Rows of tiles (each row may have its own length) on a white canvas."""
-    width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in tiles)
-    heights = [max(t.height for t in row) for row in tiles]
-    canvas = Image.new("RGB", (width, sum(heights) + gap * (len(tiles) - 1)), "white")
+    """Rows of tiles (each row may have its own length and its tiles their own sizes) on a white canvas;
+    a row is as tall as its tallest tile, tiles sit at the top left of their cell."""
+    rows = [list(row) for row in tiles]
+    if not rows or not all(rows):
+        raise ValueError(f"grid needs at least one row and a tile in every row; got rows of "
+                         f"{[len(row) for row in rows]} tiles")
+    width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in rows)
+    heights = [max(t.height for t in row) for row in rows]
+    canvas = Image.new("RGB", (width, sum(heights) + gap * (len(rows) - 1)), "white")
     y = 0
-    for row, height in zip(tiles, heights):
+    for row, height in zip(rows, heights):
         x = 0
         for tile in row:
             canvas.paste(tile, (x, y))
@@ -71,10 +111,15 @@ def grid(tiles: Sequence[Sequence[Image.Image]], *, gap: int = 4) -> Image.Image
     return canvas
 
 
-def image_grid(images: np.ndarray, captions: Sequence[str], *, columns: int | None = None) -> Image.Image:
-    """uint8 (N, H, W, 3) images with captions, `columns` per row (default: all in one row)."""
+def image_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str], *,
+               columns: int | None = None) -> Image.Image:
+    """uint8 (N, H, W, 3) images with one caption each, `columns` per row (default: all in one row)."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
+    if columns is not None and columns < 1:
+        raise ValueError(f"columns={columns!r}; use a positive number of tiles per row (or None: one row)")
     tiles = [captioned(im, c) for im, c in zip(images, captions)]
-    columns = columns or len(tiles)
+    columns = columns or max(len(tiles), 1)  # no images: grid names the problem
     return grid([tiles[i:i + columns] for i in range(0, len(tiles), columns)])
 
 
@@ -101,6 +146,14 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
         m = m[prompt_index, :, :site.num_text_keys].T.reshape(1, -1, *site.query_hw)  # (1, L, h, w)
         maps.append(F.interpolate(m, size=target, mode="nearest")[0])
     return torch.stack(maps).mean(dim=0)
+
+
+def word_map(maps: torch.Tensor, prompt: str, word: str | int) -> torch.Tensor:
+    """(h, w): one word's map from per-token maps (L, h, w) of `prompt` (`token_maps`): the sum over the word's
+    tokens, since a word may be split into several ("hovercraft" → hover, craft). `word` is a word of the prompt
+    (every occurrence: "a" in "a cat and a dog" is two) or a word index (one occurrence); a word the prompt lacks
+    raises, naming the prompt's words."""
+    return maps[word_token_positions(prompt, word, context_length=maps.shape[0])].sum(dim=0)
 
 
 def heat(map_2d: torch.Tensor, *, size: int = MIN_TILE) -> np.ndarray:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image  # noqa: E402
+from scripts._common import load_model, number, run_dir, sampler_settings, save_config, save_image  # noqa: E402
 from p2p import figures  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.images import load_image  # noqa: E402
@@ -41,23 +41,57 @@ def prompt_set(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.prompt_sets[cfg.prompt_set], resolve=True)
 
 
+def check_fresh(out: Path) -> Path:
+    """The run folder, refused before any work if an earlier run wrote there (a reused hydra.run.dir)."""
+    earlier = [name for name in ("figure.png", "figure.json", "config.yaml", "photo.png", "images") if (out / name).exists()]
+    if earlier:
+        raise FileExistsError(f"{out} already holds a figure ({', '.join(earlier)}); refusing to overwrite it — "
+                              "leave hydra.run.dir at its default (a new folder per run) or pick a new one")
+    return out
+
+
+def size_override(cfg: DictConfig, name: str) -> int | None:
+    """height=/width=: null (the model's size) or a positive integer, named when it is not."""
+    value = cfg.get(name)
+    if value is None:
+        return None
+    value = number(value, name=name, kind=int)
+    if value < 1:
+        raise ValueError(f"{name}={value} is out of range; use a positive number of pixels (or null: the model's size)")
+    return value
+
+
 def make_figure(cfg: DictConfig, out: Path) -> Path:
     """Build the experiment's figure and save it with its tiles and the resolved config into `out`."""
     params = prompt_set(cfg)
+    check_fresh(Path(out))
+    tile_size = number(cfg.tile_size, name="tile_size", kind=int)
+    if tile_size < 8:
+        raise ValueError(f"tile_size={tile_size} is too small to see; use at least 8 px (default 128)")
+    height, width = size_override(cfg, "height"), size_override(cfg, "width")
+    set_seed = params.pop("seed", None)
+    seed = set_seed if cfg.seed is None else cfg.seed
+    if seed is not None:
+        seed = number(seed, name="seed", kind=int)
+    elif cfg.figure != "real":  # the real-image figure starts from its photo's inversion, not from a seed
+        raise ValueError(f"prompt set {cfg.prompt_set!r} of this experiment names no seed; pass seed=N")
+    if cfg.seed is not None and "rows" in params:  # seed= on the command line is every tile's, a row's own included
+        params["rows"] = [{k: v for k, v in dict(row).items() if k != "seed"} for row in params["rows"]]
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model = load_model(cfg)
     settings = sampler_settings(cfg, model)
-    set_seed = params.pop("seed", None)
-    seed = set_seed if cfg.seed is None else cfg.seed
     common = dict(title=cfg.title, spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
-                  settings=settings, seed=seed, tile_size=cfg.tile_size)
+                  settings=settings, seed=seed, tile_size=tile_size, height=height, width=width)
     if cfg.figure == "real":
         scene = params.pop("scene", None)
         if cfg.image is not None:
             size = model.config.image_size
-            params["photo"] = load_image(cfg.image, height=size, width=size)
+            params["photo"] = load_image(cfg.image, height=height or size, width=width or size)
         elif scene is not None:
+            if height is not None or width is not None:
+                raise ValueError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
+                                 "the world's 32 px (drop height/width, or pass image=PATH)")
             params["photo"], caption = figures.render_scene(**scene)
             params.setdefault("source", caption)
         else:
@@ -67,7 +101,11 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
         save_image(params["photo"], out / "photo.png")
         common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init, cache_dir=cfg.cache_dir)
     figure = figures.build(cfg.figure, model, params, **common)
-    path = figure.save(out, tile_size=cfg.tile_size)
+    image_height, image_width = (params["photo"].shape[:2] if cfg.figure == "real" else
+                                 (height or model.config.image_size, width or model.config.image_size))
+    figure.settings = {"seed": seed, "steps": settings.steps, "guidance": settings.guidance,
+                       "height": image_height, "width": image_width, "prompt_set": cfg.prompt_set}
+    path = figure.save(out, tile_size=tile_size)
     save_config(cfg, out)
     return path
 
