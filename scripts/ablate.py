@@ -7,7 +7,8 @@ Each job edits every (source, target) pair of conf/ablate.yaml from its seed's x
 and scores source and target with the shapes-world reader (`p2p.metrics.score_edit`): edit success = the
 target reads as the target caption; preservation = IoU of the object masks and centroid shift; plus the same
 for same-seed sampling without injection (`baseline=true`). Its folder (named by its overrides) gets
-`rows.json` (one row per pair), `result.json` (settings and `p2p.metrics.summarize` rates) and `config.yaml`.
+`config.yaml` (first), `result.json` (settings and `p2p.metrics.summarize` rates) and `rows.json` (one row per
+pair; written last, so its presence means the job finished — what scripts/aggregate.py reads).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, run_dir, sampler_settings, save_config  # noqa: E402
+from scripts._common import load_model, number, run_dir, sampler_settings, save_config  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.metrics import edit_study, score_edit, summarize  # noqa: E402
 from p2p.pipeline import decode, initial_latent, sample  # noqa: E402
@@ -51,7 +52,7 @@ def settings_of(cfg: DictConfig) -> dict:
     """The columns that name a job's setting in the aggregated CSV."""
     edit = OmegaConf.to_container(cfg.edit, resolve=True)
     return {"cross_replace_steps": edit["cross_replace_steps"], "self_replace_steps": edit["self_replace_steps"],
-            "seed": int(cfg.seed), "steps": int(cfg.steps), "model": cfg.model.name}
+            "seed": number(cfg.seed, name="seed", kind=int), "steps": int(cfg.steps), "model": cfg.model.name}
 
 
 def baseline_scores(model, model_key: str, pairs: list[tuple[str, str]], *, seed: int, settings) -> list[dict]:
@@ -67,8 +68,16 @@ def baseline_scores(model, model_key: str, pairs: list[tuple[str, str]], *, seed
     return _BASELINES[key]
 
 
+JOB_FILES = ("config.yaml", "result.json", "rows.json")  # in the order written: rows.json last = the job finished
+
+
 def run_job(cfg: DictConfig, out: Path) -> dict:
-    """Score every pair for this job's setting and seed; write rows.json, result.json and config.yaml."""
+    """Score every pair for this job's setting and seed; write config.yaml, result.json and rows.json."""
+    earlier = [name for name in JOB_FILES if (out / name).exists()]
+    if earlier:  # before any work: a reused sweep folder would otherwise be found out after the sampling
+        raise FileExistsError(f"{out} already holds a job ({', '.join(earlier)}); refusing to overwrite it — "
+                              "leave hydra.sweep.dir at its default (a new folder per sweep) or pick a new one")
+    seed = number(cfg.seed, name="seed", kind=int)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     key = OmegaConf.to_yaml(cfg.model) + f"{cfg.dtype}{cfg.device}"
@@ -76,22 +85,24 @@ def run_job(cfg: DictConfig, out: Path) -> dict:
     settings = sampler_settings(cfg, model)
     spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
     pairs = [tuple(p) for p in cfg.pairs]
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)  # first: a job that fails later still says what it was
     began = time.perf_counter()
-    rows = edit_study(model, pairs, seeds=[int(cfg.seed)], spec=spec, settings=settings, baseline=False)
+    rows = edit_study(model, pairs, seeds=[seed], spec=spec, settings=settings, baseline=False)
     if cfg.baseline:
-        for row, scores in zip(rows, baseline_scores(model, key, pairs, seed=int(cfg.seed), settings=settings)):
+        for row, scores in zip(rows, baseline_scores(model, key, pairs, seed=seed, settings=settings)):
             row.update(scores)
     setting = {**settings_of(cfg), "guidance": settings.guidance}
     rows = [{**setting, "swap": swap_kind(r["source"], r["target"]), **r} for r in rows]
     result = {**setting, "seconds": round(time.perf_counter() - began, 2), "pairs": len(pairs),
               "edit": summarize(rows, prefix="edit"),
               "baseline": summarize(rows, prefix="baseline") if cfg.baseline else None}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in (("rows.json", rows), ("result.json", result)):
-        if (out / name).exists():
-            raise FileExistsError(f"{out / name} exists; refusing to overwrite it")
-        (out / name).write_text(json.dumps(content, indent=1))
-    save_config(cfg, out)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    # rows.json is what scripts/aggregate.py reads: written whole under a temporary name and renamed, so a job
+    # killed while writing leaves no half file that would pass for a finished job
+    partial = out / "rows.json.partial"
+    partial.write_text(json.dumps(rows, indent=1))
+    partial.rename(out / "rows.json")
     return result
 
 

@@ -10,6 +10,10 @@ Reads every job's rows.json under the folder and writes (into the folder, or --o
                         color swaps, shape swaps; plus the same-seed, no-injection baseline (setting "none");
 - ablation.png          success vs. mean IoU and vs. centroid shift, one curve per self fraction, points
                         labelled by the cross fraction, the baseline as a star; bottom: color vs. shape swaps.
+A setting is the job's `edit` fields (SETTINGS) plus any other config field that differs between jobs
+(`other_settings`, e.g. steps=10 vs steps=20: never pooled). Job folders without a finished rows.json (a failed or
+still running job) are skipped and listed on stderr; an empty or missing folder, or outputs of an earlier
+aggregation in the way, end it with a one-line error.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -36,21 +41,91 @@ from p2p.metrics import summarize  # noqa: E402
 SETTINGS = ("cross_replace_steps", "self_replace_steps", "self_max_fraction", "self_max_side")
 RATES = ("n", "success", "success_se", "mean_iou", "mean_iou_if_success", "kept_layout", "success_and_kept",
          "median_centroid_shift")
-SUMMARY_COLUMNS = ("setting", *SETTINGS, "group", "seeds", *RATES)
+SUMMARY_COLUMNS = ("setting", *SETTINGS, "other_settings", "group", "seeds", *RATES)
 GROUPS = {"all": lambda swap: True, "color": lambda swap: swap == "color", "shape": lambda swap: swap == "shape"}
 BASELINE = "none"  # the setting column of same-seed sampling without injection
 
 
-def load_rows(folder: Path) -> list[dict]:
-    files = sorted(Path(folder).rglob("rows.json"))
-    if not files:
-        raise FileNotFoundError(f"no rows.json under {folder}; run scripts/ablate.py -m … first (its jobs write "
-                                "one rows.json each into the sweep folder)")
+# Config fields that never split a setting: seeds are pooled; the rest say how a job ran, not what it measured.
+POOLED = ("seed", "threads", "device", "pairs")
+
+
+@dataclass
+class Skipped:
+    job: str  # the job folder, relative to the sweep folder
+    reason: str
+
+
+def _flat(config: dict) -> dict:
+    """{'edit': {'kind': 'replace'}, 'steps': 20} → {'edit.kind': 'replace', 'steps': 20}: one level deep, so a
+    per-word window ({default_: 0.8, red: 0.2}) stays one value."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _job_folders(folder: Path) -> list[Path]:
+    """Every folder a job of the sweep wrote into: Hydra gives each a .hydra/ before the job runs."""
+    marks = ("rows.json", "config.yaml", ".hydra")
+    return sorted({p.parent for mark in marks for p in folder.rglob(mark) if ".hydra" not in p.parent.parts})
+
+
+def _read_job(job: Path) -> tuple[list[dict], dict]:
+    """A finished job's rows and flattened config; ValueError with the reason for anything else."""
+    if not (job / "rows.json").is_file():
+        raise ValueError("no rows.json: the job failed or has not finished (see its ablate.log)")
+    if not (job / "config.yaml").is_file():
+        raise ValueError("rows.json but no config.yaml: its setting is unknown")
+    try:
+        rows = json.loads((job / "rows.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"rows.json is unreadable ({error})") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("rows.json holds no rows")
+    return rows, _flat(OmegaConf.to_container(OmegaConf.load(job / "config.yaml"), resolve=True))
+
+
+def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
+    """Every finished job's rows, each with its setting (the `edit` fields SETTINGS, read back from the job's
+    config.yaml whatever was swept) and `other_settings`: any other config field that differs between the jobs
+    (steps=10 and steps=20 are two settings, never pooled). Jobs that failed or are unfinished are skipped and
+    returned with the reason."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m "
+                                "(multirun/ablate/DATE/TIME)")
+    jobs, skipped = {}, []
+    for job in _job_folders(folder):
+        try:
+            jobs[job] = _read_job(job)
+        except ValueError as reason:
+            skipped.append(Skipped(str(job.relative_to(folder)), str(reason)))
+    if not jobs:
+        found = f"; {len(skipped)} job folders, none finished: " + "; ".join(
+            f"{s.job}: {s.reason}" for s in skipped[:5]) if skipped else ""
+        raise FileNotFoundError(f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
+                                "(each job writes rows.json and config.yaml into its own folder)")
+    configs = [config for _, config in jobs.values()]
+    edit_fields = {f"edit.{k}" for k in SETTINGS}
+    others = sorted(k for k in set().union(*configs) if k not in edit_fields and k not in POOLED
+                    and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
     rows = []
-    for f in files:  # the job's resolved config says its setting, whatever was swept
-        edit = OmegaConf.to_container(OmegaConf.load(f.parent / "config.yaml").edit)
-        rows += [{**row, **{k: edit[k] for k in SETTINGS}} for row in json.loads(f.read_text())]
-    return rows
+    for job_rows, config in jobs.values():
+        describe = lambda keys: " ".join(f"{k}={json.dumps(config.get(k))}" for k in keys)  # noqa: E731
+        setting = {**{k: config.get(f"edit.{k}") for k in SETTINGS}, "other_settings": describe(others),
+                   # what the no-injection baseline depends on: the other settings outside `edit`
+                   "baseline_settings": describe([k for k in others if not k.startswith("edit.")])}
+        rows += [{**row, **setting} for row in job_rows]
+    return rows, skipped
+
+
+def load_rows(folder: Path) -> list[dict]:
+    """The rows of every finished job (`load_jobs` without the list of skipped ones)."""
+    return load_jobs(folder)[0]
 
 
 def rates(rows: list[dict], *, prefix: str) -> dict:
@@ -85,21 +160,28 @@ def _label(value) -> str:
 def summary_table(rows: list[dict]) -> list[dict]:
     settings = defaultdict(list)
     for row in rows:
-        settings[tuple(_number(row[k]) for k in SETTINGS)].append(row)
+        settings[(*(_number(row[k]) for k in SETTINGS), row["other_settings"])].append(row)
     table = []
     for setting, group_rows in sorted(settings.items(), key=lambda kv: [_order(v) for v in kv[0]]):
         for group, keep in GROUPS.items():
             chosen = [r for r in group_rows if keep(r["swap"])]
             if chosen:
-                table.append({"setting": "p2p", **dict(zip(SETTINGS, setting)), "group": group,
+                table.append({"setting": "p2p", **dict(zip((*SETTINGS, "other_settings"), setting)), "group": group,
                               "seeds": len({r["seed"] for r in chosen}), **rates(chosen, prefix="edit")})
-    # The baseline does not depend on the injection fractions: every job of a seed repeats it, count it once.
-    unique = {(r["source"], r["target"], r["seed"], r["steps"], r["guidance"], r["model"]): r
-              for r in rows if "baseline_iou" in r}
-    for group, keep in GROUPS.items():
-        chosen = [r for r in unique.values() if keep(r["swap"])]
-        if chosen:
-            table.append({"setting": BASELINE, **{k: BASELINE for k in SETTINGS}, "group": group, "seeds": len({r["seed"] for r in chosen}), **rates(chosen, prefix="baseline")})
+    # The baseline does not depend on the edit: every job of a seed repeats it, count it once per other setting
+    # that is not an edit field (steps=10 and steps=20 have their own baselines).
+    baselines = defaultdict(dict)
+    for r in rows:
+        if "baseline_iou" in r:
+            key = (r["source"], r["target"], r["seed"], r["steps"], r["guidance"], r["model"])
+            baselines[r["baseline_settings"]][key] = r
+    for other, unique in sorted(baselines.items()):
+        for group, keep in GROUPS.items():
+            chosen = [r for r in unique.values() if keep(r["swap"])]
+            if chosen:
+                table.append({"setting": BASELINE, **{k: BASELINE for k in SETTINGS}, "other_settings": other,
+                              "group": group, "seeds": len({r["seed"] for r in chosen}),
+                              **rates(chosen, prefix="baseline")})
     return table
 
 
@@ -120,28 +202,30 @@ def _self_layers(row: dict) -> str:
     return f"side ≤ {_label(row['self_max_fraction'])}·latent"
 
 
-LINESTYLES = ("-", "--", ":", "-.")  # one per set of self-injected layers; colors tell the self fraction
+LINESTYLES = ("-", "--", ":", "-.")  # one per set of self-injected layers (and other setting); colors: self fraction
+BASELINE_MARKERS = ("*", "P", "X", "D")  # one per other setting of the no-injection baseline
 
 
 def _panel(ax, table: list[dict], *, group: str, x: str, xlabel: str) -> None:
     curves = defaultdict(list)
     for row in table:
         if row["group"] == group and row["setting"] != BASELINE:
-            curves[(row["self_replace_steps"], _self_layers(row))].append(row)
-    selfs = sorted({self_ for self_, _ in curves}, key=_order)
-    layer_sets = sorted({layers for _, layers in curves})
-    for (self_, layers), points in sorted(curves.items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
+            curves[(row["self_replace_steps"], _self_layers(row), row["other_settings"])].append(row)
+    selfs = sorted({self_ for self_, _, _ in curves}, key=_order)
+    styles = sorted({(layers, other) for _, layers, other in curves})  # one line style each
+    for (self_, layers, other), points in sorted(curves.items(), key=lambda kv: (kv[0][1:], _order(kv[0][0]))):
         points.sort(key=lambda r: _order(r["cross_replace_steps"]))
         color = plt.cm.viridis(selfs.index(self_) / max(len(selfs) - 1, 1) * 0.9)
-        label = f"self {_label(self_)}" + (f" ({layers})" if len(layer_sets) > 1 else "")
+        label = f"self {_label(self_)}" + (f" ({layers}{', ' + other if other else ''})" if len(styles) > 1 else "")
         ax.plot([p[x] for p in points], [p["success"] for p in points], marker="o", color=color,
-                linestyle=LINESTYLES[layer_sets.index(layers) % len(LINESTYLES)], label=label)
+                linestyle=LINESTYLES[styles.index((layers, other)) % len(LINESTYLES)], label=label)
         for p in points:
             ax.annotate(_label(p["cross_replace_steps"]), (p[x], p["success"]), textcoords="offset points",
                         xytext=(4, 3), fontsize=7, color=color)
-    for row in table:
-        if row["group"] == group and row["setting"] == BASELINE:
-            ax.plot([row[x]], [row["success"]], "r*", markersize=14, label="no injection (same seed)")
+    baselines = [row for row in table if row["group"] == group and row["setting"] == BASELINE]
+    for i, row in enumerate(baselines):
+        ax.plot([row[x]], [row["success"]], "r" + BASELINE_MARKERS[i % len(BASELINE_MARKERS)], markersize=12,
+                label="no injection (same seed)" + (f", {row['other_settings']}" if row["other_settings"] else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("edit success (target reads as its caption)")
     ax.set_ylim(-0.03, 1.03)
@@ -172,18 +256,38 @@ def plot(table: list[dict], path: Path, *, title: str) -> Path:
     return path
 
 
-def aggregate(folder: Path, out: Path | None = None) -> dict[str, Path]:
+OUTPUTS = {"rows": "ablation_rows.csv", "summary": "ablation_summary.csv", "plot": "ablation.png"}
+
+
+@dataclass
+class Aggregated:
+    rows: Path  # ablation_rows.csv
+    summary: Path  # ablation_summary.csv
+    plot: Path  # ablation.png
+    table: list[dict]  # the summary's rows
+    skipped: list[Skipped]  # jobs left out, with the reason
+
+
+def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
+    """Read the sweep, then write the two CSVs and the plot into `out` (default: the sweep folder). All three
+    are checked first: an earlier aggregation is never overwritten, not even in part."""
     out = Path(out or folder)
+    rows, skipped = load_jobs(folder)
+    existing = [str(out / name) for name in OUTPUTS.values() if (out / name).exists()]
+    if existing:
+        raise FileExistsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; refusing to overwrite "
+                              "an earlier aggregation (pass --out DIR, or move them away)")
     out.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(folder)
     table = summary_table(rows)
     row_columns = list(dict.fromkeys(k for r in rows for k in r))
-    first = rows[0]
-    title = (f"P2P word swaps on the shapes world ({first['model']} model, {first['steps']} DDIM steps, "
-             f"{len({(r['source'], r['target']) for r in rows})} pairs × {len({r['seed'] for r in rows})} seeds)")
-    return {"rows": write_csv(rows, out / "ablation_rows.csv", row_columns),
-            "summary": write_csv(table, out / "ablation_summary.csv", SUMMARY_COLUMNS),
-            "plot": plot(table, out / "ablation.png", title=title)}
+    steps = ", ".join(str(v) for v in sorted({r["steps"] for r in rows}))
+    title = (f"P2P word swaps on the shapes world ({', '.join(sorted({str(r['model']) for r in rows}))} model, "
+             f"{steps} DDIM steps, {len({(r['source'], r['target']) for r in rows})} pairs × "
+             f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} unfinished jobs left out" if skipped else "")
+             + ")")
+    return Aggregated(rows=write_csv(rows, out / OUTPUTS["rows"], row_columns),
+                      summary=write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
+                      plot=plot(table, out / OUTPUTS["plot"], title=title), table=table, skipped=skipped)
 
 
 def markdown_table(table: list[dict], *, group: str = "all") -> str:
@@ -194,6 +298,7 @@ def markdown_table(table: list[dict], *, group: str = "all") -> str:
         if r["group"] == group:
             cross, self_, layers = (("no injection", "", "") if r["setting"] == BASELINE else
                                     (_label(r["cross_replace_steps"]), _label(r["self_replace_steps"]), _self_layers(r)))
+            layers = ", ".join(part for part in (layers, r["other_settings"]) if part)
             lines.append(f"| {cross} | {self_} | {layers} | {r['n']} | {100 * r['success']:.0f}% ± {100 * r['success_se']:.0f} | "
                          f"{r['mean_iou']:.2f} | {r['mean_iou_if_success']:.2f} | {100 * r['kept_layout']:.0f}% | {100 * r['success_and_kept']:.0f}% | "
                          f"{r['median_centroid_shift']:.2f} |")
@@ -206,10 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep folder)")
     parser.add_argument("--markdown", action="store_true", help="also print the all-pairs summary as a Markdown table")
     args = parser.parse_args(argv)
-    for name, path in aggregate(args.folder, args.out).items():
-        print(f"{name}: {path}")
+    try:
+        result = aggregate(args.folder, args.out)
+    except (FileNotFoundError, FileExistsError) as error:
+        parser.exit(1, f"aggregate: {error}\n")
+    for job in result.skipped:  # said on stderr, so a pipe of the table stays clean
+        print(f"skipped {job.job}: {job.reason}", file=sys.stderr)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} job folders; the outputs hold the other jobs only", file=sys.stderr)
+    for name in OUTPUTS:
+        print(f"{name}: {getattr(result, name)}")
     if args.markdown:
-        print(markdown_table(summary_table(load_rows(args.folder))))
+        print(markdown_table(result.table))
 
 
 if __name__ == "__main__":

@@ -131,17 +131,155 @@ def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
     assert jobs == ["edit.cross_replace_steps=0,edit.self_replace_steps=0.4,seed=0,steps=2",
                     "edit.cross_replace_steps=1,edit.self_replace_steps=0.4,seed=0,steps=2"]  # folders name settings
 
-    paths = aggregate.aggregate(sweep)
-    with paths["summary"].open() as f:
+    result = aggregate.aggregate(sweep)
+    assert result.skipped == []
+    with result.summary.open() as f:
         summary = list(csv.DictReader(f))
     assert tuple(summary[0]) == aggregate.SUMMARY_COLUMNS
     settings = {(r["setting"], r["cross_replace_steps"], r["group"]) for r in summary}
     assert {("p2p", "0.0", "all"), ("p2p", "1.0", "all"), ("none", "none", "all"),
             ("p2p", "0.0", "color"), ("p2p", "0.0", "shape")} <= settings
-    with paths["rows"].open() as f:
+    with result.rows.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2  # jobs × pairs
     assert {"cross_replace_steps", "self_replace_steps", "seed", "swap", "edit_target_correct", "edit_iou",
             "edit_centroid_shift", "baseline_iou"} <= set(rows[0])
     assert {r["swap"] for r in rows} == {"color", "shape"}
-    assert Image.open(paths["plot"]).format == "PNG"
+    assert Image.open(result.plot).format == "PNG"
+
+
+# ----------------------------------------------------------------------------- aggregation on awkward sweeps
+# Job folders are written by hand here (what ablate.py writes: config.yaml, rows.json), so these run in
+# milliseconds and can hold what a real sweep leaves behind when a job fails or is killed.
+
+
+def fake_job(sweep: Path, name: str, *, cross=0.8, self_=0.4, seed=0, steps=2, self_max_side=None,
+             rows: str | list | None = None, config: bool = True) -> Path:
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    if config:
+        OmegaConf.save(OmegaConf.create({
+            "edit": {"kind": "replace", "cross_replace_steps": cross, "self_replace_steps": self_,
+                     "self_max_fraction": 0.25, "self_max_side": self_max_side},
+            "model": {"name": "tiny"}, "seed": seed, "steps": steps, "guidance": None, "threads": 1,
+            "pairs": [["a red circle", "a blue circle"], ["a red circle", "a red square"]]}), job / "config.yaml")
+    if rows is None:
+        rows = [{"seed": seed, "steps": steps, "model": "tiny", "guidance": 5.0, "swap": swap, "source": "a red circle",
+                 "target": target, **{f"{prefix}_{k}": v for prefix in ("edit", "baseline") for k, v in
+                                      {"source_correct": True, "target_correct": True, "iou": 0.5,
+                                       "centroid_shift": 1.0}.items()}}
+                for swap, target in (("color", "a blue circle"), ("shape", "a red square"))]
+    if rows != "absent":
+        (job / "rows.json").write_text(rows if isinstance(rows, str) else json.dumps(rows))
+    return job
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_aggregate_skips_failed_and_unfinished_jobs_and_says_which(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "cross=0.8")
+    fake_job(sweep, "cross=0.4", cross=0.4, rows="absent")  # failed: Hydra made its folder, no rows.json
+    fake_job(sweep, "cross=0.2", cross=0.2, rows='[{"seed": 0, "st')  # killed while writing
+    fake_job(sweep, "cross=0", cross=0.0, config=False)  # rows but no config: its setting is unknown
+    aggregate.main([str(sweep)])
+    err = capsys.readouterr().err
+    for job, reason in (("cross=0.4", "no rows.json"), ("cross=0.2", "rows.json is unreadable"),
+                        ("cross=0", "rows.json but no config.yaml")):
+        assert f"skipped {job}: {reason}" in err
+    assert "skipped 3 job folders" in err
+    summary = read_csv(sweep / "ablation_summary.csv")
+    assert {r["cross_replace_steps"] for r in summary if r["setting"] == "p2p"} == {"0.8"}
+
+
+@pytest.mark.parametrize("make, message", [(lambda sweep: sweep.mkdir(), "no finished ablation job"),
+                                           (lambda sweep: None, "is not a folder"),
+                                           (lambda sweep: fake_job(sweep, "a", rows="absent"),
+                                            "none finished: a: no rows.json")])
+def test_aggregate_names_a_sweep_with_nothing_to_read(make, message, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make(sweep)
+    with pytest.raises(SystemExit) as exit_info:
+        aggregate.main([str(sweep)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_aggregate_of_a_single_setting(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "only")
+    result = aggregate.aggregate(sweep)
+    summary = read_csv(result.summary)
+    assert [(r["setting"], r["group"]) for r in summary] == [("p2p", "all"), ("p2p", "color"), ("p2p", "shape"),
+                                                              ("none", "all"), ("none", "color"), ("none", "shape")]
+    assert Image.open(result.plot).format == "PNG"
+
+
+def test_aggregate_keeps_non_numeric_settings_apart(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "per-word", cross={"default_": 0.8, "red": 0.2})
+    fake_job(sweep, "number", cross=0.8)
+    fake_job(sweep, "side8", cross=0.8, self_max_side=8)
+    result = aggregate.aggregate(sweep)
+    settings = {(r["cross_replace_steps"], r["self_max_side"]) for r in result.table
+                if r["setting"] == "p2p" and r["group"] == "all"}
+    assert settings == {(0.8, "None"), (0.8, 8.0), ("{'default_': 0.8, 'red': 0.2}", "None")}
+    assert "side ≤ 8" in aggregate.markdown_table(result.table)
+
+
+def test_aggregate_never_pools_jobs_that_differ_in_another_setting(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "steps=2", steps=2)
+    fake_job(sweep, "steps=4", steps=4)
+    table = aggregate.aggregate(sweep).table
+    p2p = [r for r in table if r["setting"] == "p2p" and r["group"] == "all"]
+    baseline = [r for r in table if r["setting"] == "none" and r["group"] == "all"]
+    assert sorted(r["other_settings"] for r in p2p) == ["steps=2", "steps=4"]
+    assert sorted(r["other_settings"] for r in baseline) == ["steps=2", "steps=4"]
+    assert all(r["n"] == 2 for r in p2p + baseline)  # one job each, not both pooled
+
+
+def test_aggregate_never_overwrites_even_in_part(tmp_path):
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "only")
+    (sweep / "ablation.png").write_bytes(b"an earlier plot")
+    with pytest.raises(FileExistsError, match="ablation.png"):
+        aggregate.aggregate(sweep)
+    assert not (sweep / "ablation_rows.csv").exists() and not (sweep / "ablation_summary.csv").exists()
+    assert (sweep / "ablation.png").read_bytes() == b"an earlier plot"
+    result = aggregate.aggregate(sweep, tmp_path / "elsewhere")  # --out
+    assert result.plot.parent == tmp_path / "elsewhere"
+
+
+def compose_ablate(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("ablate", overrides=overrides)
+
+
+def test_ablate_job_refuses_a_used_folder_before_loading_the_model(monkeypatch, tmp_path):
+    from scripts import ablate
+    (tmp_path / "rows.json").write_text("[]")
+    monkeypatch.setattr(ablate, "_MODELS", {})
+    monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    with pytest.raises(FileExistsError, match="already holds a job"):
+        ablate.run_job(compose_ablate(["steps=2"]), tmp_path)
+
+
+def test_a_failed_ablate_job_leaves_its_config_and_no_rows(monkeypatch, tmp_path):
+    from scripts import ablate
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(ablate, "_MODELS", {})
+    monkeypatch.setattr(ablate, "load_model", lambda cfg: object())
+    monkeypatch.setattr(ablate, "edit_study", fail)
+    job = tmp_path / "sweep" / "seed=0"
+    with pytest.raises(RuntimeError):
+        ablate.run_job(compose_ablate(["steps=2", "guidance=5"]), job)
+    assert (job / "config.yaml").is_file() and not (job / "rows.json").exists()
+    fake_job(tmp_path / "sweep", "seed=1", seed=1)
+    assert [s.job for s in aggregate.aggregate(tmp_path / "sweep").skipped] == ["seed=0"]
