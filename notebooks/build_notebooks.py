@@ -24,8 +24,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets; we show no progress bars
 
-# The repository root: the first folder upwards holding setup.py, so this runs from the repo or from notebooks/.
-REPO = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "setup.py").is_file())
+# The repository root: the first folder upwards holding p2p/ and setup.py, so this runs from the repo or notebooks/.
+REPO = next((p for p in (Path.cwd(), *Path.cwd().parents) if (p / "setup.py").is_file() and (p / "p2p").is_dir()), None)
+if REPO is None:
+    raise FileNotFoundError(f"no Prompt-to-Prompt repository at or above {{Path.cwd()}}; start Jupyter in the "
+                            "repository or in its notebooks/ folder")
 sys.path.insert(0, str(REPO))  # import models/ and p2p/ without installing the package
 CHECKPOINT = Path(os.environ.get("P2P_TINY_CHECKPOINT", REPO / "models" / "weights" / "tiny.safetensors"))
 STEPS = int(os.environ.get("P2P_NOTEBOOK_STEPS", "{default_steps}"))  # DDIM steps; the CI test runs fewer'''
@@ -486,14 +489,22 @@ def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     return notebook
 
 
-def main() -> None:
+def notebooks() -> dict[str, nbformat.NotebookNode]:
+    """Every notebook as it is committed: built from the cells above, stable cell ids, no outputs."""
+    built = {}
     for name, cells in NOTEBOOKS.items():
         notebook = build(cells)
         for i, cell in enumerate(notebook.cells):  # stable ids: regenerating an unchanged notebook changes nothing
             cell.id = f"{name[:2]}-{i:02d}"
         nbformat.validate(notebook)
+        built[name] = notebook
+    return built
+
+
+def main() -> None:
+    for name, notebook in notebooks().items():
         nbformat.write(notebook, HERE / name)
-        print(f"wrote {HERE / name} ({len(cells)} cells)")
+        print(f"wrote {HERE / name} ({len(notebook.cells)} cells)")
 
 
 if __name__ == "__main__":

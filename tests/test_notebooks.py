@@ -1,13 +1,18 @@
 """Issue 6: the teaching notebooks run top to bottom on the built-in model, and stay notebooks a reader can follow.
 
-Each notebook is executed with nbclient in a fresh python3 kernel whose working directory is the repository,
-with `P2P_NOTEBOOK_STEPS` lowered so that all four finish in well under the CI budget. The kernel loads
+Each notebook is executed with nbclient in a fresh python3 kernel whose working directory is notebooks/ (where
+Jupyter starts a notebook's kernel), the first one also from the repository root, with `P2P_NOTEBOOK_STEPS`
+lowered so that all four finish in well under the CI budget (about 10 s each on one core). The kernel loads
 models/weights/tiny.safetensors; while that file is not trained yet, `P2P_TINY_CHECKPOINT` points it at a
 random-weight stand-in of the same architecture (the pictures are noise then, but every cell still runs).
 """
 from __future__ import annotations
 
 import ast
+import importlib.util
+import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -73,15 +78,58 @@ def test_notebook_explains_and_defines_nothing(path):
         f"{path.name} is committed with outputs; regenerate it with notebooks/build_notebooks.py"
 
 
+def load_builder():
+    spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOK_DIR / "build_notebooks.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder
+
+
+def test_committed_notebooks_are_what_build_notebooks_writes():
+    built = load_builder().notebooks()
+    assert sorted(built) == [p.name for p in NOTEBOOKS]
+    for name, notebook in built.items():
+        committed = json.loads((NOTEBOOK_DIR / name).read_text())
+        assert committed == json.loads(nbformat.writes(notebook)), \
+            f"{name} differs from build_notebooks.py's cells; run `python notebooks/build_notebooks.py` and commit both"
+
+
+ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, kernel_env, monkeypatch):
+def test_notebook_has_no_absolute_paths(path):
+    """A fresh clone lives anywhere: paths are built from REPO, found from the working directory."""
+    for source in code_cells(nbformat.read(path, as_version=4)):
+        strings = [node.value for node in ast.walk(ast.parse(source))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        assert not [s for s in strings if ABSOLUTE_PATH.match(s)], f"{path.name} hard-codes a path:\n{source}"
+        for local in (str(REPO), str(Path.home())):  # e.g. a builder's f-string that filled in its own cwd
+            assert local not in source, f"{path.name} holds this machine's path {local}:\n{source}"
+
+
+def test_setup_cell_outside_the_repository_says_where_to_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    setup = code_cells(nbformat.read(NOTEBOOKS[0], as_version=4))[0]
+    with pytest.raises(FileNotFoundError, match="notebooks/ folder"):
+        exec(compile(setup, "setup cell", "exec"), {})
+
+
+RUNS = [(path, NOTEBOOK_DIR) for path in NOTEBOOKS] + [(NOTEBOOKS[0], REPO)]
+
+
+@pytest.mark.parametrize("path, cwd", RUNS, ids=[f"{p.stem}-from-{'notebooks' if c == NOTEBOOK_DIR else 'repo'}"
+                                                 for p, c in RUNS])
+def test_notebook_runs_top_to_bottom(path, cwd, kernel_env, monkeypatch):
     for name, value in kernel_env.items():
         monkeypatch.setenv(name, value)  # the kernel process inherits the environment
     notebook = nbformat.read(path, as_version=4)
+    before = set(os.listdir(NOTEBOOK_DIR))
     start = time.perf_counter()
     NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO)}}).execute()  # raises CellExecutionError on any error
+                   resources={"metadata": {"path": str(cwd)}}).execute()  # raises CellExecutionError on any error
     images = sum("image/png" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
                  for output in cell.outputs)
     assert images >= 2, f"{path.name} showed {images} pictures; a teaching notebook shows what it explains"
-    print(f"{path.name}: {time.perf_counter() - start:.1f} s, {images} images")
+    assert set(os.listdir(NOTEBOOK_DIR)) == before, f"{path.name} left files in notebooks/"
+    print(f"{path.name} from {cwd.name}/: {time.perf_counter() - start:.1f} s, {images} images")
