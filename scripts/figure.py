@@ -61,14 +61,12 @@ def size_override(cfg: DictConfig, name: str) -> int | None:
     return value
 
 
-def make_figure(cfg: DictConfig, out: Path) -> Path:
-    """Build the experiment's figure and save it with its tiles and the resolved config into `out`."""
-    params = prompt_set(cfg)
-    check_fresh(Path(out))
+def checked_overrides(cfg: DictConfig, params: dict) -> dict:
+    """tile_size, height, width and seed (the command line's, else the prompt set's, which leaves `params`),
+    and the real-image figure's photo and caption: all checked before the model is loaded (minutes for SD)."""
     tile_size = number(cfg.tile_size, name="tile_size", kind=int)
     if tile_size < 8:
         raise ValueError(f"tile_size={tile_size} is too small to see; use at least 8 px (default 128)")
-    height, width = size_override(cfg, "height"), size_override(cfg, "width")
     set_seed = params.pop("seed", None)
     seed = set_seed if cfg.seed is None else cfg.seed
     if seed is not None:
@@ -77,35 +75,51 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
         raise ValueError(f"prompt set {cfg.prompt_set!r} of this experiment names no seed; pass seed=N")
     if cfg.seed is not None and "rows" in params:  # seed= on the command line is every tile's, a row's own included
         params["rows"] = [{k: v for k, v in dict(row).items() if k != "seed"} for row in params["rows"]]
+    height, width = size_override(cfg, "height"), size_override(cfg, "width")
+    if cfg.figure == "real":
+        if cfg.image is None and "scene" not in params:
+            raise ValueError("the real-image figure needs a photo: pass image=PATH")
+        if cfg.image is not None and params.get("source") is None:
+            raise ValueError("the real-image figure needs the photo's caption as `source` in the prompt set")
+        if cfg.image is None and (height is not None or width is not None):
+            raise ValueError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
+                             "the world's 32 px (drop height/width, or pass image=PATH)")
+    return dict(tile_size=tile_size, height=height, width=width, seed=seed)
+
+
+def add_photo(cfg: DictConfig, params: dict, *, size: int, height: int | None, width: int | None, out: Path) -> None:
+    """The real-image figure's photo into `params` (and photo.png): image=PATH loaded at height×width (default:
+    the model's `size`), else the prompt set's rendered scene, whose caption is the source."""
+    scene = params.pop("scene", None)
+    if cfg.image is not None:
+        params["photo"] = load_image(cfg.image, height=height or size, width=width or size)
+    else:
+        params["photo"], caption = figures.render_scene(**scene)
+        params.setdefault("source", caption)
+    save_image(params["photo"], out / "photo.png")
+
+
+def make_figure(cfg: DictConfig, out: Path) -> Path:
+    """Build the experiment's figure and save it with its tiles and the resolved config into `out`."""
+    params = prompt_set(cfg)
+    check_fresh(Path(out))
+    overrides = checked_overrides(cfg, params)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     model = load_model(cfg)
     settings = sampler_settings(cfg, model)
     common = dict(title=cfg.title, spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
-                  settings=settings, seed=seed, tile_size=tile_size, height=height, width=width)
+                  settings=settings, **overrides)
+    size = model.config.image_size
     if cfg.figure == "real":
-        scene = params.pop("scene", None)
-        if cfg.image is not None:
-            size = model.config.image_size
-            params["photo"] = load_image(cfg.image, height=height or size, width=width or size)
-        elif scene is not None:
-            if height is not None or width is not None:
-                raise ValueError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
-                                 "the world's 32 px (drop height/width, or pass image=PATH)")
-            params["photo"], caption = figures.render_scene(**scene)
-            params.setdefault("source", caption)
-        else:
-            raise ValueError("the real-image figure needs a photo: pass image=PATH")
-        if params.get("source") is None:
-            raise ValueError("the real-image figure needs the photo's caption as `source` in the prompt set")
-        save_image(params["photo"], out / "photo.png")
+        add_photo(cfg, params, size=size, height=overrides["height"], width=overrides["width"], out=out)
         common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init, cache_dir=cfg.cache_dir)
     figure = figures.build(cfg.figure, model, params, **common)
     image_height, image_width = (params["photo"].shape[:2] if cfg.figure == "real" else
-                                 (height or model.config.image_size, width or model.config.image_size))
-    figure.settings = {"seed": seed, "steps": settings.steps, "guidance": settings.guidance,
+                                 (overrides["height"] or size, overrides["width"] or size))
+    figure.settings = {"seed": overrides["seed"], "steps": settings.steps, "guidance": settings.guidance,
                        "height": image_height, "width": image_width, "prompt_set": cfg.prompt_set}
-    path = figure.save(out, tile_size=tile_size)
+    path = figure.save(out, tile_size=overrides["tile_size"])
     save_config(cfg, out)
     return path
 

@@ -191,3 +191,22 @@ def test_repeated_words_get_their_own_averaged_maps(tmp_path):
     a_tiles = [np.asarray(Image.open(tmp_path / t["file"])) for t in row if t["caption"] == "a"]
     assert len(a_tiles) == 3  # 'a red circle and a blue square on a black background'
     assert not np.array_equal(a_tiles[0], a_tiles[1])
+
+
+def test_the_real_image_figure_names_a_missing_photo_before_loading_the_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(figure_script, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    cfg = compose_figure(["experiment=fig10_12_real", "prompt_set=paper", "check_model=false"])
+    with pytest.raises(ValueError, match="needs a photo: pass image=PATH"):
+        figure_script.make_figure(cfg, tmp_path)
+
+
+def test_a_real_photo_is_loaded_at_height_and_width(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((90, 60, 3), 200, np.uint8)).save(photo)
+    cfg = compose_figure(["experiment=fig10_12_real", "steps=2", f"image={photo}", "height=48", "width=32",
+                          "cache_dir=null", "inversion.inner_steps=1", "tile_size=32",
+                          "+prompt_sets.shapes.source=a gray background", "prompt_sets.shapes.methods=[ddim]",
+                          "prompt_sets.shapes.targets=[a white background]", "prompt_sets.shapes.blend=null"])
+    figure_script.make_figure(cfg, tmp_path / "run")
+    assert np.asarray(Image.open(tmp_path / "run" / "photo.png")).shape == (48, 32, 3)
+    assert json.loads((tmp_path / "run" / "figure.json").read_text())["settings"]["height"] == 48
