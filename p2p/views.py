@@ -130,6 +130,9 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
     Layers of different grids are upsampled (nearest) to the largest before averaging.
     Each pixel's maps sum to 1 over the tokens when only cross layers are averaged; a hybrid layer contributes
     its text columns as the model computed them, which sum to the share of attention that went to text (< 1)."""
+    if not 0 <= prompt_index < store.num_prompts:
+        raise ValueError(f"prompt_index={prompt_index} is out of range: the store recorded {store.num_prompts} "
+                         f"prompt{'s' if store.num_prompts != 1 else ''} (0 = the source)")
     source = store.steps.get(step) if step is not None else None
     if step is not None and source is None:
         raise ValueError(f"step {step} was not recorded; build the store with per_step=True "
@@ -168,6 +171,9 @@ def cross_attention_tiles(store: AttentionStore, prompt: str, prompt_index: int,
     """One captioned tile per token of `prompt` (start and end tokens included, as in Fig. 4)."""
     maps = token_maps(store, prompt_index, grids=grids, step=step)
     tokens = ["<start>", *decode_tokens(prompt), "<end>"]
+    if len(tokens) > maps.shape[0]:
+        raise ValueError(f"prompt {prompt!r} has {len(tokens)} tokens with start and end, but the recorded maps have "
+                         f"{maps.shape[0]} text positions; pass the prompt the store recorded at index {prompt_index}")
     return [captioned(heat(maps[i]), token) for i, token in enumerate(tokens)]
 
 

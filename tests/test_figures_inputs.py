@@ -210,3 +210,31 @@ def test_a_real_photo_is_loaded_at_height_and_width(tmp_path):
     figure_script.make_figure(cfg, tmp_path / "run")
     assert np.asarray(Image.open(tmp_path / "run" / "photo.png")).shape == (48, 32, 3)
     assert json.loads((tmp_path / "run" / "figure.json").read_text())["settings"]["height"] == 48
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """One prompt sampled for 2 steps on the built-in model, its text attention recorded."""
+    from models.loader import load_checkpoint
+    from p2p.edit import StoreSpec, edit
+    from p2p.pipeline import SamplerSettings
+    model = load_checkpoint(REPO / "models" / "weights" / "tiny.safetensors")
+    prompt = "a red circle on a hovercraft"
+    result = edit(model, [prompt], seed=0, store=StoreSpec(max_fraction=1.0), progress=False,
+                  settings=SamplerSettings(steps=2, guidance=model.config.guidance))
+    return prompt, result.store
+
+
+def test_attention_tiles_of_a_split_word_and_wrong_inputs(recorded):
+    prompt, store = recorded
+    tiles = views.cross_attention_tiles(store, prompt, 0)
+    assert len(tiles) == len(views.decode_tokens(prompt)) + 2  # hovercraft's two tokens each get a tile
+    maps = views.token_maps(store, 0)
+    assert torch.allclose(views.word_map(maps, prompt, "hovercraft"), maps[6] + maps[7])  # hover, craft
+    with pytest.raises(ValueError, match="'boat' is not in prompt"):
+        views.word_map(maps, prompt, "boat")
+    with pytest.raises(ValueError, match="prompt_index=1 is out of range"):
+        views.token_maps(store, 1)
+    with pytest.raises(ValueError, match="text positions; pass the prompt the store recorded"):
+        views.cross_attention_tiles(store, "a red circle and a blue square and a green triangle on a white background",
+                                    0)
