@@ -28,13 +28,14 @@ CAPTION_FONT = "DejaVuSans.ttf"
 
 @functools.lru_cache(maxsize=None)
 def _font_file() -> str | None:
-    spec = importlib.util.find_spec("matplotlib")  # located, not imported (importing it costs a second)
+    spec = importlib.util.find_spec("matplotlib")  # located, not imported: views stays quick to import
     if spec is None or spec.origin is None:
         return None
     path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / CAPTION_FONT
     return str(path) if path.is_file() else None
 
 
+@functools.lru_cache(maxsize=None)
 def font(size: int) -> ImageFont.ImageFont:
     """The caption font at `size` px: DejaVu Sans when matplotlib's copy is there, else Pillow's default."""
     if _font_file() is not None:
@@ -45,20 +46,20 @@ def font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def wrap(text: str, width_px: float, font: ImageFont.ImageFont) -> list[str]:
+def wrap(text: str, width_px: float, typeface: ImageFont.ImageFont) -> list[str]:
     """`text` as lines no wider than `width_px`: broken at spaces, and inside a word only when the word alone
     is wider than the line (a long word or a 300-character token would otherwise run off the tile)."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
-        if font.getlength(candidate) <= width_px:
+        if typeface.getlength(candidate) <= width_px:
             line = candidate
             continue
         if line:
             lines.append(line)
-        while len(word) > 1 and font.getlength(word) > width_px:  # the longest head that fits, at least a letter
+        while len(word) > 1 and typeface.getlength(word) > width_px:  # the longest head that fits, at least a letter
             cut = 1
-            while cut < len(word) and font.getlength(word[:cut + 1]) <= width_px:
+            while cut < len(word) and typeface.getlength(word[:cut + 1]) <= width_px:
                 cut += 1
             lines.append(word[:cut])
             word = word[cut:]
