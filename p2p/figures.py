@@ -364,4 +364,9 @@ def build(kind: str, model: StableDiffusion, params: dict[str, Any], **common) -
     if unknown:
         raise ValueError(f"figure {kind!r} does not take {unknown}; it takes {accepted}")
     passed = {k: v for k, v in common.items() if k in accepted}
+    required = [name for name, parameter in inspect.signature(builder).parameters.items()
+                if name != "model" and parameter.default is inspect.Parameter.empty]
+    missing = [name for name in required if name not in params and name not in passed]
+    if missing:
+        raise ValueError(f"figure {kind!r} needs {missing} in its prompt set; it takes {accepted}")
     return builder(model, **passed, **params)

@@ -238,3 +238,9 @@ def test_attention_tiles_of_a_split_word_and_wrong_inputs(recorded):
     with pytest.raises(ValueError, match="text positions; pass the prompt the store recorded"):
         views.cross_attention_tiles(store, "a red circle and a blue square and a green triangle on a white background",
                                     0)
+
+
+def test_a_prompt_set_missing_a_builder_argument_is_named(no_sampling, tmp_path):
+    cfg = compose_figure(["experiment=fig6_injection_steps", "steps=2", "~prompt_sets.shapes.fractions"])
+    with pytest.raises(ValueError, match=r"'injection_sweep' needs \['fractions'\]"):
+        figure_script.make_figure(cfg, tmp_path / "run")
