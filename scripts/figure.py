@@ -7,7 +7,9 @@
     python scripts/figure.py -m experiment=fig2_content,fig6_injection_steps,fig9_fader   # several at once
 
 Writes into its own run folder outputs/figure/<experiment>/<date>/<time>: figure.png, images/ (each tile),
-figure.json (captions, files, numbers) and config.yaml; the real-image figure also writes photo.png.
+figure.json (the seed, steps, guidance and size used; captions, files, numbers) and config.yaml; the
+real-image figure also writes photo.png. seed=, steps=, guidance=, height=/width= and edit.* override the
+experiment's (except what a figure sweeps: Fig. 6's cross fraction, Fig. 9's reweight); a run folder that already holds a figure is refused before the model is loaded.
 The layouts and the edits behind them live in p2p/figures.py.
 """
 from __future__ import annotations
