@@ -98,12 +98,21 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m "
                                 "(multirun/ablate/DATE/TIME)")
-    jobs, skipped = {}, []
+    jobs, skipped, seen = {}, [], {}
     for job in _job_folders(folder):
+        name = str(job.relative_to(folder))
         try:
             jobs[job] = _read_job(job)
         except ValueError as reason:
-            skipped.append(Skipped(str(job.relative_to(folder)), str(reason)))
+            skipped.append(Skipped(name, str(reason)))
+            continue
+        # two sweeps under one folder may repeat a job (same settings, same seed): count its edits once
+        identity = json.dumps({k: v for k, v in jobs[job][1].items() if k != "threads"}, sort_keys=True, default=str)
+        if identity in seen:
+            del jobs[job]
+            skipped.append(Skipped(name, f"the same config and seed as {seen[identity]}, counted once"))
+        else:
+            seen[identity] = name
     if not jobs:
         found = f"; {len(skipped)} job folders, none finished: " + "; ".join(
             f"{s.job}: {s.reason}" for s in skipped[:5]) if skipped else ""

@@ -283,3 +283,14 @@ def test_a_failed_ablate_job_leaves_its_config_and_no_rows(monkeypatch, tmp_path
     assert (job / "config.yaml").is_file() and not (job / "rows.json").exists()
     fake_job(tmp_path / "sweep", "seed=1", seed=1)
     assert [s.job for s in aggregate.aggregate(tmp_path / "sweep").skipped] == ["seed=0"]
+
+
+def test_aggregate_counts_a_job_repeated_by_two_sweeps_once(tmp_path):
+    folder = tmp_path / "ablate"
+    fake_job(folder / "first", "seed=0")
+    fake_job(folder / "second", "seed=0")
+    fake_job(folder / "second", "seed=1", seed=1)
+    result = aggregate.aggregate(folder)
+    assert [(s.job, s.reason) for s in result.skipped] == [("second/seed=0", "the same config and seed as first/seed=0, "
+                                                             "counted once")]
+    assert next(r["n"] for r in result.table if r["setting"] == "p2p" and r["group"] == "all") == 4  # 2 seeds × 2 pairs
