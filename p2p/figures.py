@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from models.stable_diffusion import StableDiffusion

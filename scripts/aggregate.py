@@ -292,8 +292,7 @@ def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
     steps = ", ".join(str(v) for v in sorted({r["steps"] for r in rows}))
     title = (f"P2P word swaps on the shapes world ({', '.join(sorted({str(r['model']) for r in rows}))} model, "
              f"{steps} DDIM steps, {len({(r['source'], r['target']) for r in rows})} pairs × "
-             f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} unfinished jobs left out" if skipped else "")
-             + ")")
+             f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} job folders skipped" if skipped else "") + ")")
     return Aggregated(rows=write_csv(rows, out / OUTPUTS["rows"], row_columns),
                       summary=write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
                       plot=plot(table, out / OUTPUTS["plot"], title=title), table=table, skipped=skipped)

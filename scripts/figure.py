@@ -9,7 +9,8 @@
 Writes into its own run folder outputs/figure/<experiment>/<date>/<time>: figure.png, images/ (each tile),
 figure.json (the seed, steps, guidance and size used; captions, files, numbers) and config.yaml; the
 real-image figure also writes photo.png. seed=, steps=, guidance=, height=/width= and edit.* override the
-experiment's (except what a figure sweeps: Fig. 6's cross fraction, Fig. 9's reweight); a run folder that already holds a figure is refused before the model is loaded.
+experiment's (except what a figure sweeps: Fig. 6's cross fraction, Fig. 9's reweight); a run folder that
+already holds a figure is refused before the model is loaded.
 The layouts and the edits behind them live in p2p/figures.py.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def prompt_set(cfg: DictConfig) -> dict:
 
 def check_fresh(out: Path) -> Path:
     """The run folder, refused before any work if an earlier run wrote there (a reused hydra.run.dir)."""
-    earlier = [name for name in ("figure.png", "figure.json", "config.yaml", "photo.png", "images") if (out / name).exists()]
+    earlier = [name for name in ("figure.png", "figure.json", "config.yaml", "photo.png", "images")
+               if (out / name).exists()]
     if earlier:
         raise FileExistsError(f"{out} already holds a figure ({', '.join(earlier)}); refusing to overwrite it — "
                               "leave hydra.run.dir at its default (a new folder per run) or pick a new one")
