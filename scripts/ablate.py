@@ -68,6 +68,18 @@ def baseline_scores(model, model_key: str, pairs: list[tuple[str, str]], *, seed
     return _BASELINES[key]
 
 
+def checked_pairs(value) -> list[tuple[str, str]]:
+    """`pairs` as (source, target) captions of the shapes world, which its reader can score: checked before
+    the model is loaded (a caption outside the world would otherwise fail after the sampling)."""
+    pairs = [tuple(pair) if not isinstance(pair, str) else (pair,) for pair in (value or [])]
+    if not pairs or any(len(pair) != 2 or not all(isinstance(c, str) for c in pair) for pair in pairs):
+        raise ValueError(f"pairs={value!r}: give a list of [source, target] caption pairs, e.g. "
+                         "pairs='[[a red circle, a blue circle]]'")
+    for caption in dict.fromkeys(c for pair in pairs for c in pair):  # in order: the first bad one is named
+        parse_caption(caption)  # raises naming the word outside the world's vocabulary or grammar
+    return pairs
+
+
 JOB_FILES = ("config.yaml", "result.json", "rows.json")  # in the order written: rows.json last = the job finished
 
 
@@ -78,13 +90,13 @@ def run_job(cfg: DictConfig, out: Path) -> dict:
         raise FileExistsError(f"{out} already holds a job ({', '.join(earlier)}); refusing to overwrite it — "
                               "leave hydra.sweep.dir at its default (a new folder per sweep) or pick a new one")
     seed = number(cfg.seed, name="seed", kind=int)
+    pairs = checked_pairs(OmegaConf.to_container(cfg.pairs) if cfg.pairs is not None else None)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     key = OmegaConf.to_yaml(cfg.model) + f"{cfg.dtype}{cfg.device}"
     model = _MODELS[key] if key in _MODELS else _MODELS.setdefault(key, load_model(cfg))
     settings = sampler_settings(cfg, model)
     spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
-    pairs = [tuple(p) for p in cfg.pairs]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)  # first: a job that fails later still says what it was
     began = time.perf_counter()

@@ -294,3 +294,14 @@ def test_aggregate_counts_a_job_repeated_by_two_sweeps_once(tmp_path):
     assert [(s.job, s.reason) for s in result.skipped] == [("second/seed=0", "the same config and seed as first/seed=0, "
                                                              "counted once")]
     assert next(r["n"] for r in result.table if r["setting"] == "p2p" and r["group"] == "all") == 4  # 2 seeds × 2 pairs
+
+
+@pytest.mark.parametrize("pairs, message", [("[['a red circle']]", "list of \\[source, target\\] caption pairs"),
+                                            ("[['a cat', 'a dog']]", "'cat' in caption 'a cat' is not in the vocabulary"),
+                                            ("[]", "list of \\[source, target\\] caption pairs")])
+def test_ablate_names_pairs_it_cannot_score_before_loading_the_model(pairs, message, monkeypatch, tmp_path):
+    from scripts import ablate
+    monkeypatch.setattr(ablate, "_MODELS", {})
+    monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=message):
+        ablate.run_job(compose_ablate(["steps=2", f"pairs={pairs}"]), tmp_path)
