@@ -86,7 +86,11 @@ def _read_job(job: Path) -> tuple[list[dict], dict]:
         raise ValueError(f"rows.json is unreadable ({error})") from None
     if not isinstance(rows, list) or not rows:
         raise ValueError("rows.json holds no rows")
-    return rows, _flat(OmegaConf.to_container(OmegaConf.load(job / "config.yaml"), resolve=True))
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(job / "config.yaml"), resolve=True)
+    except Exception as error:  # OmegaConf/YAML raise several kinds; any of them means the same here
+        raise ValueError(f"config.yaml is unreadable ({type(error).__name__})") from None
+    return rows, _flat(config)
 
 
 def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
@@ -114,8 +118,10 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
         else:
             seen[identity] = name
     if not jobs:
-        found = f"; {len(skipped)} job folders, none finished: " + "; ".join(
-            f"{s.job}: {s.reason}" for s in skipped[:5]) if skipped else ""
+        found = ""
+        if skipped:
+            found = f"; {len(skipped)} job folders, none finished: " + "; ".join(f"{s.job}: {s.reason}"
+                                                                                for s in skipped[:5])
         raise FileNotFoundError(f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
                                 "(each job writes rows.json and config.yaml into its own folder)")
     configs = [config for _, config in jobs.values()]
@@ -124,17 +130,16 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
                     and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
     rows = []
     for job_rows, config in jobs.values():
-        describe = lambda keys: " ".join(f"{k}={json.dumps(config.get(k))}" for k in keys)  # noqa: E731
-        setting = {**{k: config.get(f"edit.{k}") for k in SETTINGS}, "other_settings": describe(others),
+        setting = {**{k: config.get(f"edit.{k}") for k in SETTINGS}, "other_settings": _describe(config, others),
                    # what the no-injection baseline depends on: the other settings outside `edit`
-                   "baseline_settings": describe([k for k in others if not k.startswith("edit.")])}
+                   "baseline_settings": _describe(config, [k for k in others if not k.startswith("edit.")])}
         rows += [{**row, **setting} for row in job_rows]
     return rows, skipped
 
 
-def load_rows(folder: Path) -> list[dict]:
-    """The rows of every finished job (`load_jobs` without the list of skipped ones)."""
-    return load_jobs(folder)[0]
+def _describe(config: dict, keys: list[str]) -> str:
+    """'guidance=3.0 steps=10': a job's values of the other swept fields."""
+    return " ".join(f"{k}={json.dumps(config.get(k))}" for k in keys)
 
 
 def rates(rows: list[dict], *, prefix: str) -> dict:

@@ -185,12 +185,13 @@ def test_aggregate_skips_failed_and_unfinished_jobs_and_says_which(tmp_path, cap
     fake_job(sweep, "cross=0.4", cross=0.4, rows="absent")  # failed: Hydra made its folder, no rows.json
     fake_job(sweep, "cross=0.2", cross=0.2, rows='[{"seed": 0, "st')  # killed while writing
     fake_job(sweep, "cross=0", cross=0.0, config=False)  # rows but no config: its setting is unknown
+    (fake_job(sweep, "cross=1", cross=1.0) / "config.yaml").write_text("edit: {cross: [")  # config cut short
     aggregate.main([str(sweep)])
     err = capsys.readouterr().err
     for job, reason in (("cross=0.4", "no rows.json"), ("cross=0.2", "rows.json is unreadable"),
-                        ("cross=0", "rows.json but no config.yaml")):
+                        ("cross=0", "rows.json but no config.yaml"), ("cross=1", "config.yaml is unreadable")):
         assert f"skipped {job}: {reason}" in err
-    assert "skipped 3 job folders" in err
+    assert "skipped 4 job folders" in err
     summary = read_csv(sweep / "ablation_summary.csv")
     assert {r["cross_replace_steps"] for r in summary if r["setting"] == "p2p"} == {"0.8"}
 
