@@ -39,7 +39,10 @@ def _font_file() -> str | None:
 def font(size: int) -> ImageFont.ImageFont:
     """The caption font at `size` px: DejaVu Sans when matplotlib's copy is there, else Pillow's default."""
     if _font_file() is not None:
-        return ImageFont.truetype(_font_file(), size)
+        try:
+            return ImageFont.truetype(_font_file(), size)
+        except (OSError, ImportError):  # a Pillow built without FreeType
+            pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has a single bitmap size
