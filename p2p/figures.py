@@ -70,7 +70,8 @@ class Figure:
             raise ValueError(f"figure {self.title!r} has no rows to draw")
         strips = []
         for label, row in zip(self.row_labels, self.rows):
-            tiles = views.grid([[views.captioned(_framed(t.image, tile_size), t.caption) for t in row]], gap=GAP)
+            tiles = views.grid([[views.captioned(_framed(t.image, tile_size), t.caption, size=tile_size) for t in row]],
+                               gap=GAP)  # size: tile_size is honoured below views.MIN_TILE too
             text = _text_block(label, width=LABEL_WIDTH - 8, size=LABEL_FONT_SIZE)
             strip = Image.new("RGB", (LABEL_WIDTH + tiles.width, max(tiles.height, text.height)), "white")
             strip.paste(text, (4, (strip.height - text.height) // 2))

@@ -244,3 +244,11 @@ def test_a_prompt_set_missing_a_builder_argument_is_named(no_sampling, tmp_path)
     cfg = compose_figure(["experiment=fig6_injection_steps", "steps=2", "~prompt_sets.shapes.fractions"])
     with pytest.raises(ValueError, match=r"'injection_sweep' needs \['fractions'\]"):
         figure_script.make_figure(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("tile_size", [48, 128])
+def test_tiles_are_drawn_at_tile_size(tile_size):
+    figure = Figure("t")
+    figure.add_row("row", [Tile(GRAY, "one", "one"), Tile(np.zeros((16, 32, 3), np.uint8), "two", "two")])
+    rendered = figure.render(tile_size=tile_size)
+    assert rendered.width == figures.LABEL_WIDTH + 2 * tile_size + figures.GAP
