@@ -137,6 +137,11 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     return rows, skipped
 
 
+def load_rows(folder: Path) -> list[dict]:
+    """The rows of every finished job (`load_jobs` without the list of skipped ones)."""
+    return load_jobs(folder)[0]
+
+
 def _describe(config: dict, keys: list[str]) -> str:
     """'guidance=3.0 steps=10': a job's values of the other swept fields."""
     return " ".join(f"{k}={json.dumps(config.get(k))}" for k in keys)
@@ -273,13 +278,13 @@ def plot(table: list[dict], path: Path, *, title: str) -> Path:
 OUTPUTS = {"rows": "ablation_rows.csv", "summary": "ablation_summary.csv", "plot": "ablation.png"}
 
 
-@dataclass
-class Aggregated:
-    rows: Path  # ablation_rows.csv
-    summary: Path  # ablation_summary.csv
-    plot: Path  # ablation.png
-    table: list[dict]  # the summary's rows
-    skipped: list[Skipped]  # jobs left out, with the reason
+class Aggregated(dict):
+    """The written files by name, {'rows': …csv, 'summary': …csv, 'plot': …png}, and what they were made of:
+    `table` (the summary's rows) and `skipped` (the job folders left out, each with the reason)."""
+
+    def __init__(self, paths: dict[str, Path], *, table: list[dict], skipped: list[Skipped]):
+        super().__init__(paths)
+        self.table, self.skipped = table, skipped
 
 
 def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
@@ -298,9 +303,10 @@ def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
     title = (f"P2P word swaps on the shapes world ({', '.join(sorted({str(r['model']) for r in rows}))} model, "
              f"{steps} DDIM steps, {len({(r['source'], r['target']) for r in rows})} pairs × "
              f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} job folders skipped" if skipped else "") + ")")
-    return Aggregated(rows=write_csv(rows, out / OUTPUTS["rows"], row_columns),
-                      summary=write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
-                      plot=plot(table, out / OUTPUTS["plot"], title=title), table=table, skipped=skipped)
+    paths = {"rows": write_csv(rows, out / OUTPUTS["rows"], row_columns),
+             "summary": write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
+             "plot": plot(table, out / OUTPUTS["plot"], title=title)}
+    return Aggregated(paths, table=table, skipped=skipped)
 
 
 def markdown_table(table: list[dict], *, group: str = "all") -> str:
@@ -332,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipped {job.job}: {job.reason}", file=sys.stderr)
     if result.skipped:
         print(f"skipped {len(result.skipped)} job folders; the outputs hold the other jobs only", file=sys.stderr)
-    for name in OUTPUTS:
-        print(f"{name}: {getattr(result, name)}")
+    for name, path in result.items():
+        print(f"{name}: {path}")
     if args.markdown:
         print(markdown_table(result.table))
 

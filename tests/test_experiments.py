@@ -133,19 +133,19 @@ def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
 
     result = aggregate.aggregate(sweep)
     assert result.skipped == []
-    with result.summary.open() as f:
+    with result["summary"].open() as f:
         summary = list(csv.DictReader(f))
     assert tuple(summary[0]) == aggregate.SUMMARY_COLUMNS
     settings = {(r["setting"], r["cross_replace_steps"], r["group"]) for r in summary}
     assert {("p2p", "0.0", "all"), ("p2p", "1.0", "all"), ("none", "none", "all"),
             ("p2p", "0.0", "color"), ("p2p", "0.0", "shape")} <= settings
-    with result.rows.open() as f:
+    with result["rows"].open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2  # jobs × pairs
     assert {"cross_replace_steps", "self_replace_steps", "seed", "swap", "edit_target_correct", "edit_iou",
             "edit_centroid_shift", "baseline_iou"} <= set(rows[0])
     assert {r["swap"] for r in rows} == {"color", "shape"}
-    assert Image.open(result.plot).format == "PNG"
+    assert Image.open(result["plot"]).format == "PNG"
 
 
 # ----------------------------------------------------------------------------- aggregation on awkward sweeps
@@ -214,10 +214,10 @@ def test_aggregate_of_a_single_setting(tmp_path):
     sweep = tmp_path / "sweep"
     fake_job(sweep, "only")
     result = aggregate.aggregate(sweep)
-    summary = read_csv(result.summary)
+    summary = read_csv(result["summary"])
     assert [(r["setting"], r["group"]) for r in summary] == [("p2p", "all"), ("p2p", "color"), ("p2p", "shape"),
                                                               ("none", "all"), ("none", "color"), ("none", "shape")]
-    assert Image.open(result.plot).format == "PNG"
+    assert Image.open(result["plot"]).format == "PNG"
 
 
 def test_aggregate_keeps_non_numeric_settings_apart(tmp_path):
@@ -253,7 +253,7 @@ def test_aggregate_never_overwrites_even_in_part(tmp_path):
     assert not (sweep / "ablation_rows.csv").exists() and not (sweep / "ablation_summary.csv").exists()
     assert (sweep / "ablation.png").read_bytes() == b"an earlier plot"
     result = aggregate.aggregate(sweep, tmp_path / "elsewhere")  # --out
-    assert result.plot.parent == tmp_path / "elsewhere"
+    assert result["plot"].parent == tmp_path / "elsewhere"
 
 
 def compose_ablate(overrides: list[str]):
