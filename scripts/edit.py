@@ -83,8 +83,9 @@ def main(cfg: DictConfig) -> None:
     prompts, spec, blend = edit_inputs(cfg)
     model = load_model(cfg)
     settings = sampler_settings(cfg, model)
-    # text-attention maps of every resolution: cheap (a few dozen text keys), and the tiny model's cross layers are at the full latent
-    store = StoreSpec(max_fraction=1.0) if cfg.attention else None
+    # cross-attention maps of every resolution (cheap: a few dozen text keys), as the reference shows them; not the
+    # hybrid layers' text columns, which are coarse (4×4, 2×2 on the tiny model) and flatten the word's map
+    store = StoreSpec(kinds=("cross",), max_fraction=1.0) if cfg.attention else None
     common = dict(seed=cfg.seed, settings=settings, height=cfg.height, width=cfg.width, progress=cfg.progress)
     result = edit(model, prompts, spec=spec if spec.kind != "none" else None, blend=blend, store=store, **common)
 
