@@ -19,8 +19,9 @@ from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, 
 from p2p.inversion import restore_outside_mask
 from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
+from models.text import clip_tokenizer
 from p2p.tokens import (CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers,
-                        token_scales, words)
+                        token_scales)
 
 EDIT_KINDS = ("replace", "refine", "reweight", "none")
 
@@ -146,7 +147,8 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     elif kind == "refine":
         kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets, context_length=context_length)
     else:  # reweight alone / none: source maps go to targets token by token, so the tokens must line up
-        different = [t for t in targets if words(t) != words(source)]
+        # the same tokens, not the same spelling: CLIP lowercases, so "A red circle" is "a red circle"
+        different = [t for t in targets if clip_tokenizer().encode(t) != clip_tokenizer().encode(source)]
         if different:
             raise ValueError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
                              f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader")

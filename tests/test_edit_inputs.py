@@ -227,3 +227,14 @@ def test_a_blend_built_for_another_text_length_is_refused_by_name():
     blend.begin_step(0)
     with pytest.raises(ValueError, match="attends to 16 text tokens but the blend was built for 77"):
         blend(torch.rand(4, 2, 64, 16).softmax(dim=-1), site)
+
+
+def test_reweight_alone_accepts_prompts_that_differ_only_in_case():
+    # CLIP lowercases: "A red circle" and "a red circle" are the same tokens, so token-by-token maps line up
+    from p2p.edit import build_edit
+    controller = build_edit(EditSpec(kind="reweight", reweight={"red": 2.0}), ["A red circle", "a red circle"],
+                            num_steps=2, latent_hw=(8, 8), context_length=TEXT)
+    assert controller is not None
+    with pytest.raises(ValueError, match="needs targets equal to the source"):
+        build_edit(EditSpec(kind="reweight", reweight={"red": 2.0}), ["a red circle", "a red square"],
+                   num_steps=2, latent_hw=(8, 8), context_length=TEXT)
