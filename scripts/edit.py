@@ -37,14 +37,12 @@ def changed_words(prompts: list[str]) -> list[list[str]]:
 
 def attention_row(result, prompts: list[str], focus: list[list[str]]):
     """One tile per prompt: the summed maps of its changed words (or of the whole prompt's last word)."""
-    from p2p.tokens import word_token_positions
-
     tiles = []
-    maps_by_prompt = [views.token_maps(result.store, i) for i in range(len(prompts))]
     for i, (prompt, chosen) in enumerate(zip(prompts, focus)):
         chosen = chosen or words(prompt)[-1:]
-        positions = [p for w in chosen for p in word_token_positions(prompt, w)]
-        tiles.append(views.captioned(views.heat(maps_by_prompt[i][positions].sum(0)), "attention: " + " ".join(chosen)))
+        maps = views.token_maps(result.store, i)
+        tiles.append(views.captioned(views.heat(sum(views.word_map(maps, prompt, w) for w in chosen)),
+                                     "attention: " + " ".join(chosen)))
     return tiles
 
 
