@@ -31,7 +31,7 @@ from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
 from p2p.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
 from p2p.inversion_cache import cached_invert
-from p2p.pipeline import SamplerSettings, check_image_size, decode, sample
+from p2p.pipeline import SamplerSettings, check_image_size, decode, image_size, sample
 from p2p.tokens import word_token_positions, words
 from p2p.world import WorldConfig, sample_scene
 
@@ -164,7 +164,7 @@ def _check_edits(model: StableDiffusion, runs: Sequence[dict], *, settings: Samp
                  height: int | None, width: int | None) -> None:
     """Build (and drop) each run's controllers before any sampling: a bad prompt, word or window in the last
     row of a figure then fails in a second, not after every earlier row was drawn (minutes on SD)."""
-    size = (height or model.config.image_size, width or model.config.image_size)
+    size = image_size(model, height, width)
     check_image_size(*size, latent_factor=model.config.latent_factor)
     latent_hw = (size[0] // model.config.latent_factor, size[1] // model.config.latent_factor)
     for run in runs:

@@ -30,7 +30,7 @@ from models.attention import AttentionSite  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
 from p2p.controllers import Compose, Controller  # noqa: E402
 from p2p.edit import EditSpec, build_edit  # noqa: E402
-from p2p.pipeline import initial_latent, sample  # noqa: E402
+from p2p.pipeline import image_size, initial_latent, sample  # noqa: E402
 
 SCHEMES = ("plain", "p2p", "reference")
 
@@ -82,7 +82,7 @@ def run_scheme(cfg: DictConfig) -> dict:
     model = build_model(cfg)
     prompts = prompt_list(cfg.prompts, minimum=2)
     settings = sampler_settings(cfg, model)
-    height, width = cfg.height or model.config.image_size, cfg.width or model.config.image_size
+    height, width = image_size(model, cfg.height, cfg.width)
     latent = initial_latent(cfg.seed, height=height, width=width, latent_factor=model.config.latent_factor)
     latent_hw = tuple(latent.shape[-2:])
     spec = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)

@@ -32,7 +32,7 @@ from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # 
 from p2p.images import load_image  # noqa: E402
 from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
-from p2p.pipeline import check_image_size, decode, sample  # noqa: E402
+from p2p.pipeline import check_image_size, decode, image_size, sample  # noqa: E402
 
 
 OUTPUTS = ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png", "metrics.json",
@@ -68,8 +68,7 @@ def main(cfg: DictConfig) -> None:
     out = run_dir()
     check_fresh(out)
     model = load_model(cfg)
-    height = cfg.height or model.config.image_size
-    width = cfg.width or model.config.image_size
+    height, width = image_size(model, cfg.height, cfg.width)
     check_image_size(height, width, latent_factor=model.config.latent_factor)
     margins = OmegaConf.to_container(cfg.margins) if OmegaConf.is_list(cfg.margins) else cfg.margins
     image = load_image(cfg.image, height=height, width=width, margins=margins)
