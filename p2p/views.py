@@ -165,6 +165,9 @@ def word_map(maps: torch.Tensor, prompt: str, word: str | int) -> torch.Tensor:
 
 def heat(map_2d: torch.Tensor, *, size: int = MIN_TILE) -> np.ndarray:
     """A map normalised to its own max → uint8 RGB tile (grayscale), as in the reference's `show_cross_attention`."""
+    if not torch.isfinite(map_2d).all():  # NaN would turn into arbitrary gray levels, not an error
+        raise ValueError(f"attention map of shape {tuple(map_2d.shape)} holds NaN or inf values; was the model run "
+                         "in a dtype that overflowed (try dtype=fp32)?")
     m = map_2d.float().clamp_min(0)
     m = (255 * m / m.max().clamp_min(1e-12)).round().to(torch.uint8).numpy()
     return np.asarray(Image.fromarray(m).resize((size, round(size * m.shape[0] / m.shape[1])), Image.BILINEAR).convert("RGB"))

@@ -252,3 +252,11 @@ def test_tiles_are_drawn_at_tile_size(tile_size):
     figure.add_row("row", [Tile(GRAY, "one", "one"), Tile(np.zeros((16, 32, 3), np.uint8), "two", "two")])
     rendered = figure.render(tile_size=tile_size)
     assert rendered.width == figures.LABEL_WIDTH + 2 * tile_size + figures.GAP
+
+
+def test_heat_names_a_map_with_nan():
+    import torch
+    from p2p import views
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        views.heat(torch.tensor([[0.5, float("nan")], [0.1, 0.2]]))
+    assert views.heat(torch.tensor([[0.5, 1.0], [0.1, 0.2]])).shape == (96, 96, 3)
