@@ -93,6 +93,20 @@ def slug(text: str, *, max_length: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:max_length] or "prompt"
 
 
+RUN_OUTPUTS = ("config.yaml", "*.json", "*.png", "images")  # what our scripts write (Hydra's .hydra/ and log are not)
+
+
+def check_fresh(out: Path, *, what: str = "a previous run's files", setting: str = "hydra.run.dir") -> Path:
+    """The run folder, refused before any work if an earlier run already wrote there (a reused `setting`), so
+    a clash is found in a second rather than after the sampling or inversion it would have overwritten."""
+    out = Path(out)
+    earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
+    if earlier:
+        raise FileExistsError(f"{out} already holds {what} ({', '.join(earlier)}); refusing to overwrite it — "
+                              f"leave {setting} at its default (a new folder per run) or pick a new one")
+    return out
+
+
 def save_image(image: np.ndarray, path: Path) -> Path:
     """uint8 (H, W, 3) → PNG; refuses to overwrite."""
     path = Path(path)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, number, run_dir, sampler_settings, save_config  # noqa: E402
+from scripts._common import check_fresh, load_model, number, run_dir, sampler_settings, save_config  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.metrics import edit_study, score_edit, summarize  # noqa: E402
 from p2p.pipeline import decode, initial_latent, sample  # noqa: E402
@@ -80,15 +80,10 @@ def checked_pairs(value) -> list[tuple[str, str]]:
     return pairs
 
 
-JOB_FILES = ("config.yaml", "result.json", "rows.json")  # in the order written: rows.json last = the job finished
-
-
 def run_job(cfg: DictConfig, out: Path) -> dict:
-    """Score every pair for this job's setting and seed; write config.yaml, result.json and rows.json."""
-    earlier = [name for name in JOB_FILES if (out / name).exists()]
-    if earlier:  # before any work: a reused sweep folder would otherwise be found out after the sampling
-        raise FileExistsError(f"{out} already holds a job ({', '.join(earlier)}); refusing to overwrite it — "
-                              "leave hydra.sweep.dir at its default (a new folder per sweep) or pick a new one")
+    """Score every pair for this job's setting and seed; write config.yaml, result.json and rows.json, in that
+    order (rows.json last: its presence means the job finished)."""
+    check_fresh(out, what="a job", setting="hydra.sweep.dir")
     seed = number(cfg.seed, name="seed", kind=int)
     pairs = checked_pairs(OmegaConf.to_container(cfg.pairs) if cfg.pairs is not None else None)
     if cfg.threads:

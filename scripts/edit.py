@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import check_fresh, load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.tokens import words  # noqa: E402
@@ -65,14 +65,6 @@ def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]
     blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
     return prompts, spec, blend
 
-
-def check_fresh(out: Path) -> Path:
-    """The run folder, refused before any work if an earlier run already wrote there (a reused hydra.run.dir)."""
-    earlier = sorted(p.name for p in out.glob("*.png")) + [p.name for p in out.glob("config.yaml")]
-    if earlier:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(earlier[:3])}); refusing to overwrite it — "
-                              "leave hydra.run.dir at its default (a new folder per run) or pick a new one")
-    return out
 
 
 @hydra.main(config_path="../conf", config_name="edit", version_base="1.3")

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._common import load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import check_fresh, load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 from p2p import views  # noqa: E402
 from scripts.edit import edit_inputs  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # noqa: E402
@@ -33,10 +33,6 @@ from p2p.images import load_image  # noqa: E402
 from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
 from p2p.pipeline import check_image_size, decode, image_size, sample  # noqa: E402
-
-
-OUTPUTS = ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png", "metrics.json",
-           "config.yaml")  # besides one PNG per prompt; Hydra's own .hydra/ and log are not ours
 
 
 def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]:
@@ -54,19 +50,12 @@ def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | Non
     return prompts, spec, blend
 
 
-def check_fresh(out: Path) -> None:
-    """Refuse a folder that already holds a run's results before spending minutes on an inversion."""
-    previous = sorted(p.name for p in out.iterdir() if p.name in OUTPUTS or p.suffix == ".png") if out.is_dir() else []
-    if previous:
-        raise FileExistsError(f"{out} already holds a previous run's {', '.join(previous)}; refusing to overwrite "
-                              "them: pick another hydra.run.dir (or leave it to Hydra's dated default)")
-
 
 @hydra.main(config_path="../conf", config_name="edit_image", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     prompts, spec, blend = check_request(cfg)
     out = run_dir()
-    check_fresh(out)
+    check_fresh(out)  # before minutes of inversion
     model = load_model(cfg)
     height, width = image_size(model, cfg.height, cfg.width)
     check_image_size(height, width, latent_factor=model.config.latent_factor)

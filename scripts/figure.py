@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._common import load_model, number, run_dir, sampler_settings, save_config, save_image  # noqa: E402
+from scripts._common import check_fresh, load_model, number, run_dir, sampler_settings, save_config, save_image  # noqa: E402
 from p2p import figures  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.images import load_image  # noqa: E402
@@ -43,15 +43,6 @@ def prompt_set(cfg: DictConfig) -> dict:
                          "(the built-in tiny model only knows the shapes world; use prompt_set=shapes)")
     return OmegaConf.to_container(cfg.prompt_sets[cfg.prompt_set], resolve=True)
 
-
-def check_fresh(out: Path) -> Path:
-    """The run folder, refused before any work if an earlier run wrote there (a reused hydra.run.dir)."""
-    earlier = [name for name in ("figure.png", "figure.json", "config.yaml", "photo.png", "images")
-               if (out / name).exists()]
-    if earlier:
-        raise FileExistsError(f"{out} already holds a figure ({', '.join(earlier)}); refusing to overwrite it — "
-                              "leave hydra.run.dir at its default (a new folder per run) or pick a new one")
-    return out
 
 
 def size_override(cfg: DictConfig, name: str) -> int | None:
@@ -106,7 +97,7 @@ def add_photo(cfg: DictConfig, params: dict, *, size: int, height: int | None, w
 def make_figure(cfg: DictConfig, out: Path) -> Path:
     """Build the experiment's figure and save it with its tiles and the resolved config into `out`."""
     params = prompt_set(cfg)
-    check_fresh(Path(out))
+    check_fresh(out, what="a figure")
     overrides = checked_overrides(cfg, params)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
