@@ -205,9 +205,6 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
     return figure
 
 
-word_map = views.word_map  # one word's map from per-token maps; it lives in views now, this name stays for callers
-
-
 def attention_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
                      prompt: str, words_over_steps: Sequence[str], steps_shown: int = 6,
                      downsamplings: Sequence[int] | None = None, store_max_fraction: float = 0.5,

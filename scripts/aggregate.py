@@ -137,10 +137,6 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     return rows, skipped
 
 
-def load_rows(folder: Path) -> list[dict]:
-    """The rows of every finished job (`load_jobs` without the list of skipped ones)."""
-    return load_jobs(folder)[0]
-
 
 def _describe(config: dict, keys: list[str]) -> str:
     """'guidance=3.0 steps=10': a job's values of the other swept fields."""
