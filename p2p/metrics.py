@@ -83,6 +83,24 @@ def edit_study(model: StableDiffusion, cases: Iterable[tuple[str, str]], *, seed
     return rows
 
 
+def layout_commit_step(frames: Sequence[np.ndarray], *, iou_threshold: float = 0.8) -> int:
+    """When sampling decided the layout: the first step from which every later frame's object mask (the
+    reader's) overlaps the last frame's with IoU ≥ `iou_threshold`. `frames`: uint8 (H, W, 3) images of one
+    prompt's predicted x0, one per step, the last the final image. len(frames) − 1 means only the last.
+
+    P2P keeps a layout only if its self-attention window reaches past this step (the paper's 40% on SD)."""
+    if len(frames) == 0:
+        raise ValueError("layout_commit_step needs at least one frame")
+    masks = [_objects_mask(read_image(frame), frame.shape[:2]) for frame in frames]
+    final = masks[-1]
+    step = len(masks) - 1
+    while step > 0:
+        if mask_iou(masks[step - 1], final) < iou_threshold:
+            break
+        step -= 1
+    return step
+
+
 def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) -> dict:
     """Rates over a study: success, target colors reached, layout kept (IoU ≥ threshold), success and kept,
     mean IoU, median centroid shift."""

@@ -4,7 +4,8 @@ One initial latent x_T, drawn on the CPU from the seed, is shared by every promp
 (source first, then targets). Each step runs the UNet once on `[uncond × P, cond × P]`, applies
 classifier-free guidance (Ho & Salimans 2022) `ε = ε_u + w·(ε_c − ε_u)`, takes a DDIM step and lets an
 optional latent callback (LocalBlend) rewrite the result. The loop — never a call counter — tells the
-controller which step it is.
+controller which step it is. An optional `on_prediction` hook sees each step's predicted clean latents
+(x̂0 of the guided ε): where the image is heading, e.g. when its layout is decided.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.attention import AttentionController, attach_controller
-from models.ddim import ddim_step, ddim_timesteps, previous_timestep, SD_TIMESTEP_OFFSET
+from models.ddim import ddim_step, ddim_timesteps, eps_and_x0, previous_timestep, SD_TIMESTEP_OFFSET
 from models.stable_diffusion import StableDiffusion
 
 LATENT_CHANNELS = 4  # SD's VAE latent channels
@@ -28,6 +29,7 @@ class StepController(AttentionController, Protocol):
 
 
 LatentCallback = Callable[[int, torch.Tensor], torch.Tensor]  # (step, x_{t-1} of all prompts) -> x_{t-1}
+PredictionHook = Callable[[int, torch.Tensor], None]  # (step, predicted x0 of all prompts (P, 4, h, w)); read only
 
 
 def check_image_size(height: int, width: int, *, latent_factor: int) -> None:
@@ -60,12 +62,13 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
            settings: SamplerSettings = SamplerSettings(), negative_prompt: str = "",
            controller: StepController | None = None, latent_callback: LatentCallback | None = None,
            uncond_embeddings: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-           progress: bool = True) -> torch.Tensor:
+           progress: bool = True, on_prediction: PredictionHook | None = None) -> torch.Tensor:
     """Run the loop; returns the final latents (P, 4, h, w) in float32.
 
     `latent`: (1, 4, h, w), shared by all prompts. `uncond_embeddings`: one (1, 77, d) embedding per step
     (null-text inversion) replacing the negative prompt's. `generator` feeds the η > 0 noise, which is
-    drawn once per step and shared by all prompts so that edits stay aligned.
+    drawn once per step and shared by all prompts so that edits stay aligned. `on_prediction(step, x0)` gets
+    a copy of the step's predicted clean latents (before any latent callback).
     """
     if not prompts:
         raise ValueError("sample needs at least one prompt")
@@ -88,6 +91,8 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
                              torch.cat([uncond, cond])).float()
             out_uncond, out_cond = out.chunk(2)
             guided = out_uncond + settings.guidance * (out_cond - out_uncond)
+            if on_prediction is not None:
+                on_prediction(step, eps_and_x0(guided, x, model.schedule.alpha(t), prediction=model.config.prediction)[1])
             noise = None
             if settings.eta > 0:
                 noise = torch.randn((1, *x.shape[1:]), generator=generator).to(device).expand_as(x)

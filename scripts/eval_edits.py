@@ -7,6 +7,10 @@ Studies (one-object captions unless said otherwise; each seed draws its own capt
 - color swap with injection (edit group, default cross 0.8 / self 0.4) vs same-seed sampling without it:
   target color reached, source–target object-mask IoU, IoU ≥ 0.8 rate; and the ceiling of that measurement:
   the IoU of the perfect edit (a render and the same layout in the new color, both through the model's VAE);
+- the same color swaps with the most injection the method has (cross and self maps replaced at every step, in
+  every layer): how much of the layout attention alone can hold on this model;
+- when sampling decides the layout: the step from which the source's predicted x0 keeps the final object mask
+  (IoU ≥ 0.8) — P2P's self window (40% of the steps) can only hold a layout decided inside it;
 - shape swap: centroid shift with and without injection;
 - LocalBlend on two-object captions (swap one object's color, blend words = its shape): the fraction of the
   other object's pixels that stay unchanged, how much of it the blend mask covers (what the mask covers
@@ -31,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
 from p2p.inversion import mask_at, vae_reconstruction  # noqa: E402
-from p2p.metrics import edit_study, score_edit, summarize, unchanged_pixels  # noqa: E402
+from p2p.pipeline import decode, generate  # noqa: E402
+from p2p.schedules import named_step_range  # noqa: E402
+from p2p.metrics import edit_study, layout_commit_step, score_edit, summarize, unchanged_pixels  # noqa: E402
 from p2p.reader import matches_caption, read_image  # noqa: E402
 from p2p.world import WorldConfig, make_caption, parse_caption, render, sample_scene  # noqa: E402
 
@@ -61,6 +67,17 @@ def perfect_color_swaps(model, world: WorldConfig, *, seed: int, n: int) -> list
         score = score_edit(source, target, source_caption=scene.caption, target_caption=target_caption)
         rows.append({"caption": scene.caption, "new_color": new, "iou": score.iou})
     return rows
+
+
+def commit_steps(model, captions, *, seeds, settings) -> list[int]:
+    """layout_commit_step of each caption sampled alone with its seed (frames: each step's x̂0, then the image)."""
+    steps = []
+    for caption, seed in zip(captions, seeds):
+        predictions = []
+        final = generate(model, [caption], seed=seed, settings=settings, progress=False,
+                         on_prediction=lambda step, x0: predictions.append(x0))
+        steps.append(layout_commit_step([*decode(model, torch.cat(predictions)), final[0]]))
+    return steps
 
 
 def blend_case(rng: np.random.Generator, world: WorldConfig) -> tuple[str, str, str, tuple[str, str]]:
@@ -105,13 +122,28 @@ def main(cfg: DictConfig) -> None:
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.n))
     report = {"settings": {"steps": settings.steps, "guidance": settings.guidance, "n": cfg.n,
                            "edit": OmegaConf.to_container(cfg.edit, resolve=True)}}
+    pairs = {}
     for swap in ("color", "shape"):
         rng = np.random.default_rng([cfg.first_seed, 0 if swap == "color" else 1])
+        pairs[swap] = [swap_pair(rng, world, swap=swap) for _ in seeds]
         rows = []
-        for seed in seeds:
-            rows += edit_study(model, [swap_pair(rng, world, swap=swap)], seeds=[seed], spec=spec, settings=settings)
+        for pair, seed in zip(pairs[swap], seeds):
+            rows += edit_study(model, [pair], seeds=[seed], spec=spec, settings=settings)
         report[f"{swap}_swap"] = {"edit": summarize(rows, prefix="edit"), "baseline": summarize(rows, prefix="baseline"),
                                   "rows": rows}
+    most = dataclasses.replace(spec, cross_replace_steps=1.0, self_replace_steps=1.0, self_max_fraction=1.0,
+                               self_max_side=None)
+    rows = []
+    for pair, seed in zip(pairs["color"], seeds):
+        rows += edit_study(model, [pair], seeds=[seed], spec=most, settings=settings, baseline=False)
+    report["color_swap"]["most_injection"] = {**summarize(rows, prefix="edit"), "rows": rows}
+    commits = np.array(commit_steps(model, [source for source, _ in pairs["color"]], seeds=seeds, settings=settings))
+    window = named_step_range(spec.self_replace_steps, settings.steps, "self_replace_steps")
+    report["layout_commit"] = {"n": len(commits), "steps": settings.steps, "self_window": [window.start, window.stop],
+                               "quartiles": [float(q) for q in np.percentile(commits, [25, 50, 75])],
+                               "p90": float(np.percentile(commits, 90)),
+                               "within_self_window": float(np.mean(commits <= window.stop)),
+                               "per_seed": commits.tolist()}
     perfect = [r["iou"] for r in perfect_color_swaps(model, world, seed=cfg.first_seed, n=cfg.n)]
     report["color_swap"]["perfect_edit"] = {"n": len(perfect), "mean_iou": float(np.mean(perfect)),
                                             "kept_layout": float(np.mean(np.array(perfect) >= 0.8))}
@@ -136,6 +168,14 @@ def main(cfg: DictConfig) -> None:
                   f"target colors={s.get('target_colors', float('nan')):.3f} "
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
+    s = report["color_swap"]["most_injection"]
+    print(f"color swap, cross and self injected at every step in every layer: n={s.get('n')} "
+          f"target colors={s.get('target_colors', float('nan')):.3f} mean IoU={s.get('mean_iou', float('nan')):.3f} "
+          f"IoU>=0.8={s.get('kept_layout', float('nan')):.3f}")
+    c = report["layout_commit"]
+    print(f"layout decided at step (of {c['steps']}, source x0 keeps the final mask from then on): quartiles "
+          f"{c['quartiles']} p90 {c['p90']}; by the end of the self window (step {c['self_window'][1]}): "
+          f"{c['within_self_window']:.3f}")
     p = report["color_swap"]["perfect_edit"]
     print(f"color swap perfect   n={p['n']} (the same layout recolored, through the VAE) mean IoU={p['mean_iou']:.3f} "
           f"IoU>=0.8={p['kept_layout']:.3f}")

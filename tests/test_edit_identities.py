@@ -86,6 +86,17 @@ def test_source_row_equals_the_source_generated_alone(tiny):
     assert _max_diff(result.latents[1], _plain(tiny, prompts[1:2])[0]) > 1e-3  # the targets were edited
 
 
+def test_the_prediction_hook_sees_each_steps_x0_and_changes_nothing(tiny):
+    seen = []
+    latents = sample(tiny, CAT, latent=_latent(tiny), settings=SETTINGS, progress=False,
+                     on_prediction=lambda step, x0: seen.append((step, x0)))
+    assert torch.equal(latents, _plain(tiny, CAT))
+    assert [step for step, _ in seen] == list(range(STEPS))
+    assert all(x0.shape == latents.shape for _, x0 in seen)
+    # the last step lands at ᾱ = alphas_cumprod[0] ≈ 0.9991, a hair from its own x0 prediction
+    assert _max_diff(seen[-1][1], latents) < 0.2 < _max_diff(seen[0][1], latents)
+
+
 # --- LocalBlend ------------------------------------------------------------------------------------------
 
 def test_outside_the_blend_mask_the_target_is_exactly_the_source(tiny):

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from p2p.metrics import score_edit, summarize, unchanged_pixels
+from p2p.metrics import layout_commit_step, score_edit, summarize, unchanged_pixels
 from p2p.world import make_caption, rasterize, render, sample_scene
 
 BACKGROUND = "black"
@@ -66,3 +66,16 @@ def test_unchanged_pixels_uses_its_tolerance_and_refuses_an_empty_mask():
     assert unchanged_pixels(a, b, mask, tolerance=9) == 1.0
     with pytest.raises(ValueError, match="no pixels"):
         unchanged_pixels(a, b, np.zeros((4, 4), dtype=bool))
+
+
+def test_layout_commit_step_is_where_the_mask_stops_moving():
+    scene = _scene()
+    empty = render([], background=BACKGROUND)
+    far, near = _moved(scene, dy=0, dx=-6), _moved(scene, dy=0, dx=1)  # IoU with the scene < 0.8, ≥ 0.8
+    assert layout_commit_step([empty, far, scene.image, near, scene.image]) == 2
+    assert layout_commit_step([scene.image, far, scene.image]) == 2  # a layout that comes back was not decided
+    assert layout_commit_step([scene.image, near, scene.image]) == 0
+    assert layout_commit_step([scene.image, near, scene.image], iou_threshold=1.0) == 2
+    assert layout_commit_step([far]) == 0 and layout_commit_step([empty, empty]) == 0
+    with pytest.raises(ValueError, match="at least one frame"):
+        layout_commit_step([])

@@ -109,6 +109,12 @@ def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
         assert len(report[swap]["rows"]) == 3 and {"edit", "baseline"} <= report[swap].keys()
     perfect = report["color_swap"]["perfect_edit"]  # the measurement's ceiling: a recolored render through the VAE
     assert perfect["n"] == 3 and perfect["mean_iou"] > 0.8 and perfect["kept_layout"] > 0.5
+    most = report["color_swap"]["most_injection"]  # the same pairs and seeds, every map injected
+    assert [r["source"] for r in most["rows"]] == [r["source"] for r in report["color_swap"]["rows"]]
+    assert [r["seed"] for r in most["rows"]] == [r["seed"] for r in report["color_swap"]["rows"]]
+    commit = report["layout_commit"]
+    assert commit["self_window"] == [0, 4] and len(commit["per_seed"]) == 3  # 0.4 of 10 steps
+    assert all(0 <= step <= 10 for step in commit["per_seed"])
     blend = report["local_blend"]
     assert len(blend["rows"]) == 3 and blend["n"] >= 1  # seeds 10000-10002 draw the kept object (deterministic)
     for row in (r for r in blend["rows"] if "kept_object_unchanged" in r):
