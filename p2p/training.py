@@ -6,7 +6,9 @@ Two phases, as latent diffusion is trained (Rombach et al. 2022, §3-4):
    (the rule behind SD's 0.18215, §4.3.2 and App. G);
 2. UNet + text encoder jointly on frozen-VAE latents: ε-prediction MSE (Ho et al. 2020, Eq. 14)
    with t uniform over the SD schedule, captions dropped to "" with probability p so one network
-   learns both ε(x, c) and ε(x, ∅) for classifier-free guidance (Ho & Salimans 2022, §3.2).
+   learns both ε(x, c) and ε(x, ∅) for classifier-free guidance (Ho & Salimans 2022, §3.2);
+   optionally a token-grounding term (TokenCompose, Wang et al. 2024) that asks each object's color and
+   shape tokens to draw their cross-attention from the object's own pixels, which the world knows exactly.
 
 Every batch comes from `np.random.default_rng([seed, phase, step])`: the data, the noise, the
 timesteps and the dropped captions of step k are a function of (seed, k) alone, so a run resumed
@@ -25,13 +27,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.attention import AttentionSite, attach_controller
 from models.ddim import add_noise
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
-from p2p.world import WorldConfig, sample_batch
+from p2p.tokens import word_token_positions, words
+from p2p.world import Scene, WorldConfig, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +57,18 @@ class PhaseConfig:
     caption_dropout: float = 0.1  # UNet only: P(caption → "") for classifier-free guidance
     snr_gamma: float = 0.0  # UNet only: min-SNR-γ loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = off
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
+    grounding: float = 0.0  # UNet only: weight of the token-grounding loss (grounding_loss); 0 = off
 
     def __post_init__(self):
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
                   "warmup_steps": self.warmup_steps >= 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip > 0,
                   "kl_weight": self.kl_weight >= 0, "caption_dropout": 0 <= self.caption_dropout < 1,
-                  "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1}
+                  "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1,
+                  "grounding": self.grounding >= 0}
         accepted = {"steps": "≥ 1", "batch_size": "≥ 1", "lr": "> 0", "warmup_steps": "≥ 0", "min_lr_ratio": "in [0, 1]",
                     "weight_decay": "≥ 0", "grad_clip": "> 0", "kl_weight": "≥ 0", "caption_dropout": "in [0, 1)",
-                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)"}
+                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)", "grounding": "≥ 0 (0 = off)"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
@@ -165,25 +172,108 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float)
     return (snr.clamp(max=gamma) / snr).to(t.device, torch.float32)
 
 
+@dataclass
+class Grounding:
+    """Which token of which sample should attend from which pixels: one row per (sample, token position)."""
+    sample: torch.Tensor  # (R,) long: the batch index
+    token: torch.Tensor  # (R,) long: the text position (SOT = 0)
+    mask: torch.Tensor  # (R, 1, H, W) float: the object's pixel mask at image resolution
+
+
+class GroundingCache:
+    """The color and shape token positions of each object of a world caption (`a C S [and a C S] …`), cached:
+    CLIP's BPE is slow per call."""
+
+    def __init__(self, context_length: int):
+        self.context_length, self.positions = context_length, {}
+
+    def __call__(self, scenes: list[Scene], captions: list[str]) -> Grounding:
+        """Rows for every object of every scene whose caption was kept (a dropped caption, "", has no words)."""
+        samples, tokens, masks = [], [], []
+        for i, (scene, caption) in enumerate(zip(scenes, captions)):
+            if caption != scene.caption:
+                continue
+            if caption not in self.positions:
+                self.positions[caption] = self._object_positions(caption, len(scene.objects))
+            for obj, positions in zip(scene.objects, self.positions[caption]):
+                for k in positions:
+                    samples.append(i), tokens.append(k), masks.append(obj.mask)
+        if not samples:
+            return Grounding(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 1, 1))
+        return Grounding(torch.tensor(samples), torch.tensor(tokens),
+                         torch.from_numpy(np.stack(masks)).float()[:, None])
+
+    def _object_positions(self, caption: str, num_objects: int) -> list[list[int]]:
+        caption_words = words(caption)
+        positions = []
+        for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.world.make_caption)
+            color, shape = 4 * j + 1, 4 * j + 2
+            if shape >= len(caption_words):
+                raise ValueError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
+            positions.append([k for w in (color, shape)
+                              for k in word_token_positions(caption, w, context_length=self.context_length)])
+        return positions
+
+
+class _CrossMaps:
+    """An attention controller that keeps the cross-attention maps of one forward pass, graph included."""
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def wants(self, site: AttentionSite) -> bool:
+        return site.kind == "cross"
+
+    def __call__(self, probs: torch.Tensor, site: AttentionSite) -> torch.Tensor:
+        self.maps.append(probs.unflatten(2, site.query_hw))  # (b, heads, h, w, keys)
+        return probs
+
+
+def grounding_loss(maps: list[torch.Tensor], grounding: Grounding) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al. 2024, Eq. 3): for each (sample, token, object mask) row and each
+    cross-attention layer, the share of the token's attention (heads averaged) that comes from the object's
+    pixels, A_in = Σ_{q ∈ mask} A_q / Σ_q A_q, and the loss (1 − A_in)², averaged over rows and layers.
+    Masks are area-averaged to each layer's grid, so a pixel half inside counts half."""
+    if len(grounding.sample) == 0 or not maps:
+        return maps[0].new_zeros(()) if maps else torch.zeros(())
+    losses = []
+    for probs in maps:  # (b, heads, h, w, keys)
+        h, w = probs.shape[2:4]
+        mask = F.adaptive_avg_pool2d(grounding.mask.to(probs), (h, w)).flatten(1)  # (R, h·w)
+        column = probs.mean(1)[grounding.sample.to(probs.device), :, :, grounding.token.to(probs.device)].flatten(1)
+        inside = (column * mask).sum(1) / column.sum(1).clamp_min(1e-12)
+        losses.append((1 - inside).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
-                   generator: torch.Generator, snr_gamma: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                   generator: torch.Generator, snr_gamma: float = 0.0, grounding: Grounding | None = None,
+                   grounding_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss),
-    optionally weighted per sample by min-SNR-γ (snr_gamma > 0). The logged 'mse' is always unweighted."""
+    optionally weighted per sample by min-SNR-γ (snr_gamma > 0), plus grounding_weight × grounding_loss when
+    `grounding` rows are given. The logged 'mse' is always unweighted."""
     if snr_gamma < 0:
         raise ValueError(f"snr_gamma must be ≥ 0 (0 = unweighted), got {snr_gamma}")
+    if grounding_weight < 0:
+        raise ValueError(f"grounding_weight must be ≥ 0 (0 = off), got {grounding_weight}")
     b, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
     context = model.text_encoder(token_ids.to(device))
-    prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
+    recorder = _CrossMaps() if grounding is not None and grounding_weight > 0 else None
+    with attach_controller(model.unet, recorder):
+        prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
     if model.config.prediction != "epsilon":
         raise ValueError(f"training supports prediction='epsilon' only, not {model.config.prediction!r}")
     per_sample = (prediction - noise).pow(2).flatten(1).mean(1)
     mse = per_sample.mean()
-    if snr_gamma == 0:
-        return mse, {"mse": mse.item()}
-    loss = (min_snr_weights(t, model.schedule.alphas_cumprod, snr_gamma) * per_sample).mean()
-    return loss, {"mse": mse.item()}
+    loss = mse if snr_gamma == 0 else (min_snr_weights(t, model.schedule.alphas_cumprod, snr_gamma) * per_sample).mean()
+    stats = {"mse": mse.item()}
+    if recorder is not None:
+        ground = grounding_loss(recorder.maps, grounding)
+        loss = loss + grounding_weight * ground
+        stats["grounding"] = ground.item()
+    return loss, stats
 
 
 @torch.no_grad()
@@ -361,14 +451,16 @@ def train_vae(model: StableDiffusion, cfg: TrainConfig, **loop) -> None:
 def train_unet(model: StableDiffusion, cfg: TrainConfig, **loop) -> EMA | None:
     """Needs model.config.scale_factor set (after phase 1). Returns the EMA of UNet + text weights."""
     world, tokens = WorldConfig(**cfg.world), TokenCache(model.text_encoder)
+    grounding = GroundingCache(model.context_length) if cfg.unet.grounding > 0 else None
 
     def loss_at_step(step: int, rng: np.random.Generator):
-        images, captions, _ = sample_batch(rng, cfg.unet.batch_size, config=world)
+        images, captions, scenes = sample_batch(rng, cfg.unet.batch_size, config=world)
         with torch.no_grad():
             latents = model.encode_images(images)  # posterior mean × scale_factor; the VAE is frozen
         captions = drop_captions(captions, p=cfg.unet.caption_dropout, rng=rng)
         return diffusion_loss(model, latents, tokens(captions), generator=torch_generator(rng),
-                              snr_gamma=cfg.unet.snr_gamma)
+                              snr_gamma=cfg.unet.snr_gamma, grounding_weight=cfg.unet.grounding,
+                              grounding=grounding(scenes, captions) if grounding is not None else None)
 
     return train_phase(model, phase="unet", cfg=cfg.unet, loss_at_step=loss_at_step, seed=cfg.seed,
                        run_dir=cfg.run_dir, resume=cfg.resume, checkpoint_every=cfg.checkpoint_every,

@@ -20,9 +20,11 @@ from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
-from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss, min_snr_weights,
-                          drop_captions, learning_rate, train, train_phase, vae_loss)
-from p2p.world import WorldConfig, sample_batch
+from p2p.training import (EMA, Grounding, GroundingCache, PhaseConfig, StopRequested, TokenCache, TrainConfig,
+                          diffusion_loss, drop_captions, grounding_loss, learning_rate, min_snr_weights, train,
+                          train_phase, vae_loss)
+from p2p.tokens import word_token_positions
+from p2p.world import WorldConfig, sample_batch, sample_scene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "models" / "weights" / "tiny.safetensors"
@@ -108,6 +110,71 @@ def test_min_snr_weights_follow_the_formula_and_reweight_the_loss():
     assert weighted.item() < plain.item()  # every weight is ≤ 1 and some are < 1
     with pytest.raises(ValueError, match="snr_gamma"):
         diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0), snr_gamma=-1)
+
+
+def test_grounding_rows_name_each_objects_color_and_shape_tokens_and_skip_dropped_captions():
+    world = WorldConfig(**SMALL_WORLD)
+    rng = np.random.default_rng(3)
+    two = sample_scene(rng, config=world, objects=[("purple", "triangle"), ("red", "circle")], background="gray",
+                       mention_background=True)
+    one = sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
+    rows = GroundingCache(16)([two, one, two], [two.caption, one.caption, ""])  # the third caption was dropped
+    expected = [(0, word_token_positions(two.caption, "purple", context_length=16), two.objects[0].mask),
+                (0, word_token_positions(two.caption, "triangle", context_length=16), two.objects[0].mask),
+                (0, word_token_positions(two.caption, "red", context_length=16), two.objects[1].mask),
+                (0, word_token_positions(two.caption, "circle", context_length=16), two.objects[1].mask),
+                (1, word_token_positions(one.caption, "yellow", context_length=16), one.objects[0].mask),
+                (1, word_token_positions(one.caption, "square", context_length=16), one.objects[0].mask)]
+    assert rows.sample.tolist() == [i for i, positions, _ in expected for _ in positions]
+    assert rows.token.tolist() == [k for _, positions, _ in expected for k in positions]
+    assert torch.equal(rows.mask[:, 0].bool(), torch.from_numpy(np.stack(
+        [m for _, positions, m in expected for _ in positions])))
+    empty = GroundingCache(16)([one], [""])
+    assert len(empty.sample) == 0
+
+
+def test_grounding_loss_is_zero_inside_the_mask_and_one_minus_the_area_squared_when_uniform():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1  # a quarter of the image
+    rows = Grounding(sample=torch.tensor([0]), token=torch.tensor([2]), mask=mask)
+    inside = torch.zeros(1, 2, 4, 4, 5)  # (b, heads, h, w, keys): a 4×4 layer; the mask pools to its 2×2 centre
+    inside[:, :, 1:3, 1:3, 2] = 1.0
+    assert grounding_loss([inside], rows).item() == pytest.approx(0.0)
+    uniform = torch.full((1, 2, 4, 4, 5), 0.2, requires_grad=True)
+    loss = grounding_loss([uniform, inside], rows)  # layers averaged: ((1 − 1/4)² + 0) / 2
+    assert loss.item() == pytest.approx(0.75 ** 2 / 2)
+    loss.backward()
+    assert uniform.grad[0, :, 1:3, 1:3, 2].lt(0).all() and uniform.grad[0, :, 0, 0, 2].gt(0).all()
+    assert uniform.grad[..., [0, 1, 3, 4]].eq(0).all()  # only the grounded token's column is asked to move
+
+
+def test_diffusion_loss_adds_the_weighted_grounding_term_and_logs_it():
+    model = small_model()
+    images, captions, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
+    latents, token_ids = model.encode_images(images).detach(), TokenCache(model.text_encoder)(captions)
+    rows = GroundingCache(model.context_length)(scenes, captions)
+    plain, plain_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))
+    grounded, log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
+                                   grounding=rows, grounding_weight=0.5)
+    assert log["mse"] == plain_log["mse"] and 0 < log["grounding"] < 1 and "grounding" not in plain_log
+    assert grounded.item() == pytest.approx(plain.item() + 0.5 * log["grounding"], rel=1e-5)
+    with pytest.raises(ValueError, match="grounding_weight"):
+        diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0), grounding=rows,
+                       grounding_weight=-1)
+    with pytest.raises(ValueError, match="grounding=-0.1"):
+        PhaseConfig(grounding=-0.1)
+
+
+def test_training_with_grounding_moves_the_tokens_attention_onto_their_objects(tmp_path):
+    model = small_model()
+    images, captions, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
+    latents, token_ids = model.encode_images(images).detach(), TokenCache(model.text_encoder)(captions)
+    rows = GroundingCache(model.context_length)(scenes, captions)
+    grounding = lambda: diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
+                                       grounding=rows, grounding_weight=1.0)
+    before = grounding()[1]["grounding"]
+    overfit(model, phase="unet", loss_fn=lambda: grounding()[0], steps=25, tmp_path=tmp_path)
+    assert grounding()[1]["grounding"] < 0.5 * before
 
 
 def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
