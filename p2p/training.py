@@ -27,16 +27,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.attention import AttentionSite, attach_controller
+from models.attention import attach_controller
 from models.ddim import add_noise
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
-from p2p.tokens import word_token_positions, words
-from p2p.world import Scene, WorldConfig, sample_batch
+from p2p.grounding import CrossMaps, Grounding, GroundingCache, grounding_loss
+from p2p.world import WorldConfig, sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -172,80 +171,6 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float)
     return (snr.clamp(max=gamma) / snr).to(t.device, torch.float32)
 
 
-@dataclass
-class Grounding:
-    """Which token of which sample should attend from which pixels: one row per (sample, token position)."""
-    sample: torch.Tensor  # (R,) long: the batch index
-    token: torch.Tensor  # (R,) long: the text position (SOT = 0)
-    mask: torch.Tensor  # (R, 1, H, W) float: the object's pixel mask at image resolution
-
-
-class GroundingCache:
-    """The color and shape token positions of each object of a world caption (`a C S [and a C S] …`), cached:
-    CLIP's BPE is slow per call."""
-
-    def __init__(self, context_length: int):
-        self.context_length, self.positions = context_length, {}
-
-    def __call__(self, scenes: list[Scene], captions: list[str]) -> Grounding:
-        """Rows for every object of every scene whose caption was kept (a dropped caption, "", has no words)."""
-        samples, tokens, masks = [], [], []
-        for i, (scene, caption) in enumerate(zip(scenes, captions)):
-            if caption != scene.caption:
-                continue
-            if caption not in self.positions:
-                self.positions[caption] = self._object_positions(caption, len(scene.objects))
-            for obj, positions in zip(scene.objects, self.positions[caption]):
-                for k in positions:
-                    samples.append(i), tokens.append(k), masks.append(obj.mask)
-        if not samples:
-            return Grounding(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 1, 1))
-        return Grounding(torch.tensor(samples), torch.tensor(tokens),
-                         torch.from_numpy(np.stack(masks)).float()[:, None])
-
-    def _object_positions(self, caption: str, num_objects: int) -> list[list[int]]:
-        caption_words = words(caption)
-        positions = []
-        for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.world.make_caption)
-            color, shape = 4 * j + 1, 4 * j + 2
-            if shape >= len(caption_words):
-                raise ValueError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
-            positions.append([k for w in (color, shape)
-                              for k in word_token_positions(caption, w, context_length=self.context_length)])
-        return positions
-
-
-class _CrossMaps:
-    """An attention controller that keeps the cross-attention maps of one forward pass, graph included."""
-
-    def __init__(self):
-        self.maps: list[torch.Tensor] = []
-
-    def wants(self, site: AttentionSite) -> bool:
-        return site.kind == "cross"
-
-    def __call__(self, probs: torch.Tensor, site: AttentionSite) -> torch.Tensor:
-        self.maps.append(probs.unflatten(2, site.query_hw))  # (b, heads, h, w, keys)
-        return probs
-
-
-def grounding_loss(maps: list[torch.Tensor], grounding: Grounding) -> torch.Tensor:
-    """TokenCompose's token loss (Wang et al. 2024, Eq. 3): for each (sample, token, object mask) row and each
-    cross-attention layer, the share of the token's attention (heads averaged) that comes from the object's
-    pixels, A_in = Σ_{q ∈ mask} A_q / Σ_q A_q, and the loss (1 − A_in)², averaged over rows and layers.
-    Masks are area-averaged to each layer's grid, so a pixel half inside counts half."""
-    if len(grounding.sample) == 0 or not maps:
-        return maps[0].new_zeros(()) if maps else torch.zeros(())
-    losses = []
-    for probs in maps:  # (b, heads, h, w, keys)
-        h, w = probs.shape[2:4]
-        mask = F.adaptive_avg_pool2d(grounding.mask.to(probs), (h, w)).flatten(1)  # (R, h·w)
-        column = probs.mean(1)[grounding.sample.to(probs.device), :, :, grounding.token.to(probs.device)].flatten(1)
-        inside = (column * mask).sum(1) / column.sum(1).clamp_min(1e-12)
-        losses.append((1 - inside).pow(2).mean())
-    return torch.stack(losses).mean()
-
-
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
                    generator: torch.Generator, snr_gamma: float = 0.0, grounding: Grounding | None = None,
                    grounding_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -260,7 +185,7 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
     context = model.text_encoder(token_ids.to(device))
-    recorder = _CrossMaps() if grounding is not None and grounding_weight > 0 else None
+    recorder = CrossMaps() if grounding is not None and grounding_weight > 0 else None
     with attach_controller(model.unet, recorder):
         prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
     if model.config.prediction != "epsilon":

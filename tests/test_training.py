@@ -20,9 +20,9 @@ from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
-from p2p.training import (EMA, Grounding, GroundingCache, PhaseConfig, StopRequested, TokenCache, TrainConfig,
-                          diffusion_loss, drop_captions, grounding_loss, learning_rate, min_snr_weights, train,
-                          train_phase, vae_loss)
+from p2p.grounding import Grounding, GroundingCache, grounding_loss
+from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss, drop_captions,
+                          learning_rate, min_snr_weights, train, train_phase, vae_loss)
 from p2p.tokens import word_token_positions
 from p2p.world import WorldConfig, sample_batch, sample_scene
 
