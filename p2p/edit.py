@@ -148,7 +148,8 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
         kwargs["mapper"], kwargs["refine_alphas"] = refine_alignments(source, targets, context_length=context_length)
     else:  # reweight alone / none: source maps go to targets token by token, so the tokens must line up
         # the same tokens, not the same spelling: CLIP lowercases, so "A red circle" is "a red circle"
-        different = [t for t in targets if clip_tokenizer().encode(t) != clip_tokenizer().encode(source)]
+        source_ids = clip_tokenizer().encode(source)
+        different = [t for t in targets if clip_tokenizer().encode(t) != source_ids]
         if different:
             raise ValueError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
                              f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader")
