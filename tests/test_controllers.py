@@ -129,7 +129,7 @@ def test_only_the_conditional_targets_change_and_the_input_is_not_edited_in_plac
 
 
 def test_replace_spreads_a_multi_token_swap_and_shifts_the_tail():
-    # "pizza" (position 4) → "lasagne" (positions 4, 5); "outside", EOT and padding move one to the right
+    # "pizza" (position 4) → "lasagne" (positions 4, 5); "outside" and EOT move one to the right, padding stays
     prompts = ["a cat eating pizza outside", "a cat eating lasagne outside"]
     controller = _edit(EditSpec(kind="replace", cross_replace_steps=1.0, self_replace_steps=0.0), prompts)
     probs = _probs(CROSS_8)
@@ -139,8 +139,10 @@ def test_replace_spreads_a_multi_token_swap_and_shifts_the_tail():
         assert torch.equal(target[..., j], source[..., j]), j
     torch.testing.assert_close(target[..., 4], source[..., 4] / 2)
     torch.testing.assert_close(target[..., 5], source[..., 4] / 2)
-    for j in range(6, TEXT):  # outside, EOT, padding: one position later than in the source
+    for j in (6, 7):  # outside, EOT: one position later than in the source
         assert torch.equal(target[..., j], source[..., j - 1]), j
+    for j in range(8, TEXT):  # padding: the same position (source padding 7 has no partner)
+        assert torch.equal(target[..., j], source[..., j]), j
 
 
 def test_refine_takes_aligned_columns_from_the_source_and_keeps_new_tokens_own():
@@ -150,7 +152,7 @@ def test_refine_takes_aligned_columns_from_the_source_and_keeps_new_tokens_own()
     out = _run(controller, probs, CROSS_8, step=0)
     source, target = probs[2], probs[3]
     expected = {0: source[..., 0], 1: source[..., 1], 2: target[..., 2], 3: source[..., 2], 4: source[..., 3],
-                5: source[..., 4], TEXT - 1: source[..., TEXT - 2]}  # padding follows the shift
+                5: source[..., 5], TEXT - 1: source[..., TEXT - 1]}  # padding keeps its position
     for j, column in expected.items():
         assert torch.equal(out[3][..., j], column), j
 

@@ -80,16 +80,17 @@ def test_over_long_prompt_raises_instead_of_truncating():
 
 
 def test_a_shorter_context_sizes_every_map_and_keeps_its_limit():
-    """The built-in model may attend to fewer than 77 positions: maps are (L, L) / (L,), the tail shift is clamped
-    at L − 1, and a prompt over L − 2 tokens raises with the model's limit in the message."""
+    """The built-in model may attend to fewer than 77 positions: maps are (L, L) / (L,), padding keeps its position
+    up to L − 1, and a prompt over L − 2 tokens raises with the model's limit in the message."""
     source, target = "a cat eating pizza outside", "a cat eating lasagne outside"  # lasagne: 2 tokens
     short, full = replace_mapper(source, target, context_length=16), replace_mapper(source, target)
     assert short.shape == (16, 16) and torch.equal(short[:15, :15], full[:15, :15])
-    assert short[14, 15] == 1 and short[:, 15].sum() == 1  # target padding j ← source j − 1
-    back = replace_mapper(target, source, context_length=16)  # source longer: j ← j + 1, clamped at 15
-    assert back[15, 14] == back[15, 15] == 1 and back[:, 5:].sum(dim=0).eq(1).all()  # 5: after the swapped word
+    assert short[15, 15] == 1 and short[:, 15].sum() == 1  # target padding j ← source padding j
+    back = replace_mapper(target, source, context_length=16)  # source longer: its end token 7 lies on padding 7
+    assert back[7, 6] == 1 and back[:, 7].sum() == 0 and torch.equal(back[8:, 8:], torch.eye(8))
+    assert back.sum(dim=1).eq(1).all()  # every source column, padding included, sent exactly once
     mapper, alphas = refine_alignment("a cat", "a fluffy cat", context_length=16)
-    assert mapper.shape == alphas.shape == (16,) and mapper[15] == 14 and alphas.sum() == 15  # one new token
+    assert mapper.shape == alphas.shape == (16,) and mapper[15] == 15 and alphas.sum() == 15  # one new token
     assert token_scales(source, {"pizza": 2.0}, context_length=16).shape == (16,)
     too_long = " ".join(["cat"] * 15)
     for fail in (lambda: replace_mapper(too_long, too_long, context_length=16),
@@ -203,9 +204,9 @@ def test_swap_to_a_multi_token_word_spreads_uniformly():
     source, target = "a photo of a cat", "a photo of a lasagne"
     assert len(content_ids("lasagne")) == 2
     # SOT a photo of a cat EOT -> SOT a photo of a lasag ne EOT: 'cat' (5) feeds 5 and 6 by 1/2,
-    # the end token moves from 6 to 7 and every padding position follows it.
-    pairs = {(p, p): 1.0 for p in range(5)} | {(5, 5): 0.5, (5, 6): 0.5}
-    pairs |= {(column - 1, column): 1.0 for column in range(7, 77)}
+    # the end token moves from 6 to 7, and padding keeps its position (source padding 7 has no partner).
+    pairs = {(p, p): 1.0 for p in range(5)} | {(5, 5): 0.5, (5, 6): 0.5, (6, 7): 1.0}
+    pairs |= {(column, column): 1.0 for column in range(8, 77)}
     assert torch.equal(replace_mapper(source, target), expected_mapper(pairs))
 
 
@@ -217,7 +218,7 @@ def test_tail_after_a_multi_token_swap_is_shifted_not_dropped():
     # source: SOT0 a1 cat2 sitting3 on4 a5 car6 EOT7 | target: SOT0 a1 rhino2 cer3 os4 sitting5 on6 a7 car8 EOT9
     pairs = {(0, 0): 1.0, (1, 1): 1.0, (2, 2): 1 / 3, (2, 3): 1 / 3, (2, 4): 1 / 3,
              (3, 5): 1.0, (4, 6): 1.0, (5, 7): 1.0, (6, 8): 1.0, (7, 9): 1.0}
-    pairs |= {(column - 2, column): 1.0 for column in range(10, 77)}  # padding follows the end token
+    pairs |= {(column, column): 1.0 for column in range(10, 77)}  # padding keeps its position
     assert torch.equal(replace_mapper(source, target), expected_mapper(pairs))
 
 
@@ -225,8 +226,8 @@ def test_swap_to_a_shorter_word_sums_its_tokens_and_pulls_the_tail_back():
     source, target = "a rhinoceros on a table", "a cat on a table"
     pairs = {(0, 0): 1.0, (1, 1): 1.0, (2, 2): 1.0, (3, 2): 1.0, (4, 2): 1.0,
              (5, 3): 1.0, (6, 4): 1.0, (7, 5): 1.0, (8, 6): 1.0}
-    # the target has two more padding slots than the source has positions left: they reuse the last one
-    pairs |= {(min(column + 2, 76), column): 1.0 for column in range(7, 77)}
+    # the end token moves from 8 to 6; target padding 7 and 8 lie on source words: they read nothing
+    pairs |= {(column, column): 1.0 for column in range(9, 77)}
     assert torch.equal(replace_mapper(source, target), expected_mapper(pairs))
 
 
@@ -243,16 +244,21 @@ def test_mapper_columns_are_well_formed_and_attention_mass_is_kept(source, targe
             swapped_columns |= set(target_word.positions)
             block = mapper[list(source_word.positions)][:, list(target_word.positions)]
             assert torch.allclose(block, torch.full_like(block, 1 / len(target_word.positions)))
-    # every other target token (end and padding included) copies exactly one source column
-    for column in set(range(77)) - swapped_columns:
-        assert sorted(mapper[:, column].tolist())[-2:] == [0.0, 1.0]
-    # every source token up to its end token sends all its attention somewhere
+    # every other target token (end and padding included) copies exactly one source column, except padding
+    # positions that hold a source word (the source is longer there), which read none
     source_end = len(content_ids(source)) + 1
-    assert torch.allclose(mapper[: source_end + 1].sum(dim=1), torch.ones(source_end + 1))
+    target_end = len(content_ids(target)) + 1
+    for column in set(range(77)) - swapped_columns:
+        empty = target_end < column <= source_end
+        assert sorted(mapper[:, column].tolist())[-2:] == ([0.0, 0.0] if empty else [0.0, 1.0])
+    # every source token, padding included, sends all its attention somewhere, unless the longer target holds a
+    # word at its padding position
+    sent = mapper.sum(dim=1)
+    assert torch.allclose(sent[: source_end + 1], torch.ones(source_end + 1))
+    assert torch.allclose(sent[max(source_end, target_end) + 1:], torch.ones(76 - max(source_end, target_end)))
     # so an edited softmax map keeps the source's per-pixel mass over the words and the end token
     source_maps = torch.randn(2, 8, 64, 77).softmax(dim=-1)
     edited = torch.einsum("bhpw,wn->bhpn", source_maps, mapper)
-    target_end = len(content_ids(target)) + 1
     assert torch.allclose(edited[..., : target_end + 1].sum(-1), source_maps[..., : source_end + 1].sum(-1))
     # and the last word reads the maps of the source's last word
     assert torch.equal(edited[..., target_end], source_maps[..., source_end])
@@ -284,7 +290,7 @@ def test_refine_adding_words_at_the_end():
     assert mapper.dtype == torch.long and alphas.dtype == torch.float32
     assert mapper[:9].tolist() == list(range(9)) and mapper[11] == 9
     assert alphas[:12].tolist() == [1.0] * 9 + [0.0, 0.0, 1.0]
-    assert mapper[12:].tolist() == list(range(10, 75)) and alphas[12:].eq(1).all()  # padding to padding
+    assert mapper[12:].tolist() == list(range(12, 77)) and alphas[12:].eq(1).all()  # padding keeps its position
 
 
 def test_refine_adding_a_word_in_the_middle():
@@ -301,8 +307,10 @@ def test_refine_ties_mark_the_later_duplicate_as_new_like_the_reference():
 def test_refine_removing_words_maps_padding_to_padding():
     mapper, alphas = refine_alignment("a photo of a house on a mountain at winter",
                                       "a photo of a house on a mountain")
-    assert mapper[:10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11] and alphas.eq(1).all()
-    assert mapper[10:].tolist() == list(range(12, 77)) + [76, 76]
+    assert mapper[:10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11] and alphas[:10].eq(1).all()
+    # target padding 10 and 11 lie on the source's 'winter' and end token: their own columns, like new tokens
+    assert alphas[10:12].tolist() == [0.0, 0.0] and mapper[10:12].tolist() == [10, 11]
+    assert mapper[12:].tolist() == list(range(12, 77)) and alphas[12:].eq(1).all()
 
 
 @pytest.mark.parametrize("prompt", TRICKY_PROMPTS + ["A painting of a squirrel eating a burger"])
@@ -338,7 +346,8 @@ def test_refine_aligns_equal_tokens_in_order_and_as_many_as_possible(source, tar
     assert mapper[aligned].diff().gt(0).all()  # monotonic: the aligned order is kept
     source_end = len(content_ids(source)) + 1
     assert len(aligned) == lcs_length(source_ids[: source_end + 1], target_ids[: target_end + 1])
-    assert set(mapper[target_end + 1:].tolist()) <= set(range(source_end + 1, 77))  # padding to padding
+    padding = [j for j in range(target_end + 1, 77) if alphas[j] == 1]
+    assert all(mapper[j] == j > source_end for j in padding)  # padding to padding, at the same position
 
 
 def test_refine_alignments_batch_targets():
