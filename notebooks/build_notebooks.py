@@ -69,12 +69,14 @@ denoising run. It also shows where this small model differs from SD, which matte
     ("code", setup_cell(50)),
     ("code", '''import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 from IPython.display import display
 
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import StoreSpec, edit
 from p2p.pipeline import SamplerSettings
+from p2p.reader import read_image
 from p2p.tokens import decode_tokens, word_token_positions
 
 ''' + load_model()),
@@ -97,7 +99,9 @@ display(views.image_grid(result.images, [PROMPT]))'''),
 
 One tile per token, start and end tokens included, averaged over every recorded layer (coarse layers
 upsampled) and every step. Each tile is scaled to its own maximum, so compare *where* a map is bright,
-not how bright. The words light up the circle; the map of `background` is spread wider.'''),
+not how bright. The words light up the circle: `red` and `circle` sharply, `on` and `a` as a wider blob around
+it; `black` and `background` light its rim, where object and background meet; the start token and the first
+`a` are spread over everything.'''),
     ("code", '''display(views.grid([views.cross_attention_tiles(store, PROMPT, 0)]))'''),
     ("md", '''## Per layer resolution
 
@@ -123,11 +127,12 @@ rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, 
                          f"{word}, step {step + 1}") for step in shown] for word in WORDS]
 display(views.grid(rows))'''),
     ("md", '''How early? Below, for each word, the correlation between its map at each step and its map at the last
-step (1 = the same picture). The circle's map starts blurred and has its final shape well before the end
-(from about step 20 of 50 here); the background's map, spread over everything, keeps changing to the last step.
-What is decided early is *where the object goes*; the remaining steps draw colors and edges into a layout that
-no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of the run
-(notebook 2).'''),
+step (1 = the same picture). The circle's map is a bright spot at the circle's final place from the first step
+on; what changes afterwards is its outline, which grows to the circle's size (correlation ≥ 0.9 from about step
+30 of 50 here). The background's map finds the circle's rim from about step 15 and sharpens it to the end.
+What is decided early is *where the object goes*; the remaining steps draw its size, colors and edges into a
+layout that no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of
+the run (notebook 2).'''),
     ("code", '''fig, ax = plt.subplots(figsize=(6, 3))
 for word in WORDS:
     positions = word_token_positions(PROMPT, word)
@@ -146,9 +151,12 @@ The tiles above show the prompt's tokens only. Each pixel's attention also goes 
 fill the slots after `<end>` (16 in this model's context, 77 in SD's). This model pads with token 0, as SD 2
 does, and its text encoder is causal (each token sees the ones before it), so every padding token is a summary
 of the whole prompt. Below, the share of the 8×8 layers' attention that each token gets, averaged over pixels
-and steps: with this prompt's 7 padding tokens, the words together get a little under half of it and the
-padding about 40% — so each word's own column holds only a few percent to a tenth. Notebook 3 comes back to
-this: it is one reason single-word controls are weaker on this model than in the paper.'''),
+and steps. With this prompt's 7 padding tokens the padding gets most of it, about four fifths — but not
+evenly: the model was trained to draw each object's color and shape words from the object's own pixels
+(the token-grounding loss of its model card), so on the circle the words get close to half of the attention,
+elsewhere a tenth, and the background pixels read mostly the padding. Each word's own column still holds only
+a few percent to a tenth even on the circle. Notebook 3 comes back to this: it is one reason single-word
+controls are weaker on this model than in the paper.'''),
     ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (16,) for this model: mean over pixels; each pixel's row sums to 1
 tokens = ["<start>", *decode_tokens(PROMPT), "<end>"]
 shares = [*mass[:len(tokens)].tolist(), mass[len(tokens):].sum().item()]
@@ -158,13 +166,24 @@ ax.set_xticks(range(len(shares)), [*tokens, f"padding\\n({model.context_length -
 ax.set(ylabel="share of attention")
 plt.show()
 print(f"words {mass[1:len(tokens) - 1].sum():.0%}, start + end {mass[0] + mass[len(tokens) - 1]:.0%}, "
-      f"padding {mass[len(tokens):].sum():.0%}")'''),
+      f"padding {mass[len(tokens):].sum():.0%}")
+
+# The same split on the circle's latent cells (the reader's mask, pooled to the 8×8 grid) and elsewhere
+maps = views.token_maps(store, 0, grids=finest)
+words, padding = maps[1:len(tokens) - 1].sum(dim=0), maps[len(tokens):].sum(dim=0)
+objects = read_image(result.images[0]).objects
+if objects:
+    inside = F.avg_pool2d(torch.from_numpy(objects[0].mask).float()[None, None], model.config.latent_factor)[0, 0] >= 0.5
+    print(f"on the circle ({int(inside.sum())} of {inside.numel()} cells): words {words[inside].mean():.0%}, "
+          f"padding {padding[inside].mean():.0%}; elsewhere: words {words[~inside].mean():.0%}, "
+          f"padding {padding[~inside].mean():.0%}")
+else:
+    print("the reader finds no object in this image (with very few steps the model may draw none)")'''),
     ("md", '''## Two objects
 
 Ask for two objects and this model gets both right only about two times in three (the model card measures
 it); other seeds draw a third shape or mix the colors. When it draws them right, as here, its maps separate
-the nouns, as in SD (paper Fig. 4): `red` and `circle` light the circle, `square` the square (`blue`'s map
-stays nearly flat).'''),
+the objects, as in SD (paper Fig. 4): `red` and `circle` light the circle, `blue` and `square` the square.'''),
     ("code", '''TWO = "a red circle and a blue square on a black background"
 two = edit(model, [TWO], seed=3, settings=settings, store=StoreSpec(max_fraction=1.0), progress=False)
 display(views.grid([[views.captioned(two.images[0], TWO),
@@ -199,8 +218,8 @@ from p2p.pipeline import SamplerSettings
 Source first, then the targets; all start from one shared initial latent `x_T` (`p2p.pipeline.initial_latent`).
 Without an edit spec nothing touches the attention. `score_edit` reads every image with the shapes world's
 reader (`p2p/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
-source and target — 1 means the object covers exactly the same pixels. Watch the blue and the yellow
-circle: with the same seed they land on the other side of the image.'''),
+source and target — 1 means the object covers exactly the same pixels. Watch the blue circle: with the same
+seed it lands on the other side of the image; the yellow one grows to the right, the triangle shrinks.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 TARGETS = ["a blue circle on a black background", "a yellow circle on a black background",
            "a red square on a black background", "a red triangle on a black background"]
@@ -215,14 +234,14 @@ for target, image in zip(TARGETS, plain.images[1:]):
     ("md", '''## With injection: one line of config
 
 `kind="replace"` hands each target token the map of the source token in the same place (the swapped word gets
-the swapped-out word's map; the padding tokens, which carry about 40% of the attention in this model, get theirs)
+the swapped-out word's map; the padding tokens, which carry most of the attention in this model, get theirs)
 for the first 80% of the steps (`cross_replace_steps`); `self_replace_steps=0.4` would also copy the source's
 self-attention maps in layers at most latent/4 on a side during the first 40% — the paper's defaults. (This
 model's only layers that coarse are hybrid, and P2P edits only their text columns, so here the cross-attention
 injection does all the work.) The edit is an
 `AttentionEdit` controller (`p2p/controllers.py`), the same one `scripts/edit.py edit=replace` builds.
 Every object now stays where the source put it; a shape swap cannot reach IoU 1, since a triangle covers
-other pixels than a circle. (The reader does not read the injected square as a square: look at the tile.)'''),
+other pixels than a circle.'''),
     ("code", '''swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
 
 injected = edit(model, PROMPTS, seed=SEED, spec=swap, settings=settings, progress=False)
@@ -256,11 +275,11 @@ Injection can only hold a layout that is still being decided while it runs. The 
 shows, at every step, where the image is heading: the clean image x̂0 predicted from the guided noise estimate.
 At first it is a blur (every layout is still possible), then the object appears and stops moving.
 `p2p.metrics.layout_commit_step` finds the step from which the reader's object mask stays within IoU 0.8 of the
-final one. On this model that is step 18 of 50 in the median (quartiles 12–23; `scripts/eval_edits.py` over 200
-seeds, details in `models/weights/README.md`), a third of the layouts only after the paper's 40% self-attention
-window. The layouts decided earliest are the ones a color swap keeps best: IoU ≥ 0.8 in about half of those
-decided before step 10, in about a third of the rest. Watch the object's outline below change long after
-its place is set.'''),
+final one. On this model that is step 19 of 50 in the median (quartiles 13–23; `scripts/eval_edits.py` over 200
+seeds, details in `models/weights/README.md`), two layouts in five only after the paper's 40% self-attention
+window. The layouts decided earliest are kept a little more often by a color swap (IoU ≥ 0.8 in about two
+thirds of those decided before step 10, in about three fifths of the rest). Watch the object's outline below
+change long after its place is set.'''),
     ("code", '''import torch
 
 from p2p.metrics import layout_commit_step
@@ -287,9 +306,9 @@ attention maps with the source's. Each one below is **one line of config** (an `
 the schemas of the scripts' `edit=` and `blend=` config groups), run through the same `edit` call and the
 same controllers as `scripts/edit.py`, and compared with plain same-seed sampling.
 
-A warning before the pictures: notebook 1 showed that in this tiny model about 40% of the cross-attention
-goes to the padding tokens, which summarise the whole prompt, and each word's own column holds only a few
-percent to a tenth. Edits that act on one word's column are therefore weaker here than in the paper's SD
+A warning before the pictures: notebook 1 showed that in this tiny model most of the cross-attention goes
+to the padding tokens, which summarise the whole prompt (about half of it even on the object), and each word's
+own column holds only a few percent to a tenth. Edits that act on one word's column are therefore weaker here than in the paper's SD
 results; the sections below say what they do on this model and measure it.'''),
     ("md", LOADING_MD),
     ("code", setup_cell(50)),
@@ -317,9 +336,15 @@ SEED = 7
 
 _, aligned = refine_alignment(SOURCE, TARGETS[0], context_length=model.context_length)
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
-    ("md", '''Plain sampling moves the circle when the background changes; on this model refine helps only a little (the
-circle's IoU with the source rises by about 0.1, and the circle still moves): the aligned tokens' maps are
-injected, but the new background words, whose maps are free, still move the layout.'''),
+    ("md", '''Plain sampling moves the circle when the background changes (on white it jumps down and to the right).
+Refine keeps it near its place — IoU with the source 0.16 → 0.58 on white, 0.55 → 0.61 on gray — but draws it
+smaller on white: the aligned tokens' maps are injected, while the new background words, whose maps are free,
+still reshape the scene. One detail matters on this model: refine gives each aligned target token the source's
+column and each new token the target's own, without renormalising, so a row sums to 1 only if the padding
+columns line up. Padding keeps its *position* (`p2p.tokens.padding_partner`, the reference's rule): this
+model puts over a quarter of its attention on the last of its 16 positions, and mapping the padding with the
+end token's shift instead (dropping the source's last padding columns) left rows summing to about 0.45 and
+broke every image.'''),
     ("code", '''refine = EditSpec(kind="refine", cross_replace_steps=0.8, self_replace_steps=0.4)
 
 plain = edit(model, [SOURCE, *TARGETS], seed=SEED, settings=settings, progress=False)
@@ -337,8 +362,8 @@ word gets more say over every pixel, below 1 less, negative values push it away.
 alongside and all its maps are injected, so only the reweighted word's influence changes. One scale per
 target prompt: here copies of the same prompt, one per `c`.
 
-On this model the fader acts on the circle's *size*, and only at the ends of the range: negative weights
-shrink the circle, weights between 1 and 5 change little, 10 shrinks it again and 20 breaks the image.
+On this model the fader acts on the circle's *size*, and only at the ends of the range: −5 shrinks the circle
+by a third, weights between −2 and 5 change little, 10 halves it and 20 breaks the image.
 The word's column holds only a small part of the attention, so only large |c| matter.'''),
     ("code", '''PROMPT = "a red circle on a black background"
 WORD = "circle"
@@ -355,10 +380,13 @@ edited word's own cross-attention into a mask (summed over the steps so far, dil
 divided by its maximum, thresholded at 0.3) and after every step copies the source's latent outside the
 mask: `x_tgt ← x_src + mask·(x_tgt − x_src)`. In the paper's SD results the mask outlines the object.
 
-On this model it does not: the word's map is nearly flat next to its maximum, and on an 8×8 latent a 3×3
-dilation spreads any bright cell over a large part of the grid, so the mask covers (almost) the whole latent
-and the blend changes (almost) nothing — compare the two swaps and the printed numbers. `threshold` and
-`dilation` in `BlendSpec` are the knobs to try.'''),
+On this model it does too: `circle`'s map is selective (notebook 1), and the mask covers the circle and
+its neighbourhood, a quarter of the latent. But LocalBlend can keep only what is outside the mask *as the
+source drew it*: here the swap moved the circle a few pixels to the right, so the part of the red circle that
+the mask misses comes back from the source as a red ghost at the blue circle's left edge, and about as many
+pixels change as without the blend. It protects the rest of an image (another object: `scripts/eval_edits.py`
+measures that, with `blend=local_tiny`), not an edit that moves. `threshold` and `dilation` in `BlendSpec`
+are the knobs to try.'''),
     ("code", '''SWAP = ["a red circle on a gray background", "a blue circle on a gray background"]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
 
@@ -378,9 +406,9 @@ for name, result in (("swap only", unblended), ("swap + LocalBlend", blended)):
 self-attention, so that the circle keeps its place while the rest of the prompt — here the background — is
 generated freely. On this model that does not help: the circle's own column carries a small part of the
 attention, and the other words and the padding tokens, which are not injected, decide the layout (at this
-seed the circle moves only a little even without injection; the IoUs stay around 0.6). Injecting every token
-(`kind="replace"`, which here swaps the background word) helps a little for the white background, but on this
-model still does not keep the circle in place when the background changes.'''),
+seed the circle only shrinks and shifts a little on white, even without injection; the IoUs stay around 0.6).
+Injecting every token (`kind="replace"`, which here swaps the background word) does not keep it in place
+either: the circle on white is drawn smaller in every row.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 CONTEXTS = ["a red circle on a white background", "a red circle on a gray background"]
 preserve = EditSpec(kind="refine", preserve=["circle"], self_replace_steps=0.0)
@@ -478,7 +506,7 @@ null-text paper's setting for real images). Under each edit: whether it reads as
 layout IoU with the photo, and the PSNR of the background (the pixels outside the photo's circle). Both
 inversions keep the circle in place and change its color; on this model the DDIM-inverted edits even keep
 the black background cleaner (null-text's edits tint it slightly: about 21 dB outside the circle against
-24–27 dB), while null-text's strength is the faithful reconstruction above.'''),
+23–25 dB), while null-text's strength is the faithful reconstruction above.'''),
     ("code", '''TARGETS = [caption.replace("red", "blue"), caption.replace("red", "yellow")]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.5)
 background = ~scene.objects[0].mask

@@ -28,7 +28,7 @@ def load_model(cfg: DictConfig) -> StableDiffusion:
         if not checkpoint.exists():
             raise FileNotFoundError(f"the built-in model {checkpoint} is missing; train it with "
                                     "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
-                                    "(78 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
+                                    "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
     if checkpoint is None:
         raise ValueError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
                          "(single-file safetensors; .ckpt files are refused)")

@@ -1,6 +1,6 @@
 """Train the built-in tiny model on the shapes world and write models/weights/tiny.safetensors.
 
-    python scripts/train_tiny.py                      # both phases: the shipped file's recipe, 78 min on an idle
+    python scripts/train_tiny.py                      # both phases: the shipped file's recipe, 72 min on an idle
                                                       # 2-core CPU → runs/train_tiny/default/tiny.safetensors
     python scripts/train_tiny.py threads=1            # on a machine shared with other jobs (≈ 110 min)
     python scripts/train_tiny.py device=cuda          # minutes on a GPU
