@@ -283,6 +283,17 @@ def test_replace_mappers_stack_one_mapper_per_target():
 
 # --- refine (adding a phrase) ----------------------------------------------------------------------
 
+def test_the_last_padding_columns_keep_their_mass_when_the_target_is_longer():
+    """A model may put much of its attention on the last padding positions (the built-in model: over a quarter on
+    position 15 of 16): a longer target must not drop them, or the edited rows sum to far less than 1."""
+    source_row = torch.zeros(16)
+    source_row[12:] = 0.25  # all the attention on the last four padding tokens
+    mapper, alphas = refine_alignment("a red circle", "a red circle on a white background", context_length=16)
+    assert (source_row[mapper] * alphas).sum() == 1
+    swap = replace_mapper("a cat eating pizza outside", "a cat eating lasagne outside", context_length=16)
+    assert (source_row @ swap).sum() == 1
+
+
 def test_refine_adding_words_at_the_end():
     mapper, alphas = refine_alignment("a photo of a house on a mountain",
                                       "a photo of a house on a mountain at winter")
