@@ -231,9 +231,10 @@ def replace_mapper(source: str, target: str, *, context_length: int = CONTEXT_LE
 
     Unlike the reference (P2P_SPEC §9.1), later words and the end token follow the shift in length:
     target position j maps to source position j + (source length − target length). Padding keeps its
-    position (`padding_partner`): target padding j reads source padding j; where the source is longer, the
-    target's first padding positions hold source words and read nothing, so every source column is sent
-    exactly once and each edited row keeps the source's mass up to the padding the longer target covers.
+    position (`padding_partner`): target padding j reads source padding j. Where the source is longer, the
+    target's first padding positions face source words and read nothing; where the target is longer, the
+    source's first padding columns face target words and are dropped. Every other source column is sent
+    exactly once.
     """
     source_words, target_words = prompt_words(source), prompt_words(target)
     if len(source_words) != len(target_words):
