@@ -253,9 +253,10 @@ def replace_mapper(source: str, target: str, *, context_length: int = CONTEXT_LE
             mapper[rows, columns] = 1.0  # unchanged, or swapped token for token
         else:
             mapper[rows[:, None], columns[None, :]] = 1.0 / len(columns)
-    mapper[end_position(source), end_position(target)] = 1.0  # end token
-    for column in range(end_position(target) + 1, context_length):
-        partner = padding_partner(column, source_end=end_position(source))
+    source_end, target_end = end_position(source), end_position(target)
+    mapper[source_end, target_end] = 1.0  # end token
+    for column in range(target_end + 1, context_length):
+        partner = padding_partner(column, source_end=source_end)
         if partner is not None:
             mapper[partner, column] = 1.0
     return mapper
