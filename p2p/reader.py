@@ -37,6 +37,10 @@ TRIANGLE_MAX_TAPER = 0.65
 # squares 0.95-0.98 (the filter trims their corners), discrete circles 0.73-0.85
 # (the continuous value is pi/4 = 0.785; small circles fill more of their box).
 SQUARE_MIN_FILL = 0.9
+# Step 5: masks whose bbox is narrower or shorter than this are classified unfiltered: the 3x3 majority vote
+# trims every corner pixel, which a 4-7 px square (a 16 px world's objects) cannot spare — its fill drops to
+# a circle's. Masks of that size are also too small for the filter's noise cleaning to matter.
+FILTER_MIN_SIDE = 8
 # Default tolerances of compare_to_scene.
 CENTROID_TOLERANCE_PX = 1.0
 MIN_MASK_IOU = 0.9
@@ -120,10 +124,16 @@ def _majority_filter(mask: np.ndarray) -> np.ndarray:
 def classify_shape(mask: np.ndarray) -> str:
     """circle / square / triangle from a component mask; see TRIANGLE_MAX_TAPER, SQUARE_MIN_FILL.
 
-    Measured on the majority-filtered mask, so one noisy pixel cannot stretch the bbox.
+    Measured on the majority-filtered mask, so one noisy pixel cannot stretch the bbox — unless the mask's
+    bbox is smaller than FILTER_MIN_SIDE, where the filter would trim the shape itself.
     """
-    filtered = _majority_filter(mask)
-    mask = filtered if filtered.any() else mask
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or not mask.any():
+        raise ValueError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels set")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if min(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= FILTER_MIN_SIDE:
+        filtered = _majority_filter(mask)
+        mask = filtered if filtered.any() else mask
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     widths = crop.sum(axis=1)

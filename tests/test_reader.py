@@ -33,6 +33,19 @@ def test_reads_clean_renders():
     assert _accuracy(scenes, [scene.image for scene in scenes]) >= 0.99
 
 
+def test_reads_clean_renders_of_smaller_and_larger_worlds():
+    for image_size in (16, 64):
+        config = WorldConfig(image_size=image_size)
+        scenes = held_out_scenes(seed=1500, n=300, config=config)
+        accuracy = np.mean([compare_to_scene(read_image(scene.image, config=config), scene)["all"] for scene in scenes])
+        assert accuracy >= 0.99, (image_size, accuracy)
+
+
+def test_an_empty_mask_has_no_shape():
+    with pytest.raises(ValueError, match="non-empty 2-D mask"):
+        classify_shape(np.zeros((8, 8), dtype=bool))
+
+
 def test_reads_blurred_noisy_renders():
     """Blur erodes thin triangle tips, so the mask bar drops to IoU >= 0.8; all else stays."""
     rng = np.random.default_rng(0)
@@ -56,10 +69,14 @@ def test_every_input_format_reads_the_same():
         read_image(as_tensor[None])
 
 
-def test_ideal_shapes_classify_at_every_size_of_32_and_64_px_worlds():
+def test_ideal_shapes_classify_at_every_size_of_16_32_and_64_px_worlds():
     for shape in SHAPES:
         for size in range(9, 31):
             mask = rasterize(shape, size=size, top=1, left=1, image_size=32)
+            assert classify_shape(mask) == shape, (shape, size)
+    for shape in SHAPES:  # a 16 px world's objects (4-8 px): too small for the majority filter
+        for size in range(4, 9):
+            mask = rasterize(shape, size=size, top=1, left=1, image_size=16)
             assert classify_shape(mask) == shape, (shape, size)
     # The thresholds sit between the ranges the constants' comments document.
     assert 0.48 < TRIANGLE_MAX_TAPER < 0.86 and 0.85 < SQUARE_MIN_FILL < 0.95
