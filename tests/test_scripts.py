@@ -157,4 +157,6 @@ def test_half_precision_samples_on_the_cpu(dtype, tmp_path):
                'prompts=["a red circle on a black background"]', cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
     half, single = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))).astype(int) for d in ("run", "full"))
-    assert np.abs(half - single).mean() < 2  # the same picture up to rounding
+    # the same picture up to rounding. Measured on the shipped file (3 and 50 steps, 3 prompts): fp16 differs by
+    # 0.03-0.09 levels on average, bf16 (3 fewer mantissa bits) by 0.3-2.3; a broken half path differs by tens
+    assert np.abs(half - single).mean() < {"fp16": 1, "bf16": 4}[dtype]
