@@ -100,7 +100,7 @@ display(views.image_grid(result.images, [PROMPT]))'''),
 One tile per token, start and end tokens included, averaged over every recorded layer (coarse layers
 upsampled) and every step. Each tile is scaled to its own maximum, so compare *where* a map is bright,
 not how bright. The words light up the circle: `red` and `circle` sharply, `on` and `a` as a wider blob around
-it; `black` and `background` light its rim, where object and background meet; the start token and the first
+it; `black` lights the circle and its rim, `background` the rim alone, where object and background meet; the start token and the first
 `a` are spread over everything.'''),
     ("code", '''display(views.grid([views.cross_attention_tiles(store, PROMPT, 0)]))'''),
     ("md", '''## Per layer resolution
@@ -129,7 +129,7 @@ display(views.grid(rows))'''),
     ("md", '''How early? Below, for each word, the correlation between its map at each step and its map at the last
 step (1 = the same picture). The circle's map is a bright spot at the circle's final place from the first step
 on; what changes afterwards is its outline, which grows to the circle's size (correlation ≥ 0.9 from about step
-30 of 50 here). The background's map finds the circle's rim from about step 15 and sharpens it to the end.
+34 of 50 here). The background's map finds the circle's rim from about step 15 and sharpens it to the end.
 What is decided early is *where the object goes*; the remaining steps draw its size, colors and edges into a
 layout that no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of
 the run (notebook 2).'''),
@@ -153,8 +153,8 @@ does, and its text encoder is causal (each token sees the ones before it), so ev
 of the whole prompt. Below, the share of the 8×8 layers' attention that each token gets, averaged over pixels
 and steps. With this prompt's 7 padding tokens the padding gets most of it, about four fifths — but not
 evenly: the model was trained to draw each object's color and shape words from the object's own pixels
-(the token-grounding loss of its model card), so on the circle the words get close to half of the attention,
-elsewhere a tenth, and the background pixels read mostly the padding. Each word's own column still holds only
+(the token-grounding loss of its model card), so on the circle the words get over half of the attention,
+elsewhere about a tenth, and the background pixels read mostly the padding. Each word's own column still holds only
 a few percent to a tenth even on the circle. Notebook 3 comes back to this: it is one reason single-word
 controls are weaker on this model than in the paper.'''),
     ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (16,) for this model: mean over pixels; each pixel's row sums to 1
@@ -218,8 +218,8 @@ from p2p.pipeline import SamplerSettings
 Source first, then the targets; all start from one shared initial latent `x_T` (`p2p.pipeline.initial_latent`).
 Without an edit spec nothing touches the attention. `score_edit` reads every image with the shapes world's
 reader (`p2p/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
-source and target — 1 means the object covers exactly the same pixels. Watch the blue circle: with the same
-seed it lands on the other side of the image; the yellow one grows to the right, the triangle shrinks.'''),
+source and target — 1 means the object covers exactly the same pixels. Watch the blue and yellow circles: with
+the same seed they land, smaller, in the opposite corner of the image; the square shifts, the triangle shrinks.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 TARGETS = ["a blue circle on a black background", "a yellow circle on a black background",
            "a red square on a black background", "a red triangle on a black background"]
@@ -253,7 +253,7 @@ for target, image in zip(TARGETS, injected.images[1:]):
 
 One row per target, one column per fraction of the steps during which the source's cross-attention maps are
 injected (self-attention is left alone here, as in the paper's figure). At 0% it is plain same-seed
-sampling. 20% is not enough for the blue and yellow circles, 40% pins them to the source's place — the layout is decided in
+sampling. 20% is not enough for the blue and yellow circles, 40% brings them to the source's place — the layout is decided in
 the first steps (notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
 survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
@@ -275,10 +275,10 @@ Injection can only hold a layout that is still being decided while it runs. The 
 shows, at every step, where the image is heading: the clean image x̂0 predicted from the guided noise estimate.
 At first it is a blur (every layout is still possible), then the object appears and stops moving.
 `p2p.metrics.layout_commit_step` finds the step from which the reader's object mask stays within IoU 0.8 of the
-final one. On this model that is step 19 of 50 in the median (quartiles 13–23; `scripts/eval_edits.py` over 200
-seeds, details in `models/weights/README.md`), two layouts in five only after the paper's 40% self-attention
-window. The layouts decided earliest are kept a little more often by a color swap (IoU ≥ 0.8 in about two
-thirds of those decided before step 10, in about three fifths of the rest). Watch the object's outline below
+final one. On this model that is step 18 of 50 in the median (quartiles 12–23; `scripts/eval_edits.py` over 200
+seeds, details in `models/weights/README.md`), one layout in three only after the paper's 40% self-attention
+window. How early it is decided hardly changes whether a color swap keeps it (IoU ≥ 0.8 in about 70% of the
+layouts decided before step 10, between steps 10 and 20, and later). Watch the object's outline below
 change long after its place is set.'''),
     ("code", '''import torch
 
@@ -332,14 +332,15 @@ partner — padding included; new tokens keep their own maps, so the new words c
 Here the source names no background and the model draws it black; the targets ask for white and gray.'''),
     ("code", '''SOURCE = "a red circle"
 TARGETS = ["a red circle on a white background", "a red circle on a gray background"]
-SEED = 7
+SEED = 9
 
 _, aligned = refine_alignment(SOURCE, TARGETS[0], context_length=model.context_length)
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
-    ("md", '''Plain sampling moves the circle when the background changes (on white it jumps down and to the right).
-Refine keeps it near its place — IoU with the source 0.16 → 0.58 on white, 0.55 → 0.61 on gray — but draws it
-smaller on white: the aligned tokens' maps are injected, while the new background words, whose maps are free,
-still reshape the scene. One detail matters on this model: refine gives each aligned target token the source's
+    ("md", '''Plain sampling moves the circle when the background changes (on white it moves left and grows, on gray it
+rises). Refine keeps it near its place — IoU with the source 0.20 → 0.50 on white, 0.55 → 0.64 on gray — but
+draws it a little smaller on gray: the aligned tokens' maps are injected, while the new background words, whose
+maps are free, still reshape the scene. Over seeds 0–19 refine raises the mean IoU from 0.51 to 0.62 on white
+and from 0.61 to 0.67 on gray; at three seeds the circle moves either way. One detail matters on this model: refine gives each aligned target token the source's
 column and each new token the target's own, without renormalising, so a row sums to 1 only if the padding
 columns line up. Padding keeps its *position* (`p2p.tokens.padding_partner`, the reference's rule): this
 model puts over a quarter of its attention on the last of its 16 positions, and mapping the padding with the
@@ -363,7 +364,7 @@ alongside and all its maps are injected, so only the reweighted word's influence
 target prompt: here copies of the same prompt, one per `c`.
 
 On this model the fader acts on the circle's *size*, and only at the ends of the range: −5 shrinks the circle
-by a third, weights between −2 and 5 change little, 10 halves it and 20 breaks the image.
+by a quarter, weights between −2 and 5 change little, 10 halves it into a smeared blob and 20 breaks the image.
 The word's column holds only a small part of the attention, so only large |c| matter.'''),
     ("code", '''PROMPT = "a red circle on a black background"
 WORD = "circle"
@@ -382,8 +383,8 @@ mask: `x_tgt ← x_src + mask·(x_tgt − x_src)`. In the paper's SD results the
 
 On this model it does too: `circle`'s map is selective (notebook 1), and the mask covers the circle and
 its neighbourhood, a quarter of the latent. But LocalBlend can keep only what is outside the mask *as the
-source drew it*: here the swap moved the circle a few pixels to the right, so the part of the red circle that
-the mask misses comes back from the source as a red ghost at the blue circle's left edge, and about as many
+source drew it*: here the swap moved the circle a few pixels up and to the right, so the part of the red circle
+that the mask misses comes back from the source as a ghost at the blue circle's lower left edge, and about as many
 pixels change as without the blend. It protects the rest of an image (another object: `scripts/eval_edits.py`
 measures that, with `blend=local_tiny`), not an edit that moves. `threshold` and `dilation` in `BlendSpec`
 are the knobs to try.'''),
@@ -478,7 +479,7 @@ display(views.image_grid(np.stack([photo, vae_only]), [caption, f"VAE only: {psn
 
 `invert` returns `x_T` and, for null-text and negative-prompt inversion, one unconditional embedding per
 step. Reconstructing = sampling the caption from `x_T` with those embeddings (`edit` without an edit spec).
-Plain DDIM inversion drifts (about 2 dB below the others); null-text inversion comes back within a fraction of a
+Plain DDIM inversion drifts (about 3.5 dB below the others); null-text inversion comes back within a fraction of a
 dB of the VAE's ceiling; on this model negative-prompt inversion, with no optimisation at all, does as well.'''),
     ("code", '''METHODS = ["ddim", "null_text", "negative_prompt"]
 inversions = {method: invert(model, photo, caption, method=method, settings=settings, inner_steps=INNER_STEPS,
@@ -505,8 +506,8 @@ unconditional embeddings at every step, for source and targets alike (`self_repl
 null-text paper's setting for real images). Under each edit: whether it reads as the target caption, the
 layout IoU with the photo, and the PSNR of the background (the pixels outside the photo's circle). Both
 inversions keep the circle in place and change its color; on this model the DDIM-inverted edits even keep
-the black background cleaner (null-text's edits tint it slightly: about 21 dB outside the circle against
-23–25 dB), while null-text's strength is the faithful reconstruction above.'''),
+the black background cleaner (null-text's edits tint it slightly: 20–21.5 dB outside the circle against
+about 25 dB), while null-text's strength is the faithful reconstruction above.'''),
     ("code", '''TARGETS = [caption.replace("red", "blue"), caption.replace("red", "yellow")]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.5)
 background = ~scene.objects[0].mask
