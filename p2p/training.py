@@ -34,7 +34,7 @@ from models.ddim import add_noise
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
-from p2p.grounding import CrossMaps, Grounding, GroundingCache, grounding_loss
+from p2p.grounding import ColorMix, ColorMixer, CrossMaps, Grounding, GroundingCache, grounding_loss
 from p2p.world import WorldConfig, sample_batch
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class PhaseConfig:
     snr_gamma: float = 0.0  # UNet only: min-SNR-γ loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = off
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
     grounding: float = 0.0  # UNet only: weight of the token-grounding loss (grounding_loss); 0 = off
+    color_mix: float = 0.0  # UNet only: P(a kept caption's features come from other colors but at its color words)
 
     def __post_init__(self):
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
@@ -64,10 +65,11 @@ class PhaseConfig:
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip > 0,
                   "kl_weight": self.kl_weight >= 0, "caption_dropout": 0 <= self.caption_dropout < 1,
                   "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1,
-                  "grounding": self.grounding >= 0}
+                  "grounding": self.grounding >= 0, "color_mix": 0 <= self.color_mix <= 1}
         accepted = {"steps": "≥ 1", "batch_size": "≥ 1", "lr": "> 0", "warmup_steps": "≥ 0", "min_lr_ratio": "in [0, 1]",
                     "weight_decay": "≥ 0", "grad_clip": "> 0", "kl_weight": "≥ 0", "caption_dropout": "in [0, 1)",
-                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)", "grounding": "≥ 0 (0 = off)"}
+                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)", "grounding": "≥ 0 (0 = off)",
+                    "color_mix": "in [0, 1] (0 = off)"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
@@ -173,10 +175,11 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float)
 
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
                    generator: torch.Generator, snr_gamma: float = 0.0, grounding: Grounding | None = None,
-                   grounding_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                   grounding_weight: float = 0.0, mix: ColorMix | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss),
     optionally weighted per sample by min-SNR-γ (snr_gamma > 0), plus grounding_weight × grounding_loss when
-    `grounding` rows are given. The logged 'mse' is always unweighted."""
+    `grounding` rows are given. `mix`: the text features come from `mix.decoy_ids` except where `mix.keep`.
+    The logged 'mse' is always unweighted."""
     if snr_gamma < 0:
         raise ValueError(f"snr_gamma must be ≥ 0 (0 = unweighted), got {snr_gamma}")
     if grounding_weight < 0:
@@ -185,6 +188,9 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
     context = model.text_encoder(token_ids.to(device))
+    if mix is not None:
+        decoy = model.text_encoder(mix.decoy_ids.to(device))
+        context = torch.where(mix.keep.to(device)[..., None], context, decoy)
     recorder = CrossMaps() if grounding is not None and grounding_weight > 0 else None
     with attach_controller(model.unet, recorder):
         prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
@@ -377,15 +383,17 @@ def train_unet(model: StableDiffusion, cfg: TrainConfig, **loop) -> EMA | None:
     """Needs model.config.scale_factor set (after phase 1). Returns the EMA of UNet + text weights."""
     world, tokens = WorldConfig(**cfg.world), TokenCache(model.text_encoder)
     grounding = GroundingCache(model.context_length) if cfg.unet.grounding > 0 else None
+    mixer = ColorMixer(world, tokens, model.context_length) if cfg.unet.color_mix > 0 else None  # 0: rng untouched
 
     def loss_at_step(step: int, rng: np.random.Generator):
         images, captions, scenes = sample_batch(rng, cfg.unet.batch_size, config=world)
         with torch.no_grad():
             latents = model.encode_images(images)  # posterior mean × scale_factor; the VAE is frozen
         captions = drop_captions(captions, p=cfg.unet.caption_dropout, rng=rng)
+        mix = mixer(scenes, captions, p=cfg.unet.color_mix, rng=rng) if mixer is not None else None
         return diffusion_loss(model, latents, tokens(captions), generator=torch_generator(rng),
                               snr_gamma=cfg.unet.snr_gamma, grounding_weight=cfg.unet.grounding,
-                              grounding=grounding(scenes, captions) if grounding is not None else None)
+                              grounding=grounding(scenes, captions) if grounding is not None else None, mix=mix)
 
     return train_phase(model, phase="unet", cfg=cfg.unet, loss_at_step=loss_at_step, seed=cfg.seed,
                        run_dir=cfg.run_dir, resume=cfg.resume, checkpoint_every=cfg.checkpoint_every,

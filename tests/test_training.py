@@ -20,11 +20,11 @@ from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
-from p2p.grounding import Grounding, GroundingCache, grounding_loss
+from p2p.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
 from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss, drop_captions,
                           learning_rate, min_snr_weights, train, train_phase, vae_loss)
 from p2p.tokens import word_token_positions
-from p2p.world import WorldConfig, sample_batch, sample_scene
+from p2p.world import WorldConfig, parse_caption, sample_batch, sample_scene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "models" / "weights" / "tiny.safetensors"
@@ -177,6 +177,52 @@ def test_training_with_grounding_moves_the_tokens_attention_onto_their_objects(t
     assert grounding()[1]["grounding"] < 0.5 * before
 
 
+def test_color_mix_keeps_only_the_color_words_own_features_and_never_mixes_dropped_captions():
+    world = WorldConfig(**SMALL_WORLD)
+    rng = np.random.default_rng(5)
+    two = sample_scene(rng, config=world, objects=[("purple", "triangle"), ("red", "circle")], background="gray",
+                       mention_background=True)
+    one = sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
+    model = small_model()
+    tokens = TokenCache(model.text_encoder)
+    mixer = ColorMixer(world, tokens, model.context_length)
+    mix = mixer([two, one, two], [two.caption, one.caption, ""], p=1.0, rng=np.random.default_rng(0))
+    captions_of = {tuple(v.tolist()): c for c, v in tokens.ids.items()}  # the decoy captions went through the cache
+    for i, scene in enumerate([two, one]):
+        decoy = parse_caption(captions_of[tuple(mix.decoy_ids[i].tolist())], config=world)
+        own = parse_caption(scene.caption, config=world)
+        assert [s for _, s in decoy.objects] == [s for _, s in own.objects] and decoy.background == own.background
+        assert all(c != d for (c, _), (d, _) in zip(own.objects, decoy.objects))  # every color replaced
+        colors = [k for color, _ in own.objects for k in word_token_positions(scene.caption, color, context_length=16)]
+        assert mix.keep[i].nonzero().flatten().tolist() == colors  # only the color words keep their own features
+    assert mix.keep[2].all() and torch.equal(mix.decoy_ids[2], tokens([""])[0])  # a dropped caption is not mixed
+    none = mixer([two], [two.caption], p=0.0, rng=np.random.default_rng(0))
+    assert none.keep.all() and torch.equal(none.decoy_ids, tokens([two.caption]))
+    with pytest.raises(ValueError, match="color_mix=1.5"):
+        mixer([two], [two.caption], p=1.5, rng=np.random.default_rng(0))
+
+
+def test_diffusion_loss_reads_the_mixed_features():
+    model = small_model()
+    images, captions, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
+    latents, tokens = model.encode_images(images).detach(), TokenCache(model.text_encoder)
+    mixer = ColorMixer(WorldConfig(**SMALL_WORLD), tokens, model.context_length)
+    loss = lambda mix: diffusion_loss(model, latents, tokens(captions), generator=torch.Generator().manual_seed(0),
+                                      mix=mix)[0].item()
+    plain = loss(None)
+    assert loss(mixer(scenes, captions, p=0.0, rng=np.random.default_rng(0))) == pytest.approx(plain, abs=1e-6)
+    assert loss(mixer(scenes, captions, p=1.0, rng=np.random.default_rng(0))) != pytest.approx(plain, abs=1e-6)
+
+
+def test_training_with_color_mix_is_deterministic(tmp_path):
+    def config(name):
+        cfg = small_train_config(tmp_path / name)
+        cfg.unet.color_mix = 0.5
+        return cfg
+    runs = [train(small_model(), config(name), progress=False) for name in ("a", "b")]
+    assert_same_weights(runs[0], runs[1])
+
+
 def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
     model = small_model()
     vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
@@ -303,6 +349,7 @@ def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
     (dict(caption_dropout=1.0), "caption_dropout=1.0 is out of range; use a value in [0, 1)"),
     (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
     (dict(reconstruction="l2"), "reconstruction='l2' is not one of ('l1', 'mse', 'l1+mse')"),
+    (dict(color_mix=1.5), "color_mix=1.5 is out of range; use a value in [0, 1] (0 = off)"),
 ])
 def test_bad_phase_settings_are_named(phase, message):
     with pytest.raises(ValueError) as err:
