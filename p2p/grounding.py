@@ -119,8 +119,9 @@ class ColorMixer:
 
     def color_positions(self, caption: str, num_objects: int) -> list[int]:
         if caption not in self.positions:  # object j's color is word 4j+1 (p2p.world.make_caption)
-            self.positions[caption] = [k for j in range(num_objects)
-                                       for k in word_token_positions(caption, 4 * j + 1, context_length=self.context_length)]
+            self.positions[caption] = [
+                k for j in range(num_objects)
+                for k in word_token_positions(caption, 4 * j + 1, context_length=self.context_length)]
         return self.positions[caption]
 
     def __call__(self, scenes: list[Scene], captions: list[str], *, p: float, rng: np.random.Generator) -> ColorMix:

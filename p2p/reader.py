@@ -129,7 +129,8 @@ def classify_shape(mask: np.ndarray) -> str:
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or not mask.any():
-        raise ValueError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels set")
+        raise ValueError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} "
+                         f"with {int(mask.sum())} pixels set")
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if min(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= FILTER_MIN_SIDE:
         filtered = _majority_filter(mask)

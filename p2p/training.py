@@ -175,7 +175,8 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float)
 
 def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
                    generator: torch.Generator, snr_gamma: float = 0.0, grounding: Grounding | None = None,
-                   grounding_weight: float = 0.0, mix: ColorMix | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   grounding_weight: float = 0.0,
+                   mix: ColorMix | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss),
     optionally weighted per sample by min-SNR-γ (snr_gamma > 0), plus grounding_weight × grounding_loss when
     `grounding` rows are given. `mix`: the text features come from `mix.decoy_ids` except where `mix.keep`.
