@@ -112,12 +112,16 @@ def test_min_snr_weights_follow_the_formula_and_reweight_the_loss():
         diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0), snr_gamma=-1)
 
 
-def test_grounding_rows_name_each_objects_color_and_shape_tokens_and_skip_dropped_captions():
-    world = WorldConfig(**SMALL_WORLD)
-    rng = np.random.default_rng(3)
+def two_scenes(seed: int, world: WorldConfig):
+    """A two-object scene whose caption names the background, and a one-object scene whose caption does not."""
+    rng = np.random.default_rng(seed)
     two = sample_scene(rng, config=world, objects=[("purple", "triangle"), ("red", "circle")], background="gray",
                        mention_background=True)
-    one = sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
+    return two, sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
+
+
+def test_grounding_rows_name_each_objects_color_and_shape_tokens_and_skip_dropped_captions():
+    two, one = two_scenes(3, WorldConfig(**SMALL_WORLD))
     rows = GroundingCache(16)([two, one, two], [two.caption, one.caption, ""])  # the third caption was dropped
     expected = [(0, word_token_positions(two.caption, "purple", context_length=16), two.objects[0].mask),
                 (0, word_token_positions(two.caption, "triangle", context_length=16), two.objects[0].mask),
@@ -179,10 +183,7 @@ def test_training_with_grounding_moves_the_tokens_attention_onto_their_objects(t
 
 def test_color_mix_keeps_only_the_color_words_own_features_and_never_mixes_dropped_captions():
     world = WorldConfig(**SMALL_WORLD)
-    rng = np.random.default_rng(5)
-    two = sample_scene(rng, config=world, objects=[("purple", "triangle"), ("red", "circle")], background="gray",
-                       mention_background=True)
-    one = sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
+    two, one = two_scenes(5, world)
     model = small_model()
     tokens = TokenCache(model.text_encoder)
     mixer = ColorMixer(world, tokens, model.context_length)
