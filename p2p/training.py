@@ -189,9 +189,11 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
     context = model.text_encoder(token_ids.to(device))
-    if mix is not None:
-        decoy = model.text_encoder(mix.decoy_ids.to(device))
-        context = torch.where(mix.keep.to(device)[..., None], context, decoy)
+    mixed = (~mix.keep).any(1) if mix is not None else None
+    if mixed is not None and mixed.any():  # encode only the mixed rows' decoys (the others keep every position)
+        keep = mix.keep[mixed].to(device)[..., None]
+        context = context.clone()
+        context[mixed] = torch.where(keep, context[mixed], model.text_encoder(mix.decoy_ids[mixed].to(device)))
     recorder = CrossMaps() if grounding is not None and grounding_weight > 0 else None
     with attach_controller(model.unet, recorder):
         prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
