@@ -215,13 +215,19 @@ def test_diffusion_loss_reads_the_mixed_features():
     assert loss(mixer(scenes, captions, p=1.0, rng=np.random.default_rng(0))) != pytest.approx(plain, abs=1e-6)
 
 
-def test_training_with_color_mix_is_deterministic(tmp_path):
+def test_training_with_color_mix_is_deterministic_and_mixes(tmp_path, monkeypatch):
+    mixes = []
+    loss = training.diffusion_loss
+    monkeypatch.setattr(training, "diffusion_loss",
+                        lambda *a, mix=None, **k: (mixes.append(mix), loss(*a, mix=mix, **k))[1])
+
     def config(name):
         cfg = small_train_config(tmp_path / name)
         cfg.unet.color_mix = 0.5
         return cfg
     runs = [train(small_model(), config(name), progress=False) for name in ("a", "b")]
     assert_same_weights(runs[0], runs[1])
+    assert mixes and any((~mix.keep).any() for mix in mixes)  # the training steps did get mixed features
 
 
 def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
