@@ -106,7 +106,9 @@ def ddim_inverse_step(model_output: torch.Tensor, x_prev: torch.Tensor, *, t_pre
 
     x0 = (x − sqrt(1 − a_prev)·ε)/sqrt(a_prev),  x_t = sqrt(a_t)·x0 + sqrt(1 − a_t)·ε,
     with ε evaluated at `t` on the current latent (the usual approximation ε(x_t, t) ≈ ε(x_{t_prev}, t)).
-    For v-prediction ε comes from v at timestep t on the current latent.
+    For v-prediction ε comes from v with ᾱ_t, the level the model was told (diffusers' DDIMInverseScheduler
+    converts with the sample's own level ᾱ_{t_prev} instead; the two agree for ε-prediction, and neither is
+    exact, since the model never sees x_t).
     """
     alpha_prev, alpha_t = schedule.alpha(t_prev), schedule.alpha(t)
     eps, _ = eps_and_x0(model_output, x_prev, alpha_t, prediction=prediction)

@@ -298,7 +298,7 @@ def render_scene(*, seed: int, objects: Sequence[Sequence[str]], background: str
 def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings,
                       photo: np.ndarray, source: str, targets: Sequence[str], methods: Sequence[str] = ("null_text", "ddim"),
                       blend: Sequence | dict | None = None, inner_steps: int = 10, null_init: str = "empty",
-                      cache_dir: str | None = None, tile_size: int = 128) -> Figure:
+                      tolerance_scale: float = 1.0, cache_dir: str | None = None, tile_size: int = 128) -> Figure:
     """Figs. 10-12: invert the photo with each method, reconstruct it, edit it; with `blend` words, the Fig. 12
     path: the LocalBlend mask of the first method's edit and the photo restored outside that mask. `blend` takes
     the forms of a `rows_figure` row's."""
@@ -317,7 +317,8 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
     inversions = {}
     for method in methods:
         inversion, _ = cached_invert(model, photo, source, cache_dir=cache_dir, method=method, settings=settings,
-                                     inner_steps=inner_steps, null_init=null_init, progress=False)
+                                     inner_steps=inner_steps, null_init=null_init,
+                                     tolerance_scale=tolerance_scale, progress=False)
         inversions[method] = inversion
         image = decode(model, sample(model, [source], latent=inversion.x_T, settings=settings,
                                      uncond_embeddings=inversion.uncond_embeddings, progress=False))[0]

@@ -38,7 +38,7 @@ def model_fingerprint(model: StableDiffusion) -> str:
 
 
 def inversion_key(*, image: np.ndarray, prompt: str, fingerprint: str, method: str, settings: SamplerSettings,
-                  inner_steps: int, null_init: str = "empty",
+                  inner_steps: int, null_init: str = "empty", tolerance_scale: float = 1.0,
                   inversion_guidance: float = DDIM_INVERSION_GUIDANCE) -> str:
     digest = hashlib.sha256()
     digest.update(f"{image.shape}{image.dtype}".encode() + np.ascontiguousarray(image).tobytes())
@@ -46,8 +46,10 @@ def inversion_key(*, image: np.ndarray, prompt: str, fingerprint: str, method: s
               "guidance": settings.guidance, "offset": settings.offset, "inner_steps": inner_steps,
               "format": CACHE_FORMAT}
     # Options added later enter the key only when they differ from their old fixed value: old entries stay valid.
-    if method == "null_text":  # only null-text has a starting point
+    if method == "null_text":  # only null-text has a starting point and a stopping rule
         fields["null_init"] = null_init
+        if tolerance_scale != 1.0:
+            fields["tolerance_scale"] = float(tolerance_scale)
     if inversion_guidance != DDIM_INVERSION_GUIDANCE:
         fields["inversion_guidance"] = inversion_guidance
     digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -97,7 +99,8 @@ def _fits(inversion: Inversion, *, method: str, steps: int) -> bool:
 
 def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cache_dir: str | Path | None,
                   method: str, settings: SamplerSettings, inner_steps: int, null_init: str = "empty",
-                  inversion_guidance: float = DDIM_INVERSION_GUIDANCE, progress: bool = True
+                  tolerance_scale: float = 1.0, inversion_guidance: float = DDIM_INVERSION_GUIDANCE,
+                  progress: bool = True
                   ) -> tuple[Inversion, bool]:
     """`p2p.inversion.invert` through the cache; returns (inversion, whether it came from the cache).
 
@@ -105,7 +108,8 @@ def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cac
     """
     def compute() -> Inversion:
         return invert(model, image, prompt, method=method, settings=settings, inner_steps=inner_steps,
-                      null_init=null_init, inversion_guidance=inversion_guidance, progress=progress)
+                      null_init=null_init, tolerance_scale=tolerance_scale, inversion_guidance=inversion_guidance,
+                      progress=progress)
 
     if cache_dir is None:
         return compute(), False
@@ -114,6 +118,7 @@ def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cac
     image_to_tensor(image)  # names a wrong image before it is hashed
     key = inversion_key(image=image, prompt=prompt, fingerprint=model_fingerprint(model), method=method,
                         settings=settings, inner_steps=inner_steps, null_init=null_init,
+                        tolerance_scale=tolerance_scale,
                         inversion_guidance=inversion_guidance)
     path = Path(cache_dir) / f"{method}-{key}.safetensors"
     if path.exists():

@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts._common import check_fresh, load_model, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import (check_fresh, load_model, number, run_dir, sampler_settings, save_config,  # noqa: E402
+                            save_image, slug)
 from p2p import views  # noqa: E402
 from scripts.edit import edit_inputs  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # noqa: E402
 from p2p.images import load_image  # noqa: E402
-from p2p.inversion import psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
+from p2p.inversion import check_tolerance_scale, psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
 from p2p.inversion_cache import cached_invert  # noqa: E402
 from p2p.pipeline import check_image_size, decode, image_size, sample  # noqa: E402
 
@@ -47,7 +48,12 @@ def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | Non
     prompts, spec, blend = edit_inputs(cfg)  # the rules of scripts/edit.py: a list of strings, targets for an edit
     if cfg.restore_unedited and blend is None:
         raise ValueError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
+    check_tolerance_scale(tolerance_scale(cfg))
     return prompts, spec, blend
+
+
+def tolerance_scale(cfg: DictConfig) -> float:
+    return number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale")
 
 
 
@@ -72,6 +78,7 @@ def main(cfg: DictConfig) -> None:
     inversion, from_cache = cached_invert(model, image, prompts[0], cache_dir=cfg.cache_dir,
                                           method=cfg.inversion.method, settings=settings,
                                           inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init,
+                                          tolerance_scale=tolerance_scale(cfg),
                                           inversion_guidance=float(cfg.inversion.guidance), progress=cfg.progress)
     load_seconds = time.perf_counter() - start
 

@@ -9,8 +9,9 @@ color word swap on each null-text inversion (P2P replace, the `edit` group): whe
 caption (everything), whether its largest object has the target color, and the PSNR of the background
 outside the source object's ground-truth mask. Also the reference null-text schedule
 (10 Adam steps every step, weights with requires_grad=True) on the first `reference_n` renders, for the
-speed ratio (and its PSNR: "equal PSNR"). Null-text runs twice: from the "" embedding (the paper) and from
-the caption's embedding (`init=negative_prompt`). Writes `inversion.json` and prints a table.
+speed ratio (and its PSNR: "equal PSNR"). Null-text runs three times: from the "" embedding (the paper), from
+the caption's embedding (`init=negative_prompt`), and from there with a tenth of the tolerance
+(`inversion=null_text_fast`). Writes `inversion.json` and prints a table.
 """
 from __future__ import annotations
 
@@ -29,14 +30,19 @@ from scripts._common import check_counts, load_model, run_dir, sampler_settings 
 from scripts.eval_edits import swap_pair  # noqa: E402
 from scripts.eval_tiny import one_object_scores  # noqa: E402
 from p2p.edit import EditSpec, edit  # noqa: E402
-from p2p.inversion import NULL_TEXT_INNER_STEPS, invert, psnr, vae_reconstruction  # noqa: E402
+from p2p.inversion import FAST_NULL_TEXT, NULL_TEXT_INNER_STEPS, invert, psnr, vae_reconstruction  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
 from p2p.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
 
-# name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding
+# name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding,
+# null_text_fast = that with a tenth of the reference's tolerance (`inversion=null_text_fast`)
 METHODS = {"ddim": dict(method="ddim"), "negative_prompt": dict(method="negative_prompt"),
            "null_text": dict(method="null_text"),
-           "null_text_from_negative": dict(method="null_text", null_init="negative_prompt")}
+           "null_text_from_negative": dict(method="null_text", null_init="negative_prompt"),
+           "null_text_fast": dict(method="null_text", **FAST_NULL_TEXT)}
+NULL_TEXT_METHODS = [name for name, arguments in METHODS.items() if arguments["method"] == "null_text"]
+# null-text variant → prefix of its edit's row keys
+EDIT_PREFIXES = {"null_text": "edit", "null_text_from_negative": "edit_from_negative", "null_text_fast": "edit_fast"}
 
 
 def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
@@ -83,9 +89,9 @@ def main(cfg: DictConfig) -> None:
             latents = sample(model, [source], latent=inversions[method].x_T, settings=settings,
                              uncond_embeddings=inversions[method].uncond_embeddings, progress=False)
             row[f"psnr_{method}"] = psnr(decode(model, latents)[0], image)
-        row["null_text_adam_steps"] = sum(inversions["null_text"].inner_steps)
-        row["null_text_from_negative_adam_steps"] = sum(inversions["null_text_from_negative"].inner_steps)
-        for method, prefix in (("null_text", "edit"), ("null_text_from_negative", "edit_from_negative")):
+        for method in NULL_TEXT_METHODS:
+            row[f"{method}_adam_steps"] = sum(inversions[method].inner_steps)
+        for method, prefix in EDIT_PREFIXES.items():
             inversion = inversions[method]
             edited = edit(model, [source, target], latent=inversion.x_T, spec=spec, settings=settings,
                           uncond_embeddings=inversion.uncond_embeddings, progress=False).images
@@ -101,7 +107,7 @@ def main(cfg: DictConfig) -> None:
     summary = {k: mean(k) for k in rows[0] if k.startswith(("psnr", "seconds", "edit_", "null_text"))}
     if cfg.reference_n:
         summary["seconds_null_text_reference"] = mean("seconds_null_text_reference")
-        for method in ("null_text", "null_text_from_negative"):
+        for method in NULL_TEXT_METHODS:
             ours = float(np.mean([r[f"seconds_{method}"] for r in rows[:cfg.reference_n]]))
             summary[f"{method}_speedup_vs_reference"] = summary["seconds_null_text_reference"] / ours
             summary[f"psnr_{method}_on_reference_images"] = float(np.mean([r[f"psnr_{method}"]

@@ -28,6 +28,7 @@ from scripts._common import check_fresh, load_model, number, run_dir, sampler_se
 from p2p import figures  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.images import load_image  # noqa: E402
+from p2p.inversion import check_tolerance_scale  # noqa: E402
 
 PROMPT_SETS = ("shapes", "paper")
 
@@ -79,6 +80,7 @@ def checked_overrides(cfg: DictConfig, params: dict) -> dict:
         if cfg.image is None and (height is not None or width is not None):
             raise ValueError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
                              "the world's 32 px (drop height/width, or pass image=PATH)")
+        check_tolerance_scale(number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"))
     return dict(tile_size=tile_size, height=height, width=width, seed=seed)
 
 
@@ -108,7 +110,9 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
     size = model.config.image_size
     if cfg.figure == "real":
         add_photo(cfg, params, size=size, height=overrides["height"], width=overrides["width"], out=out)
-        common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init, cache_dir=cfg.cache_dir)
+        common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init,
+                      tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"),
+                      cache_dir=cfg.cache_dir)
     figure = figures.build(cfg.figure, model, params, **common)
     image_height, image_width = (params["photo"].shape[:2] if cfg.figure == "real" else
                                  (overrides["height"] or size, overrides["width"] or size))

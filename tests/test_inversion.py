@@ -12,8 +12,8 @@ from PIL import Image
 
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.images import load_image
-from p2p.inversion import (ddim_invert, image_to_tensor, invert, null_text_optimization, psnr, restore_outside_mask,
-                           vae_reconstruction)
+from p2p.inversion import (FAST_NULL_TEXT, ddim_invert, image_to_tensor, invert, null_text_optimization, psnr,
+                           restore_outside_mask, vae_reconstruction)
 from p2p.inversion_cache import cached_invert
 from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.world import sample_scene
@@ -101,6 +101,39 @@ def test_null_text_init_from_the_caption_embedding(model, photo):
     assert torch.equal(start.x_T, negative.x_T)
     with pytest.raises(ValueError, match="'caption'.*choose one of"):
         invert(model, photo, PROMPT, settings=settings, null_init="caption", progress=False)
+
+
+def test_tolerance_scale_sets_when_null_text_stops(model, photo):
+    # From the caption's embedding the loss starts small: a huge tolerance stops every step at once (∅ stays the
+    # caption's), zero never stops early (every step takes every Adam step), and in between a smaller tolerance
+    # never takes fewer Adam steps.
+    settings = SamplerSettings(steps=STEPS, guidance=5.0)
+    used = {}
+    for scale in (1e9, 1.0, 0.1, 0.0):
+        inversion = invert(model, photo, PROMPT, settings=settings, inner_steps=3, null_init="negative_prompt",
+                           tolerance_scale=scale, progress=False)
+        used[scale] = inversion.inner_steps
+    assert used[1e9] == [0] * STEPS and used[0.0] == [3] * STEPS, used
+    assert all(a <= b for a, b in zip(used[1.0], used[0.1])), used
+    caption = model.encode_prompts([PROMPT]).float()
+    huge = invert(model, photo, PROMPT, settings=settings, null_init="negative_prompt", tolerance_scale=1e9,
+                  progress=False)
+    assert all(torch.equal(e, caption) for e in huge.uncond_embeddings)
+
+
+@pytest.mark.parametrize("scale", [-0.1, float("nan"), float("inf"), True, "0.1", None])
+def test_bad_tolerance_scales_are_named(model, photo, scale):
+    with pytest.raises(ValueError, match=f"tolerance_scale={scale!r}.*finite number ≥ 0"):
+        invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), tolerance_scale=scale,
+               progress=False)
+
+
+def test_the_fast_null_text_config_is_the_library_setting():
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "inversion" / "null_text_fast.yaml")
+    assert config.method == "null_text" and config.inner_steps == 10
+    assert {"null_init": config.init, "tolerance_scale": config.tolerance_scale} == FAST_NULL_TEXT
 
 
 def _one_step(model, x, step, settings):
@@ -327,6 +360,7 @@ def test_cache_key_covers_every_setting_and_the_weights(model, photo, tmp_path):
     for changes in ({"settings": SamplerSettings(steps=2, guidance=4.0)},
                     {"settings": SamplerSettings(steps=2, guidance=5.0, offset=0)},
                     {"inner_steps": 2}, {"null_init": "negative_prompt"}, {"inversion_guidance": 2.0},
+                    {"tolerance_scale": 0.5},
                     {"method": "negative_prompt"}, {"method": "ddim"}):
         _, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path, **changes))
         assert not hit, changes

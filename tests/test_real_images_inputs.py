@@ -160,6 +160,9 @@ def compose_edit_image(*overrides):
     (["image=photo.png", f"prompts={CAPTIONS}", "restore_unedited=true"], "restore_unedited=true needs a mask"),
     (["image=photo.png", f"prompts={CAPTIONS}", "blend=local"], "LocalBlend needs its words"),
     (["image=photo.png", f"prompts={CAPTIONS}", "edit.kind=swap"], "edit.kind='swap' is not supported"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=fast"],
+     "inversion.tolerance_scale='fast' is not a number"),
+    (["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=-1"], "tolerance_scale=-1.0: .*≥ 0"),
 ])
 def test_edit_image_refuses_bad_overrides_before_loading_the_model(overrides, message):
     from scripts.edit_image import check_request
@@ -171,8 +174,9 @@ def test_edit_image_refuses_bad_overrides_before_loading_the_model(overrides, me
 def test_edit_image_accepts_every_inversion_and_a_caption_alone_without_an_edit():
     from scripts.edit_image import check_request
 
-    for method in ("ddim", "negative_prompt", "null_text"):
-        cfg = compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", f"inversion={method}")
+    for name, method in (("ddim", "ddim"), ("negative_prompt", "negative_prompt"), ("null_text", "null_text"),
+                         ("null_text_fast", "null_text")):
+        cfg = compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", f"inversion={name}")
         assert cfg.inversion.method == method and cfg.inversion.guidance == 1.0
         assert check_request(cfg)[0] == json.loads(CAPTIONS)
     prompts, spec, blend = check_request(compose_edit_image("image=photo.png", 'prompts=["a red circle"]',

@@ -93,11 +93,14 @@ def test_eval_inversion_script_reports_every_method_the_reference_and_the_edits(
     report = json.loads((tmp_path / "run" / "inversion.json").read_text())
     summary, rows = report["summary"], report["rows"]
     assert len(rows) == 2 and "seconds_null_text_reference" in rows[0] and "seconds_null_text_reference" not in rows[1]
-    for method in ("vae", "ddim", "negative_prompt", "null_text", "null_text_from_negative", "null_text_reference"):
+    for method in ("vae", "ddim", "negative_prompt", "null_text", "null_text_from_negative", "null_text_fast",
+                   "null_text_reference"):
         assert np.isfinite(summary[f"psnr_{method}"]), method
-    for prefix in ("edit", "edit_from_negative"):
+    for prefix in ("edit", "edit_from_negative", "edit_fast"):
         assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr"} <= summary.keys()
-    assert summary["null_text_speedup_vs_reference"] > 0 and summary["null_text_from_negative_speedup_vs_reference"] > 0
+    for method in ("null_text", "null_text_from_negative", "null_text_fast"):
+        assert summary[f"{method}_speedup_vs_reference"] > 0 and f"psnr_{method}_on_reference_images" in summary
+        assert summary[f"{method}_adam_steps"] >= 0
 
 
 def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
