@@ -15,6 +15,7 @@ The library part (losses, loop, EMA, checkpoints) is p2p/training.py; this file 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh
 
 from models.loader import save_checkpoint  # noqa: E402
 from models.text import clip_tokenizer  # noqa: E402
-from models.stable_diffusion import StableDiffusion, tiny_config  # noqa: E402
+from models.stable_diffusion import ModelConfig, StableDiffusion, tiny_config  # noqa: E402
 from p2p.training import PhaseConfig, StopRequested, TrainConfig, check_run_dir, train  # noqa: E402
 from p2p.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
 
 MAX_FILE_MB = 30  # issue 7: the committed weights stay small
-SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length")
+SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length", "architecture")
+ARCHITECTURE_PARTS = ("unet", "vae", "text")  # the sub-configs `architecture` may change (models/*.py)
 
 
 def train_config(cfg: DictConfig) -> TrainConfig:
@@ -52,6 +54,40 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         except ValueError as err:  # name the override the user typed: vae.steps=-1, not steps=-1
             raise ValueError(f"{phase}.{err}") from None
     return TrainConfig(**{**plain, **phases, "world": plain.get("world") or {}})
+
+
+def model_config(cfg: DictConfig, world: WorldConfig) -> ModelConfig:
+    """`tiny_config()` with the run's `architecture` overrides, guidance and context length, at the world's size.
+
+    `architecture` = {unet: {...}, vae: {...}, text: {...}} with the fields of UNetConfig, VAEConfig and
+    TextConfig, e.g. `'architecture={vae: {ch_mult: [1,2]}}'` for an f = 2 VAE (16×16 latents at 32 px).
+    Unknown parts or fields are named before any training; the model is built once here, so a shape that does
+    not fit fails now too (one forward pass at the world's size)."""
+    config = dataclasses.asdict(tiny_config())
+    overrides = OmegaConf.to_container(cfg.architecture, resolve=True) if cfg.get("architecture") else {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"architecture={overrides!r} must be a mapping like {{unet: {{model_channels: 64}}}}")
+    for part, values in overrides.items():
+        if part not in ARCHITECTURE_PARTS or not isinstance(values, dict):
+            raise ValueError(f"architecture.{part}={values!r}: choose a mapping for one of {ARCHITECTURE_PARTS}")
+        unknown = sorted(set(values) - set(config[part]))
+        if unknown:
+            raise ValueError(f"architecture.{part} has no field(s) {unknown}; it has {sorted(config[part])}")
+        config[part].update(values)
+    config.update(image_size=world.image_size, guidance=float(cfg.guidance))
+    config["text"]["context_length"] = int(cfg.context_length)
+    try:
+        result = ModelConfig.from_dict(config)
+        if result.image_size % result.latent_factor:
+            raise ValueError(f"the world's {result.image_size} px images do not divide by the VAE's factor "
+                             f"{result.latent_factor}")
+        with torch.no_grad():  # one forward through every part at the world's size
+            model = StableDiffusion(result)
+            latents = model.encode_images(torch.zeros(1, 3, world.image_size, world.image_size))
+            model.unet(latents, torch.zeros(1, dtype=torch.long), model.encode_prompts([""]))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"architecture={overrides}: {err}") from None
+    return result
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:
@@ -87,7 +123,9 @@ def check_context_length(context_length: int, world: WorldConfig) -> None:
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, output = train_config(cfg), Path(cfg.output)
-    check_context_length(int(cfg.context_length), WorldConfig(**config.world))
+    world = WorldConfig(**config.world)
+    check_context_length(int(cfg.context_length), world)
+    architecture = model_config(cfg, world)
     check_output(output, overwrite=bool(cfg.overwrite))
     check_run_dir(config.run_dir, resume=config.resume)
     if config.device == "cpu":
@@ -97,10 +135,7 @@ def main(cfg: DictConfig) -> None:
     save_run_config(cfg, run_dir)
 
     torch.manual_seed(config.seed)  # the initial weights
-    model_config = tiny_config()
-    model_config.guidance = float(cfg.guidance)
-    model_config.text.context_length = int(cfg.context_length)
-    model = StableDiffusion(model_config).to(config.device)
+    model = StableDiffusion(architecture).to(config.device)
     began = time.time()
     try:
         train(model, config)

@@ -350,6 +350,49 @@ def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "config-resume-1.yaml").exists()
 
 
+def test_train_script_trains_another_architecture_at_the_worlds_size(tmp_path):
+    # an f = 2 VAE (16×16 latents at 32 px) and a narrower UNet through the same script
+    import subprocess
+    import sys
+    out = tmp_path / "f2.safetensors"
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
+                           "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
+                           f"output={out}", "architecture={vae: {ch_mult: [1,2]}, unet: {model_channels: 32}}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = load_checkpoint(out)
+    assert model.config.latent_factor == 2 and model.config.unet.model_channels == 32
+    assert model.config.vae.ch_mult == (1, 2) and model.config.image_size == 32
+    from p2p.pipeline import SamplerSettings, generate
+    assert generate(model, ["a red circle"], seed=0, settings=SamplerSettings(steps=2), progress=False).shape == \
+        (1, 32, 32, 3)
+
+
+def test_architecture_overrides_are_checked_before_training():
+    from omegaconf import OmegaConf
+    from scripts.train_tiny import model_config
+    from p2p.world import WorldConfig
+
+    def config(architecture, size=32):
+        return model_config(OmegaConf.create({"architecture": architecture, "guidance": 4.0, "context_length": 16}),
+                            WorldConfig(image_size=size))
+
+    small = config({}, size=16)
+    assert small.image_size == 16 and small.guidance == 4.0 and small.text.context_length == 16
+    two_levels = {"channel_mult": [1, 2], "attention_resolutions": [1, 2], "attention_kinds": ["cross", "hybrid"]}
+    assert config({"unet": two_levels}).unet.channel_mult == (1, 2)
+    with pytest.raises(ValueError, match=r"architecture=.*attention_kinds .* needs one entry per level"):
+        config({"unet": {"channel_mult": [1, 2]}})  # the model is built once: a mismatch fails before training
+    with pytest.raises(ValueError, match=r"architecture.unet has no field\(s\) \['width'\]; it has \[.*'model_chan"):
+        config({"unet": {"width": 8}})
+    with pytest.raises(ValueError, match=r"architecture.clip=.*one of \('unet', 'vae', 'text'\)"):
+        config({"clip": {"width": 8}})
+    with pytest.raises(ValueError, match="30 px images do not divide by the VAE's factor 4"):
+        config({}, size=30)
+    with pytest.raises(ValueError, match="do not divide by the VAE's factor 8"):
+        config({"vae": {"ch_mult": [1, 2, 2, 2]}}, size=36)
+
+
 @pytest.mark.parametrize("phase, message", [
     (dict(steps=-1), "steps=-1 is out of range; use a value ≥ 1"),
     (dict(batch_size=0), "batch_size=0 is out of range"),
