@@ -107,7 +107,8 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
     Per step i: the loss of the current ∅ is computed first; if it is below the tolerance
     tolerance_scale·(1e-5 + i·2e-5) the step is done (no Adam step: already converged), else one Adam step
     and again, at most `inner_steps` Adam steps. The latent then advances with the final ∅ — the guided step
-    whose loss was last computed, so no extra UNet call. The reported loss is that of the final ∅ (the reference reports the one before its last update).
+    whose loss was last computed, so no extra UNet call. The reported loss is that of the final ∅ (the
+    reference reports the one before its last update).
     Only ∅ has a gradient: the UNet's parameters are frozen for the duration, so no weight gradients are
     ever computed or stored.
 

@@ -56,7 +56,6 @@ def tolerance_scale(cfg: DictConfig) -> float:
     return number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale")
 
 
-
 @hydra.main(config_path="../conf", config_name="edit_image", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     prompts, spec, blend = check_request(cfg)
