@@ -55,6 +55,20 @@ def score_edit(source: np.ndarray, target: np.ndarray, *, source_caption: str, t
     )
 
 
+def far_from(mask: np.ndarray, *, pixels: int) -> np.ndarray:
+    """Bool (H, W): the pixels more than `pixels` px (Chebyshev) from every True pixel of `mask` — the
+    background away from an object's outline, where a pixel of outline change does not reach."""
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+        raise ValueError(f"far_from: pixels={pixels!r} must be an integer ≥ 0")
+    h, w = mask.shape
+    padded = np.pad(mask.astype(bool), pixels)
+    near = np.zeros((h, w), dtype=bool)
+    for dy in range(2 * pixels + 1):
+        for dx in range(2 * pixels + 1):
+            near |= padded[dy:dy + h, dx:dx + w]
+    return ~near
+
+
 def unchanged_pixels(source: np.ndarray, target: np.ndarray, mask: np.ndarray, *, tolerance: int = 8) -> float:
     """Fraction of the pixels under `mask` whose every channel differs by at most `tolerance` (of 255)."""
     if not mask.any():

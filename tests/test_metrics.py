@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from p2p.metrics import layout_commit_step, score_edit, summarize, unchanged_pixels
+from p2p.metrics import far_from, layout_commit_step, score_edit, summarize, unchanged_pixels
 from p2p.world import make_caption, rasterize, render, sample_scene
 
 BACKGROUND = "black"
@@ -79,3 +79,13 @@ def test_layout_commit_step_is_where_the_mask_stops_moving():
     assert layout_commit_step([far]) == 0 and layout_commit_step([empty, empty]) == 0
     with pytest.raises(ValueError, match="at least one frame"):
         layout_commit_step([])
+
+
+def test_far_from_keeps_exactly_the_pixels_beyond_the_margin():
+    mask = np.zeros((9, 9), dtype=bool)
+    mask[4, 4] = True
+    far = far_from(mask, pixels=2)
+    assert not far[2:7, 2:7].any() and far.sum() == 81 - 25  # the 5×5 box around the pixel is near
+    assert np.array_equal(far_from(mask, pixels=0), ~mask)
+    with pytest.raises(ValueError, match="pixels=-1 must be an integer ≥ 0"):
+        far_from(mask, pixels=-1)

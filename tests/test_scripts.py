@@ -96,8 +96,12 @@ def test_eval_inversion_script_reports_every_method_the_reference_and_the_edits(
     for method in ("vae", "ddim", "negative_prompt", "null_text", "null_text_from_negative", "null_text_fast",
                    "null_text_reference"):
         assert np.isfinite(summary[f"psnr_{method}"]), method
-    for prefix in ("edit", "edit_from_negative", "edit_fast"):
-        assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr"} <= summary.keys()
+    for prefix in ("edit", "edit_from_negative", "edit_fast", "edit_fig12"):
+        assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr",
+                f"{prefix}_far_background_psnr"} <= summary.keys()
+    for row in rows:  # PSNRs of uint8 images against the render: positive, inf where every pixel was kept
+        assert all(row[f"{prefix}_{kind}_psnr"] > 0 for prefix in ("edit", "edit_fig12")
+                   for kind in ("background", "far_background"))
     for method in ("null_text", "null_text_from_negative", "null_text_fast"):
         assert summary[f"{method}_speedup_vs_reference"] > 0 and f"psnr_{method}_on_reference_images" in summary
         assert summary[f"{method}_adam_steps"] >= 0
@@ -115,6 +119,10 @@ def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
     most = report["color_swap"]["most_injection"]  # the same pairs and seeds, every map injected
     assert [r["source"] for r in most["rows"]] == [r["source"] for r in report["color_swap"]["rows"]]
     assert [r["seed"] for r in most["rows"]] == [r["seed"] for r in report["color_swap"]["rows"]]
+    parts = report["color_swap"]["by_latent_distance"]  # every judged swap once, nearest colors first
+    assert sum(p["n"] for p in parts) == report["color_swap"]["edit"]["n"]
+    bounds = [b for p in parts for b in p["latent_distance"]]
+    assert bounds == sorted(bounds) and bounds[-1] > 0
     commit = report["layout_commit"]
     assert commit["self_window"] == [0, 4] and len(commit["per_seed"]) == 3  # 0.4 of 10 steps
     assert all(0 <= step <= 10 for step in commit["per_seed"])
