@@ -7,6 +7,8 @@ Studies (one-object captions unless said otherwise; each seed draws its own capt
 - color swap with injection (edit group, default cross 0.8 / self 0.4) vs same-seed sampling without it:
   target color reached, source–target object-mask IoU, IoU ≥ 0.8 rate; and the ceiling of that measurement:
   the IoU of the perfect edit (a render and the same layout in the new color, both through the model's VAE);
+- which color swaps lose the layout: the distance between the two colors' latent codes (`color_latents`), in
+  thirds of the judged swaps from the nearest pair of colors to the farthest;
 - the same color swaps with the most injection the method has (cross and self maps replaced at every step, in
   every layer): how much of the layout attention alone can hold on this model;
 - when sampling decides the layout: the step from which the source's predicted x0 keeps the final object mask
@@ -28,13 +30,14 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
-from p2p.inversion import mask_at, vae_reconstruction  # noqa: E402
+from p2p.inversion import image_to_tensor, mask_at, vae_reconstruction  # noqa: E402
 from p2p.pipeline import decode, generate  # noqa: E402
 from p2p.schedules import named_step_range  # noqa: E402
 from p2p.metrics import edit_study, layout_commit_step, score_edit, summarize, unchanged_pixels  # noqa: E402
@@ -67,6 +70,46 @@ def perfect_color_swaps(model, world: WorldConfig, *, seed: int, n: int) -> list
         score = score_edit(source, target, source_caption=scene.caption, target_caption=target_caption)
         rows.append({"caption": scene.caption, "new_color": new, "iou": score.iou})
     return rows
+
+
+@torch.no_grad()
+def color_latents(model, world: WorldConfig, *, seed: int, n: int = 40) -> dict[tuple[str, str], np.ndarray]:
+    """(color, background) → how the VAE writes that color on that background: the mean latent of the latent
+    cells a rendered square covers entirely minus that of the cells it leaves empty, over `n` renders."""
+    rng, codes = np.random.default_rng([seed, 4]), {}
+    factor = model.config.latent_factor
+    for background in world.backgrounds:
+        for color in world.colors:
+            offsets = []
+            for _ in range(n):
+                scene = sample_scene(rng, config=world, objects=[(color, "square")], background=background,
+                                     mention_background=True)
+                latent = model.encode_images(image_to_tensor(scene.image))[0].float()  # (4, h, w)
+                mask = torch.from_numpy(scene.objects[0].mask).float()[None, None]
+                cover = F.avg_pool2d(mask, factor)[0, 0]  # (h, w): the fraction of each cell's pixels inside
+                offsets.append((latent[:, cover > 0.99].mean(1) - latent[:, cover < 0.01].mean(1)).numpy())
+            codes[(color, background)] = np.mean(offsets, axis=0)
+    return codes
+
+
+def kept_by_latent_distance(rows: list[dict], codes: dict, *, groups: int = 3) -> list[dict]:
+    """Judged color swaps in `groups` equal parts by the distance of their colors' latent codes, nearest first."""
+    judged = [r for r in rows if r["edit_source_correct"]]
+    distance = []
+    for r in judged:
+        (source_color, _), = parse_caption(r["source"]).objects
+        (target_color, _), = parse_caption(r["target"]).objects
+        background = parse_caption(r["source"]).background  # one-object pairs name it (swap_pair)
+        distance.append(float(np.linalg.norm(codes[(source_color, background)] - codes[(target_color, background)])))
+    order = np.argsort(distance, kind="stable")
+    parts = []
+    for part in np.array_split(order, groups):
+        if len(part) == 0:
+            continue
+        iou = np.array([judged[i]["edit_iou"] for i in part])
+        parts.append({"n": len(part), "latent_distance": [distance[part[0]], distance[part[-1]]],
+                      "mean_iou": float(iou.mean()), "kept_layout": float((iou >= 0.8).mean())})
+    return parts
 
 
 def commit_steps(model, captions, *, seeds, settings) -> list[int]:
@@ -131,6 +174,8 @@ def main(cfg: DictConfig) -> None:
             rows += edit_study(model, [pair], seeds=[seed], spec=spec, settings=settings)
         report[f"{swap}_swap"] = {"edit": summarize(rows, prefix="edit"), "baseline": summarize(rows, prefix="baseline"),
                                   "rows": rows}
+    report["color_swap"]["by_latent_distance"] = kept_by_latent_distance(
+        report["color_swap"]["rows"], color_latents(model, world, seed=cfg.first_seed))
     most = dataclasses.replace(spec, cross_replace_steps=1.0, self_replace_steps=1.0, self_max_fraction=1.0,
                                self_max_side=None)
     rows = []
@@ -168,6 +213,10 @@ def main(cfg: DictConfig) -> None:
                   f"target colors={s.get('target_colors', float('nan')):.3f} "
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
+    for part in report["color_swap"]["by_latent_distance"]:
+        print(f"color swaps whose colors' latent codes are {part['latent_distance'][0]:.2f}-"
+              f"{part['latent_distance'][1]:.2f} apart: n={part['n']} mean IoU={part['mean_iou']:.3f} "
+              f"IoU>=0.8={part['kept_layout']:.3f}")
     s = report["color_swap"]["most_injection"]
     print(f"color swap, cross and self injected at every step in every layer: n={s.get('n')} "
           f"target colors={s.get('target_colors', float('nan')):.3f} mean IoU={s.get('mean_iou', float('nan')):.3f} "
