@@ -2,8 +2,9 @@
 
 Two phases, as latent diffusion is trained (Rombach et al. 2022, §3-4):
 1. the KL autoencoder: L1 reconstruction + a small KL to N(0, I) (§3.1, "KL-reg");
-   then `scale_factor` = 1 / std of the posterior means, so latents are roughly unit-variance
-   (the rule behind SD's 0.18215, §4.3.2 and App. G);
+   optionally a coverage term that writes each latent cell's object coverage (the world knows it) into
+   channel 0, the same for every color; then `scale_factor` = 1 / std of the posterior means, so latents are
+   roughly unit-variance (the rule behind SD's 0.18215, §4.3.2 and App. G);
 2. UNet + text encoder jointly on frozen-VAE latents: ε-prediction MSE (Ho et al. 2020, Eq. 14)
    with t uniform over the SD schedule, captions dropped to "" with probability p so one network
    learns both ε(x, c) and ε(x, ∅) for classifier-free guidance (Ho & Salimans 2022, §3.2);
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.attention import attach_controller
@@ -58,6 +60,8 @@ class PhaseConfig:
     ema_decay: float = 0.999  # UNet only: decay of the shipped EMA weights; 0 = no EMA
     grounding: float = 0.0  # UNet only: weight of the token-grounding loss (grounding_loss); 0 = off
     color_mix: float = 0.0  # UNet only: P(a kept caption's features come from other colors but at its color words)
+    coverage: float = 0.0  # VAE only: weight of coverage_loss (latent channel 0 = each cell's object coverage); 0 = off
+    coverage_ratio: float = 4.0  # VAE only: channel 0 of a fully covered cell, in stds of the other channels
 
     def __post_init__(self):
         checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
@@ -65,11 +69,12 @@ class PhaseConfig:
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip > 0,
                   "kl_weight": self.kl_weight >= 0, "caption_dropout": 0 <= self.caption_dropout < 1,
                   "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1,
-                  "grounding": self.grounding >= 0, "color_mix": 0 <= self.color_mix <= 1}
+                  "grounding": self.grounding >= 0, "color_mix": 0 <= self.color_mix <= 1,
+                  "coverage": self.coverage >= 0, "coverage_ratio": self.coverage_ratio > 0}
         accepted = {"steps": "≥ 1", "batch_size": "≥ 1", "lr": "> 0", "warmup_steps": "≥ 0", "min_lr_ratio": "in [0, 1]",
                     "weight_decay": "≥ 0", "grad_clip": "> 0", "kl_weight": "≥ 0", "caption_dropout": "in [0, 1)",
                     "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)", "grounding": "≥ 0 (0 = off)",
-                    "color_mix": "in [0, 1] (0 = off)"}
+                    "color_mix": "in [0, 1] (0 = off)", "coverage": "≥ 0 (0 = off)", "coverage_ratio": "> 0"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
@@ -147,21 +152,50 @@ def drop_captions(captions: list[str], *, p: float, rng: np.random.Generator) ->
 RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")
 
 
+def cell_coverage(scenes, factor: int) -> torch.Tensor:
+    """(N, H/factor, W/factor) float32: the fraction of each latent cell's pixels that some object covers."""
+    masks = np.stack([np.any([o.mask for o in scene.objects], axis=0) for scene in scenes]).astype(np.float32)
+    return F.avg_pool2d(torch.from_numpy(masks)[:, None], factor)[:, 0]
+
+
+def coverage_loss(means: torch.Tensor, coverage: torch.Tensor, *, ratio: float) -> torch.Tensor:
+    """Asks latent channel 0 to write where the objects are, the same for every color and background:
+    mean((μ₀ / s − ratio · coverage)²), s = the std of the other channels' posterior means in the batch
+    (not differentiated, so the target follows the latent's own scale). An object's code (its cells' mean
+    latent minus the empty cells') then shares the component `ratio · s` along channel 0 whatever its color, and
+    the colors differ only in channels 1–3: a color swap moves the latent along those, where the G3 VAE wrote
+    the colors of one background along different, even opposite directions of all four channels (model card)."""
+    if means.shape[1] < 2:
+        raise ValueError(f"coverage_loss needs ≥ 2 latent channels (one for coverage), got {means.shape[1]}")
+    if coverage.shape != (means.shape[0], *means.shape[2:]):
+        raise ValueError(f"coverage has shape {tuple(coverage.shape)}; expected {(means.shape[0], *means.shape[2:])}")
+    scale = means[:, 1:].detach().std().clamp(min=1e-6)
+    return (means[:, 0] / scale - ratio * coverage.to(means)).pow(2).mean()
+
+
 def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float, generator: torch.Generator,
-             reconstruction: str = "l1") -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction of x from z ~ q(z|x), plus kl_weight × KL(q(z|x) ‖ N(0, I)) summed per image (LDM §3.1).
+             reconstruction: str = "l1", coverage: torch.Tensor | None = None, coverage_weight: float = 0.0,
+             coverage_ratio: float = 4.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction of x from z ~ q(z|x), plus kl_weight × KL(q(z|x) ‖ N(0, I)) summed per image (LDM §3.1),
+    plus coverage_weight × coverage_loss when `coverage` (cell_coverage of the batch) is given.
 
     L1 (LDM's pixel term) gives every pixel a gradient of the same size, so the ~90% background pixels that
     are already nearly right keep pushing; MSE's gradient grows with the error, so wrong object colors
     dominate it. "l1+mse" uses both."""
     if reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
+    if coverage_weight < 0:
+        raise ValueError(f"coverage_weight must be ≥ 0 (0 = off), got {coverage_weight}")
     posterior = model.vae.encode(images)
     error = model.vae.decode(posterior.sample(generator)) - images
     l1, mse = error.abs().mean(), error.pow(2).mean()
     kl = posterior.kl().mean()
     pixel_loss = {"l1": l1, "mse": mse, "l1+mse": l1 + mse}[reconstruction]
-    return pixel_loss + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    loss, stats = pixel_loss + kl_weight * kl, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+    if coverage is not None and coverage_weight > 0:
+        cover = coverage_loss(posterior.mean, coverage.to(images.device), ratio=coverage_ratio)
+        loss, stats["coverage"] = loss + coverage_weight * cover, cover.item()
+    return loss, stats
 
 
 def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -374,9 +408,11 @@ def train_vae(model: StableDiffusion, cfg: TrainConfig, **loop) -> None:
     world = WorldConfig(**cfg.world)
 
     def loss_at_step(step: int, rng: np.random.Generator):
-        images, _, _ = sample_batch(rng, cfg.vae.batch_size, config=world)
+        images, _, scenes = sample_batch(rng, cfg.vae.batch_size, config=world)
+        coverage = cell_coverage(scenes, model.config.latent_factor) if cfg.vae.coverage > 0 else None
         return vae_loss(model, images.to(model.device), kl_weight=cfg.vae.kl_weight, generator=torch_generator(rng),
-                        reconstruction=cfg.vae.reconstruction)
+                        reconstruction=cfg.vae.reconstruction, coverage=coverage, coverage_weight=cfg.vae.coverage,
+                        coverage_ratio=cfg.vae.coverage_ratio)
 
     train_phase(model, phase="vae", cfg=cfg.vae, loss_at_step=loss_at_step, seed=cfg.seed, run_dir=cfg.run_dir,
                 resume=cfg.resume, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, **loop)

@@ -21,8 +21,8 @@ from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 from p2p.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
-from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, diffusion_loss, drop_captions,
-                          learning_rate, min_snr_weights, train, train_phase, vae_loss)
+from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, cell_coverage, coverage_loss,
+                          diffusion_loss, drop_captions, learning_rate, min_snr_weights, train, train_phase, vae_loss)
 from p2p.tokens import word_token_positions
 from p2p.world import WorldConfig, parse_caption, sample_batch, sample_scene
 
@@ -82,6 +82,49 @@ def test_vae_steps_lower_the_reconstruction_loss(tmp_path):
     loss = lambda: vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator().manual_seed(0))[0]
     before, after = overfit(model, phase="vae", loss_fn=loss, steps=25, tmp_path=tmp_path)
     assert after < 0.6 * before, (before, after)
+
+
+def test_cell_coverage_is_each_latent_cells_covered_fraction():
+    scenes = sample_batch(np.random.default_rng(3), 6, config=WorldConfig(**SMALL_WORLD))[2]
+    coverage = cell_coverage(scenes, 4)
+    assert coverage.shape == (6, 4, 4)
+    for scene, cells in zip(scenes, coverage):
+        union = np.any([o.mask for o in scene.objects], axis=0)
+        assert cells.sum().item() * 16 == pytest.approx(union.sum())  # every covered pixel counted once
+        assert cells[1, 2].item() == pytest.approx(union[4:8, 8:12].mean())
+
+
+def test_coverage_loss_is_zero_when_channel_0_writes_the_coverage_at_ratio_stds_of_the_others():
+    coverage = torch.zeros(2, 4, 4)
+    coverage[:, 1:3, 1:3], coverage[0, 0, 0] = 1.0, 0.25
+    others = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 5
+    exact = torch.cat([3.0 * others.std() * coverage[:, None], others], 1)
+    assert coverage_loss(exact, coverage, ratio=3.0).item() == pytest.approx(0.0, abs=1e-10)
+    wrong = exact.clone()
+    wrong[:, 0] += others.std()  # channel 0 one std of the others too high everywhere
+    wrong.requires_grad_(True)
+    loss = coverage_loss(wrong, coverage, ratio=3.0)
+    assert loss.item() == pytest.approx(1.0, rel=1e-5)
+    loss.backward()
+    assert wrong.grad[:, 0].gt(0).all() and wrong.grad[:, 1:].eq(0).all()  # only channel 0 is asked to move
+    with pytest.raises(ValueError, match=r"coverage has shape \(2, 2, 2\); expected \(2, 4, 4\)"):
+        coverage_loss(exact, coverage[:, :2, :2], ratio=3.0)
+    with pytest.raises(ValueError, match="≥ 2 latent channels"):
+        coverage_loss(exact[:, :1], coverage, ratio=3.0)
+
+
+def test_vae_training_with_coverage_writes_coverage_into_channel_0(tmp_path):
+    model = small_model()
+    images, _, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
+    coverage = cell_coverage(scenes, model.config.latent_factor)
+    loss = lambda: vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator().manual_seed(0),
+                            coverage=coverage, coverage_weight=1.0, coverage_ratio=4.0)
+    before = loss()[1]["coverage"]
+    overfit(model, phase="vae", loss_fn=lambda: loss()[0], steps=25, tmp_path=tmp_path)
+    assert loss()[1]["coverage"] < 0.2 * before
+    assert "coverage" not in vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator().manual_seed(0))[1]
+    with pytest.raises(ValueError, match="coverage_weight must be ≥ 0"):
+        vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator(), coverage=coverage, coverage_weight=-1)
 
 
 def test_diffusion_steps_lower_the_noise_prediction_loss(tmp_path):
@@ -403,6 +446,8 @@ def test_architecture_overrides_are_checked_before_training():
     (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
     (dict(reconstruction="l2"), "reconstruction='l2' is not one of ('l1', 'mse', 'l1+mse')"),
     (dict(color_mix=1.5), "color_mix=1.5 is out of range; use a value in [0, 1] (0 = off)"),
+    (dict(coverage=-0.1), "coverage=-0.1 is out of range; use a value ≥ 0 (0 = off)"),
+    (dict(coverage_ratio=0.0), "coverage_ratio=0.0 is out of range; use a value > 0"),
 ])
 def test_bad_phase_settings_are_named(phase, message):
     with pytest.raises(ValueError) as err:
