@@ -117,7 +117,7 @@ def layout_commit_step(frames: Sequence[np.ndarray], *, iou_threshold: float = 0
 
 def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) -> dict:
     """Rates over a study: success, target colors reached, layout kept (IoU ≥ threshold), success and kept,
-    mean IoU, median centroid shift."""
+    target colors and kept (issue 7's bar, read per edit), mean IoU, median centroid shift."""
     ok = [r for r in rows if r[f"{prefix}_source_correct"]]  # judge edits of sources the model drew right
     if not ok:
         return {"n": 0}
@@ -128,4 +128,5 @@ def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) 
     return {"n": len(ok), "success": float(success.mean()), "target_colors": float(colors.mean()),
             "mean_iou": float(iou.mean()),
             "kept_layout": float((iou >= iou_threshold).mean()), "success_and_kept": float((success & (iou >= iou_threshold)).mean()),
+            "colors_and_kept": float((colors & (iou >= iou_threshold)).mean()),
             "median_centroid_shift": float(np.nanmedian(shift)) if np.isfinite(shift).any() else float("nan")}

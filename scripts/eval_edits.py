@@ -212,6 +212,7 @@ def main(cfg: DictConfig) -> None:
             print(f"{swap} swap {kind:<8} n={s.get('n')} success={s.get('success', float('nan')):.3f} "
                   f"target colors={s.get('target_colors', float('nan')):.3f} "
                   f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
+                  f"colors and IoU>=0.8={s.get('colors_and_kept', float('nan')):.3f} "
                   f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
     for part in report["color_swap"]["by_latent_distance"]:
         print(f"color swaps whose colors' latent codes are {part['latent_distance'][0]:.2f}-"

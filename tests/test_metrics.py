@@ -55,6 +55,16 @@ def test_summarize_counts_only_edits_of_correct_sources():
     assert summarize(rows[2:], prefix="edit") == {"n": 0}
 
 
+def test_colors_and_kept_needs_the_target_colors_and_the_layout_in_the_same_edit():
+    row = {"edit_source_correct": True, "edit_target_correct": False, "edit_target_colors": True,
+           "edit_iou": 0.85, "edit_centroid_shift": 0.5}
+    wrong_color = dict(row, edit_target_colors=False)
+    moved = dict(row, edit_iou=0.5)
+    summary = summarize([row, wrong_color, moved], prefix="edit")
+    assert summary["colors_and_kept"] == pytest.approx(1 / 3) and summary["success_and_kept"] == 0.0
+    assert summary["target_colors"] == pytest.approx(2 / 3) and summary["kept_layout"] == pytest.approx(2 / 3)
+
+
 def test_unchanged_pixels_uses_its_tolerance_and_refuses_an_empty_mask():
     a = np.zeros((4, 4, 3), dtype=np.uint8)
     b = a.copy()
