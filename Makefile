@@ -12,7 +12,7 @@ install-test:
 
 # Main job: a word swap on the built-in model -> captioned grid (source, edit, same-seed baseline, attention).
 demo: install
-	$(PYTHON) scripts/edit.py model=tiny edit=replace 'prompts=$(DEMO_PROMPTS)' seed=9 baseline=true attention=true
+	$(PYTHON) scripts/edit.py model=tiny edit=replace 'prompts=$(DEMO_PROMPTS)' seed=13 baseline=true attention=true
 
 test: install-test
 	$(PYTHON) -m pytest -q
