@@ -99,17 +99,19 @@ display(views.image_grid(result.images, [PROMPT]))'''),
 
 One tile per token, start and end tokens included, averaged over every recorded layer (coarse layers
 upsampled) and every step. Each tile is scaled to its own maximum, so compare *where* a map is bright,
-not how bright. The words light up the circle: `red` and `circle` sharply, `on` and `a` as a wider blob around
-it; `black` lights the circle and its rim, `background` the rim alone, where object and background meet; the start token and the first
-`a` are spread over everything.'''),
+not how bright. `circle`, `on` and the second `a` light up the circle (`a` as a ring around it); `red` is
+faint in this average, because the coarse layers blur it (the 8×8 layers below show it sharp); `black`,
+`background` and `<end>` are bright everywhere except on the circle — they are the background's tokens; the
+start token and the first `a` are spread over everything.'''),
     ("code", '''display(views.grid([views.cross_attention_tiles(store, PROMPT, 0)]))'''),
     ("md", '''## Per layer resolution
 
 The tiny UNet reads text at three resolutions: plain cross-attention (`attn2`) at the latent's 8×8, and
 hybrid attention (`attn1`, Imagen-style: the text keys are concatenated to the self-attention keys; the
 store keeps their text columns) at 4×4 and 2×2. The sites are named by their `state_dict` prefix, the same
-names the weights have. The 8×8 layers carry the circle's outline, the 4×4 layers a blob, the 2×2 layers
-little more than which side of the image it is on — so the step-by-step view below uses the 8×8 layers.'''),
+names the weights have. In the 8×8 layers `red` and `circle` are a sharp spot on the circle, `on` its
+outline; the 4×4 layers show a blob (`circle` a bright square, the background words a dark one), the 2×2
+layers little more than a gradient across the image — so the step-by-step view below uses the 8×8 layers.'''),
     ("code", '''grids = sorted({site.query_hw for site in store.sites.values()}, reverse=True)
 for grid_hw in grids:
     layers = [name for name, site in store.sites.items() if site.query_hw == grid_hw]
@@ -128,8 +130,9 @@ rows = [[views.captioned(views.heat(per_step[step][word_token_positions(PROMPT, 
 display(views.grid(rows))'''),
     ("md", '''How early? Below, for each word, the correlation between its map at each step and its map at the last
 step (1 = the same picture). The circle's map is a bright spot at the circle's final place from the first step
-on; what changes afterwards is its outline, which grows to the circle's size (correlation ≥ 0.9 from about step
-34 of 50 here). The background's map finds the circle's rim from about step 15 and sharpens it to the end.
+on and hardly changes (correlation ≥ 0.9 from step 9 of 50 here). The background's map is bright over the whole
+image at first; a dark hole at the circle's place opens from about step 11 and sharpens to the end (≥ 0.9 only
+from step 43).
 What is decided early is *where the object goes*; the remaining steps draw its size, colors and edges into a
 layout that no longer moves. This is why Prompt-to-Prompt injects the source's maps during the *first* part of
 the run (notebook 2).'''),
@@ -151,12 +154,14 @@ The tiles above show the prompt's tokens only. Each pixel's attention also goes 
 fill the slots after `<end>` (16 in this model's context, 77 in SD's). This model pads with token 0, as SD 2
 does, and its text encoder is causal (each token sees the ones before it), so every padding token is a summary
 of the whole prompt. Below, the share of the 8×8 layers' attention that each token gets, averaged over pixels
-and steps. With this prompt's 7 padding tokens the padding gets most of it, about four fifths — but not
+and steps. With this prompt's 7 padding tokens the padding gets most of it, about three quarters — but not
 evenly: the model was trained to draw each object's color and shape words from the object's own pixels
-(the token-grounding loss of its model card), so on the circle the words get over half of the attention,
-elsewhere about a tenth, and the background pixels read mostly the padding. Each word's own column still holds only
-a few percent to a tenth even on the circle. Notebook 3 comes back to this: it is one reason single-word
-controls are weaker on this model than in the paper.'''),
+(the token-grounding loss of its model card), so on the circle the words get about two thirds of the attention,
+elsewhere about a fifth, and the background pixels read mostly the padding. One word's column holds little even
+on the circle, and not the word one would expect: `red` gets about 1%, `circle` about a tenth, `on` and the
+second `a` a fifth each — the encoder is causal, so the later tokens carry the color too. Notebook 3 and
+docs/FIGURES.md (Fig. 9) come back to this: it is why a fader on `red` does nothing on this model, while
+one on `circle` works.'''),
     ("code", '''mass = views.token_maps(store, 0, grids=finest).mean(dim=(1, 2))  # (16,) for this model: mean over pixels; each pixel's row sums to 1
 tokens = ["<start>", *decode_tokens(PROMPT), "<end>"]
 shares = [*mass[:len(tokens)].tolist(), mass[len(tokens):].sum().item()]
@@ -182,10 +187,12 @@ else:
     ("md", '''## Two objects
 
 Ask for two objects and this model gets both right only about two times in three (the model card measures
-it); other seeds draw a third shape or mix the colors. When it draws them right, as here, its maps separate
-the objects, as in SD (paper Fig. 4): `red` and `circle` light the circle, `blue` and `square` the square.'''),
+it); other seeds draw a third shape or mix the colors (seed 3, the one above, draws a single blue blob). When it
+draws them right, as at seed 1, its maps separate the objects, as in SD (paper Fig. 4): `red` and `circle` light
+the circle, `blue` and `square` the square (at all 15 of the seeds 0–19 that draw both right:
+docs/FIGURES.md, Fig. 4).'''),
     ("code", '''TWO = "a red circle and a blue square on a black background"
-two = edit(model, [TWO], seed=3, settings=settings, store=StoreSpec(max_fraction=1.0), progress=False)
+two = edit(model, [TWO], seed=1, settings=settings, store=StoreSpec(max_fraction=1.0), progress=False)
 display(views.grid([[views.captioned(two.images[0], TWO),
                      *views.cross_attention_tiles(two.store, TWO, 0, grids=finest)]]))'''),
 ]
@@ -218,8 +225,9 @@ from p2p.pipeline import SamplerSettings
 Source first, then the targets; all start from one shared initial latent `x_T` (`p2p.pipeline.initial_latent`).
 Without an edit spec nothing touches the attention. `score_edit` reads every image with the shapes world's
 reader (`p2p/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
-source and target — 1 means the object covers exactly the same pixels. Watch the blue and yellow circles: with
-the same seed they land, smaller, in the opposite corner of the image; the square shifts, the triangle shrinks.'''),
+source and target — 1 means the object covers exactly the same pixels. Watch the blue circle: with the same
+seed it lands in the opposite corner of the image, larger; the square and the yellow circle shift a little,
+the triangle shrinks.'''),
     ("code", '''SOURCE = "a red circle on a black background"
 TARGETS = ["a blue circle on a black background", "a yellow circle on a black background",
            "a red square on a black background", "a red triangle on a black background"]
@@ -253,8 +261,9 @@ for target, image in zip(TARGETS, injected.images[1:]):
 
 One row per target, one column per fraction of the steps during which the source's cross-attention maps are
 injected (self-attention is left alone here, as in the paper's figure). At 0% it is plain same-seed
-sampling. 20% is not enough for the blue and yellow circles, 40% brings them to the source's place — the layout is decided in
-the first steps (notebook 1) — and more injection brings the outline closer still (the IoU under each tile). In the paper,
+sampling. 20% is not enough for the blue circle (it comes most of the way back), 40% brings it to the source's
+place — the layout is decided in the first steps (notebook 1) — and more injection brings the outline closer
+still (the IoU under each tile); the triangle grows toward the circle's size with every step of injection. In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
 survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
 strict about colors and corners at 32 px, so look at the tile before trusting the label.'''),
@@ -275,11 +284,10 @@ Injection can only hold a layout that is still being decided while it runs. The 
 shows, at every step, where the image is heading: the clean image x̂0 predicted from the guided noise estimate.
 At first it is a blur (every layout is still possible), then the object appears and stops moving.
 `p2p.metrics.layout_commit_step` finds the step from which the reader's object mask stays within IoU 0.8 of the
-final one. On this model that is step 18 of 50 in the median (quartiles 12–23; `scripts/eval_edits.py` over 200
-seeds, details in `models/weights/README.md`), one layout in three only after the paper's 40% self-attention
-window. How early it is decided hardly changes whether a color swap keeps it (IoU ≥ 0.8 in about 70% of the
-layouts decided before step 10, between steps 10 and 20, and later). Watch the object's outline below
-change long after its place is set.'''),
+final one. On this model that is step 15 of 50 in the median (quartiles 7–20, 90th percentile 23;
+`scripts/eval_edits.py` over 200 seeds, details in `models/weights/README.md`): about one layout in four is
+decided only after the paper's 40% self-attention window, but all but a few within the 80% cross-attention
+window. Watch the object's outline below change long after its place is set.'''),
     ("code", '''import torch
 
 from p2p.metrics import layout_commit_step
@@ -307,9 +315,9 @@ the schemas of the scripts' `edit=` and `blend=` config groups), run through the
 same controllers as `scripts/edit.py`, and compared with plain same-seed sampling.
 
 A warning before the pictures: notebook 1 showed that in this tiny model most of the cross-attention goes
-to the padding tokens, which summarise the whole prompt (about half of it even on the object), and each word's
-own column holds only a few percent to a tenth. Edits that act on one word's column are therefore weaker here than in the paper's SD
-results; the sections below say what they do on this model and measure it.'''),
+to the padding tokens, which summarise the whole prompt (about a third of it even on the object), and each word's
+own column holds from 1% (`red`) to a fifth. Edits that act on one word's column are therefore weaker here than in the paper's SD
+results, and depend on which word; the sections below say what they do on this model and measure it.'''),
     ("md", LOADING_MD),
     ("code", setup_cell(50)),
     ("code", '''import numpy as np
@@ -336,14 +344,15 @@ SEED = 9
 
 _, aligned = refine_alignment(SOURCE, TARGETS[0], context_length=model.context_length)
 print("new tokens in the first target:", [token for token, a in zip(["<start>", *decode_tokens(TARGETS[0])], aligned) if a == 0])'''),
-    ("md", '''Plain sampling moves the circle when the background changes (on white it moves left and grows, on gray it
-rises). Refine keeps it near its place — IoU with the source 0.20 → 0.50 on white, 0.55 → 0.64 on gray — but
-draws it a little smaller on gray: the aligned tokens' maps are injected, while the new background words, whose
-maps are free, still reshape the scene. Over seeds 0–19 refine raises the mean IoU from 0.51 to 0.62 on white
-and from 0.61 to 0.67 on gray; at three seeds the circle moves either way. One detail matters on this model: refine gives each aligned target token the source's
+    ("md", '''Plain sampling moves the circle when the background changes (on white it moves down and shrinks; on gray it
+stays, IoU 0.93). Refine keeps it in place on both — IoU with the source 0.61 → 0.88 on white, 0.93 → 0.88 on
+gray: the aligned tokens' maps are injected, while the new background words, whose maps are free, still redraw
+its edge a little. Over seeds 0–19 refine keeps the circle at IoU 0.76–0.95 at every seed (mean 0.85 on white,
+0.87 on gray), where same-seed sampling ranges from 0 to 0.99 (mean 0.55 and 0.80); at the seeds where plain
+sampling already keeps the circle, refine is a few hundredths lower. One detail matters on this model: refine gives each aligned target token the source's
 column and each new token the target's own, without renormalising, so a row sums to 1 only if the padding
 columns line up. Padding keeps its *position* (`p2p.tokens.padding_partner`, the reference's rule): this
-model puts over a quarter of its attention on the last of its 16 positions, and mapping the padding with the
+model puts about a third of its attention on the last of its 16 positions, and mapping the padding with the
 end token's shift instead (dropping the source's last padding columns) left rows summing to about 0.45 and
 broke every image.'''),
     ("code", '''refine = EditSpec(kind="refine", cross_replace_steps=0.8, self_replace_steps=0.4)
@@ -363,9 +372,10 @@ word gets more say over every pixel, below 1 less, negative values push it away.
 alongside and all its maps are injected, so only the reweighted word's influence changes. One scale per
 target prompt: here copies of the same prompt, one per `c`.
 
-On this model the fader acts on the circle's *size*, and only at the ends of the range: −5 shrinks the circle
-by a quarter, weights between −2 and 5 change little, 10 halves it into a smeared blob and 20 breaks the image.
-The word's column holds only a small part of the attention, so only large |c| matter.'''),
+On this model the fader on `circle` acts on the circle's *size*, step by step: −5 shrinks it to less than half
+(64 px against the source's 149), −2 to 91, 0 to 135, and 2 and 5 grow it (160, 175 px); 10 grows it further and
+tints the background, 20 breaks the image. A fader on the color word does nothing here (docs/FIGURES.md, Fig. 9):
+`red`'s column holds about 1% of the circle's attention (notebook 1).'''),
     ("code", '''PROMPT = "a red circle on a black background"
 WORD = "circle"
 SCALES = [-5.0, -2.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0]
@@ -382,12 +392,11 @@ divided by its maximum, thresholded at 0.3) and after every step copies the sour
 mask: `x_tgt ← x_src + mask·(x_tgt − x_src)`. In the paper's SD results the mask outlines the object.
 
 On this model it does too: `circle`'s map is selective (notebook 1), and the mask covers the circle and
-its neighbourhood, a quarter of the latent. But LocalBlend can keep only what is outside the mask *as the
-source drew it*: here the swap moved the circle a few pixels up and to the right, so the part of the red circle
-that the mask misses comes back from the source as a ghost at the blue circle's lower left edge, and about as many
-pixels change as without the blend. It protects the rest of an image (another object: `scripts/eval_edits.py`
-measures that, with `blend=local_tiny`), not an edit that moves. `threshold` and `dilation` in `BlendSpec`
-are the knobs to try.'''),
+its neighbourhood, a quarter of the latent. Here the swap alone already keeps the circle in place and the gray
+background as it was, so the blend has little left to protect: both change about 14% of the pixels, the circle's
+own area. LocalBlend can keep only what is outside the mask *as the source drew it*, so it protects the rest of
+an image (another object: `scripts/eval_edits.py` measures that, with `blend=local_tiny`), not an edit that
+moves. `threshold` and `dilation` in `BlendSpec` are the knobs to try.'''),
     ("code", '''SWAP = ["a red circle on a gray background", "a blue circle on a gray background"]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
 
@@ -405,11 +414,11 @@ for name, result in (("swap only", unblended), ("swap + LocalBlend", blended)):
 
 `preserve=["circle"]` injects only that word's maps (every other token gets an empty window) and no
 self-attention, so that the circle keeps its place while the rest of the prompt — here the background — is
-generated freely. On this model that does not help: the circle's own column carries a small part of the
-attention, and the other words and the padding tokens, which are not injected, decide the layout (at this
-seed the circle only shrinks and shifts a little on white, even without injection; the IoUs stay around 0.6).
-Injecting every token (`kind="replace"`, which here swaps the background word) does not keep it in place
-either: the circle on white is drawn smaller in every row.'''),
+generated freely. On this model it helps, though not fully: without injection the circle on white is drawn
+smaller and lower (IoU with the source 0.57) and shifts on gray (0.70); injecting only `circle` brings it closer
+(0.75, 0.83); injecting every token (`kind="replace"`, which here swaps the background word) keeps it best (0.94,
+0.90), because the padding tokens, which carry most of the attention, are injected too. Over seeds 0–19 the
+same `circle`-only injection raises the circle's mean IoU from 0.41 to 0.62 (docs/FIGURES.md, Fig. 5).'''),
     ("code", '''SOURCE = "a red circle on a black background"
 CONTEXTS = ["a red circle on a white background", "a red circle on a gray background"]
 preserve = EditSpec(kind="refine", preserve=["circle"], self_replace_steps=0.0)
@@ -479,7 +488,8 @@ display(views.image_grid(np.stack([photo, vae_only]), [caption, f"VAE only: {psn
 
 `invert` returns `x_T` and, for null-text and negative-prompt inversion, one unconditional embedding per
 step. Reconstructing = sampling the caption from `x_T` with those embeddings (`edit` without an edit spec).
-Plain DDIM inversion drifts (about 3.5 dB below the others); null-text inversion comes back within a fraction of a
+Plain DDIM inversion drifts (here about 1 dB below the others at guidance 2.5; at the model's guidance 5 the gap
+grows, see `scripts/eval_inversion.py` in the model card); null-text inversion comes back within a fraction of a
 dB of the VAE's ceiling; on this model negative-prompt inversion, with no optimisation at all, does as well.'''),
     ("code", '''METHODS = ["ddim", "null_text", "negative_prompt"]
 inversions = {method: invert(model, photo, caption, method=method, settings=settings, inner_steps=INNER_STEPS,
@@ -506,8 +516,8 @@ unconditional embeddings at every step, for source and targets alike (`self_repl
 null-text paper's setting for real images). Under each edit: whether it reads as the target caption, the
 layout IoU with the photo, and the PSNR of the background (the pixels outside the photo's circle). Both
 inversions keep the circle in place and change its color; on this model the DDIM-inverted edits even keep
-the black background cleaner (null-text's edits tint it slightly: 20–21.5 dB outside the circle against
-about 25 dB), while null-text's strength is the faithful reconstruction above.'''),
+the black background cleaner (null-text's edits tint it slightly: 22.5–26.5 dB outside the circle against
+26.5–29.5 dB, and its yellow is greenish), while null-text's strength is the faithful reconstruction above.'''),
     ("code", '''TARGETS = [caption.replace("red", "blue"), caption.replace("red", "yellow")]
 swap = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.5)
 background = ~scene.objects[0].mask
