@@ -125,8 +125,8 @@ def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) 
     iou = np.array([r[f"{prefix}_iou"] for r in ok])
     shift = np.array([r[f"{prefix}_centroid_shift"] for r in ok], dtype=float)
     colors = np.array([r.get(f"{prefix}_target_colors", False) for r in ok])
+    kept = iou >= iou_threshold
     return {"n": len(ok), "success": float(success.mean()), "target_colors": float(colors.mean()),
-            "mean_iou": float(iou.mean()),
-            "kept_layout": float((iou >= iou_threshold).mean()), "success_and_kept": float((success & (iou >= iou_threshold)).mean()),
-            "colors_and_kept": float((colors & (iou >= iou_threshold)).mean()),
+            "mean_iou": float(iou.mean()), "kept_layout": float(kept.mean()),
+            "success_and_kept": float((success & kept).mean()), "colors_and_kept": float((colors & kept).mean()),
             "median_centroid_shift": float(np.nanmedian(shift)) if np.isfinite(shift).any() else float("nan")}
