@@ -3,7 +3,7 @@
 The shapes world knows every object's pixels, so each object's color and shape tokens can be asked to draw
 their cross-attention from that object: `GroundingCache` turns a batch's scenes and (possibly dropped)
 captions into rows (sample, token position, mask), `CrossMaps` records one forward pass's cross-attention
-maps with their graph, `grounding_loss` scores them. `p2p.training.diffusion_loss` adds it with the weight
+maps with their graph, `grounding_loss` scores them. `p2p.losses.diffusion_loss` adds it with the weight
 `unet.grounding` of conf/train_tiny.yaml.
 
 `ColorMixer` is a second, optional handle on the same question — which token carries what (`unet.color_mix`):

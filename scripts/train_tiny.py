@@ -11,7 +11,7 @@
 Nothing is overwritten unless asked: a run folder that holds a run must be resumed (resume=true) or left for
 another name=, and an existing output file needs overwrite=true. Both are checked before any training.
 
-The library part (losses, loop, EMA, checkpoints) is p2p/training.py; this file only wires the config.
+The library part is p2p/training.py (loop, EMA, checkpoints) and p2p/losses.py; this file only wires the config.
 """
 from __future__ import annotations
 

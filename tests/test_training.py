@@ -1,4 +1,4 @@
-"""Training the built-in model (p2p/training.py, scripts/train_tiny.py): it learns, it is reproducible by
+"""Training the built-in model (p2p/training.py, p2p/losses.py, scripts/train_tiny.py): it learns, it is reproducible by
 seed, a resumed run equals an uninterrupted one, and the shipped file loads within its size budget.
 
 Runs on a reduced model (16 px world, 2-level VAE and UNet, 1-layer text encoder): every test is CPU-fast.
@@ -21,8 +21,9 @@ from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 from p2p.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
-from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, cell_coverage, coverage_loss,
-                          diffusion_loss, drop_captions, learning_rate, min_snr_weights, train, train_phase, vae_loss)
+from p2p.losses import cell_coverage, coverage_loss, diffusion_loss, min_snr_weights, vae_loss
+from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, drop_captions, learning_rate, train,
+                          train_phase)
 from p2p.tokens import word_token_positions
 from p2p.world import WorldConfig, parse_caption, sample_batch, sample_scene
 
