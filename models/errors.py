@@ -1,0 +1,12 @@
+"""The one error type for "the user asked for something this stack cannot do".
+
+Library code (models/ and p2p/) raises `UserError` for every bad input a person can type or point to: a
+word that is not in the prompt, a size the UNet cannot take, a missing or malformed checkpoint, an image
+Pillow cannot read. The scripts' entry-point wrapper (`scripts/_cli.py`) prints such an error as one line,
+`error: <message>`, and exits with status 2; every other exception is a bug and keeps its traceback.
+It subclasses ValueError, so callers that catch ValueError keep working.
+"""
+
+
+class UserError(ValueError):
+    """Bad input from the user; the message names the value and what would be accepted."""
