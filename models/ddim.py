@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from models.errors import UserError
 
 SD_BETA_START = 0.00085  # SD's "scaled_linear" schedule (LDM configs: linear_start)
 SD_BETA_END = 0.012  # (linear_end)
@@ -51,13 +52,13 @@ def ddim_timesteps(num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMES
     The offset may equal the stride (the last step then goes to ᾱ_0, the same ᾱ as "after the last step").
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"steps={num_steps!r} is out of range; use an integer in 1…{num_train_timesteps}")
+        raise UserError(f"steps={num_steps!r} is out of range; use an integer in 1…{num_train_timesteps}")
     stride = num_train_timesteps // num_steps
     if not 0 <= offset <= stride:
-        raise ValueError(f"timestep offset {offset} must be in [0, {stride}] for {num_steps} steps")
+        raise UserError(f"timestep offset {offset} must be in [0, {stride}] for {num_steps} steps")
     first = (num_steps - 1) * stride + offset
     if first >= num_train_timesteps:
-        raise ValueError(f"steps={num_steps} with timestep offset {offset} would start at timestep {first}, past the "
+        raise UserError(f"steps={num_steps} with timestep offset {offset} would start at timestep {first}, past the "
                          f"schedule's last ({num_train_timesteps - 1}); use at most {num_train_timesteps - offset} "
                          "steps or offset 0")
     return [i * stride + offset for i in reversed(range(num_steps))]
@@ -77,7 +78,7 @@ def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: float, *,
         return eps, (x_t - s * eps) / a
     if prediction == "v":
         return a * model_output + s * x_t, a * x_t - s * model_output
-    raise ValueError(f"prediction {prediction!r} is not supported; use one of {PREDICTIONS}")
+    raise UserError(f"prediction {prediction!r} is not supported; use one of {PREDICTIONS}")
 
 
 def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, *, t: int, t_prev: int, schedule: Schedule,
@@ -90,12 +91,12 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, *, t: int, t_prev: 
     alpha_t, alpha_prev = schedule.alpha(t), schedule.alpha(t_prev)
     eps, x0 = eps_and_x0(model_output, x_t, alpha_t, prediction=prediction)
     if eta < 0:
-        raise ValueError(f"eta={eta} must be ≥ 0")
+        raise UserError(f"eta={eta} must be ≥ 0")
     sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
     x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
     if sigma > 0:
         if noise is None:
-            raise ValueError("ddim_step with eta > 0 needs `noise` (draw it from a seeded generator)")
+            raise UserError("ddim_step with eta > 0 needs `noise` (draw it from a seeded generator)")
         x_prev = x_prev + sigma * noise
     return x_prev
 

@@ -10,3 +10,15 @@ It subclasses ValueError, so callers that catch ValueError keep working.
 
 class UserError(ValueError):
     """Bad input from the user; the message names the value and what would be accepted."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (a checkpoint, an image, a sweep folder)."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """Writing would replace an earlier output; outputs are never silently overwritten."""
+
+
+class WrongTypeError(UserError, TypeError):
+    """A value of the wrong kind (a string where a list of prompts belongs, a list where one number does)."""

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.files import atomic_path
+from models.errors import UserError, MissingFileError, OutputExistsError
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from models.text import HF_PREFIX, hf_clip_to_open_clip, open_clip_to_hf_clip
 
@@ -41,7 +43,7 @@ IGNORED_KEYS = (
 _TEXT_LAYER = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded as the requested model; the message lists every problem."""
 
 
@@ -49,7 +51,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, torch.dtype) or dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise UserError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -58,13 +60,13 @@ def resolve_device(device) -> torch.device:
     try:
         resolved = torch.device(device.strip().lower() if isinstance(device, str) else device)  # device=CPU
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from err
+        raise UserError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but this torch sees no CUDA GPU; use device=cpu")
+        raise UserError(f"device {device!r} was asked for but this torch sees no CUDA GPU; use device=cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} was asked for but MPS is not available here; use device=cpu")
+        raise UserError(f"device {device!r} was asked for but MPS is not available here; use device=cpu")
     return resolved
 
 
@@ -153,7 +155,7 @@ def _open(path: Path):
         raise CheckpointError(f"{path} is a folder; pass the single-file .safetensors checkpoint itself (diffusers "
                               "folders are not supported)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as file:
         magic = file.read(4)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
@@ -269,7 +271,8 @@ def save_checkpoint(model: StableDiffusion, path: str | Path, *, dtype="fp32", o
     """Save in the original layout with the model config in the metadata (how the tiny model ships)."""
     path, dtype = Path(path), resolve_dtype(dtype)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True or choose another path")
+        raise OutputExistsError(f"{path} exists; pass overwrite=True or choose another path")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in original_state_dict(model).items()}
-    save_file(state, str(path), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
+    with atomic_path(path, overwrite=overwrite) as partial:
+        save_file(state, str(partial), metadata={CONFIG_METADATA_KEY: model.config.to_json()})
     return path

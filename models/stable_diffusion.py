@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.errors import UserError
 from models.ddim import PREDICTIONS, SD_BETA_END, SD_BETA_START, NUM_TRAIN_TIMESTEPS, Schedule, scaled_linear_schedule
 from models.text import TextConfig, TextEncoder
 from models.unet import UNetConfig, UNetModel
@@ -37,7 +38,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction {self.prediction!r} is not supported; use one of {PREDICTIONS}")
+            raise UserError(f"prediction {self.prediction!r} is not supported; use one of {PREDICTIONS}")
 
     @property
     def latent_factor(self) -> int:
@@ -158,6 +159,6 @@ PRESETS = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)} or a file with "
+        raise UserError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)} or a file with "
                          "its config in the metadata (the built-in tiny model)")
     return PRESETS[name]()

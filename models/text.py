@@ -21,6 +21,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
+from models.errors import UserError, WrongTypeError
 
 START_TOKEN = 49406  # <start_of_text> in CLIP's BPE vocabulary
 END_TOKEN = 49407  # <end_of_text>; SD 1.x also pads with it
@@ -47,12 +48,12 @@ def clip_tokenizer() -> SimpleTokenizer:
 def tokenize(prompts: list[str], *, context_length: int = 77, pad_token: int = END_TOKEN) -> torch.Tensor:
     """Prompts → (b, context_length) token ids: [start, tokens…, end, pad…]. Over-long prompts raise."""
     if isinstance(prompts, str):
-        raise TypeError(f"tokenize takes a list of prompts, got the string {prompts!r}; wrap it in a list")
+        raise WrongTypeError(f"tokenize takes a list of prompts, got the string {prompts!r}; wrap it in a list")
     rows = []
     for prompt in prompts:
         ids = [START_TOKEN, *clip_tokenizer().encode(prompt), END_TOKEN]
         if len(ids) > context_length:
-            raise ValueError(f"prompt {prompt!r} has {len(ids) - 2} tokens; at most {context_length - 2} fit "
+            raise UserError(f"prompt {prompt!r} has {len(ids) - 2} tokens; at most {context_length - 2} fit "
                              f"(CLIP's context of {context_length} includes the start and end tokens)")
         rows.append(ids + [pad_token] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
@@ -76,7 +77,7 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         if config.act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"text act {config.act!r} is not supported; use 'quick_gelu' or 'gelu'")
+            raise UserError(f"text act {config.act!r} is not supported; use 'quick_gelu' or 'gelu'")
         self.config = config
         self.model = TextTower(config)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models.errors import UserError
 from models.attention import CrossAttention, HybridAttention, name_attention_sites
 
 
@@ -119,7 +120,7 @@ class BasicTransformerBlock(nn.Module):
             self.attn1 = HybridAttention(query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head,
                                          upcast=upcast)
         else:
-            raise ValueError(f"attention kind {kind!r} is not supported; use 'cross' or 'hybrid'")
+            raise UserError(f"attention kind {kind!r} is not supported; use 'cross' or 'hybrid'")
         self.ff = FeedForward(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -208,7 +209,7 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = c = config
         if c.attention_kinds and len(c.attention_kinds) != len(c.channel_mult):
-            raise ValueError(f"attention_kinds {c.attention_kinds} needs one entry per level "
+            raise UserError(f"attention_kinds {c.attention_kinds} needs one entry per level "
                              f"({len(c.channel_mult)} levels in channel_mult {c.channel_mult})")
         emb_dim = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

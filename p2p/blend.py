@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from models.errors import UserError
 from models.attention import AttentionSite
 from p2p.controllers import Controller, grid_at
 from p2p.tokens import CONTEXT_LENGTH, word_token_positions
@@ -30,7 +31,7 @@ def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *,
                  context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """(P, context_length) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`)."""
     if len(words) != len(prompts):
-        raise ValueError(f"blend words for {len(words)} prompts given; the batch has {len(prompts)} prompts")
+        raise UserError(f"blend words for {len(words)} prompts given; the batch has {len(prompts)} prompts")
     weights = torch.zeros(len(prompts), context_length)
     for p, (prompt, prompt_words) in enumerate(zip(prompts, words)):
         for word in prompt_words:
@@ -50,11 +51,11 @@ class LocalBlend(Controller):
         super().__init__(num_prompts=len(prompts))
         for name, value in (("threshold", threshold), ("subtract_threshold", subtract_threshold)):
             if not 0.0 <= value < 1.0:  # maps are divided by their max: at 1 or above no pixel passes
-                raise ValueError(f"blend {name} {value} must be in [0, 1)")
+                raise UserError(f"blend {name} {value} must be in [0, 1)")
         if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 0:
-            raise ValueError(f"blend dilation {dilation!r} must be an int ≥ 0 (max-pool kernel 2·dilation + 1)")
+            raise UserError(f"blend dilation {dilation!r} must be an int ≥ 0 (max-pool kernel 2·dilation + 1)")
         if not any(words):
-            raise ValueError("LocalBlend needs at least one word (per prompt: the object being edited)")
+            raise UserError("LocalBlend needs at least one word (per prompt: the object being edited)")
         self.weights = word_weights(prompts, words, context_length=context_length)
         self.subtract = (word_weights(prompts, subtract_words, context_length=context_length)
                          if subtract_words and any(subtract_words) else None)
@@ -73,7 +74,7 @@ class LocalBlend(Controller):
 
     def __call__(self, probs, site):
         if site.num_text_keys != self.weights.shape[1]:
-            raise ValueError(f"layer {site.name} attends to {site.num_text_keys} text tokens but the blend was built "
+            raise UserError(f"layer {site.name} attends to {site.num_text_keys} text tokens but the blend was built "
                              f"for {self.weights.shape[1]}; build it with the model's context_length")
         text = self.conditional(probs)[..., :site.num_text_keys].mean(dim=1).float()  # (P, Q, 77)
         maps = text.transpose(1, 2).reshape(self.num_prompts, -1, *site.query_hw)  # (P, 77, h, w)

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from models.errors import UserError
 from models.attention import AttentionSite
 
 
@@ -36,7 +37,7 @@ def max_queries_at_fraction(latent_hw: tuple[int, int], fraction: float) -> int:
     still reach their layers. A fraction between powers of two picks the next smaller level.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"resolution fraction {fraction} must be in (0, 1]")
+        raise UserError(f"resolution fraction {fraction} must be in (0, 1]")
     downsamplings = math.ceil(math.log2(1 / fraction) - 1e-9)
     h, w = grid_at(latent_hw, downsamplings)
     return h * w
@@ -47,7 +48,7 @@ class Controller:
 
     def __init__(self, *, num_prompts: int):
         if num_prompts < 1:
-            raise ValueError(f"num_prompts={num_prompts} must be ≥ 1")
+            raise UserError(f"num_prompts={num_prompts} must be ≥ 1")
         self.num_prompts = num_prompts
         self.step = -1  # set by the sampling loop through begin_step
 
@@ -164,12 +165,12 @@ class AttentionEdit(Controller):
                  refine_alphas: torch.Tensor | None = None, reweight: torch.Tensor | None = None):
         super().__init__(num_prompts=num_prompts)
         if num_prompts < 2:
-            raise ValueError("an edit needs a source prompt and at least one target prompt")
+            raise UserError("an edit needs a source prompt and at least one target prompt")
         if kind not in ("replace", "refine", "none"):
-            raise ValueError(f"edit kind {kind!r} is not supported; use 'replace', 'refine' or 'none'")
+            raise UserError(f"edit kind {kind!r} is not supported; use 'replace', 'refine' or 'none'")
         num_targets = num_prompts - 1
         if cross_alphas.shape[1] != num_targets:
-            raise ValueError(f"cross_alphas has {cross_alphas.shape[1]} targets, the batch {num_targets}")
+            raise UserError(f"cross_alphas has {cross_alphas.shape[1]} targets, the batch {num_targets}")
         self.kind = kind
         self.cross_alphas = cross_alphas  # (steps, T, L): L text positions (77 for SD)
         self.self_steps, self.self_max_queries = self_steps, self_max_queries
@@ -196,7 +197,7 @@ class AttentionEdit(Controller):
         self.conditional(probs)  # validates the batch layout
         text = site.num_text_keys
         if site.kind != "self" and text != self.cross_alphas.shape[-1]:
-            raise ValueError(f"layer {site.name} attends to {text} text tokens but the edit was built for "
+            raise UserError(f"layer {site.name} attends to {text} text tokens but the edit was built for "
                              f"{self.cross_alphas.shape[-1]}; build it with the model's context length "
                              "(p2p.edit.build_edit(..., context_length=model.context_length))")
         if site.kind != "self" and self._cross_active():

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
@@ -80,12 +81,12 @@ def _per_prompt(value: Sequence, prompts: Sequence[str], what: str) -> list[list
         for word in value:
             missing = [p for p in prompts if not has_word(p, word)]
             if missing:
-                raise ValueError(f"{what}: word {word!r} is not in prompt {missing[0]!r}; a flat list applies to every "
+                raise UserError(f"{what}: word {word!r} is not in prompt {missing[0]!r}; a flat list applies to every "
                                  f"prompt — for one word per prompt give one list per prompt, e.g. "
                                  f"{[[w] for w in value]}")
         return [list(value) for _ in prompts]
     if len(value) != len(prompts):
-        raise ValueError(f"{what} has {len(value)} lists for {len(prompts)} prompts; give one list per prompt "
+        raise UserError(f"{what} has {len(value)} lists for {len(prompts)} prompts; give one list per prompt "
                          "or one flat list for all")
     return [[v] if isinstance(v, str) else list(v) for v in value]
 
@@ -102,11 +103,11 @@ def _reweight_scales(reweight: Mapping, targets: Sequence[str], context_length: 
         for word, scale in reweight.items():
             if isinstance(scale, Sequence) and not isinstance(scale, str):
                 if len(scale) != len(targets):
-                    raise ValueError(f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
+                    raise UserError(f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
                                      "give one number for all or one per target prompt")
                 scale = scale[t]
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-                raise ValueError(f"reweight for {word!r} must be a number (or one per target prompt), got {scale!r}")
+                raise UserError(f"reweight for {word!r} must be a number (or one per target prompt), got {scale!r}")
             if scale == 1 and not has_word(target, word):
                 continue
             per_target[word] = float(scale)
@@ -118,7 +119,7 @@ def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
     if spec.self_max_side is not None:
         side = spec.self_max_side
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-            raise ValueError(f"self_max_side={side!r} must be a positive int (a query grid side, in latent pixels); "
+            raise UserError(f"self_max_side={side!r} must be a positive int (a query grid side, in latent pixels); "
                              "to inject no self-attention set self_replace_steps=0")
         return side ** 2
     return max_queries_at_fraction(latent_hw, spec.self_max_fraction)
@@ -128,13 +129,13 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
                context_length: int = CONTEXT_LENGTH) -> AttentionEdit:
     """The edit controller; `context_length` = the model's text positions (`model.context_length`)."""
     if spec.kind not in EDIT_KINDS:
-        raise ValueError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
+        raise UserError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
     prompts = check_prompts(prompts, context_length=context_length)
     source, targets = prompts[0], list(prompts[1:])
     if not targets:
-        raise ValueError(f"edit kind {spec.kind!r} needs a source and at least one target prompt; got {list(prompts)}")
+        raise UserError(f"edit kind {spec.kind!r} needs a source and at least one target prompt; got {list(prompts)}")
     if spec.kind == "reweight" and not spec.reweight:
-        raise ValueError("edit kind 'reweight' needs the words to scale: reweight={word: scale} "
+        raise UserError("edit kind 'reweight' needs the words to scale: reweight={word: scale} "
                          "(scripts: edit.reweight={red: 3}); without them the edit does nothing")
     schedule = spec.cross_replace_steps
     if spec.preserve:  # Fig. 5: only the named words' maps are injected
@@ -151,7 +152,7 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
         source_ids = clip_tokenizer().encode(source)
         different = [t for t in targets if clip_tokenizer().encode(t) != source_ids]
         if different:
-            raise ValueError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
+            raise UserError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
                              f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader")
         kind = "none"
     if spec.reweight:
@@ -205,9 +206,9 @@ def build_controllers(model: StableDiffusion, prompts: Sequence[str], *, spec: E
     with slow work before sampling (an inversion) can call this first to fail fast."""
     prompts = check_prompts(prompts, context_length=model.context_length)
     if not prompts:
-        raise ValueError("edit needs at least one prompt (the source)")
+        raise UserError("edit needs at least one prompt (the source)")
     if spec is not None and spec.kind == "none" and (spec.reweight or spec.preserve):
-        raise ValueError(f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
+        raise UserError(f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
                          "would be ignored; use kind 'reweight' (identical prompts), 'replace' or 'refine'")
     recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
     blender = build_blend(blend, prompts, num_steps=num_steps, latent_hw=latent_hw,
@@ -229,7 +230,7 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     height, width = image_size(model, height, width)
     if latent is None:
         if seed is None:
-            raise ValueError("edit needs a seed or an initial latent")
+            raise UserError("edit needs a seed or an initial latent")
         latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
     recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
                                                       num_steps=settings.steps, latent_hw=tuple(latent.shape[-2:]))

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from models.errors import UserError, OutputExistsError
+from models import files
 from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
@@ -67,7 +69,7 @@ class Figure:
         """Title on top; per row: its label on the left, then the captioned tiles. A title or label too long
         for its box wraps, and the box grows to hold every line."""
         if not self.rows:
-            raise ValueError(f"figure {self.title!r} has no rows to draw")
+            raise UserError(f"figure {self.title!r} has no rows to draw")
         strips = []
         for label, row in zip(self.row_labels, self.rows):
             tiles = views.grid([[views.captioned(_framed(t.image, tile_size), t.caption, size=tile_size) for t in row]],
@@ -94,7 +96,7 @@ class Figure:
         out = Path(out)
         manifest_path = out / "figure.json"
         if manifest_path.exists():
-            raise FileExistsError(f"{manifest_path} exists; refusing to overwrite it")
+            raise OutputExistsError(f"{manifest_path} exists; refusing to overwrite it")
         manifest = {"title": self.title, "settings": self.settings, "metrics": self.metrics, "tile_size": tile_size,
                     "rows": []}
         for r, (label, row) in enumerate(zip(self.row_labels, self.rows)):
@@ -105,7 +107,7 @@ class Figure:
             manifest["rows"].append({"label": label, "tiles": entries})
         figure_path = views.save_png(self.render(tile_size=tile_size), out / "figure.png")
         manifest["size"] = list(Image.open(figure_path).size)
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        files.write_text(manifest_path, json.dumps(manifest, indent=2))
         return figure_path
 
 
@@ -152,7 +154,7 @@ def _spec_with(spec: EditSpec, overrides: dict | str | None) -> EditSpec | None:
     overrides = dict(overrides or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(EditSpec)}
     if unknown:
-        raise ValueError(f"edit overrides {sorted(unknown)} are not EditSpec fields; "
+        raise UserError(f"edit overrides {sorted(unknown)} are not EditSpec fields; "
                          f"accepted: {[f.name for f in dataclasses.fields(EditSpec)]}")
     return dataclasses.replace(spec, **overrides)
 
@@ -181,20 +183,20 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
     a word list in BlendSpec.words forms (one list for all prompts, or one per prompt) or a dict of BlendSpec fields.
     """
     if not rows:
-        raise ValueError("a rows figure needs at least one row: rows: [{label: ..., edit: ...}, ...]")
+        raise UserError("a rows figure needs at least one row: rows: [{label: ..., edit: ...}, ...]")
     runs = []
     for number, row in enumerate(rows, start=1):
         row = dict(row)
         if "label" not in row:
-            raise ValueError(f"row {number} ({row}) has no label; every row needs `label: text shown on its left`")
+            raise UserError(f"row {number} ({row}) has no label; every row needs `label: text shown on its left`")
         label, row_source, row_targets = row.pop("label"), row.pop("source", source), row.pop("targets", targets)
         row_spec, blend = _spec_with(spec, row.pop("edit", None)), _blend_spec(row.pop("blend", None))
         row_seed = row.pop("seed", seed)
         if row:
-            raise ValueError(f"row {label!r} has unknown keys {sorted(row)}; accepted: label, source, targets, "
+            raise UserError(f"row {label!r} has unknown keys {sorted(row)}; accepted: label, source, targets, "
                              "seed, edit, blend")
         if row_source is None or not row_targets:
-            raise ValueError(f"row {label!r} needs a source and at least one target prompt")
+            raise UserError(f"row {label!r} needs a source and at least one target prompt")
         runs.append(dict(label=label, prompts=[row_source, *row_targets], spec=row_spec, blend=blend, seed=row_seed))
     _check_edits(model, runs, settings=settings, height=height, width=width)
     figure = Figure(title)
@@ -218,7 +220,7 @@ def attention_figure(model: StableDiffusion, *, title: str, spec: EditSpec, sett
     for word in words_over_steps:  # before sampling: a word missing from the prompt raises, naming the prompt's words
         word_token_positions(prompt, word, context_length=model.context_length)
     if not isinstance(steps_shown, int) or steps_shown < 1:
-        raise ValueError(f"steps_shown={steps_shown!r}; show at least 1 step")
+        raise UserError(f"steps_shown={steps_shown!r}; show at least 1 step")
     store = StoreSpec(kinds=("cross", "hybrid"), max_fraction=store_max_fraction, per_step=True)
     result = edit(model, [prompt], seed=seed, store=store, settings=settings, height=height, width=width,
                   progress=False)
@@ -245,7 +247,7 @@ def injection_sweep_figure(model: StableDiffusion, *, title: str, spec: EditSpec
                            height: int | None = None, width: int | None = None) -> Figure:
     """Fig. 6: columns inject the source's cross-attention maps during the first f of the steps (0: none)."""
     if not fractions or not targets:
-        raise ValueError(f"an injection sweep needs fractions and targets; got fractions={list(fractions)}, "
+        raise UserError(f"an injection sweep needs fractions and targets; got fractions={list(fractions)}, "
                          f"targets={list(targets)}")
     prompts = [source, *targets]
     specs = [dataclasses.replace(spec, cross_replace_steps=float(f)) for f in fractions]
@@ -265,14 +267,14 @@ def fader_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings
                  width: int | None = None) -> Figure:
     """Fig. 9: per row `{prompt, word, seed?}`, the prompt regenerated with the word's attention scaled by each c."""
     if not rows or not values:
-        raise ValueError(f"a fader figure needs rows ({{prompt, word}}) and values of c; got rows={list(rows)}, "
+        raise UserError(f"a fader figure needs rows ({{prompt, word}}) and values of c; got rows={list(rows)}, "
                          f"values={list(values)}")
     runs = []
     for row in rows:
         row = dict(row)
         prompt, word, row_seed = row.pop("prompt", None), row.pop("word", None), row.pop("seed", seed)
         if not isinstance(prompt, str) or not isinstance(word, str) or row:
-            raise ValueError(f"a fader row is {{prompt: text, word: one of its words, seed?: int}}; got "
+            raise UserError(f"a fader row is {{prompt: text, word: one of its words, seed?: int}}; got "
                              f"{dict(prompt=prompt, word=word, **row)}")
         runs.append(dict(prompt=prompt, word=word, seed=row_seed, prompts=[prompt] * (1 + len(values)),
                          spec=dataclasses.replace(spec, reweight={word: [float(c) for c in values]})))
@@ -305,7 +307,7 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
     prompts = [source, *targets]
     unknown = [m for m in methods if m not in INVERSION_METHODS]
     if not methods or unknown:
-        raise ValueError(f"methods={list(methods)}; choose one or more of {INVERSION_METHODS}")
+        raise UserError(f"methods={list(methods)}; choose one or more of {INVERSION_METHODS}")
     # the edits' prompts, words and windows are checked before the inversions, which take the time
     _check_edits(model, [dict(prompts=prompts, spec=spec, blend=_blend_spec(blend))], settings=settings,
                  height=photo.shape[0], width=photo.shape[1])
@@ -358,16 +360,16 @@ def build(kind: str, model: StableDiffusion, params: dict[str, Any], **common) -
     Only the arguments a builder declares are passed from `common`; unknown `params` raise with the accepted names.
     """
     if kind not in FIGURE_KINDS:
-        raise ValueError(f"figure kind {kind!r} is not known; choose one of {sorted(FIGURE_KINDS)}")
+        raise UserError(f"figure kind {kind!r} is not known; choose one of {sorted(FIGURE_KINDS)}")
     builder = FIGURE_KINDS[kind]
     accepted = [name for name in inspect.signature(builder).parameters if name != "model"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"figure {kind!r} does not take {unknown}; it takes {accepted}")
+        raise UserError(f"figure {kind!r} does not take {unknown}; it takes {accepted}")
     passed = {k: v for k, v in common.items() if k in accepted}
     required = [name for name, parameter in inspect.signature(builder).parameters.items()
                 if name != "model" and parameter.default is inspect.Parameter.empty]
     missing = [name for name in required if name not in params and name not in passed]
     if missing:
-        raise ValueError(f"figure {kind!r} needs {missing} in its prompt set; it takes {accepted}")
+        raise UserError(f"figure {kind!r} needs {missing} in its prompt set; it takes {accepted}")
     return builder(model, **passed, **params)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.errors import UserError
 from models.attention import AttentionSite
 from p2p.tokens import word_token_positions, words
 from p2p.world import Scene, WorldConfig, make_caption, parse_caption
@@ -63,7 +64,7 @@ class GroundingCache:
         for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.world.make_caption)
             color, shape = 4 * j + 1, 4 * j + 2
             if shape >= len(caption_words):
-                raise ValueError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
+                raise UserError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
             positions.append([k for w in (color, shape)
                               for k in word_token_positions(caption, w, context_length=self.context_length)])
         return positions
@@ -126,7 +127,7 @@ class ColorMixer:
 
     def __call__(self, scenes: list[Scene], captions: list[str], *, p: float, rng: np.random.Generator) -> ColorMix:
         if not 0 <= p <= 1:
-            raise ValueError(f"color_mix={p!r} is not a probability in [0, 1]")
+            raise UserError(f"color_mix={p!r} is not a probability in [0, 1]")
         mixed = rng.random(len(captions)) < p
         decoys, keep = list(captions), torch.ones(len(captions), self.context_length, dtype=torch.bool)
         for i, (scene, caption) in enumerate(zip(scenes, captions)):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from models.errors import UserError, MissingFileError, WrongTypeError
 
 ImageSource = str | Path | Image.Image | np.ndarray
 SIXTEEN_BIT_MAX = 65535  # "I;16…" and "I" images (16-bit PNG, TIFF) are read as 16-bit: 65535 → 255
@@ -23,11 +24,11 @@ def load_image(source: ImageSource, *, height: int, width: int, margins=(0, 0, 0
     """
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive whole number of pixels")
+            raise UserError(f"{name}={value!r} must be a positive whole number of pixels")
     left, top, right, bottom = _check_margins(margins)
     image = _to_rgb(_open(source))
     if left + right >= image.width or top + bottom >= image.height:
-        raise ValueError(f"margins (left, top, right, bottom)={tuple(margins)} leave nothing of a "
+        raise UserError(f"margins (left, top, right, bottom)={tuple(margins)} leave nothing of a "
                          f"{image.width}×{image.height} image; left + right must be < {image.width} and "
                          f"top + bottom < {image.height}")
     image = image.crop((left, top, image.width - right, image.height - bottom))
@@ -47,13 +48,13 @@ def _check_margins(margins) -> tuple[int, int, int, int]:
     explanation = (f"margins={margins!r} must be four whole numbers of pixels ≥ 0: (left, top, right, bottom) "
                    "cut off before the centre crop")
     if isinstance(margins, (str, bytes)) or not hasattr(margins, "__len__") or len(margins) != 4:
-        raise ValueError(explanation)
+        raise UserError(explanation)
     values = []
     for margin in margins:
         if isinstance(margin, bool) or not isinstance(margin, (int, float, np.integer, np.floating)):
-            raise ValueError(explanation)
+            raise UserError(explanation)
         if not float(margin).is_integer() or margin < 0:
-            raise ValueError(explanation)
+            raise UserError(explanation)
         values.append(int(margin))
     return tuple(values)
 
@@ -65,19 +66,19 @@ def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         return ImageOps.exif_transpose(source)
     if not isinstance(source, (str, Path)):
-        raise TypeError(f"image source of type {type(source).__name__} is not supported; pass a file path, "
+        raise WrongTypeError(f"image source of type {type(source).__name__} is not supported; pass a file path, "
                         f"a PIL image or a numpy array {ARRAY_LAYOUTS}")
     path = Path(source).expanduser()  # `image=~/photo.png` on a command line reaches us unexpanded
     if path.is_dir():
-        raise IsADirectoryError(f"image {str(path)!r} is a directory; pass the path of an image file")
+        raise UserError(f"image {str(path)!r} is a directory; pass the path of an image file")
     if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+        raise MissingFileError(f"image {str(path)!r} does not exist")
     try:
         with Image.open(path) as opened:
             opened.load()  # reads the whole file now: a truncated file fails here, not later
             return ImageOps.exif_transpose(opened)  # a new image that outlives the file
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ValueError(f"cannot read {str(path)!r} as an image ({err}); use a PNG, JPEG or another format "
+        raise UserError(f"cannot read {str(path)!r} as an image ({err}); use a PNG, JPEG or another format "
                          "Pillow reads") from err
 
 
@@ -85,18 +86,18 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
-        raise ValueError(f"image array of shape {array.shape} is not supported; pass {ARRAY_LAYOUTS}")
+        raise UserError(f"image array of shape {array.shape} is not supported; pass {ARRAY_LAYOUTS}")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype == np.uint16:
         array = np.round(array / SIXTEEN_BIT_MAX * 255).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ValueError(f"float image array has values outside [0, 1] (min {np.nanmin(array)}, max "
+            raise UserError(f"float image array has values outside [0, 1] (min {np.nanmin(array)}, max "
                              f"{np.nanmax(array)}); pass {ARRAY_LAYOUTS}")
         array = np.round(array * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
-        raise ValueError(f"image array of dtype {array.dtype} is not supported; pass {ARRAY_LAYOUTS}")
+        raise UserError(f"image array of dtype {array.dtype} is not supported; pass {ARRAY_LAYOUTS}")
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -116,4 +117,4 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as err:
-        raise ValueError(f"cannot convert an image of mode {image.mode!r} to RGB ({err}); save it as RGB") from err
+        raise UserError(f"cannot convert an image of mode {image.mode!r} to RGB ({err}); save it as RGB") from err

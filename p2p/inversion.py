@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.errors import UserError, WrongTypeError
 from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
 from models.stable_diffusion import StableDiffusion
 from p2p.pipeline import SamplerSettings, check_image_size, decode
@@ -65,13 +66,13 @@ def _guided(model, x, t, uncond, cond, guidance):
 
 def _check_prompt(prompt) -> None:
     if not isinstance(prompt, str):
-        raise TypeError(f"the caption must be one string, got {type(prompt).__name__} {prompt!r}")
+        raise WrongTypeError(f"the caption must be one string, got {type(prompt).__name__} {prompt!r}")
 
 
 def _check_latent(latent: torch.Tensor, model: StableDiffusion, what: str) -> None:
     channels = model.config.unet.in_channels
     if latent.ndim != 4 or latent.shape[1] != channels:
-        raise ValueError(f"{what} has shape {tuple(latent.shape)}; expected (batch, {channels}, h, w) latents")
+        raise UserError(f"{what} has shape {tuple(latent.shape)}; expected (batch, {channels}, h, w) latents")
 
 
 @torch.no_grad()
@@ -127,9 +128,9 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
     steps taken at every step, then a separate UNet call to advance.
     """
     if init not in NULL_TEXT_INITS:
-        raise ValueError(f"null-text init {init!r} is not supported; choose one of {NULL_TEXT_INITS}")
+        raise UserError(f"null-text init {init!r} is not supported; choose one of {NULL_TEXT_INITS}")
     if inner_steps < 0:
-        raise ValueError(f"inner_steps must be ≥ 0, got {inner_steps}")
+        raise UserError(f"inner_steps must be ≥ 0, got {inner_steps}")
     check_tolerance_scale(tolerance_scale)
     _check_prompt(prompt)
     _check_trajectory(trajectory, model, steps=settings.steps)
@@ -151,22 +152,22 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
 def check_tolerance_scale(value) -> None:
     """A null-text tolerance scale is a finite number ≥ 0; anything else is named."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"tolerance_scale={value!r}: it multiplies null-text's early-stop tolerance "
+        raise UserError(f"tolerance_scale={value!r}: it multiplies null-text's early-stop tolerance "
                          "1e-5 + i·2e-5; pass a finite number ≥ 0 (1 = the reference's, 0 = never stop early)")
 
 
 def _check_trajectory(trajectory: Sequence[torch.Tensor], model: StableDiffusion, *, steps: int) -> None:
     """Null-text targets are trajectory[-2], trajectory[-3], …: a wrong length would silently pair steps wrongly."""
     if len(trajectory) != steps + 1:
-        raise ValueError(f"the trajectory has {len(trajectory)} latents for steps={steps}; null-text inversion "
+        raise UserError(f"the trajectory has {len(trajectory)} latents for steps={steps}; null-text inversion "
                          f"needs the DDIM inversion's z_0 … z_T, {steps + 1} latents")
     for i, latent in enumerate(trajectory):
         _check_latent(latent, model, f"trajectory[{i}]")
         if latent.shape[0] != 1:
-            raise ValueError(f"trajectory[{i}] holds a batch of {latent.shape[0]} latents; null-text inversion "
+            raise UserError(f"trajectory[{i}] holds a batch of {latent.shape[0]} latents; null-text inversion "
                              "optimises one ∅ per step for one image: invert images one at a time")
         if latent.shape != trajectory[0].shape:
-            raise ValueError(f"trajectory[{i}] has shape {tuple(latent.shape)} but trajectory[0] "
+            raise UserError(f"trajectory[{i}] has shape {tuple(latent.shape)} but trajectory[0] "
                              f"{tuple(trajectory[0].shape)}; every latent of a trajectory has the same shape")
 
 
@@ -232,11 +233,11 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
     early-stop tolerance (see `null_text_optimization`).
     """
     if method not in INVERSION_METHODS:
-        raise ValueError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
+        raise UserError(f"inversion method {method!r} is not supported; choose one of {INVERSION_METHODS}")
     _check_prompt(prompt)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     if settings.eta != 0:
-        raise ValueError(f"eta={settings.eta}: inversion retraces deterministic DDIM; sample the edits with eta=0")
+        raise UserError(f"eta={settings.eta}: inversion retraces deterministic DDIM; sample the edits with eta=0")
     image_tensor = image_to_tensor(image)
     check_image_size(image.shape[0], image.shape[1], latent_factor=model.config.latent_factor)
     start = time.perf_counter()
@@ -259,7 +260,7 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (1, 3, H, W) in [-1, 1]."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
+        raise UserError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
                          f"{getattr(image, 'shape', '')}; p2p.images.load_image makes one from a file")
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
@@ -275,13 +276,13 @@ def vae_reconstruction(model: StableDiffusion, image: np.ndarray) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Peak signal-to-noise ratio in dB between uint8 images, optionally only where `mask` (H, W) is True."""
     if a.shape != b.shape:
-        raise ValueError(f"psnr compares images of one shape, got {a.shape} and {b.shape}")
+        raise UserError(f"psnr compares images of one shape, got {a.shape} and {b.shape}")
     diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
     if mask is not None:
         if mask.shape != a.shape[:2]:
-            raise ValueError(f"psnr mask has shape {mask.shape}; the images are {a.shape[:2]}")
+            raise UserError(f"psnr mask has shape {mask.shape}; the images are {a.shape[:2]}")
         if not mask.any():
-            raise ValueError("psnr mask selects no pixels")
+            raise UserError("psnr mask selects no pixels")
         diff = diff[mask.astype(bool)]
     mse = diff.mean()
     return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
 from p2p.pipeline import SamplerSettings
@@ -114,7 +115,7 @@ def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cac
     if cache_dir is None:
         return compute(), False
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise NotADirectoryError(f"cache_dir {str(cache_dir)!r} is a file; pass a folder, or null for no cache")
+        raise UserError(f"cache_dir {str(cache_dir)!r} is a file; pass a folder, or null for no cache")
     image_to_tensor(image)  # names a wrong image before it is hashed
     key = inversion_key(image=image, prompt=prompt, fingerprint=model_fingerprint(model), method=method,
                         settings=settings, inner_steps=inner_steps, null_init=null_init,

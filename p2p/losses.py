@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.errors import UserError
 from models.attention import attach_controller
 from models.ddim import add_noise
 from models.stable_diffusion import StableDiffusion
@@ -34,9 +35,9 @@ def coverage_loss(means: torch.Tensor, coverage: torch.Tensor, *, ratio: float) 
     the colors differ only in channels 1–3: a color swap moves the latent along those, where the G3 VAE wrote
     the colors of one background along different, even opposite directions of all four channels (model card)."""
     if means.shape[1] < 2:
-        raise ValueError(f"coverage_loss needs ≥ 2 latent channels (one for coverage), got {means.shape[1]}")
+        raise UserError(f"coverage_loss needs ≥ 2 latent channels (one for coverage), got {means.shape[1]}")
     if coverage.shape != (means.shape[0], *means.shape[2:]):
-        raise ValueError(f"coverage has shape {tuple(coverage.shape)}; expected {(means.shape[0], *means.shape[2:])}")
+        raise UserError(f"coverage has shape {tuple(coverage.shape)}; expected {(means.shape[0], *means.shape[2:])}")
     scale = means[:, 1:].detach().std().clamp(min=1e-6)
     return (means[:, 0] / scale - ratio * coverage.to(means)).pow(2).mean()
 
@@ -51,9 +52,9 @@ def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float, 
     are already nearly right keep pushing; MSE's gradient grows with the error, so wrong object colors
     dominate it. "l1+mse" uses both."""
     if reconstruction not in RECONSTRUCTION_LOSSES:
-        raise ValueError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
+        raise UserError(f"reconstruction {reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
     if coverage_weight < 0:
-        raise ValueError(f"coverage_weight must be ≥ 0 (0 = off), got {coverage_weight}")
+        raise UserError(f"coverage_weight must be ≥ 0 (0 = off), got {coverage_weight}")
     posterior = model.vae.encode(images)
     error = model.vae.decode(posterior.sample(generator)) - images
     l1, mse = error.abs().mean(), error.pow(2).mean()
@@ -84,9 +85,9 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     `grounding` rows are given. `mix`: the text features come from `mix.decoy_ids` except where `mix.keep`.
     The logged 'mse' is always unweighted."""
     if snr_gamma < 0:
-        raise ValueError(f"snr_gamma must be ≥ 0 (0 = unweighted), got {snr_gamma}")
+        raise UserError(f"snr_gamma must be ≥ 0 (0 = unweighted), got {snr_gamma}")
     if grounding_weight < 0:
-        raise ValueError(f"grounding_weight must be ≥ 0 (0 = off), got {grounding_weight}")
+        raise UserError(f"grounding_weight must be ≥ 0 (0 = off), got {grounding_weight}")
     b, device = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator).to(device)
     t = torch.randint(0, model.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -100,7 +101,7 @@ def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: tor
     with attach_controller(model.unet, recorder):
         prediction = model.unet(add_noise(latents, noise, t, model.schedule), t, context)
     if model.config.prediction != "epsilon":
-        raise ValueError(f"training supports prediction='epsilon' only, not {model.config.prediction!r}")
+        raise UserError(f"training supports prediction='epsilon' only, not {model.config.prediction!r}")
     per_sample = (prediction - noise).pow(2).flatten(1).mean(1)
     mse = per_sample.mean()
     loss = mse if snr_gamma == 0 else (min_snr_weights(t, model.schedule.alphas_cumprod, snr_gamma) * per_sample).mean()

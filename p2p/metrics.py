@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.edit import BlendSpec, EditSpec, edit
 from p2p.pipeline import SamplerSettings
@@ -59,7 +60,7 @@ def far_from(mask: np.ndarray, *, pixels: int) -> np.ndarray:
     """Bool (H, W): the pixels more than `pixels` px (Chebyshev) from every True pixel of `mask` — the
     background away from an object's outline, where a pixel of outline change does not reach."""
     if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-        raise ValueError(f"far_from: pixels={pixels!r} must be an integer ≥ 0")
+        raise UserError(f"far_from: pixels={pixels!r} must be an integer ≥ 0")
     h, w = mask.shape
     padded = np.pad(mask.astype(bool), pixels)
     near = np.zeros((h, w), dtype=bool)
@@ -72,7 +73,7 @@ def far_from(mask: np.ndarray, *, pixels: int) -> np.ndarray:
 def unchanged_pixels(source: np.ndarray, target: np.ndarray, mask: np.ndarray, *, tolerance: int = 8) -> float:
     """Fraction of the pixels under `mask` whose every channel differs by at most `tolerance` (of 255)."""
     if not mask.any():
-        raise ValueError("unchanged_pixels: the mask selects no pixels")
+        raise UserError("unchanged_pixels: the mask selects no pixels")
     diff = np.abs(source.astype(int) - target.astype(int)).max(axis=-1)
     return float((diff[mask] <= tolerance).mean())
 
@@ -104,7 +105,7 @@ def layout_commit_step(frames: Sequence[np.ndarray], *, iou_threshold: float = 0
 
     P2P keeps a layout only if its self-attention window reaches past this step (the paper's 40% on SD)."""
     if len(frames) == 0:
-        raise ValueError("layout_commit_step needs at least one frame")
+        raise UserError("layout_commit_step needs at least one frame")
     masks = [_objects_mask(read_image(frame), frame.shape[:2]) for frame in frames]
     final = masks[-1]
     step = len(masks) - 1

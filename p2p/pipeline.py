@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.attention import AttentionController, attach_controller
+from models.errors import UserError
 from models.ddim import ddim_step, ddim_timesteps, eps_and_x0, previous_timestep, SD_TIMESTEP_OFFSET
 from models.stable_diffusion import StableDiffusion
 
@@ -35,7 +36,7 @@ PredictionHook = Callable[[int, torch.Tensor], None]  # (step, predicted x0 of a
 def check_image_size(height: int, width: int, *, latent_factor: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or value <= 0 or value % latent_factor:
-            raise ValueError(f"{name}={value!r} is not a positive multiple of {latent_factor} "
+            raise UserError(f"{name}={value!r} is not a positive multiple of {latent_factor} "
                              f"(the VAE's downsampling factor); try {max(latent_factor, round(value / latent_factor) * latent_factor) if isinstance(value, (int, float)) else 512}")
 
 
@@ -71,7 +72,7 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
     a copy of the step's predicted clean latents (before any latent callback).
     """
     if not prompts:
-        raise ValueError("sample needs at least one prompt")
+        raise UserError("sample needs at least one prompt")
     num_prompts = len(prompts)
     device = model.device
     cond = model.encode_prompts(list(prompts))
@@ -79,7 +80,7 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
     timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                offset=settings.offset)
     if uncond_embeddings is not None and len(uncond_embeddings) != len(timesteps):
-        raise ValueError(f"{len(uncond_embeddings)} null embeddings given for {len(timesteps)} steps")
+        raise UserError(f"{len(uncond_embeddings)} null embeddings given for {len(timesteps)} steps")
     x = latent.to(device=device, dtype=torch.float32).expand(num_prompts, -1, -1, -1).clone()
     with attach_controller(model.unet, controller):
         for step, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from p2p.world import CaptionSpec, Scene, WorldConfig, parse_caption
+from models.errors import UserError
 
 # Step 2: foreground is at least half-way from the background to the object color.
 FOREGROUND_ALPHA = 0.5
@@ -72,17 +73,17 @@ def as_rgb_array(image) -> np.ndarray:
     """float64 (H, W, 3) in 0..255 from uint8 HxWx3, float HxWx3 in [0, 1], or a tensor 3xHxW in [-1, 1]."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"tensor image has shape {tuple(image.shape)}; expected (3, H, W) in [-1, 1]")
+            raise UserError(f"tensor image has shape {tuple(image.shape)}; expected (3, H, W) in [-1, 1]")
         image = ((image.detach().cpu().double().permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).numpy()
         return image
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"array image has shape {image.shape}; expected (H, W, 3) uint8 or float in [0, 1]")
+        raise UserError(f"array image has shape {image.shape}; expected (H, W, 3) uint8 or float in [0, 1]")
     if image.dtype == np.uint8:
         return image.astype(np.float64)
     if np.issubdtype(image.dtype, np.floating):
         return np.clip(image.astype(np.float64), 0.0, 1.0) * 255.0
-    raise ValueError(f"array image has dtype {image.dtype}; expected uint8 or a float dtype in [0, 1]")
+    raise UserError(f"array image has dtype {image.dtype}; expected uint8 or a float dtype in [0, 1]")
 
 
 def label_components(classes: np.ndarray) -> np.ndarray:
@@ -129,7 +130,7 @@ def classify_shape(mask: np.ndarray) -> str:
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or not mask.any():
-        raise ValueError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} "
+        raise UserError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} "
                          f"with {int(mask.sum())} pixels set")
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if min(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= FILTER_MIN_SIDE:

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
+from models.errors import UserError
 from p2p.tokens import CONTEXT_LENGTH, has_word, word_token_positions
 
 Window = Union[float, Sequence[float]]
@@ -33,9 +34,9 @@ def step_range(window: Window, num_steps: int) -> range:
             and all(_is_number(w) for w in window):
         start, end = (float(w) for w in window)
     else:
-        raise ValueError(f"window {window!r} must be a fraction f (meaning (0, f)) or a pair (start, end)")
+        raise UserError(f"window {window!r} must be a fraction f (meaning (0, f)) or a pair (start, end)")
     if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"window {window!r} must satisfy 0 ≤ start ≤ end ≤ 1 (fractions of the run)")
+        raise UserError(f"window {window!r} must satisfy 0 ≤ start ≤ end ≤ 1 (fractions of the run)")
     # +1e-9: 0.7·50 = 35.000000000000004 but 0.29·100 = 28.999999999999996; both mean the obvious step
     return range(math.floor(start * num_steps + 1e-9), math.floor(end * num_steps + 1e-9))
 
@@ -66,7 +67,7 @@ def cross_alphas(schedule: CrossSchedule, *, targets: Sequence[str], num_steps: 
         mask = _named_window_mask(window, num_steps, f"cross_replace_steps[{word!r}]")
         containing = [t for t, target in enumerate(targets) if has_word(target, word)]
         if not containing:  # a typo would otherwise give that word the default window silently
-            raise ValueError(f"word {word!r} of cross_replace_steps is not in any target prompt {list(targets)}; "
+            raise UserError(f"word {word!r} of cross_replace_steps is not in any target prompt {list(targets)}; "
                              "words are matched case-insensitively without surrounding punctuation")
         for t in containing:
             alphas[:, t, word_token_positions(targets[t], word, context_length=context_length)] = mask[:, None]
@@ -78,7 +79,7 @@ def named_step_range(window: Window, num_steps: int, setting: str) -> range:
     try:
         return step_range(window, num_steps)
     except ValueError as error:
-        raise ValueError(f"{setting}: {error}") from None
+        raise UserError(f"{setting}: {error}") from None
 
 
 def _named_window_mask(window: Window, num_steps: int, setting: str) -> torch.Tensor:

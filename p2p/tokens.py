@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.errors import UserError, WrongTypeError
 from models.text import END_TOKEN, START_TOKEN, clip_tokenizer  # one tokenizer for the model and the edits
 
 CONTEXT_LENGTH = 77  # CLIP's text context: start token + 75 content tokens + end token
@@ -84,7 +85,7 @@ def _encode_word(text: str) -> tuple[list[int], list[bool]]:
 
 def _check_length(prompt: str, num_content_tokens: int, context_length: int) -> None:
     if num_content_tokens > context_length - 2:
-        raise ValueError(
+        raise UserError(
             f"prompt {prompt!r} has {num_content_tokens} tokens, but at most {context_length - 2} fit "
             f"({context_length} with the start and end tokens); shorten it, nothing is truncated silently"
         )
@@ -103,13 +104,13 @@ def prompt_words(prompt: str) -> tuple[Word, ...]:
     for text in prompt.split():
         ids, in_word = _encode_word(text)
         if not ids:
-            raise ValueError(f"word {text!r} of prompt {prompt!r} has no tokens; the tokenizer drops all of it")
+            raise UserError(f"word {text!r} of prompt {prompt!r} has no tokens; the tokenizer drops all of it")
         positions = tuple(range(position, position + len(ids)))
         word_positions = tuple(p for p, inside in zip(positions, in_word) if inside)
         result.append(Word(text, _word_key(text), tuple(ids), positions, word_positions))
         position += len(ids)
     if [i for word in result for i in word.ids] != whole_prompt_ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes differently word by word than as a whole; "
+        raise UserError(f"prompt {prompt!r} tokenizes differently word by word than as a whole; "
                          "word positions would be wrong (unusual characters or HTML entities?)")
     return tuple(result)
 
@@ -150,10 +151,10 @@ def check_prompts(prompts: Sequence[str], *, context_length: int = CONTEXT_LENGT
     error in a token-position map sized for the model.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of strings (source first), got {prompts!r}")
+        raise WrongTypeError(f"prompts must be a list of strings (source first), got {prompts!r}")
     for prompt in prompts:
         if not isinstance(prompt, str):
-            raise TypeError(f"every prompt must be a string, got {prompt!r} in {list(prompts)}")
+            raise WrongTypeError(f"every prompt must be a string, got {prompt!r} in {list(prompts)}")
         _check_length(prompt, end_position(prompt) - 1, context_length)
     return list(prompts)
 
@@ -175,12 +176,12 @@ def word_token_positions(prompt: str, word: WordRef, *, context_length: int = CO
         return _positions_of_text(prompt, all_words, word)
     if isinstance(word, int) and not isinstance(word, bool):
         if not -len(all_words) <= word < len(all_words):
-            raise ValueError(f"word index {word} is out of range for prompt {prompt!r}, "
+            raise UserError(f"word index {word} is out of range for prompt {prompt!r}, "
                              f"which has {len(all_words)} words: {words(prompt)}")
         return list(all_words[word].word_positions)
     if isinstance(word, Sequence) and word:
         return _checked_positions(prompt, list(word), num_tokens=end_position(prompt) - 1)
-    raise TypeError(f"expected a word (str), a word index (int) or a non-empty list of token positions, "
+    raise WrongTypeError(f"expected a word (str), a word index (int) or a non-empty list of token positions, "
                     f"got {word!r}")
 
 
@@ -194,7 +195,7 @@ def _find_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
     """Positions of every occurrence of the word(s) `text`; [] when there is none."""
     query = [_word_key(part) for part in text.split()]
     if not query or not all(query):
-        raise ValueError(f"word {text!r} is empty; name a word of {prompt!r}")
+        raise UserError(f"word {text!r} is empty; name a word of {prompt!r}")
     keys = [word.key for word in all_words]
     positions = []
     for start in range(len(keys) - len(query) + 1):
@@ -206,7 +207,7 @@ def _find_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
 def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
     positions = _find_text(prompt, all_words, text)
     if not positions:
-        raise ValueError(f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
+        raise UserError(f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
                          f"without surrounding punctuation: {[word.key for word in all_words]}")
     return positions
 
@@ -214,7 +215,7 @@ def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> lis
 def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list[int]:
     valid = all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= num_tokens for p in positions)
     if not valid or len(set(positions)) != len(positions):
-        raise ValueError(f"token positions {positions} are not distinct ints in 1..{num_tokens}, the content "
+        raise UserError(f"token positions {positions} are not distinct ints in 1..{num_tokens}, the content "
                          f"tokens of prompt {prompt!r} (0 is the start token): {decode_tokens(prompt)}")
     return positions
 
@@ -238,7 +239,7 @@ def replace_mapper(source: str, target: str, *, context_length: int = CONTEXT_LE
     """
     source_words, target_words = prompt_words(source), prompt_words(target)
     if len(source_words) != len(target_words):
-        raise ValueError(
+        raise UserError(
             f"replace needs prompts with the same number of words, but source {source!r} has "
             f"{len(source_words)} and target {target!r} has {len(target_words)}; "
             "use refine (refine_alignment) to add or remove words"
@@ -356,7 +357,7 @@ def _align(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[int | N
 
 def _checked_targets(targets: Sequence[str]) -> Sequence[str]:
     if isinstance(targets, str) or not targets:
-        raise TypeError(f"targets must be a non-empty list of prompts, got {targets!r}")
+        raise WrongTypeError(f"targets must be a non-empty list of prompts, got {targets!r}")
     return targets
 
 
@@ -373,11 +374,11 @@ def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float
     owner: dict[int, object] = {}
     for word, scale in scales.items():
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale for {word!r} must be one number, got {scale!r}; "
+            raise WrongTypeError(f"scale for {word!r} must be one number, got {scale!r}; "
                             "use one token_scales call per target prompt")
         for position in word_token_positions(prompt, word, context_length=context_length):
             if position in owner:
-                raise ValueError(f"{word!r} and {owner[position]!r} both scale token {position} of {prompt!r}")
+                raise UserError(f"{word!r} and {owner[position]!r} both scale token {position} of {prompt!r}")
             owner[position] = word
             result[position] = float(scale)
     return result

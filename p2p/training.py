@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from models.errors import UserError, OutputExistsError
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
@@ -75,9 +76,9 @@ class PhaseConfig:
                     "color_mix": "in [0, 1] (0 = off)", "coverage": "≥ 0 (0 = off)", "coverage_ratio": "> 0"}
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
+                raise UserError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
         if self.reconstruction not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
+            raise UserError(f"reconstruction={self.reconstruction!r} is not one of {RECONSTRUCTION_LOSSES}")
 
 
 @dataclass
@@ -99,7 +100,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("threads", "checkpoint_every", "log_every", "scale_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range; use a value ≥ 1")
+                raise UserError(f"{name}={getattr(self, name)!r} is out of range; use a value ≥ 1")
         self.device = str(resolve_device(self.device))
 
 
@@ -110,7 +111,7 @@ def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
     """A fresh run never writes over an earlier run's checkpoints and logs: it must resume it or go elsewhere."""
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found and not resume:
-        raise FileExistsError(f"{run_dir} already holds a training run ({', '.join(found)}); continue it with "
+        raise OutputExistsError(f"{run_dir} already holds a training run ({', '.join(found)}); continue it with "
                               "resume=true, or start a new one elsewhere (name=... or run_dir=...)")
 
 

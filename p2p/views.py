@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from p2p.controllers import AttentionStore
 from p2p.tokens import decode_tokens, word_token_positions
+from models.errors import UserError
+from models.files import atomic_path
 
 CAPTION_HEIGHT_FRACTION = 0.2  # caption strip height relative to the tile (the reference: 0.2)
 MIN_TILE = 96  # tiles are upscaled (nearest) to at least this many pixels so 32 px images stay readable
@@ -75,7 +77,7 @@ def captioned(image: np.ndarray | Image.Image, caption: str, *, size: int | None
     tile's width. Font and strip scale with the tile's shorter side, so a wide tile gets no giant caption."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise ValueError(f"images are uint8 (H, W) or (H, W, 3) arrays (or PIL images), got dtype {image.dtype}; "
+            raise UserError(f"images are uint8 (H, W) or (H, W, 3) arrays (or PIL images), got dtype {image.dtype}; "
                              "convert with (255 * image).round().clip(0, 255).astype(np.uint8)")
         image = Image.fromarray(image)
     size = size or max(MIN_TILE, image.width)
@@ -100,7 +102,7 @@ def grid(tiles: Sequence[Sequence[Image.Image]], *, gap: int = 4) -> Image.Image
     a row is as tall as its tallest tile, tiles sit at the top left of their cell."""
     rows = [list(row) for row in tiles]
     if not rows or not all(rows):
-        raise ValueError(f"grid needs at least one row and a tile in every row; got rows of "
+        raise UserError(f"grid needs at least one row and a tile in every row; got rows of "
                          f"{[len(row) for row in rows]} tiles")
     width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in rows)
     heights = [max(t.height for t in row) for row in rows]
@@ -119,9 +121,9 @@ def image_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str
                columns: int | None = None) -> Image.Image:
     """uint8 (N, H, W, 3) images with one caption each, `columns` per row (default: all in one row)."""
     if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
+        raise UserError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
     if columns is not None and columns < 1:
-        raise ValueError(f"columns={columns!r}; use a positive number of tiles per row (or None: one row)")
+        raise UserError(f"columns={columns!r}; use a positive number of tiles per row (or None: one row)")
     tiles = [captioned(im, c) for im, c in zip(images, captions)]
     columns = columns or max(len(tiles), 1)  # no images: grid names the problem
     return grid([tiles[i:i + columns] for i in range(0, len(tiles), columns)])
@@ -135,16 +137,16 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
     Each pixel's maps sum to 1 over the tokens when only cross layers are averaged; a hybrid layer contributes
     its text columns as the model computed them, which sum to the share of attention that went to text (< 1)."""
     if not 0 <= prompt_index < store.num_prompts:
-        raise ValueError(f"prompt_index={prompt_index} is out of range: the store recorded {store.num_prompts} "
+        raise UserError(f"prompt_index={prompt_index} is out of range: the store recorded {store.num_prompts} "
                          f"prompt{'s' if store.num_prompts != 1 else ''} (0 = the source)")
     source = store.steps.get(step) if step is not None else None
     if step is not None and source is None:
-        raise ValueError(f"step {step} was not recorded; build the store with per_step=True "
+        raise UserError(f"step {step} was not recorded; build the store with per_step=True "
                          f"(recorded steps: {sorted(store.steps)})")
     names = [n for n, s in store.sites.items() if s.kind != "self" and (grids is None or s.query_hw in grids)]
     if not names:
         available = sorted({s.query_hw for s in store.sites.values() if s.kind != "self"})
-        raise ValueError(f"no recorded text-attention layers at {grids}; recorded grids: {available}")
+        raise UserError(f"no recorded text-attention layers at {grids}; recorded grids: {available}")
     target = max((store.sites[n].query_hw for n in names), key=lambda hw: hw[0] * hw[1])
     maps = []
     for name in names:
@@ -166,7 +168,7 @@ def word_map(maps: torch.Tensor, prompt: str, word: str | int) -> torch.Tensor:
 def heat(map_2d: torch.Tensor, *, size: int = MIN_TILE) -> np.ndarray:
     """A map normalised to its own max → uint8 RGB tile (grayscale), as in the reference's `show_cross_attention`."""
     if not torch.isfinite(map_2d).all():  # NaN would turn into arbitrary gray levels, not an error
-        raise ValueError(f"attention map of shape {tuple(map_2d.shape)} holds NaN or inf values; was the model run "
+        raise UserError(f"attention map of shape {tuple(map_2d.shape)} holds NaN or inf values; was the model run "
                          "in a dtype that overflowed (try dtype=fp32)?")
     m = map_2d.float().clamp_min(0)
     m = (255 * m / m.max().clamp_min(1e-12)).round().to(torch.uint8).numpy()
@@ -179,7 +181,7 @@ def cross_attention_tiles(store: AttentionStore, prompt: str, prompt_index: int,
     maps = token_maps(store, prompt_index, grids=grids, step=step)
     tokens = ["<start>", *decode_tokens(prompt), "<end>"]
     if len(tokens) > maps.shape[0]:
-        raise ValueError(f"prompt {prompt!r} has {len(tokens)} tokens with start and end, but the recorded maps have "
+        raise UserError(f"prompt {prompt!r} has {len(tokens)} tokens with start and end, but the recorded maps have "
                          f"{maps.shape[0]} text positions; pass the prompt the store recorded at index {prompt_index}")
     return [captioned(heat(maps[i]), token) for i, token in enumerate(tokens)]
 
@@ -190,7 +192,7 @@ def self_attention_components(store: AttentionStore, prompt_index: int, *, grid_
     Hybrid layers contribute their pixel columns."""
     names = store.names(kinds=("self", "hybrid"), grid=grid_hw)
     if not names:
-        raise ValueError(f"no self-attention layers recorded at {grid_hw}; build the store with kinds including "
+        raise UserError(f"no self-attention layers recorded at {grid_hw}; build the store with kinds including "
                          f"'self' (recorded: {sorted({s.query_hw for s in store.sites.values() if s.kind != 'cross'})})")
     maps = [store.average(n)[prompt_index, :, store.sites[n].num_text_keys:] for n in names]
     aggregate = torch.stack(maps).mean(dim=0).double().numpy()  # (res², res²)
@@ -210,9 +212,6 @@ def mask_tiles(mask: torch.Tensor, captions: Sequence[str]) -> list[Image.Image]
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save, refusing to overwrite: what a user made is never lost."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    with atomic_path(path) as partial:
+        image.save(partial)
+    return Path(path)

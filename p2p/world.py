@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from models.errors import UserError
 
 # rasterize() implements exactly these shapes; a config may use a subset.
 SHAPES = ("circle", "square", "triangle")
@@ -69,23 +70,23 @@ class WorldConfig:
     def __post_init__(self):
         for shape in self.shapes:
             if shape not in SHAPES:
-                raise ValueError(f"shape {shape!r} is not drawable; shapes must be a subset of {SHAPES}")
+                raise UserError(f"shape {shape!r} is not drawable; shapes must be a subset of {SHAPES}")
         overlap = set(self.colors) & set(self.backgrounds)
         if overlap:
-            raise ValueError(f"names {sorted(overlap)} are both object colors and backgrounds; they must be disjoint")
+            raise UserError(f"names {sorted(overlap)} are both object colors and backgrounds; they must be disjoint")
         for name, rgb in {**self.colors, **self.backgrounds}.items():
             if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-                raise ValueError(f"color {name!r} = {rgb!r} is not an RGB triple of ints in 0..255")
+                raise UserError(f"color {name!r} = {rgb!r} is not an RGB triple of ints in 0..255")
         for name in ("p_mention_background", "p_two_objects"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} = {getattr(self, name)!r} is not a probability in [0, 1]")
+                raise UserError(f"{name} = {getattr(self, name)!r} is not a probability in [0, 1]")
         lo, hi = self.size_range
         if not 1 <= lo <= hi or 2 * self.margin + hi > self.image_size:
-            raise ValueError(
+            raise UserError(
                 f"object_size {(lo, hi)} does not fit image_size {self.image_size} with margin {self.margin}; "
                 f"need 1 <= min <= max and max + 2*margin <= image_size")
         if self.p_two_objects > 0 and 2 * self.margin + 2 * lo + self.min_gap > self.image_size:
-            raise ValueError(
+            raise UserError(
                 f"two objects of min size {lo} with gap {self.min_gap} and margin {self.margin} "
                 f"do not fit image_size {self.image_size}; shrink object_size or set p_two_objects=0")
 
@@ -145,7 +146,7 @@ def parse_caption(caption: str, *, config: WorldConfig = WorldConfig()) -> Capti
     vocabulary = {"a", "an", "and", "on", "background", *config.colors, *config.shapes, *config.backgrounds}
     for word in words:
         if word not in vocabulary:
-            raise ValueError(
+            raise UserError(
                 f"word {word!r} in caption {caption!r} is not in the vocabulary; colors: {list(config.colors)}, "
                 f"shapes: {list(config.shapes)}, backgrounds: {list(config.backgrounds)}; "
                 f"captions read 'a <color> <shape> [and a <color> <shape>] [on a <background> background]'")
@@ -153,7 +154,7 @@ def parse_caption(caption: str, *, config: WorldConfig = WorldConfig()) -> Capti
     def expect(position: int, accepted, what: str) -> str:
         found = words[position] if position < len(words) else "<end>"
         if found not in accepted:
-            raise ValueError(f"caption {caption!r}: expected {what} at word {position}, found {found!r}")
+            raise UserError(f"caption {caption!r}: expected {what} at word {position}, found {found!r}")
         return found
 
     objects, i = [], 0
@@ -174,7 +175,7 @@ def parse_caption(caption: str, *, config: WorldConfig = WorldConfig()) -> Capti
         background = expect(i + 2, config.backgrounds, f"a background {list(config.backgrounds)}")
         expect(i + 3, ("background",), "'background'")
         if i + 4 != len(words):
-            raise ValueError(f"caption {caption!r}: unexpected words after 'background': {words[i + 4:]}")
+            raise UserError(f"caption {caption!r}: unexpected words after 'background': {words[i + 4:]}")
     return CaptionSpec(objects=objects, background=background)
 
 
@@ -182,7 +183,7 @@ def all_captions(*, num_objects: int, config: WorldConfig = WorldConfig(),
                  mention_background: bool | None = None) -> list[str]:
     """Every caption with `num_objects` distinct objects, in a fixed order."""
     if num_objects not in range(1, MAX_OBJECTS + 1):
-        raise ValueError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
+        raise UserError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
     backgrounds = {None: [None, *config.backgrounds], True: list(config.backgrounds),
                    False: [None]}[mention_background]
     return [make_caption(objects, background=bg)
@@ -194,7 +195,7 @@ def caption_set(*, num_objects: int, seed: int, n: int, config: WorldConfig = Wo
     """`n` distinct captions drawn without replacement; the same for the same arguments."""
     captions = all_captions(num_objects=num_objects, config=config, mention_background=mention_background)
     if n > len(captions):
-        raise ValueError(f"n={n} but only {len(captions)} distinct captions exist for num_objects={num_objects}")
+        raise UserError(f"n={n} but only {len(captions)} distinct captions exist for num_objects={num_objects}")
     order = np.random.default_rng(seed).permutation(len(captions))[:n]
     return [captions[i] for i in order]
 
@@ -221,7 +222,7 @@ def _rasterize_many(shape_ids: np.ndarray, sizes: np.ndarray, tops: np.ndarray, 
 def rasterize(shape: str, *, size: int, top: int, left: int, image_size: int) -> np.ndarray:
     """Bool (H, W) mask of one shape drawn in the size x size box at (top, left)."""
     if shape not in SHAPES:
-        raise ValueError(f"shape {shape!r} is not one of {SHAPES}")
+        raise UserError(f"shape {shape!r} is not one of {SHAPES}")
     return _rasterize_many(np.array([SHAPES.index(shape)]), np.array([size]), np.array([top]),
                            np.array([left]), image_size=image_size)[0]
 
@@ -229,7 +230,7 @@ def rasterize(shape: str, *, size: int, top: int, left: int, image_size: int) ->
 def render(objects: Sequence[ObjectTruth], *, background: str, config: WorldConfig = WorldConfig()) -> np.ndarray:
     """Paint the object masks in flat colors over a flat background; uint8 (H, W, 3)."""
     if background not in config.backgrounds:
-        raise ValueError(f"background {background!r} is not one of {list(config.backgrounds)}")
+        raise UserError(f"background {background!r} is not one of {list(config.backgrounds)}")
     image = np.empty((config.image_size, config.image_size, 3), dtype=np.uint8)
     image[:] = config.backgrounds[background]
     for obj in objects:
@@ -277,20 +278,20 @@ def _choose_objects(rng: np.random.Generator, n: int, *, config: WorldConfig, nu
     if objects is not None:
         objects = [tuple(obj) for obj in objects]
         if num_objects is not None and num_objects != len(objects):
-            raise ValueError(f"num_objects={num_objects} contradicts the {len(objects)} objects {objects!r}")
+            raise UserError(f"num_objects={num_objects} contradicts the {len(objects)} objects {objects!r}")
         for obj in objects:
             if obj not in pairs:
-                raise ValueError(f"object {obj!r} is not a (color, shape) of this world; colors: "
+                raise UserError(f"object {obj!r} is not a (color, shape) of this world; colors: "
                                  f"{list(config.colors)}, shapes: {list(config.shapes)}")
         if not 1 <= len(objects) <= MAX_OBJECTS or len(set(objects)) != len(objects):
-            raise ValueError(f"objects {objects!r} must be 1..{MAX_OBJECTS} distinct (color, shape) pairs")
+            raise UserError(f"objects {objects!r} must be 1..{MAX_OBJECTS} distinct (color, shape) pairs")
         ids = [pairs.index(obj) for obj in objects] + [0] * (MAX_OBJECTS - len(objects))
         return np.full(n, len(objects)), np.tile(ids, (n, 1))
     if num_objects is not None and num_objects not in range(1, MAX_OBJECTS + 1):
-        raise ValueError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
+        raise UserError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
     counts = 1 + (rng.random(n) < config.p_two_objects) if num_objects is None else np.full(n, num_objects)
     if (counts == 2).any() and len(pairs) < 2:
-        raise ValueError(f"two distinct objects need >= 2 (color, shape) pairs; this world has {pairs}")
+        raise UserError(f"two distinct objects need >= 2 (color, shape) pairs; this world has {pairs}")
     first = rng.integers(len(pairs), size=n)
     # An offset in 1..len-1 makes the second object always differ from the first.
     second = (first + 1 + rng.integers(max(len(pairs) - 1, 1), size=n)) % len(pairs)
@@ -316,7 +317,7 @@ def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects:
     pairs, backgrounds = config.pairs, list(config.backgrounds)
     counts, pair_ids = _choose_objects(rng, n, config=config, num_objects=num_objects, objects=objects)
     if background is not None and background not in backgrounds:
-        raise ValueError(f"background {background!r} is not one of {backgrounds}")
+        raise UserError(f"background {background!r} is not one of {backgrounds}")
     bg_ids = (np.full(n, backgrounds.index(background)) if background is not None
               else rng.integers(len(backgrounds), size=n))
     mention = (np.full(n, mention_background) if mention_background is not None

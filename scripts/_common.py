@@ -12,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from models.errors import UserError, MissingFileError, OutputExistsError
+from models.files import atomic_path, write_text
 from models.loader import load_checkpoint
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.pipeline import SamplerSettings
@@ -26,11 +28,11 @@ def load_model(cfg: DictConfig) -> StableDiffusion:
     if checkpoint is None and name == "tiny":
         checkpoint = TINY_WEIGHTS
         if not checkpoint.exists():
-            raise FileNotFoundError(f"the built-in model {checkpoint} is missing; train it with "
+            raise MissingFileError(f"the built-in model {checkpoint} is missing; train it with "
                                     "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
                                     "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
     if checkpoint is None:
-        raise ValueError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
+        raise UserError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
                          "(single-file safetensors; .ckpt files are refused)")
     # The tiny file carries its own config; SD files get the named preset (their files hold no config).
     config = None if name == "tiny" else preset(name)
@@ -46,13 +48,13 @@ def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
     """
     example = "prompts='[\"a red circle on a black background\", \"a blue circle on a black background\"]'"
     if isinstance(value, str) or not isinstance(value, (list, tuple, ListConfig)):
-        raise ValueError(f"{name} must be a list of strings, got {value!r}; pass e.g. {example}")
+        raise UserError(f"{name} must be a list of strings, got {value!r}; pass e.g. {example}")
     prompts = list(value)
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad:
-        raise ValueError(f"{name} must be a list of strings; {bad!r} are not strings (got {prompts!r}): quote them")
+        raise UserError(f"{name} must be a list of strings; {bad!r} are not strings (got {prompts!r}): quote them")
     if len(prompts) < minimum:
-        raise ValueError(f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
+        raise UserError(f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
                          f"({prompts!r}); pass e.g. {example}")
     return prompts
 
@@ -61,7 +63,7 @@ def check_counts(cfg: DictConfig, **minimums: int) -> None:
     """Refuse e.g. n=0 up front (an evaluation over no seeds would fail late, or report nothing)."""
     for name, minimum in minimums.items():
         if not isinstance(cfg[name], int) or cfg[name] < minimum:
-            raise ValueError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
+            raise UserError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
 
 
 def number(value, *, name: str, kind: type = float):
@@ -73,7 +75,7 @@ def number(value, *, name: str, kind: type = float):
         if kind is int and converted != float(value):
             raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise UserError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
     return converted
 
 
@@ -102,25 +104,18 @@ def check_fresh(out: Path, *, what: str = "a previous run's files", setting: str
     out = Path(out)
     earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
     if earlier:
-        raise FileExistsError(f"{out} already holds {what} ({', '.join(earlier)}); refusing to overwrite it — "
+        raise OutputExistsError(f"{out} already holds {what} ({', '.join(earlier)}); refusing to overwrite it — "
                               f"leave {setting} at its default (a new folder per run) or pick a new one")
     return out
 
 
 def save_image(image: np.ndarray, path: Path) -> Path:
     """uint8 (H, W, 3) → PNG; refuses to overwrite."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+    with atomic_path(path) as partial:
+        Image.fromarray(image).save(partial)
+    return Path(path)
 
 
 def save_config(cfg: DictConfig, out: Path) -> Path:
     """The resolved config beside the images, so every output says how it was made."""
-    path = Path(out) / "config.yaml"
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    return write_text(Path(out) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -18,13 +18,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import check_fresh, load_model, number, run_dir, sampler_settings, save_config  # noqa: E402
+from models.errors import UserError  # noqa: E402
+from models.files import write_text  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.metrics import edit_study, score_edit, summarize  # noqa: E402
 from p2p.pipeline import decode, initial_latent, sample  # noqa: E402
@@ -73,7 +75,7 @@ def checked_pairs(value) -> list[tuple[str, str]]:
     the model is loaded (a caption outside the world would otherwise fail after the sampling)."""
     pairs = [tuple(pair) if not isinstance(pair, str) else (pair,) for pair in (value or [])]
     if not pairs or any(len(pair) != 2 or not all(isinstance(c, str) for c in pair) for pair in pairs):
-        raise ValueError(f"pairs={value!r}: give a list of [source, target] caption pairs, e.g. "
+        raise UserError(f"pairs={value!r}: give a list of [source, target] caption pairs, e.g. "
                          "pairs='[[a red circle, a blue circle]]'")
     for caption in dict.fromkeys(c for pair in pairs for c in pair):  # in order: the first bad one is named
         parse_caption(caption)  # raises naming the word outside the world's vocabulary or grammar
@@ -104,16 +106,13 @@ def run_job(cfg: DictConfig, out: Path) -> dict:
     result = {**setting, "seconds": round(time.perf_counter() - began, 2), "pairs": len(pairs),
               "edit": summarize(rows, prefix="edit"),
               "baseline": summarize(rows, prefix="baseline") if cfg.baseline else None}
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    # rows.json is what scripts/aggregate.py reads: written whole under a temporary name and renamed, so a job
-    # killed while writing leaves no half file that would pass for a finished job
-    partial = out / "rows.json.partial"
-    partial.write_text(json.dumps(rows, indent=1))
-    partial.rename(out / "rows.json")
+    write_text(out / "result.json", json.dumps(result, indent=1))
+    # rows.json is what scripts/aggregate.py reads, written last: a job killed before it is not a finished job
+    write_text(out / "rows.json", json.dumps(rows, indent=1))
     return result
 
 
-@hydra.main(config_path="../conf", config_name="ablate", version_base="1.3")
+@entry_point("ablate")
 def main(cfg: DictConfig) -> None:
     result = run_job(cfg, run_dir())
     print(json.dumps({k: result[k] for k in ("cross_replace_steps", "self_replace_steps", "seed", "seconds", "edit")}))

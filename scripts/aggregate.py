@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from models.errors import UserError, MissingFileError, OutputExistsError  # noqa: E402
+from models.files import atomic_path  # noqa: E402
+from scripts._cli import fail  # noqa: E402
 from p2p.metrics import summarize  # noqa: E402
 
 # A job's setting = these fields of its config.yaml's `edit` (any of them may be swept); seeds are pooled.
@@ -77,19 +80,19 @@ def _job_folders(folder: Path) -> list[Path]:
 def _read_job(job: Path) -> tuple[list[dict], dict]:
     """A finished job's rows and flattened config; ValueError with the reason for anything else."""
     if not (job / "rows.json").is_file():
-        raise ValueError("no rows.json: the job failed or has not finished (see its ablate.log)")
+        raise UserError("no rows.json: the job failed or has not finished (see its ablate.log)")
     if not (job / "config.yaml").is_file():
-        raise ValueError("rows.json but no config.yaml: its setting is unknown")
+        raise UserError("rows.json but no config.yaml: its setting is unknown")
     try:
         rows = json.loads((job / "rows.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"rows.json is unreadable ({error})") from None
+        raise UserError(f"rows.json is unreadable ({error})") from None
     if not isinstance(rows, list) or not rows:
-        raise ValueError("rows.json holds no rows")
+        raise UserError("rows.json holds no rows")
     try:
         config = OmegaConf.to_container(OmegaConf.load(job / "config.yaml"), resolve=True)
     except Exception as error:  # OmegaConf/YAML raise several kinds; any of them means the same here
-        raise ValueError(f"config.yaml is unreadable ({type(error).__name__})") from None
+        raise UserError(f"config.yaml is unreadable ({type(error).__name__})") from None
     return rows, _flat(config)
 
 
@@ -100,7 +103,7 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     returned with the reason."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m "
+        raise MissingFileError(f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m "
                                 "(multirun/ablate/DATE/TIME)")
     jobs, skipped, seen = {}, [], {}
     for job in _job_folders(folder):
@@ -122,7 +125,7 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
         if skipped:
             found = f"; {len(skipped)} job folders, none finished: " + "; ".join(f"{s.job}: {s.reason}"
                                                                                 for s in skipped[:5])
-        raise FileNotFoundError(f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
+        raise MissingFileError(f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
                                 "(each job writes rows.json and config.yaml into its own folder)")
     configs = [config for _, config in jobs.values()]
     edit_fields = {f"edit.{k}" for k in SETTINGS}
@@ -201,9 +204,7 @@ def summary_table(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path, columns) -> Path:
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass --out DIR)")
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as partial, partial.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -249,8 +250,6 @@ def _panel(ax, table: list[dict], *, group: str, x: str, xlabel: str) -> None:
 
 def plot(table: list[dict], path: Path, *, title: str) -> Path:
     """2×2: all pairs vs IoU and vs centroid shift; color swaps and shape swaps vs IoU."""
-    if path.exists():
-        raise FileExistsError(f"{path} exists; refusing to overwrite it (pass --out DIR)")
     fig, axes = plt.subplots(2, 2, figsize=(11, 9))
     iou = "layout preservation: mean object-mask IoU, source vs edit"
     _panel(axes[0, 0], table, group="all", x="mean_iou", xlabel=iou)
@@ -266,7 +265,8 @@ def plot(table: list[dict], path: Path, *, title: str) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=90)
     plt.close(fig)
     return path
 
@@ -290,7 +290,7 @@ def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
     rows, skipped = load_jobs(folder)
     existing = [str(out / name) for name in OUTPUTS.values() if (out / name).exists()]
     if existing:
-        raise FileExistsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; refusing to overwrite "
+        raise OutputExistsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; refusing to overwrite "
                               "an earlier aggregation (pass --out DIR, or move them away)")
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(rows)
@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         result = aggregate(args.folder, args.out)
-    except (FileNotFoundError, FileExistsError) as error:
-        parser.exit(1, f"aggregate: {error}\n")
+    except UserError as error:
+        fail(str(error))
     for job in result.skipped:  # said on stderr, so a pipe of the table stays clean
         print(f"skipped {job.job}: {job.reason}", file=sys.stderr)
     if result.skipped:

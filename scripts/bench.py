@@ -19,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import load_model, prompt_list, sampler_settings  # noqa: E402
+from models.errors import UserError  # noqa: E402
 from models.attention import AttentionSite  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
 from p2p.controllers import Compose, Controller  # noqa: E402
@@ -110,11 +111,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+@entry_point("bench")
 def main(cfg: DictConfig) -> None:
     if cfg.scheme != "all":
         if cfg.scheme not in SCHEMES:
-            raise ValueError(f"scheme={cfg.scheme!r}; choose one of {SCHEMES} or 'all'")
+            raise UserError(f"scheme={cfg.scheme!r}; choose one of {SCHEMES} or 'all'")
         print("RESULT " + json.dumps(run_scheme(cfg)))
         return
     overrides = [a for a in sys.argv[1:] if not a.startswith("scheme=")]

@@ -16,12 +16,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import check_fresh, load_model, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from models.errors import UserError  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec, StoreSpec, edit  # noqa: E402
 from p2p.tokens import words  # noqa: E402
@@ -53,21 +54,21 @@ def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]
     prompts = prompt_list(cfg.prompts)
     spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
     if spec.kind not in EDIT_KINDS:
-        raise ValueError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
+        raise UserError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
                          "(config groups: edit=replace|refine|reweight|store)")
     if spec.kind != "none" and len(prompts) < 2:
-        raise ValueError(f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
+        raise UserError(f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
                          f"{prompts} — to sample one prompt and record its attention use edit=store attention=true")
     blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
     if not blend_dict.get("words") and set(blend_dict) != {"words"}:  # a blend group other than blend=none
-        raise ValueError("LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
+        raise UserError("LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
                          "blend.words=[[red],[blue]]; or blend=none for no blend")
     blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
     return prompts, spec, blend
 
 
 
-@hydra.main(config_path="../conf", config_name="edit", version_base="1.3")
+@entry_point("edit")
 def main(cfg: DictConfig) -> None:
     out = check_fresh(run_dir())
     prompts, spec, blend = edit_inputs(cfg)

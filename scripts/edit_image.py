@@ -19,14 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import (check_fresh, load_model, number, run_dir, sampler_settings, save_config,  # noqa: E402
                             save_image, slug)
+from models.errors import UserError  # noqa: E402
+from models.files import write_text  # noqa: E402
 from p2p import views  # noqa: E402
 from scripts.edit import edit_inputs  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # noqa: E402
@@ -41,13 +43,13 @@ def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | Non
     for key, form in (("image", "image=PATH/TO/photo.png"),
                       ("prompts", "prompts='[\"caption of the photo\", \"target caption\"]'")):
         if OmegaConf.is_missing(cfg, key) or cfg[key] is None:
-            raise ValueError(f"{key} is required: pass {form}")
+            raise UserError(f"{key} is required: pass {form}")
     if cfg.negative_prompt:
-        raise ValueError(f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
+        raise UserError(f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
                          "comes from the inversion (inversion=negative_prompt uses the caption); leave it empty")
     prompts, spec, blend = edit_inputs(cfg)  # the rules of scripts/edit.py: a list of strings, targets for an edit
     if cfg.restore_unedited and blend is None:
-        raise ValueError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
+        raise UserError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
     check_tolerance_scale(tolerance_scale(cfg))
     return prompts, spec, blend
 
@@ -56,7 +58,7 @@ def tolerance_scale(cfg: DictConfig) -> float:
     return number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale")
 
 
-@hydra.main(config_path="../conf", config_name="edit_image", version_base="1.3")
+@entry_point("edit_image")
 def main(cfg: DictConfig) -> None:
     prompts, spec, blend = check_request(cfg)
     out = run_dir()
@@ -96,7 +98,7 @@ def main(cfg: DictConfig) -> None:
         edited = result.images
         if cfg.restore_unedited:
             if result.blend.last_mask is None:
-                raise ValueError(f"restore_unedited=true: the blend never ran (blend.start={blend.start} of "
+                raise UserError(f"restore_unedited=true: the blend never ran (blend.start={blend.start} of "
                                  f"{settings.steps} steps), so there is no mask; lower blend.start")
             edited = np.stack([edited[0]] + [restore_outside_mask(im, image, result.blend.last_mask[i])
                                              for i, im in enumerate(edited) if i > 0])
@@ -113,8 +115,7 @@ def main(cfg: DictConfig) -> None:
         "null_text_final_losses": inversion.losses, "null_text_adam_steps": inversion.inner_steps,
         "steps": settings.steps, "guidance": settings.guidance, "inversion_guidance": float(cfg.inversion.guidance),
     }
-    with open(out / "metrics.json", "x") as file:  # "x": never overwrite
-        json.dump(metrics, file, indent=2)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     tiles = [views.captioned(image, "original"), views.captioned(vae_only, "VAE reconstruction"),
              views.captioned(reconstruction, f"{inversion.method} reconstruction")]
     rows = [tiles]

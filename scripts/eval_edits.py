@@ -27,7 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts._cli import entry_point  # noqa: E402
+from models.files import write_text  # noqa: E402
 from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
 from p2p.inversion import image_to_tensor, mask_at, vae_reconstruction  # noqa: E402
@@ -154,7 +155,7 @@ def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -
     return rows
 
 
-@hydra.main(config_path="../conf", config_name="eval_edits", version_base="1.3")
+@entry_point("eval_edits")
 def main(cfg: DictConfig) -> None:
     check_counts(cfg, n=1)
     out = run_dir()
@@ -205,7 +206,7 @@ def main(cfg: DictConfig) -> None:
         "latent_outside_mask_equal": float(np.mean([r["latent_outside_mask_equal"] for r in judged])) if judged else None,
         "kept_object_in_mask": float(np.mean([r["kept_object_in_mask"] for r in judged])) if judged else None,
         "rows": rows}
-    (out / "edits.json").write_text(json.dumps(report, indent=1, default=float))
+    write_text(out / "edits.json", json.dumps(report, indent=1, default=float))
     for swap in ("color", "shape"):
         for kind in ("edit", "baseline"):
             s = report[f"{swap}_swap"][kind]

@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts._cli import entry_point  # noqa: E402
+from models.files import write_text  # noqa: E402
 from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from scripts.eval_edits import swap_pair  # noqa: E402
 from scripts.eval_tiny import one_object_scores  # noqa: E402
@@ -78,7 +79,7 @@ def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
 
 
-@hydra.main(config_path="../conf", config_name="eval_inversion", version_base="1.3")
+@entry_point("eval_inversion")
 def main(cfg: DictConfig) -> None:
     check_counts(cfg, n=1, reference_n=0, far_margin=0)
     out = run_dir()
@@ -134,7 +135,7 @@ def main(cfg: DictConfig) -> None:
                                                                        for r in rows[:cfg.reference_n]]))
     report = {"settings": {"n": cfg.n, "steps": settings.steps, "guidance": settings.guidance}, "summary": summary,
               "rows": rows}
-    (out / "inversion.json").write_text(json.dumps(report, indent=1, default=float))
+    write_text(out / "inversion.json", json.dumps(report, indent=1, default=float))
     for key, value in summary.items():
         print(f"{key:<36} {value:8.3f}")
     print(f"wrote {out / 'inversion.json'}")

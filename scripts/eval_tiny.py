@@ -28,7 +28,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
-import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -36,6 +35,8 @@ from omegaconf import DictConfig  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
 from models.stable_diffusion import StableDiffusion  # noqa: E402
+from scripts._cli import entry_point  # noqa: E402
+from models.files import write_text  # noqa: E402
 from scripts._common import TINY_WEIGHTS, check_counts, load_model, run_dir, sampler_settings, save_config  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.metrics import score_edit  # noqa: E402
@@ -94,7 +95,7 @@ def rate(rows: list[dict], key: str) -> tuple[float, int]:
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
-@hydra.main(config_path="../conf", config_name="eval_tiny", version_base="1.3")
+@entry_point("eval_tiny")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(cfg.threads)
@@ -136,11 +137,11 @@ def main(cfg: DictConfig) -> None:
     results["metrics"]["layout.mean_iou"] = rate(layout_rows, "iou")
 
     as_json = {**results, "metrics": {k: (None if np.isnan(v) else v, n) for k, (v, n) in results["metrics"].items()}}
-    (out_dir / "results.json").write_text(json.dumps(as_json, indent=2))  # a rate over no rows is null, not NaN
+    write_text(out_dir / "results.json", json.dumps(as_json, indent=2))  # a rate over no rows is null, not NaN
     save_config(cfg, out_dir)
     tiles = min(cfg.sample_tiles, cfg.n)
-    views.image_grid(np.concatenate([one_images[:tiles], two_images[:tiles], swapped_images[:tiles]]),
-                     one[:tiles] + two[:tiles] + swapped[:tiles], columns=tiles).save(out_dir / "samples.png")
+    views.save_png(views.image_grid(np.concatenate([one_images[:tiles], two_images[:tiles], swapped_images[:tiles]]),
+                                    one[:tiles] + two[:tiles] + swapped[:tiles], columns=tiles), out_dir / "samples.png")
 
     print(f"{checkpoint}: {len(images)} images, {settings.steps} DDIM steps, guidance {settings.guidance}, "
           f"{seconds:.0f} s ({seconds / len(images):.2f} s/image, {torch.get_num_threads()} threads)")

@@ -18,13 +18,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import check_fresh, load_model, number, run_dir, sampler_settings, save_config, save_image  # noqa: E402
+from models.errors import UserError  # noqa: E402
 from p2p import figures  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
 from p2p.images import load_image  # noqa: E402
@@ -36,11 +37,11 @@ PROMPT_SETS = ("shapes", "paper")
 def prompt_set(cfg: DictConfig) -> dict:
     """The chosen prompt set's builder arguments, checked against the model and the experiment."""
     if cfg.figure is None:
-        raise ValueError("no figure chosen: pass experiment=NAME (one of conf/experiment/*.yaml)")
+        raise UserError("no figure chosen: pass experiment=NAME (one of conf/experiment/*.yaml)")
     if cfg.prompt_set not in PROMPT_SETS or cfg.prompt_set not in cfg.prompt_sets:
-        raise ValueError(f"prompt_set={cfg.prompt_set!r}; this experiment has {sorted(cfg.prompt_sets)}")
+        raise UserError(f"prompt_set={cfg.prompt_set!r}; this experiment has {sorted(cfg.prompt_sets)}")
     if cfg.prompt_set == "paper" and cfg.model.name == "tiny" and cfg.check_model:
-        raise ValueError("prompt_set=paper needs Stable Diffusion weights: model=sd15 model.checkpoint=PATH "
+        raise UserError("prompt_set=paper needs Stable Diffusion weights: model=sd15 model.checkpoint=PATH "
                          "(the built-in tiny model only knows the shapes world; use prompt_set=shapes)")
     return OmegaConf.to_container(cfg.prompt_sets[cfg.prompt_set], resolve=True)
 
@@ -53,7 +54,7 @@ def size_override(cfg: DictConfig, name: str) -> int | None:
         return None
     value = number(value, name=name, kind=int)
     if value < 1:
-        raise ValueError(f"{name}={value} is out of range; use a positive number of pixels (or null: the model's size)")
+        raise UserError(f"{name}={value} is out of range; use a positive number of pixels (or null: the model's size)")
     return value
 
 
@@ -62,23 +63,23 @@ def checked_overrides(cfg: DictConfig, params: dict) -> dict:
     and the real-image figure's photo and caption: all checked before the model is loaded (minutes for SD)."""
     tile_size = number(cfg.tile_size, name="tile_size", kind=int)
     if tile_size < 8:
-        raise ValueError(f"tile_size={tile_size} is too small to see; use at least 8 px (default 128)")
+        raise UserError(f"tile_size={tile_size} is too small to see; use at least 8 px (default 128)")
     set_seed = params.pop("seed", None)
     seed = set_seed if cfg.seed is None else cfg.seed
     if seed is not None:
         seed = number(seed, name="seed", kind=int)
     elif cfg.figure != "real":  # the real-image figure starts from its photo's inversion, not from a seed
-        raise ValueError(f"prompt set {cfg.prompt_set!r} of this experiment names no seed; pass seed=N")
+        raise UserError(f"prompt set {cfg.prompt_set!r} of this experiment names no seed; pass seed=N")
     if cfg.seed is not None and "rows" in params:  # seed= on the command line is every tile's, a row's own included
         params["rows"] = [{k: v for k, v in dict(row).items() if k != "seed"} for row in params["rows"]]
     height, width = size_override(cfg, "height"), size_override(cfg, "width")
     if cfg.figure == "real":
         if cfg.image is None and "scene" not in params:
-            raise ValueError("the real-image figure needs a photo: pass image=PATH")
+            raise UserError("the real-image figure needs a photo: pass image=PATH")
         if cfg.image is not None and params.get("source") is None:
-            raise ValueError("the real-image figure needs the photo's caption as `source` in the prompt set")
+            raise UserError("the real-image figure needs the photo's caption as `source` in the prompt set")
         if cfg.image is None and (height is not None or width is not None):
-            raise ValueError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
+            raise UserError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
                              "the world's 32 px (drop height/width, or pass image=PATH)")
         check_tolerance_scale(number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"))
     return dict(tile_size=tile_size, height=height, width=width, seed=seed)
@@ -123,7 +124,7 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
     return path
 
 
-@hydra.main(config_path="../conf", config_name="figure", version_base="1.3")
+@entry_point("figure")
 def main(cfg: DictConfig) -> None:
     path = make_figure(cfg, run_dir())
     print(f"wrote {path} with images/, figure.json and config.yaml")

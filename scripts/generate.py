@@ -13,12 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from scripts._cli import entry_point  # noqa: E402
 from scripts._common import load_model, number, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from models.errors import UserError  # noqa: E402
 from models.ddim import ddim_timesteps  # noqa: E402
 from models.stable_diffusion import ModelConfig, preset  # noqa: E402
 from models.text import tokenize  # noqa: E402
@@ -32,7 +33,7 @@ def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
     prompts = prompt_list(cfg.prompts)
     negative_prompt = "" if cfg.negative_prompt is None else cfg.negative_prompt
     if not isinstance(negative_prompt, str):
-        raise ValueError(f"negative_prompt must be one string (used with every prompt), got {negative_prompt!r}")
+        raise UserError(f"negative_prompt must be one string (used with every prompt), got {negative_prompt!r}")
     height = config.image_size if cfg.height is None else cfg.height
     width = config.image_size if cfg.width is None else cfg.width
     check_image_size(height, width, latent_factor=config.latent_factor)
@@ -41,7 +42,7 @@ def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
     return dict(prompts=prompts, negative_prompt=negative_prompt, height=height, width=width)
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@entry_point("generate")
 def main(cfg: DictConfig) -> list[Path]:
     if cfg.model.name != "tiny":  # the SD presets' configs are known without their files (tiny's is in its file)
         check_request(cfg, preset(cfg.model.name))

@@ -26,12 +26,15 @@ from pathlib import Path
 # before torch loads OpenMP. ACTIVE (threads spin between ops) is what makes 2 threads pay on this small model:
 # 0.55 s per UNet step vs 0.84 s PASSIVE and 0.77 s on 1 thread; on a busy CPU use threads=1 (or PASSIVE)
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
-import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
+from scripts._cli import entry_point  # noqa: E402
+
+from models.errors import UserError, OutputExistsError  # noqa: E402
+from models.files import write_text  # noqa: E402
 from models.loader import save_checkpoint  # noqa: E402
 from models.text import clip_tokenizer  # noqa: E402
 from models.stable_diffusion import ModelConfig, StableDiffusion, tiny_config  # noqa: E402
@@ -52,7 +55,7 @@ def train_config(cfg: DictConfig) -> TrainConfig:
         try:
             phases[phase] = PhaseConfig(**plain[phase])
         except ValueError as err:  # name the override the user typed: vae.steps=-1, not steps=-1
-            raise ValueError(f"{phase}.{err}") from None
+            raise UserError(f"{phase}.{err}") from None
     return TrainConfig(**{**plain, **phases, "world": plain.get("world") or {}})
 
 
@@ -66,36 +69,36 @@ def model_config(cfg: DictConfig, world: WorldConfig) -> ModelConfig:
     config = dataclasses.asdict(tiny_config())
     overrides = OmegaConf.to_container(cfg.architecture, resolve=True) if cfg.get("architecture") else {}
     if not isinstance(overrides, dict):
-        raise ValueError(f"architecture={overrides!r} must be a mapping like {{unet: {{model_channels: 64}}}}")
+        raise UserError(f"architecture={overrides!r} must be a mapping like {{unet: {{model_channels: 64}}}}")
     for part, values in overrides.items():
         if part not in ARCHITECTURE_PARTS or not isinstance(values, dict):
-            raise ValueError(f"architecture.{part}={values!r}: choose a mapping for one of {ARCHITECTURE_PARTS}")
+            raise UserError(f"architecture.{part}={values!r}: choose a mapping for one of {ARCHITECTURE_PARTS}")
         unknown = sorted(set(values) - set(config[part]))
         if unknown:
-            raise ValueError(f"architecture.{part} has no field(s) {unknown}; it has {sorted(config[part])}")
+            raise UserError(f"architecture.{part} has no field(s) {unknown}; it has {sorted(config[part])}")
         config[part].update(values)
     config.update(image_size=world.image_size, guidance=float(cfg.guidance))
     config["text"]["context_length"] = int(cfg.context_length)
     try:
         result = ModelConfig.from_dict(config)
         if result.image_size % result.latent_factor:
-            raise ValueError(f"the world's {result.image_size} px images do not divide by the VAE's factor "
+            raise UserError(f"the world's {result.image_size} px images do not divide by the VAE's factor "
                              f"{result.latent_factor}")
         with torch.no_grad():  # one forward through every part at the world's size
             model = StableDiffusion(result)
             latents = model.encode_images(torch.zeros(1, 3, world.image_size, world.image_size))
             model.unet(latents, torch.zeros(1, dtype=torch.long), model.encode_prompts([""]))
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"architecture={overrides}: {err}") from None
+        raise UserError(f"architecture={overrides}: {err}") from None
     return result
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:
     """Before any training: a finished model is never replaced unless the user says so."""
     if output.exists() and not overwrite:
-        raise FileExistsError(f"output={output} exists; pass overwrite=true to replace it, or choose another output=")
+        raise OutputExistsError(f"output={output} exists; pass overwrite=true to replace it, or choose another output=")
     if output.suffix != ".safetensors":
-        raise ValueError(f"output={output} must end in .safetensors (the only format the loader reads)")
+        raise UserError(f"output={output} must end in .safetensors (the only format the loader reads)")
 
 
 def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -103,8 +106,7 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
     path, k = run_dir / "config.yaml", 1
     while path.exists():
         path, k = run_dir / f"config-resume-{k}.yaml", k + 1
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    return write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def check_context_length(context_length: int, world: WorldConfig) -> None:
@@ -115,11 +117,11 @@ def check_context_length(context_length: int, world: WorldConfig) -> None:
                            background=longest(world.backgrounds))
     needed = len(clip_tokenizer().encode(caption)) + 2  # + start and end tokens
     if not needed <= context_length <= 77:
-        raise ValueError(f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
+        raise UserError(f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
                          f"positions with the start and end tokens; choose {needed}..77 (CLIP's maximum)")
 
 
-@hydra.main(config_path="../conf", config_name="train_tiny", version_base=None)
+@entry_point("train_tiny")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, output = train_config(cfg), Path(cfg.output)
@@ -152,7 +154,7 @@ def main(cfg: DictConfig) -> None:
     summary = {"output": str(output), "size_mb": round(size_mb, 2), "wall_s_this_run": round(wall_s),
                "scale_factor": model.config.scale_factor, "guidance": model.config.guidance,
                "device": config.device, "threads": torch.get_num_threads()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2), overwrite=True)  # a resume's replaces
     print(json.dumps(summary, indent=2))
 
 

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "eval_tiny.py"), *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1200)
 
 
 def test_eval_tiny_reports_every_metric_and_its_config(tmp_path):

@@ -32,7 +32,7 @@ def tiny_checkpoint(random_model, tmp_path_factory) -> Path:
 
 def run_script(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=1200,
                           # one thread, as the in-process comparison runs (conftest): on some CPUs (measured on an AMD
                           # EPYC) a second thread changes the last bit of a reduction and so one pixel by one level
                           env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})

@@ -21,7 +21,7 @@ from models import loader
 from models.loader import (CheckpointError, check_checkpoint, detect_config, load_checkpoint, original_state_dict,
                            save_checkpoint)
 from models.stable_diffusion import StableDiffusion, preset
-from models.text import END_TOKEN, HF_PREFIX, TextConfig
+from models.text import END_TOKEN, HF_PREFIX
 
 
 def tiny_sd1_config():

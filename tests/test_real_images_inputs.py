@@ -196,7 +196,7 @@ def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
                  f"cache_dir={tmp_path / 'cache'}", "blend=local", "blend.words=[circle]", "restore_unedited=true",
                  f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "run"
     for name in ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png",
@@ -210,7 +210,7 @@ def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
     assert "method: null_text" in config and str(photo) in config and "kind: replace" in config
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     again = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     assert "previous run's" in again.stderr and "metrics.json" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == \

@@ -373,12 +373,12 @@ def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
     common = [sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
               "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
               f"output={out}", "log_every=1"]
-    done = subprocess.run([*common, "context_length=16"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = subprocess.run([*common, "context_length=16"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     model = load_checkpoint(out)
     assert model.context_length == 16 and model.encode_prompts(["a red circle"]).shape[1] == 16
     refused = subprocess.run([*common, "context_length=12", f"run_dir={tmp_path}/refused"], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path)
+                             text=True, timeout=1200, cwd=tmp_path)
     assert refused.returncode != 0 and "context_length=12" in refused.stderr and "choose 13..77" in refused.stderr
     assert not list((tmp_path / "refused").glob("*.pt")) and not (tmp_path / "refused" / "config.yaml").exists()
 
@@ -386,12 +386,12 @@ def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
     # is refused before any training; resume + overwrite finishes and keeps the first run's config
     weights = out.read_bytes()
     again = subprocess.run([*common, f"output={tmp_path}/other.safetensors"], capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)
+                           timeout=1200, cwd=tmp_path)
     assert again.returncode != 0 and "already holds a training run" in again.stderr and "resume=true" in again.stderr
-    again = subprocess.run([*common, "resume=true"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    again = subprocess.run([*common, "resume=true"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert again.returncode != 0 and f"output={out} exists; pass overwrite=true" in again.stderr
     assert out.read_bytes() == weights
-    resumed = subprocess.run([*common, "resume=true", "overwrite=true"], capture_output=True, text=True, timeout=300,
+    resumed = subprocess.run([*common, "resume=true", "overwrite=true"], capture_output=True, text=True, timeout=1200,
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "config-resume-1.yaml").exists()
@@ -405,7 +405,7 @@ def test_train_script_trains_another_architecture_at_the_worlds_size(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
                            "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
                            f"output={out}", "architecture={vae: {ch_mult: [1,2]}, unet: {model_channels: 32}}"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     model = load_checkpoint(out)
     assert model.config.latent_factor == 2 and model.config.unet.model_channels == 32
