@@ -3,13 +3,13 @@
 `models/` is the network (UNet, VAE, text encoder, DDIM, checkpoint loading);
 `p2p/` is the method (editing loop, controllers, inversion, shapes world).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="p2p",
     version="0.1.0",
     description="Prompt-to-Prompt image editing with cross-attention control, from scratch",
-    packages=["models", "p2p"],
+    packages=find_packages(include=["models", "p2p", "p2p.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",

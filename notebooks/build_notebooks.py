@@ -76,7 +76,7 @@ from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import StoreSpec, edit
 from p2p.pipeline import SamplerSettings
-from p2p.reader import read_image
+from p2p.shapes.reader import read_image
 from p2p.tokens import decode_tokens, word_token_positions
 
 ''' + load_model()),
@@ -216,7 +216,7 @@ word changes what is drawn, not where.'''),
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import EditSpec, edit
-from p2p.metrics import score_edit
+from p2p.shapes.metrics import score_edit
 from p2p.pipeline import SamplerSettings
 
 ''' + load_model()),
@@ -224,7 +224,7 @@ from p2p.pipeline import SamplerSettings
 
 Source first, then the targets; all start from one shared initial latent `x_T` (`p2p.pipeline.initial_latent`).
 Without an edit spec nothing touches the attention. `score_edit` reads every image with the shapes world's
-reader (`p2p/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
+reader (`p2p/shapes/reader.py`): whether the target is drawn as its caption says, and the IoU of the object masks of
 source and target — 1 means the object covers exactly the same pixels. Watch the blue circle: with the same
 seed it lands in the opposite corner of the image, larger; the square and the yellow circle shift a little,
 the triangle shrinks.'''),
@@ -265,7 +265,7 @@ sampling. 20% is not enough for the blue circle (it comes most of the way back),
 place — the layout is decided in the first steps (notebook 1) — and more injection brings the outline closer
 still (the IoU under each tile); the triangle grows toward the circle's size with every step of injection. In the paper,
 injecting through the whole run can stop the target from following its prompt; on this model the swaps
-survive even 100%. "not read" means the reader (`p2p/reader.py`) did not read the tile as its caption; it is
+survive even 100%. "not read" means the reader (`p2p/shapes/reader.py`) did not read the tile as its caption; it is
 strict about colors and corners at 32 px, so look at the tile before trusting the label.'''),
     ("code", '''FRACTIONS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 sweep = {f: edit(model, PROMPTS, seed=SEED, settings=settings, progress=False,
@@ -283,14 +283,14 @@ for t, target in enumerate(TARGETS, start=1):
 Injection can only hold a layout that is still being decided while it runs. The sampler's `on_prediction` hook
 shows, at every step, where the image is heading: the clean image x̂0 predicted from the guided noise estimate.
 At first it is a blur (every layout is still possible), then the object appears and stops moving.
-`p2p.metrics.layout_commit_step` finds the step from which the reader's object mask stays within IoU 0.8 of the
+`p2p.shapes.metrics.layout_commit_step` finds the step from which the reader's object mask stays within IoU 0.8 of the
 final one. On this model that is step 15 of 50 in the median (quartiles 7–20, 90th percentile 23;
 `scripts/eval_edits.py` over 200 seeds, details in `models/weights/README.md`): about one layout in four is
 decided only after the paper's 40% self-attention window, but all but a few within the 80% cross-attention
 window. Watch the object's outline below change long after its place is set.'''),
     ("code", '''import torch
 
-from p2p.metrics import layout_commit_step
+from p2p.shapes.metrics import layout_commit_step
 from p2p.pipeline import decode, generate
 
 predicted = []
@@ -326,9 +326,9 @@ from IPython.display import display
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import BlendSpec, EditSpec, edit
-from p2p.metrics import score_edit
+from p2p.shapes.metrics import score_edit
 from p2p.pipeline import SamplerSettings
-from p2p.reader import read_image
+from p2p.shapes.reader import read_image
 from p2p.tokens import decode_tokens, refine_alignment
 
 ''' + load_model()),
@@ -450,7 +450,7 @@ optimising, step by step, the *unconditional* ("empty prompt") embedding so that
 the inversion trajectory; the model's weights are untouched. **Negative-prompt inversion** (Miyake et al.
 2023) is a cheap approximation: use the prompt's own embedding as the unconditional one.
 
-Our "photo" is a scene rendered by the shapes world (`p2p/world.py`), with exact ground truth.'''),
+Our "photo" is a scene rendered by the shapes world (`p2p/shapes/world.py`), with exact ground truth.'''),
     ("md", LOADING_MD + '''
 
 Inversion costs more than sampling (null-text runs up to `INNER_STEPS` optimiser steps per DDIM step), so this
@@ -469,10 +469,10 @@ from IPython.display import display
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import EditSpec, edit
-from p2p.inversion import image_to_tensor, invert, psnr
-from p2p.metrics import score_edit
+from p2p.real.inversion import image_to_tensor, invert, psnr
+from p2p.shapes.metrics import score_edit
 from p2p.pipeline import SamplerSettings, decode
-from p2p.world import sample_scene
+from p2p.shapes.world import sample_scene
 
 ''' + load_model("2.5", "half the model's default: see above")),
     ("md", '''## The photo

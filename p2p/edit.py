@@ -17,7 +17,7 @@ from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
 from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
-from p2p.inversion import restore_outside_mask
+from p2p.real.inversion import restore_outside_mask
 from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
 from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
 from models.text import clip_tokenizer

@@ -4,10 +4,10 @@
     python scripts/aggregate.py multirun/ablate/DATE/TIME       # one CSV and the trade-off plot
 
 Each job edits every (source, target) pair of conf/ablate.yaml from its seed's x_T with its `edit` settings,
-and scores source and target with the shapes-world reader (`p2p.metrics.score_edit`): edit success = the
+and scores source and target with the shapes-world reader (`p2p.shapes.metrics.score_edit`): edit success = the
 target reads as the target caption; preservation = IoU of the object masks and centroid shift; plus the same
 for same-seed sampling without injection (`baseline=true`). Its folder (named by its overrides) gets
-`config.yaml` (first), `result.json` (settings and `p2p.metrics.summarize` rates) and `rows.json` (one row per
+`config.yaml` (first), `result.json` (settings and `p2p.shapes.metrics.summarize` rates) and `rows.json` (one row per
 pair; written last, so its presence means the job finished — what scripts/aggregate.py reads).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from scripts._common import check_fresh, load_model, number, run_dir, sampler_se
 from models.errors import UserError  # noqa: E402
 from models.files import write_text  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
-from p2p.metrics import edit_study, score_edit, summarize  # noqa: E402
+from p2p.shapes.metrics import edit_study, score_edit, summarize  # noqa: E402
 from p2p.pipeline import decode, initial_latent, sample  # noqa: E402
-from p2p.world import parse_caption  # noqa: E402
+from p2p.shapes.world import parse_caption  # noqa: E402
 
 _MODELS: dict[str, object] = {}  # a multirun's jobs share one process: load each model once …
 _BASELINES: dict[tuple, dict] = {}  # … and sample each seed's no-injection baseline once (it has no fractions)

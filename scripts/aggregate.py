@@ -3,9 +3,9 @@
     python scripts/aggregate.py multirun/ablate/2026-11-24/15-00-00_000000 [--out DIR] [--markdown]
 
 Reads every job's rows.json under the folder and writes (into the folder, or --out; never overwriting):
-- ablation_rows.csv     one row per (setting, seed, pair): the job settings and `p2p.metrics.score_edit` fields;
+- ablation_rows.csv     one row per (setting, seed, pair): the job settings and `p2p.shapes.metrics.score_edit` fields;
 - ablation_summary.csv  per (cross fraction, self fraction, pair group), pooled over seeds and pairs with
-                        `p2p.metrics.summarize` (edits of sources the model drew correctly): success, mean IoU,
+                        `p2p.shapes.metrics.summarize` (edits of sources the model drew correctly): success, mean IoU,
                         kept layout (IoU ≥ 0.8), success and kept, median centroid shift; groups: all pairs,
                         color swaps, shape swaps; plus the same-seed, no-injection baseline (setting "none");
 - ablation.png          success vs. mean IoU and vs. centroid shift, one curve per self fraction, points
@@ -38,7 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from models.errors import UserError, MissingFileError, OutputExistsError  # noqa: E402
 from models.files import atomic_path  # noqa: E402
 from scripts._cli import fail  # noqa: E402
-from p2p.metrics import summarize  # noqa: E402
+from p2p.shapes.metrics import summarize  # noqa: E402
 
 # A job's setting = these fields of its config.yaml's `edit` (any of them may be swept); seeds are pooled.
 SETTINGS = ("cross_replace_steps", "self_replace_steps", "self_max_fraction", "self_max_side")

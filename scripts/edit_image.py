@@ -32,9 +32,9 @@ from models.files import write_text  # noqa: E402
 from p2p import views  # noqa: E402
 from scripts.edit import edit_inputs  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit  # noqa: E402
-from p2p.images import load_image  # noqa: E402
-from p2p.inversion import check_tolerance_scale, psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
-from p2p.inversion_cache import cached_invert  # noqa: E402
+from p2p.real.images import load_image  # noqa: E402
+from p2p.real.inversion import check_tolerance_scale, psnr, restore_outside_mask, vae_reconstruction  # noqa: E402
+from p2p.real.cache import cached_invert  # noqa: E402
 from p2p.pipeline import check_image_size, decode, image_size, sample  # noqa: E402
 
 

@@ -38,12 +38,12 @@ from scripts._cli import entry_point  # noqa: E402
 from models.files import write_text  # noqa: E402
 from scripts._common import check_counts, load_model, run_dir, sampler_settings  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
-from p2p.inversion import image_to_tensor, mask_at, vae_reconstruction  # noqa: E402
+from p2p.real.inversion import image_to_tensor, mask_at, vae_reconstruction  # noqa: E402
 from p2p.pipeline import decode, generate  # noqa: E402
 from p2p.schedules import named_step_range  # noqa: E402
-from p2p.metrics import edit_study, layout_commit_step, score_edit, summarize, unchanged_pixels  # noqa: E402
-from p2p.reader import matches_caption, read_image  # noqa: E402
-from p2p.world import WorldConfig, make_caption, parse_caption, render, sample_scene  # noqa: E402
+from p2p.shapes.metrics import edit_study, layout_commit_step, score_edit, summarize, unchanged_pixels  # noqa: E402
+from p2p.shapes.reader import matches_caption, read_image  # noqa: E402
+from p2p.shapes.world import WorldConfig, make_caption, parse_caption, render, sample_scene  # noqa: E402
 
 
 def swap_pair(rng: np.random.Generator, world: WorldConfig, *, swap: str) -> tuple[str, str]:

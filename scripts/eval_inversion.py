@@ -34,11 +34,11 @@ from scripts._common import check_counts, load_model, run_dir, sampler_settings 
 from scripts.eval_edits import swap_pair  # noqa: E402
 from scripts.eval_tiny import one_object_scores  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, edit  # noqa: E402
-from p2p.inversion import (FAST_NULL_TEXT, NULL_TEXT_INNER_STEPS, invert, psnr, restore_outside_mask,  # noqa: E402
+from p2p.real.inversion import (FAST_NULL_TEXT, NULL_TEXT_INNER_STEPS, invert, psnr, restore_outside_mask,  # noqa: E402
                            vae_reconstruction)
-from p2p.metrics import far_from  # noqa: E402
+from p2p.shapes.metrics import far_from  # noqa: E402
 from p2p.pipeline import decode, sample  # noqa: E402
-from p2p.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
+from p2p.shapes.world import WorldConfig, parse_caption, sample_scene  # noqa: E402
 
 # name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding,
 # null_text_fast = that with a tenth of the reference's tolerance (`inversion=null_text_fast`)

@@ -11,7 +11,7 @@ figure.json (the seed, steps, guidance and size used; captions, files, numbers) 
 real-image figure also writes photo.png. seed=, steps=, guidance=, height=/width= and edit.* override the
 experiment's (except what a figure sweeps: Fig. 6's cross fraction, Fig. 9's reweight); a run folder that
 already holds a figure is refused before the model is loaded.
-The layouts and the edits behind them live in p2p/figures.py.
+The layouts and the edits behind them live in p2p/experiments/figures.py.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from scripts._cli import entry_point  # noqa: E402
 from scripts._common import check_fresh, load_model, number, run_dir, sampler_settings, save_config, save_image  # noqa: E402
 from models.errors import UserError  # noqa: E402
-from p2p import figures  # noqa: E402
+from p2p.experiments import figures  # noqa: E402
 from p2p.edit import EditSpec  # noqa: E402
-from p2p.images import load_image  # noqa: E402
-from p2p.inversion import check_tolerance_scale  # noqa: E402
+from p2p.real.images import load_image  # noqa: E402
+from p2p.real.inversion import check_tolerance_scale  # noqa: E402
 
 PROMPT_SETS = ("shapes", "paper")
 

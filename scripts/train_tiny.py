@@ -11,7 +11,7 @@
 Nothing is overwritten unless asked: a run folder that holds a run must be resumed (resume=true) or left for
 another name=, and an existing output file needs overwrite=true. Both are checked before any training.
 
-The library part is p2p/training.py (loop, EMA, checkpoints) and p2p/losses.py; this file only wires the config.
+The library part is p2p/shapes/training.py (loop, EMA, checkpoints) and p2p/shapes/losses.py; this file only wires the config.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ from models.files import write_text  # noqa: E402
 from models.loader import save_checkpoint  # noqa: E402
 from models.text import clip_tokenizer  # noqa: E402
 from models.stable_diffusion import ModelConfig, StableDiffusion, tiny_config  # noqa: E402
-from p2p.training import PhaseConfig, StopRequested, TrainConfig, check_run_dir, train  # noqa: E402
-from p2p.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
+from p2p.shapes.training import PhaseConfig, StopRequested, TrainConfig, check_run_dir, train  # noqa: E402
+from p2p.shapes.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
 
 MAX_FILE_MB = 30  # issue 7: the committed weights stay small
 SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length", "architecture")

@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from models.loader import save_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
-from p2p.figures import Figure, Tile  # noqa: E402
+from p2p.experiments.figures import Figure, Tile  # noqa: E402
 from p2p.tokens import words  # noqa: E402
-from p2p.world import render  # noqa: E402
+from p2p.shapes.world import render  # noqa: E402
 from scripts import aggregate  # noqa: E402
 from scripts.figure import make_figure  # noqa: E402
 
@@ -54,7 +54,7 @@ def compose_figure(overrides: list[str]):
 
 
 def expected_layout(kind: str, params: dict) -> list[int]:
-    """Tiles per row that each layout of p2p/figures.py promises for a prompt set."""
+    """Tiles per row that each layout of p2p/experiments/figures.py promises for a prompt set."""
     if kind == "rows":
         return [1 + len(row.get("targets", params.get("targets", []))) for row in params["rows"]]
     if kind == "attention":

@@ -16,8 +16,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from p2p import figures, views  # noqa: E402
-from p2p.figures import Figure, Tile  # noqa: E402
+from p2p import views
+from p2p.experiments import figures  # noqa: E402
+from p2p.experiments.figures import Figure, Tile  # noqa: E402
 from scripts import figure as figure_script  # noqa: E402
 
 GRAY = np.full((32, 32, 3), 128, np.uint8)

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from models.stable_diffusion import StableDiffusion, preset
-from p2p.images import load_image
-from p2p.inversion import (FAST_NULL_TEXT, ddim_invert, image_to_tensor, invert, null_text_optimization, psnr,
+from p2p.real.images import load_image
+from p2p.real.inversion import (FAST_NULL_TEXT, ddim_invert, image_to_tensor, invert, null_text_optimization, psnr,
                            restore_outside_mask, vae_reconstruction)
-from p2p.inversion_cache import cached_invert
+from p2p.real.cache import cached_invert
 from p2p.pipeline import SamplerSettings, decode, sample
-from p2p.world import sample_scene
+from p2p.shapes.world import sample_scene
 
 STEPS = 4
 PROMPT = "a red circle on a black background"
@@ -379,7 +379,7 @@ def test_cache_key_covers_every_setting_and_the_weights(model, photo, tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "incomplete"])
 def test_a_damaged_cache_entry_is_recomputed(model, photo, tmp_path, damage, caplog):
-    from p2p.inversion_cache import save_inversion
+    from p2p.real.cache import save_inversion
 
     first, _ = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
     (entry,) = tmp_path.glob("*.safetensors")
@@ -398,7 +398,7 @@ def test_a_damaged_cache_entry_is_recomputed(model, photo, tmp_path, damage, cap
 
 
 def test_cache_writes_are_atomic(model, photo, tmp_path, monkeypatch):
-    import p2p.inversion_cache as cache
+    import p2p.real.cache as cache
 
     first, _ = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
     (entry,) = tmp_path.glob("*.safetensors")

@@ -1,11 +1,11 @@
-"""p2p.metrics on rendered scenes, where the right answer is known exactly (issues 5 and 7)."""
+"""p2p.shapes.metrics on rendered scenes, where the right answer is known exactly (issues 5 and 7)."""
 import dataclasses
 
 import numpy as np
 import pytest
 
-from p2p.metrics import far_from, layout_commit_step, score_edit, summarize, unchanged_pixels
-from p2p.world import make_caption, rasterize, render, sample_scene
+from p2p.shapes.metrics import far_from, layout_commit_step, score_edit, summarize, unchanged_pixels
+from p2p.shapes.world import make_caption, rasterize, render, sample_scene
 
 BACKGROUND = "black"
 

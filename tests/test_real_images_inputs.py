@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2p.images import load_image
+from p2p.real.images import load_image
 
 
 def halves(height=40, width=60) -> np.ndarray:

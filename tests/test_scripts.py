@@ -11,8 +11,8 @@ from PIL import Image
 
 from models.loader import save_checkpoint
 from models.stable_diffusion import StableDiffusion, preset
-from p2p.reader import matches_caption, read_image
-from p2p.world import sample_scene
+from p2p.shapes.reader import matches_caption, read_image
+from p2p.shapes.world import sample_scene
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = '["a red circle on a black background","a blue circle on a black background"]'

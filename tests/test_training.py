@@ -1,4 +1,4 @@
-"""Training the built-in model (p2p/training.py, p2p/losses.py, scripts/train_tiny.py): it learns, it is reproducible by
+"""Training the built-in model (p2p/shapes/training.py, p2p/shapes/losses.py, scripts/train_tiny.py): it learns, it is reproducible by
 seed, a resumed run equals an uninterrupted one, and the shipped file loads within its size budget.
 
 Runs on a reduced model (16 px world, 2-level VAE and UNet, 1-layer text encoder): every test is CPU-fast.
@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-import p2p.training as training
+import p2p.shapes.training as training
 from models.loader import load_checkpoint
 from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import TextConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
-from p2p.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
-from p2p.losses import cell_coverage, coverage_loss, diffusion_loss, min_snr_weights, vae_loss
-from p2p.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, drop_captions, learning_rate, train,
+from p2p.shapes.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
+from p2p.shapes.losses import cell_coverage, coverage_loss, diffusion_loss, min_snr_weights, vae_loss
+from p2p.shapes.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, drop_captions, learning_rate, train,
                           train_phase)
 from p2p.tokens import word_token_positions
-from p2p.world import WorldConfig, parse_caption, sample_batch, sample_scene
+from p2p.shapes.world import WorldConfig, parse_caption, sample_batch, sample_scene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "models" / "weights" / "tiny.safetensors"
@@ -418,7 +418,7 @@ def test_train_script_trains_another_architecture_at_the_worlds_size(tmp_path):
 def test_architecture_overrides_are_checked_before_training():
     from omegaconf import OmegaConf
     from scripts.train_tiny import model_config
-    from p2p.world import WorldConfig
+    from p2p.shapes.world import WorldConfig
 
     def config(architecture, size=32):
         return model_config(OmegaConf.create({"architecture": architecture, "guidance": 4.0, "context_length": 16}),

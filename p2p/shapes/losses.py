@@ -1,9 +1,9 @@
-"""The built-in tiny model's training losses (issue 7), one function per term; p2p/training.py runs them.
+"""The built-in tiny model's training losses (issue 7), one function per term; p2p/shapes/training.py runs them.
 
 - `vae_loss`: the KL autoencoder's reconstruction + KL to N(0, I) (LDM §3.1), plus an optional coverage term
   (`coverage_loss` on `cell_coverage`) that writes each latent cell's object coverage into channel 0;
 - `diffusion_loss`: ε-prediction MSE at a uniform t (DDPM Eq. 14), optionally min-SNR-γ weighted
-  (`min_snr_weights`) and plus the token-grounding term of p2p/grounding.py.
+  (`min_snr_weights`) and plus the token-grounding term of p2p/shapes/grounding.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from models.errors import UserError
 from models.attention import attach_controller
 from models.ddim import add_noise
 from models.stable_diffusion import StableDiffusion
-from p2p.grounding import ColorMix, CrossMaps, Grounding, grounding_loss
+from p2p.shapes.grounding import ColorMix, CrossMaps, Grounding, grounding_loss
 
 
 RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")

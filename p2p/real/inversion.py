@@ -261,7 +261,7 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (1, 3, H, W) in [-1, 1]."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise UserError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
-                         f"{getattr(image, 'shape', '')}; p2p.images.load_image makes one from a file")
+                         f"{getattr(image, 'shape', '')}; p2p.real.images.load_image makes one from a file")
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 

@@ -1,7 +1,7 @@
 """Ground-truth reader for the shapes world: which objects, colors, shapes and background
 does an image show, and where are the objects?
 
-It works on any RGB image -- a render from `p2p/world.py` or a sample from the diffusion
+It works on any RGB image -- a render from `p2p/shapes/world.py` or a sample from the diffusion
 model -- so it must survive blurry edges, noise and slightly-off colors:
 
 1. background = the palette background nearest the median border color (renders keep a
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2p.world import CaptionSpec, Scene, WorldConfig, parse_caption
+from p2p.shapes.world import CaptionSpec, Scene, WorldConfig, parse_caption
 from models.errors import UserError
 
 # Step 2: foreground is at least half-way from the background to the object color.

@@ -15,7 +15,7 @@ from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.edit import BlendSpec, EditSpec, edit
 from p2p.pipeline import SamplerSettings
-from p2p.reader import mask_iou, matches_caption, read_image
+from p2p.shapes.reader import mask_iou, matches_caption, read_image
 
 
 @dataclass

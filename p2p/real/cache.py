@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
-from p2p.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
+from p2p.real.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
 from p2p.pipeline import SamplerSettings
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cac
                   tolerance_scale: float = 1.0, inversion_guidance: float = DDIM_INVERSION_GUIDANCE,
                   progress: bool = True
                   ) -> tuple[Inversion, bool]:
-    """`p2p.inversion.invert` through the cache; returns (inversion, whether it came from the cache).
+    """`p2p.real.inversion.invert` through the cache; returns (inversion, whether it came from the cache).
 
     An entry that cannot be read (truncated, overwritten, from another version) is logged and recomputed.
     """

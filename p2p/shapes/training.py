@@ -1,4 +1,4 @@
-"""Training the built-in tiny model on the shapes world (issue 7): the loop, EMA, checkpoints (losses: p2p/losses.py).
+"""Training the built-in tiny model on the shapes world (issue 7): the loop, EMA, checkpoints (losses: p2p/shapes/losses.py).
 
 Two phases, as latent diffusion is trained (Rombach et al. 2022, §3-4):
 1. the KL autoencoder: L1 reconstruction + a small KL to N(0, I) (§3.1, "KL-reg");
@@ -34,9 +34,9 @@ from models.errors import UserError, OutputExistsError
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder
-from p2p.grounding import ColorMixer, GroundingCache
-from p2p.losses import RECONSTRUCTION_LOSSES, cell_coverage, diffusion_loss, vae_loss
-from p2p.world import WorldConfig, sample_batch
+from p2p.shapes.grounding import ColorMixer, GroundingCache
+from p2p.shapes.losses import RECONSTRUCTION_LOSSES, cell_coverage, diffusion_loss, vae_loss
+from p2p.shapes.world import WorldConfig, sample_batch
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The shapes world knows every object's pixels, so each object's color and shape tokens can be asked to draw
 their cross-attention from that object: `GroundingCache` turns a batch's scenes and (possibly dropped)
 captions into rows (sample, token position, mask), `CrossMaps` records one forward pass's cross-attention
-maps with their graph, `grounding_loss` scores them. `p2p.losses.diffusion_loss` adds it with the weight
+maps with their graph, `grounding_loss` scores them. `p2p.shapes.losses.diffusion_loss` adds it with the weight
 `unet.grounding` of conf/train_tiny.yaml.
 
 `ColorMixer` is a second, optional handle on the same question — which token carries what (`unet.color_mix`):
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from models.errors import UserError
 from models.attention import AttentionSite
 from p2p.tokens import word_token_positions, words
-from p2p.world import Scene, WorldConfig, make_caption, parse_caption
+from p2p.shapes.world import Scene, WorldConfig, make_caption, parse_caption
 
 
 @dataclass
@@ -61,7 +61,7 @@ class GroundingCache:
     def _object_positions(self, caption: str, num_objects: int) -> list[list[int]]:
         caption_words = words(caption)
         positions = []
-        for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.world.make_caption)
+        for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.shapes.world.make_caption)
             color, shape = 4 * j + 1, 4 * j + 2
             if shape >= len(caption_words):
                 raise UserError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
@@ -112,14 +112,14 @@ class ColorMix:
 class ColorMixer:
     """Builds `ColorMix` for a batch: each kept caption is mixed with probability p (decoy colors drawn per object,
     always another color than the object's); dropped captions ("") and captions whose decoy tokenizes to other
-    color-word positions are never mixed. `tokenize`: captions → (b, context_length) ids (p2p.training.TokenCache)."""
+    color-word positions are never mixed. `tokenize`: captions → (b, context_length) ids (p2p.shapes.training.TokenCache)."""
 
     def __init__(self, world: WorldConfig, tokenize, context_length: int):
         self.colors, self.world = list(world.colors), world
         self.tokenize, self.context_length, self.positions = tokenize, context_length, {}
 
     def color_positions(self, caption: str, num_objects: int) -> list[int]:
-        if caption not in self.positions:  # object j's color is word 4j+1 (p2p.world.make_caption)
+        if caption not in self.positions:  # object j's color is word 4j+1 (p2p.shapes.world.make_caption)
             self.positions[caption] = [
                 k for j in range(num_objects)
                 for k in word_token_positions(caption, 4 * j + 1, context_length=self.context_length)]

@@ -9,7 +9,7 @@ of the caption should change the named attribute while keeping the random layout
 
 Coordinates are (y, x) = (row, column) pixel indices: centroids and bboxes count in
 whole pixels, and a shape covers the pixels whose centers fall inside it.
-`p2p/reader.py` recovers the same attributes from any image.
+`p2p/shapes/reader.py` recovers the same attributes from any image.
 """
 from __future__ import annotations
 
