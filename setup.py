@@ -25,8 +25,8 @@ setup(
     ],
     extras_require={
         # diffusers/transformers are the reference implementations we prove parity against;
-        # nbclient runs the notebooks in CI.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel"],
+        # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources.
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

@@ -1,5 +1,8 @@
 """Issue 6: the teaching notebooks run top to bottom on the built-in model, and stay notebooks a reader can follow.
 
+Issue 29: each notebook's source is a jupytext percent-format .py beside it (`# %%` opens a code cell,
+`# %% [markdown]` a prose cell), paired with the .ipynb; a test checks that both hold the same cells.
+
 Each notebook is executed with nbclient in a fresh python3 kernel whose working directory is notebooks/ (where
 Jupyter starts a notebook's kernel), the first one also from the repository root, with `P2P_NOTEBOOK_STEPS`
 lowered so that all four finish in well under the CI budget (about 10 s each on one core). The kernel loads
@@ -9,13 +12,12 @@ random-weight stand-in of the same architecture (the pictures are noise then, bu
 from __future__ import annotations
 
 import ast
-import importlib.util
-import json
 import os
 import re
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 import torch
@@ -75,23 +77,35 @@ def test_notebook_explains_and_defines_nothing(path):
                 assert module.split(".")[0] not in OTHER_REPO_FOLDERS, \
                     f"{path.name} imports {module}; notebooks import project code only from {sorted(PROJECT_PACKAGES)}"
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
-        f"{path.name} is committed with outputs; regenerate it with notebooks/build_notebooks.py"
+        f"{path.name} is committed with outputs; clear them (Jupyter: Edit → Clear Outputs of All Cells) and commit"
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOK_DIR / "build_notebooks.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
-    return builder
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_in_sync_with_its_percent_script(path):
+    """The percent-format .py beside each .ipynb is the source a reader edits and diffs; `jupytext --sync` writes
+    the .ipynb from it. Both must hold the same cells, so that neither drifts from the other unseen."""
+    script_path = path.with_suffix(".py")
+    pair = f"`jupytext --set-formats ipynb,py:percent notebooks/{path.name}`"
+    assert script_path.is_file(), f"{path.name} has no paired {script_path.name}; run {pair}"
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", \
+        f"{path.name} is not paired with {script_path.name}; run {pair}"
+    script = jupytext.read(script_path)
+    assert script.metadata["jupytext"]["text_representation"]["format_name"] == "percent", \
+        f"{script_path.name} is not in jupytext's percent format (cells opened by `# %%`)"
+    cells = [(cell.cell_type, cell.source) for cell in notebook.cells]
+    script_cells = [(cell.cell_type, cell.source) for cell in script.cells]
+    first_difference = next((i for i, pair in enumerate(zip(cells, script_cells)) if pair[0] != pair[1]),
+                            min(len(cells), len(script_cells)))
+    assert cells == script_cells, (
+        f"{path.name} ({len(cells)} cells) and {script_path.name} ({len(script_cells)} cells) differ from cell "
+        f"{first_difference} on; edit the .py, run `jupytext --sync notebooks/{script_path.name}` and commit both")
 
 
-def test_committed_notebooks_are_what_build_notebooks_writes():
-    built = load_builder().notebooks()
-    assert sorted(built) == [p.name for p in NOTEBOOKS]
-    for name, notebook in built.items():
-        committed = json.loads((NOTEBOOK_DIR / name).read_text())
-        assert committed == json.loads(nbformat.writes(notebook)), \
-            f"{name} differs from build_notebooks.py's cells; run `python notebooks/build_notebooks.py` and commit both"
+def test_every_percent_script_has_its_notebook():
+    scripts = sorted(p for p in NOTEBOOK_DIR.glob("*.py"))
+    assert [p.stem for p in scripts] == [p.stem for p in NOTEBOOKS], \
+        "every .py in notebooks/ is one notebook's source, paired with its .ipynb"
 
 
 ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
@@ -104,7 +118,7 @@ def test_notebook_has_no_absolute_paths(path):
         strings = [node.value for node in ast.walk(ast.parse(source))
                    if isinstance(node, ast.Constant) and isinstance(node.value, str)]
         assert not [s for s in strings if ABSOLUTE_PATH.match(s)], f"{path.name} hard-codes a path:\n{source}"
-        for local in (str(REPO), str(Path.home())):  # e.g. a builder's f-string that filled in its own cwd
+        for local in (str(REPO), str(Path.home())):  # e.g. an output path pasted in from this machine
             assert local not in source, f"{path.name} holds this machine's path {local}:\n{source}"
 
 
