@@ -22,3 +22,16 @@ class OutputExistsError(UserError, FileExistsError):
 
 class WrongTypeError(UserError, TypeError):
     """A value of the wrong kind (a string where a list of prompts belongs, a list where one number does)."""
+
+
+def number(value, *, name: str, kind: type = float):
+    """A command-line value as an int or a float, or an error naming it (steps=abc, steps=2.5, guidance=true)."""
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        converted = kind(value)
+        if kind is int and converted != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    return converted

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from p2p.controllers import AttentionStore
-from p2p.tokens import decode_tokens, word_token_positions
+from p2p.tokens import decode_tokens, word_token_positions, words
 from models.errors import UserError
 from models.files import atomic_path
 
@@ -215,3 +215,21 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     with atomic_path(path) as partial:
         image.save(partial)
     return Path(path)
+
+
+def changed_words(prompts: list[str]) -> list[list[str]]:
+    """Per prompt, the words that are not shared with the source (for the source: those missing in a target)."""
+    source = set(w.lower() for w in words(prompts[0]))
+    per_target = [[w for w in words(p) if w.lower() not in source] for p in prompts[1:]]
+    in_targets = set(w.lower() for p in prompts[1:] for w in words(p))
+    return [[w for w in words(prompts[0]) if w.lower() not in in_targets]] + per_target
+
+
+def attention_row(store: AttentionStore, prompts: list[str], focus: list[list[str]]) -> list[Image.Image]:
+    """One tile per prompt: the summed maps of its changed words (or of the whole prompt's last word)."""
+    tiles = []
+    for i, (prompt, chosen) in enumerate(zip(prompts, focus)):
+        chosen = chosen or words(prompt)[-1:]
+        maps = token_maps(store, i)
+        tiles.append(captioned(heat(sum(word_map(maps, prompt, w) for w in chosen)), "attention: " + " ".join(chosen)))
+    return tiles

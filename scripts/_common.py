@@ -12,10 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
-from models.errors import UserError, MissingFileError, OutputExistsError
+from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
 from models.loader import load_checkpoint
 from models.stable_diffusion import StableDiffusion, preset
+from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
 from p2p.pipeline import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,17 +67,6 @@ def check_counts(cfg: DictConfig, **minimums: int) -> None:
             raise UserError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
 
 
-def number(value, *, name: str, kind: type = float):
-    """A command-line value as an int or a float, or an error naming it (steps=abc, steps=2.5, guidance=true)."""
-    try:
-        if isinstance(value, bool) or value is None:
-            raise TypeError
-        converted = kind(value)
-        if kind is int and converted != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
-    return converted
 
 
 def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:
@@ -119,3 +109,23 @@ def save_image(image: np.ndarray, path: Path) -> Path:
 def save_config(cfg: DictConfig, out: Path) -> Path:
     """The resolved config beside the images, so every output says how it was made."""
     return write_text(Path(out) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]:
+    """The run's prompts, edit and blend, checked before the model is loaded: a string given as `prompts`
+    would otherwise be split into characters, and `blend=local` without words would silently not blend."""
+    example = """prompts='["a red circle","a blue circle"]'"""
+    prompts = prompt_list(cfg.prompts)
+    spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
+    if spec.kind not in EDIT_KINDS:
+        raise UserError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
+                         "(config groups: edit=replace|refine|reweight|store)")
+    if spec.kind != "none" and len(prompts) < 2:
+        raise UserError(f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
+                         f"{prompts} — to sample one prompt and record its attention use edit=store attention=true")
+    blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
+    if not blend_dict.get("words") and set(blend_dict) != {"words"}:  # a blend group other than blend=none
+        raise UserError("LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
+                         "blend.words=[[red],[blue]]; or blend=none for no blend")
+    blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
+    return prompts, spec, blend

@@ -11,11 +11,11 @@
 Nothing is overwritten unless asked: a run folder that holds a run must be resumed (resume=true) or left for
 another name=, and an existing output file needs overwrite=true. Both are checked before any training.
 
-The library part is p2p/shapes/training.py (loop, EMA, checkpoints) and p2p/shapes/losses.py; this file only wires the config.
+The library part is p2p/shapes/recipe.py (settings → configs), p2p/shapes/training.py (loop, EMA, checkpoints)
+and p2p/shapes/losses.py; this file only wires the config.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,74 +31,15 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from scripts._cli import entry_point  # noqa: E402
-
-from models.errors import UserError, OutputExistsError  # noqa: E402
 from models.files import write_text  # noqa: E402
 from models.loader import save_checkpoint  # noqa: E402
-from models.text import clip_tokenizer  # noqa: E402
-from models.stable_diffusion import ModelConfig, StableDiffusion, tiny_config  # noqa: E402
-from p2p.shapes.training import PhaseConfig, StopRequested, TrainConfig, check_run_dir, train  # noqa: E402
-from p2p.shapes.world import MAX_OBJECTS, WorldConfig, make_caption  # noqa: E402
+from models.stable_diffusion import StableDiffusion  # noqa: E402
+from p2p.shapes.recipe import check_context_length, check_output, model_config, train_config  # noqa: E402
+from p2p.shapes.training import StopRequested, check_run_dir, train  # noqa: E402
+from p2p.shapes.world import WorldConfig  # noqa: E402
+from scripts._cli import entry_point  # noqa: E402
 
 MAX_FILE_MB = 30  # issue 7: the committed weights stay small
-SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length", "architecture")
-ARCHITECTURE_PARTS = ("unet", "vae", "text")  # the sub-configs `architecture` may change (models/*.py)
-
-
-def train_config(cfg: DictConfig) -> TrainConfig:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    for key in (*SCRIPT_ONLY_KEYS, "hydra"):
-        plain.pop(key, None)
-    phases = {}
-    for phase in ("vae", "unet"):
-        try:
-            phases[phase] = PhaseConfig(**plain[phase])
-        except ValueError as err:  # name the override the user typed: vae.steps=-1, not steps=-1
-            raise UserError(f"{phase}.{err}") from None
-    return TrainConfig(**{**plain, **phases, "world": plain.get("world") or {}})
-
-
-def model_config(cfg: DictConfig, world: WorldConfig) -> ModelConfig:
-    """`tiny_config()` with the run's `architecture` overrides, guidance and context length, at the world's size.
-
-    `architecture` = {unet: {...}, vae: {...}, text: {...}} with the fields of UNetConfig, VAEConfig and
-    TextConfig, e.g. `'architecture={vae: {ch_mult: [1,2]}}'` for an f = 2 VAE (16×16 latents at 32 px).
-    Unknown parts or fields are named before any training; the model is built once here, so a shape that does
-    not fit fails now too (one forward pass at the world's size)."""
-    config = dataclasses.asdict(tiny_config())
-    overrides = OmegaConf.to_container(cfg.architecture, resolve=True) if cfg.get("architecture") else {}
-    if not isinstance(overrides, dict):
-        raise UserError(f"architecture={overrides!r} must be a mapping like {{unet: {{model_channels: 64}}}}")
-    for part, values in overrides.items():
-        if part not in ARCHITECTURE_PARTS or not isinstance(values, dict):
-            raise UserError(f"architecture.{part}={values!r}: choose a mapping for one of {ARCHITECTURE_PARTS}")
-        unknown = sorted(set(values) - set(config[part]))
-        if unknown:
-            raise UserError(f"architecture.{part} has no field(s) {unknown}; it has {sorted(config[part])}")
-        config[part].update(values)
-    config.update(image_size=world.image_size, guidance=float(cfg.guidance))
-    config["text"]["context_length"] = int(cfg.context_length)
-    try:
-        result = ModelConfig.from_dict(config)
-        if result.image_size % result.latent_factor:
-            raise UserError(f"the world's {result.image_size} px images do not divide by the VAE's factor "
-                             f"{result.latent_factor}")
-        with torch.no_grad():  # one forward through every part at the world's size
-            model = StableDiffusion(result)
-            latents = model.encode_images(torch.zeros(1, 3, world.image_size, world.image_size))
-            model.unet(latents, torch.zeros(1, dtype=torch.long), model.encode_prompts([""]))
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"architecture={overrides}: {err}") from None
-    return result
-
-
-def check_output(output: Path, *, overwrite: bool) -> None:
-    """Before any training: a finished model is never replaced unless the user says so."""
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output={output} exists; pass overwrite=true to replace it, or choose another output=")
-    if output.suffix != ".safetensors":
-        raise UserError(f"output={output} must end in .safetensors (the only format the loader reads)")
 
 
 def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -109,25 +50,15 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
     return write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def check_context_length(context_length: int, world: WorldConfig) -> None:
-    """Refuse, before any training, a text context too short for the world's longest caption."""
-    def longest(words):
-        return max(words, key=lambda w: len(clip_tokenizer().encode(w)))
-    caption = make_caption([(longest(world.colors), longest(world.shapes))] * MAX_OBJECTS,
-                           background=longest(world.backgrounds))
-    needed = len(clip_tokenizer().encode(caption)) + 2  # + start and end tokens
-    if not needed <= context_length <= 77:
-        raise UserError(f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
-                         f"positions with the start and end tokens; choose {needed}..77 (CLIP's maximum)")
-
-
 @entry_point("train_tiny")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config, output = train_config(cfg), Path(cfg.output)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    config, output = train_config(settings), Path(cfg.output)
     world = WorldConfig(**config.world)
     check_context_length(int(cfg.context_length), world)
-    architecture = model_config(cfg, world)
+    architecture = model_config(settings.get("architecture"), world, guidance=cfg.guidance,
+                                context_length=cfg.context_length)
     check_output(output, overwrite=bool(cfg.overwrite))
     check_run_dir(config.run_dir, resume=config.resume)
     if config.device == "cpu":

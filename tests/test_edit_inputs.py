@@ -135,14 +135,14 @@ def _compose(*overrides):
     (["blend=local"], "LocalBlend needs its words"),  # was: no blend at all, silently
 ])
 def test_edit_script_refuses_bad_inputs_before_loading_the_model(overrides, message):
-    from scripts.edit import edit_inputs
+    from scripts._common import edit_inputs
 
     with pytest.raises(ValueError, match=message):
         edit_inputs(_compose(*overrides))
 
 
 def test_edit_script_inputs_for_every_edit_kind_and_blend():
-    from scripts.edit import edit_inputs
+    from scripts._common import edit_inputs
 
     prompts, spec, blend = edit_inputs(_compose('prompts=["a red circle"]', "edit=store"))
     assert prompts == ["a red circle"] and spec.kind == "none" and blend is None
@@ -154,7 +154,7 @@ def test_edit_script_inputs_for_every_edit_kind_and_blend():
 
 
 def test_edit_script_refuses_a_run_folder_that_holds_an_earlier_run(tmp_path):
-    from scripts.edit import check_fresh
+    from scripts._common import check_fresh
 
     assert check_fresh(tmp_path) == tmp_path  # Hydra's own .hydra/ and log are there before main runs
     (tmp_path / "config.yaml").write_text("seed: 0\n")

@@ -30,6 +30,7 @@ from p2p.experiments.figures import Figure, Tile  # noqa: E402
 from p2p.tokens import words  # noqa: E402
 from p2p.shapes.world import render  # noqa: E402
 from scripts import aggregate  # noqa: E402
+from p2p.experiments import ablation_report  # noqa: E402
 from scripts.figure import make_figure  # noqa: E402
 
 TINY_WEIGHTS = REPO / "models" / "weights" / "tiny.safetensors"
@@ -131,11 +132,11 @@ def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
     assert jobs == ["edit.cross_replace_steps=0,edit.self_replace_steps=0.4,seed=0,steps=2",
                     "edit.cross_replace_steps=1,edit.self_replace_steps=0.4,seed=0,steps=2"]  # folders name settings
 
-    result = aggregate.aggregate(sweep)
+    result = ablation_report.aggregate(sweep)
     assert result.skipped == []
     with result["summary"].open() as f:
         summary = list(csv.DictReader(f))
-    assert tuple(summary[0]) == aggregate.SUMMARY_COLUMNS
+    assert tuple(summary[0]) == ablation_report.SUMMARY_COLUMNS
     settings = {(r["setting"], r["cross_replace_steps"], r["group"]) for r in summary}
     assert {("p2p", "0.0", "all"), ("p2p", "1.0", "all"), ("none", "none", "all"),
             ("p2p", "0.0", "color"), ("p2p", "0.0", "shape")} <= settings
@@ -213,7 +214,7 @@ def test_aggregate_names_a_sweep_with_nothing_to_read(make, message, tmp_path, c
 def test_aggregate_of_a_single_setting(tmp_path):
     sweep = tmp_path / "sweep"
     fake_job(sweep, "only")
-    result = aggregate.aggregate(sweep)
+    result = ablation_report.aggregate(sweep)
     summary = read_csv(result["summary"])
     assert [(r["setting"], r["group"]) for r in summary] == [("p2p", "all"), ("p2p", "color"), ("p2p", "shape"),
                                                               ("none", "all"), ("none", "color"), ("none", "shape")]
@@ -225,18 +226,18 @@ def test_aggregate_keeps_non_numeric_settings_apart(tmp_path):
     fake_job(sweep, "per-word", cross={"default_": 0.8, "red": 0.2})
     fake_job(sweep, "number", cross=0.8)
     fake_job(sweep, "side8", cross=0.8, self_max_side=8)
-    result = aggregate.aggregate(sweep)
+    result = ablation_report.aggregate(sweep)
     settings = {(r["cross_replace_steps"], r["self_max_side"]) for r in result.table
                 if r["setting"] == "p2p" and r["group"] == "all"}
     assert settings == {(0.8, "None"), (0.8, 8.0), ("{'default_': 0.8, 'red': 0.2}", "None")}
-    assert "side ≤ 8" in aggregate.markdown_table(result.table)
+    assert "side ≤ 8" in ablation_report.markdown_table(result.table)
 
 
 def test_aggregate_never_pools_jobs_that_differ_in_another_setting(tmp_path):
     sweep = tmp_path / "sweep"
     fake_job(sweep, "steps=2", steps=2)
     fake_job(sweep, "steps=4", steps=4)
-    table = aggregate.aggregate(sweep).table
+    table = ablation_report.aggregate(sweep).table
     p2p = [r for r in table if r["setting"] == "p2p" and r["group"] == "all"]
     baseline = [r for r in table if r["setting"] == "none" and r["group"] == "all"]
     assert sorted(r["other_settings"] for r in p2p) == ["steps=2", "steps=4"]
@@ -249,10 +250,10 @@ def test_aggregate_never_overwrites_even_in_part(tmp_path):
     fake_job(sweep, "only")
     (sweep / "ablation.png").write_bytes(b"an earlier plot")
     with pytest.raises(FileExistsError, match="ablation.png"):
-        aggregate.aggregate(sweep)
+        ablation_report.aggregate(sweep)
     assert not (sweep / "ablation_rows.csv").exists() and not (sweep / "ablation_summary.csv").exists()
     assert (sweep / "ablation.png").read_bytes() == b"an earlier plot"
-    result = aggregate.aggregate(sweep, tmp_path / "elsewhere")  # --out
+    result = ablation_report.aggregate(sweep, tmp_path / "elsewhere")  # --out
     assert result["plot"].parent == tmp_path / "elsewhere"
 
 
@@ -267,23 +268,24 @@ def test_ablate_job_refuses_a_used_folder_before_loading_the_model(monkeypatch, 
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
     with pytest.raises(FileExistsError, match="already holds a job"):
-        ablate.run_job(compose_ablate(["steps=2"]), tmp_path)
+        ablate.run(compose_ablate(["steps=2"]), tmp_path)
 
 
 def test_a_failed_ablate_job_leaves_its_config_and_no_rows(monkeypatch, tmp_path):
+    from p2p.experiments import ablation
     from scripts import ablate
 
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: object())
-    monkeypatch.setattr(ablate, "edit_study", fail)
+    monkeypatch.setattr(ablation, "edit_study", fail)
     job = tmp_path / "sweep" / "seed=0"
     with pytest.raises(RuntimeError):
-        ablate.run_job(compose_ablate(["steps=2", "guidance=5"]), job)
+        ablate.run(compose_ablate(["steps=2", "guidance=5"]), job)
     assert (job / "config.yaml").is_file() and not (job / "rows.json").exists()
     fake_job(tmp_path / "sweep", "seed=1", seed=1)
-    assert [s.job for s in aggregate.aggregate(tmp_path / "sweep").skipped] == ["seed=0"]
+    assert [s.job for s in ablation_report.aggregate(tmp_path / "sweep").skipped] == ["seed=0"]
 
 
 def test_aggregate_counts_a_job_repeated_by_two_sweeps_once(tmp_path):
@@ -291,7 +293,7 @@ def test_aggregate_counts_a_job_repeated_by_two_sweeps_once(tmp_path):
     fake_job(folder / "first", "seed=0")
     fake_job(folder / "second", "seed=0")
     fake_job(folder / "second", "seed=1", seed=1)
-    result = aggregate.aggregate(folder)
+    result = ablation_report.aggregate(folder)
     assert [(s.job, s.reason) for s in result.skipped] == [("second/seed=0", "the same config and seed as first/seed=0, "
                                                              "counted once")]
     assert next(r["n"] for r in result.table if r["setting"] == "p2p" and r["group"] == "all") == 4  # 2 seeds × 2 pairs
@@ -305,4 +307,4 @@ def test_ablate_names_pairs_it_cannot_score_before_loading_the_model(pairs, mess
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=message):
-        ablate.run_job(compose_ablate(["steps=2", f"pairs={pairs}"]), tmp_path)
+        ablate.run(compose_ablate(["steps=2", f"pairs={pairs}"]), tmp_path)

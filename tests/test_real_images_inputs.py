@@ -179,7 +179,7 @@ def test_edit_image_accepts_every_inversion_and_a_caption_alone_without_an_edit(
         cfg = compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", f"inversion={name}")
         assert cfg.inversion.method == method and cfg.inversion.guidance == 1.0
         assert check_request(cfg)[0] == json.loads(CAPTIONS)
-    prompts, spec, blend = check_request(compose_edit_image("image=photo.png", 'prompts=["a red circle"]',
+    prompts, spec, blend, _ = check_request(compose_edit_image("image=photo.png", 'prompts=["a red circle"]',
                                                             "edit=store"))
     assert prompts == ["a red circle"] and spec.kind == "none" and blend is None
     from hydra.errors import MissingConfigException

@@ -416,13 +416,11 @@ def test_train_script_trains_another_architecture_at_the_worlds_size(tmp_path):
 
 
 def test_architecture_overrides_are_checked_before_training():
-    from omegaconf import OmegaConf
-    from scripts.train_tiny import model_config
+    from p2p.shapes.recipe import model_config
     from p2p.shapes.world import WorldConfig
 
     def config(architecture, size=32):
-        return model_config(OmegaConf.create({"architecture": architecture, "guidance": 4.0, "context_length": 16}),
-                            WorldConfig(image_size=size))
+        return model_config(architecture, WorldConfig(image_size=size), guidance=4.0, context_length=16)
 
     small = config({}, size=16)
     assert small.image_size == 16 and small.guidance == 4.0 and small.text.context_length == 16
