@@ -25,8 +25,9 @@ setup(
     ],
     extras_require={
         # diffusers/transformers are the reference implementations we prove parity against;
-        # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext"],
+        # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources; ruff keeps the
+        # house style (lint and format, tests/test_style.py) without anyone policing it.
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

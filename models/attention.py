@@ -17,8 +17,9 @@ References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from models.errors import UserError
 
 SD_BETA_START = 0.00085  # SD's "scaled_linear" schedule (LDM configs: linear_start)

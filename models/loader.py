@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.errors import MissingFileError, OutputExistsError, UserError
 from models.files import atomic_path
-from models.errors import UserError, MissingFileError, OutputExistsError
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from models.text import HF_PREFIX, hf_clip_to_open_clip, open_clip_to_hf_clip
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from models.ddim import NUM_TRAIN_TIMESTEPS, PREDICTIONS, SD_BETA_END, SD_BETA_START, Schedule, scaled_linear_schedule
 from models.errors import UserError
-from models.ddim import PREDICTIONS, SD_BETA_END, SD_BETA_START, NUM_TRAIN_TIMESTEPS, Schedule, scaled_linear_schedule
 from models.text import TextConfig, TextEncoder
 from models.unet import UNetConfig, UNetModel
 from models.vae import AutoencoderKL, VAEConfig
@@ -48,14 +48,14 @@ class ModelConfig:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
         return cls(unet=UNetConfig(**tuples(d.pop("unet"))), vae=VAEConfig(**tuples(d.pop("vae"))),
                    text=TextConfig(**d.pop("text")), **d)
 
     @classmethod
-    def from_json(cls, s: str) -> "ModelConfig":
+    def from_json(cls, s: str) -> ModelConfig:
         return cls.from_dict(json.loads(s))
 
 

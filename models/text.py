@@ -21,6 +21,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
+
 from models.errors import UserError, WrongTypeError
 
 START_TOKEN = 49406  # <start_of_text> in CLIP's BPE vocabulary

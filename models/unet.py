@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.errors import UserError
 from models.attention import CrossAttention, HybridAttention, name_attention_sites
+from models.errors import UserError
 
 
 @dataclass

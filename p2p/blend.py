@@ -10,13 +10,13 @@ latent, division by the per-image max, threshold. Mask = union of the source's a
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError
 from models.attention import AttentionSite
+from models.errors import UserError
 from p2p.controllers import Controller, grid_at
 from p2p.tokens import CONTEXT_LENGTH, word_token_positions
 

@@ -13,13 +13,13 @@ except the maps it was asked to record.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from models.errors import UserError
 from models.attention import AttentionSite
+from models.errors import UserError
 
 
 def grid_at(latent_hw: tuple[int, int], downsamplings: int) -> tuple[int, int]:

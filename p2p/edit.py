@@ -7,22 +7,30 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
-from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
-from p2p.controllers import AttentionEdit, AttentionStore, Compose, Controller, LayerFilter, grid_at, max_queries_at_fraction
-from p2p.real.inversion import restore_outside_mask
-from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
-from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
 from models.text import clip_tokenizer
-from p2p.tokens import (CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers,
-                        token_scales)
+from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
+from p2p.controllers import (
+    AttentionEdit,
+    AttentionStore,
+    Compose,
+    Controller,
+    LayerFilter,
+    grid_at,
+    max_queries_at_fraction,
+)
+from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
+from p2p.real.inversion import restore_outside_mask
+from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
+from p2p.tokens import CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers, token_scales
 
 EDIT_KINDS = ("replace", "refine", "reweight", "none")
 

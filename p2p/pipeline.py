@@ -9,16 +9,17 @@ controller which step it is. An optional `on_prediction` hook sees each step's p
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from models.attention import AttentionController, attach_controller
+from models.ddim import SD_TIMESTEP_OFFSET, ddim_step, ddim_timesteps, eps_and_x0, previous_timestep
 from models.errors import UserError
-from models.ddim import ddim_step, ddim_timesteps, eps_and_x0, previous_timestep, SD_TIMESTEP_OFFSET
 from models.stable_diffusion import StableDiffusion
 
 LATENT_CHANNELS = 4  # SD's VAE latent channels

@@ -10,7 +10,8 @@ target raises (P2P_SPEC §9.2).
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import torch
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from p2p.controllers import AttentionStore
-from p2p.tokens import decode_tokens, word_token_positions, words
 from models.errors import UserError
 from models.files import atomic_path
+from p2p.controllers import AttentionStore
+from p2p.tokens import decode_tokens, word_token_positions, words
 
 CAPTION_HEIGHT_FRACTION = 0.2  # caption strip height relative to the tile (the reference: 0.2)
 MIN_TILE = 96  # tiles are upscaled (nearest) to at least this many pixels so 32 px images stay readable
@@ -28,7 +28,7 @@ MIN_TILE = 96  # tiles are upscaled (nearest) to at least this many pixels so 32
 CAPTION_FONT = "DejaVuSans.ttf"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font_file() -> str | None:
     spec = importlib.util.find_spec("matplotlib")  # located, not imported: views stays quick to import
     if spec is None or spec.origin is None:
@@ -37,7 +37,7 @@ def _font_file() -> str | None:
     return str(path) if path.is_file() else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def font(size: int) -> ImageFont.ImageFont:
     """The caption font at `size` px: DejaVu Sans when matplotlib's copy is there, else Pillow's default."""
     if _font_file() is not None:

@@ -20,8 +20,9 @@ import functools
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import hydra
 from hydra.errors import HydraException

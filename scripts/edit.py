@@ -23,8 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 from p2p import views  # noqa: E402
 from p2p.edit import StoreSpec, edit  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
-from scripts._common import (check_fresh, edit_inputs, load_model, run_dir, sampler_settings, save_config,  # noqa: E402
-                             save_image, slug)
+from scripts._common import (  # noqa: E402
+    check_fresh,
+    edit_inputs,
+    load_model,
+    run_dir,
+    sampler_settings,
+    save_config,
+    save_image,
+    slug,
+)
 
 
 @entry_point("edit")

@@ -31,8 +31,17 @@ from p2p.real.images import load_image  # noqa: E402
 from p2p.real.inversion import check_tolerance_scale  # noqa: E402
 from p2p.real.photo import InversionSettings, edit_photo  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
-from scripts._common import (check_fresh, edit_inputs, load_model, number, run_dir, sampler_settings,  # noqa: E402
-                             save_config, save_image, slug)
+from scripts._common import (  # noqa: E402
+    check_fresh,
+    edit_inputs,
+    load_model,
+    number,
+    run_dir,
+    sampler_settings,
+    save_config,
+    save_image,
+    slug,
+)
 
 
 def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None, InversionSettings]:

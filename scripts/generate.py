@@ -17,13 +17,13 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from scripts._cli import entry_point  # noqa: E402
-from scripts._common import load_model, number, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
-from models.errors import UserError  # noqa: E402
 from models.ddim import ddim_timesteps  # noqa: E402
+from models.errors import UserError  # noqa: E402
 from models.stable_diffusion import ModelConfig, preset  # noqa: E402
 from models.text import tokenize  # noqa: E402
 from p2p.pipeline import check_image_size, generate  # noqa: E402
+from scripts._cli import entry_point  # noqa: E402
+from scripts._common import load_model, number, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
 
 
 def check_request(cfg: DictConfig, config: ModelConfig) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

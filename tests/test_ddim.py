@@ -6,8 +6,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from models.ddim import (SD_BETA_END, SD_BETA_START, ddim_inverse_step, ddim_step, ddim_timesteps,
-                         previous_timestep, scaled_linear_schedule)
+from models.ddim import (
+    SD_BETA_END,
+    SD_BETA_START,
+    ddim_inverse_step,
+    ddim_step,
+    ddim_timesteps,
+    previous_timestep,
+    scaled_linear_schedule,
+)
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.pipeline import SamplerSettings, generate
 

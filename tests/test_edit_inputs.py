@@ -120,8 +120,9 @@ def test_blend_threshold_zero_is_allowed_and_keeps_every_attended_pixel():
 # --- scripts/edit.py: the config as Hydra composes it, checked before the model is loaded ---------------
 
 def _compose(*overrides):
-    from hydra import compose, initialize_config_dir
     from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         return compose(config_name="edit", overrides=list(overrides))

@@ -26,11 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from models.loader import save_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
-from p2p.experiments.figures import Figure, Tile  # noqa: E402
-from p2p.tokens import words  # noqa: E402
-from p2p.shapes.world import render  # noqa: E402
-from scripts import aggregate  # noqa: E402
 from p2p.experiments import ablation_report  # noqa: E402
+from p2p.experiments.figures import Figure, Tile  # noqa: E402
+from p2p.shapes.world import render  # noqa: E402
+from p2p.tokens import words  # noqa: E402
+from scripts import aggregate  # noqa: E402
 from scripts.figure import make_figure  # noqa: E402
 
 TINY_WEIGHTS = REPO / "models" / "weights" / "tiny.safetensors"

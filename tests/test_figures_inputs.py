@@ -257,6 +257,7 @@ def test_tiles_are_drawn_at_tile_size(tile_size):
 
 def test_heat_names_a_map_with_nan():
     import torch
+
     from p2p import views
     with pytest.raises(ValueError, match="holds NaN or inf"):
         views.heat(torch.tensor([[0.5, float("nan")], [0.1, 0.2]]))

@@ -11,11 +11,19 @@ import torch
 from PIL import Image
 
 from models.stable_diffusion import StableDiffusion, preset
-from p2p.real.images import load_image
-from p2p.real.inversion import (FAST_NULL_TEXT, ddim_invert, image_to_tensor, invert, null_text_optimization, psnr,
-                           restore_outside_mask, vae_reconstruction)
-from p2p.real.cache import cached_invert
 from p2p.pipeline import SamplerSettings, decode, sample
+from p2p.real.cache import cached_invert
+from p2p.real.images import load_image
+from p2p.real.inversion import (
+    FAST_NULL_TEXT,
+    ddim_invert,
+    image_to_tensor,
+    invert,
+    null_text_optimization,
+    psnr,
+    restore_outside_mask,
+    vae_reconstruction,
+)
 from p2p.shapes.world import sample_scene
 
 STEPS = 4

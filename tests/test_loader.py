@@ -14,8 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import loader
-from models.loader import (CONFIG_METADATA_KEY, CheckpointError, detect_config, is_ignored, load_checkpoint,
-                           original_state_dict, save_checkpoint)
+from models.loader import (
+    CONFIG_METADATA_KEY,
+    CheckpointError,
+    detect_config,
+    is_ignored,
+    load_checkpoint,
+    original_state_dict,
+    save_checkpoint,
+)
 from models.stable_diffusion import PRESETS, ModelConfig, StableDiffusion, preset
 
 

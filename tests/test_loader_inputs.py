@@ -18,8 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from models import loader
-from models.loader import (CheckpointError, check_checkpoint, detect_config, load_checkpoint, original_state_dict,
-                           save_checkpoint)
+from models.loader import (
+    CheckpointError,
+    check_checkpoint,
+    detect_config,
+    load_checkpoint,
+    original_state_dict,
+    save_checkpoint,
+)
 from models.stable_diffusion import StableDiffusion, preset
 from models.text import END_TOKEN, HF_PREFIX
 

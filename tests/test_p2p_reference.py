@@ -9,11 +9,11 @@ import dataclasses
 
 import pytest
 import torch
+from p2p_reference import ReferenceP2P
 
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.edit import BlendSpec, EditSpec, edit
 from p2p.pipeline import SamplerSettings, initial_latent, sample
-from p2p_reference import ReferenceP2P
 
 STEPS = 4
 SEED = 3

@@ -14,16 +14,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+from test_parity_text import SD1_CLIP_TEXT_CONFIG, clip_tokenizer_files, hf_clip_text_model_from_ours, hf_clip_tokenizer
+from test_parity_unet import diffusers_unet_from_ours
+from test_parity_vae import diffusers_vae_from_ours
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from models.ddim import SD_BETA_END, SD_BETA_START, SD_TIMESTEP_OFFSET
 from models.loader import original_state_dict
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.pipeline import SamplerSettings, generate
-from test_parity_text import (SD1_CLIP_TEXT_CONFIG, clip_tokenizer_files, hf_clip_text_model_from_ours,
-                              hf_clip_tokenizer)
-from test_parity_unet import diffusers_unet_from_ours
-from test_parity_vae import diffusers_vae_from_ours
 
 MAX_PIXEL_DIFF = 2  # out of 255
 PROMPT = "a cat riding a bicycle"

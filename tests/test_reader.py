@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from p2p.shapes.reader import (SQUARE_MIN_FILL, TRIANGLE_MAX_TAPER, Reading, classify_shape,
-                        compare_to_scene, label_components, mask_iou, matches_caption, read_image)
+from p2p.shapes.reader import (
+    SQUARE_MIN_FILL,
+    TRIANGLE_MAX_TAPER,
+    Reading,
+    classify_shape,
+    compare_to_scene,
+    label_components,
+    mask_iou,
+    matches_caption,
+    read_image,
+)
 from p2p.shapes.world import SHAPES, WorldConfig, held_out_scenes, rasterize, render, sample_scene
 
 CONFIG = WorldConfig()

@@ -22,10 +22,19 @@ from models.unet import UNetConfig
 from models.vae import VAEConfig
 from p2p.shapes.grounding import ColorMixer, Grounding, GroundingCache, grounding_loss
 from p2p.shapes.losses import cell_coverage, coverage_loss, diffusion_loss, min_snr_weights, vae_loss
-from p2p.shapes.training import (EMA, PhaseConfig, StopRequested, TokenCache, TrainConfig, drop_captions, learning_rate, train,
-                          train_phase)
-from p2p.tokens import word_token_positions
+from p2p.shapes.training import (
+    EMA,
+    PhaseConfig,
+    StopRequested,
+    TokenCache,
+    TrainConfig,
+    drop_captions,
+    learning_rate,
+    train,
+    train_phase,
+)
 from p2p.shapes.world import WorldConfig, parse_caption, sample_batch, sample_scene
+from p2p.tokens import word_token_positions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = REPO_ROOT / "models" / "weights" / "tiny.safetensors"

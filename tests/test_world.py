@@ -3,8 +3,19 @@ import numpy as np
 import pytest
 import torch
 
-from p2p.shapes.world import (SHAPES, WorldConfig, all_captions, caption_set, held_out_scenes, make_caption,
-                       parse_caption, rasterize, render, sample_batch, sample_scene)
+from p2p.shapes.world import (
+    SHAPES,
+    WorldConfig,
+    all_captions,
+    caption_set,
+    held_out_scenes,
+    make_caption,
+    parse_caption,
+    rasterize,
+    render,
+    sample_batch,
+    sample_scene,
+)
 
 CONFIG = WorldConfig()
 

@@ -111,7 +111,7 @@ def commit_steps(model, captions, *, seeds, settings) -> list[int]:
     for caption, seed in zip(captions, seeds):
         predictions = []
         final = generate(model, [caption], seed=seed, settings=settings, progress=False,
-                         on_prediction=lambda step, x0: predictions.append(x0))
+                         on_prediction=lambda step, x0: predictions.append(x0))  # noqa: B023 (called now)
         steps.append(layout_commit_step([*decode(model, torch.cat(predictions)), final[0]]))
     return steps
 

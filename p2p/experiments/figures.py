@@ -18,24 +18,25 @@ import dataclasses
 import inspect
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models.errors import UserError, OutputExistsError
 from models import files
+from models.errors import OutputExistsError, UserError
 from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
-from p2p.real.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
-from p2p.real.cache import cached_invert
 from p2p.pipeline import SamplerSettings, check_image_size, decode, image_size, sample
-from p2p.tokens import word_token_positions, words
+from p2p.real.cache import cached_invert
+from p2p.real.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
 from p2p.shapes.world import WorldConfig, sample_scene
+from p2p.tokens import word_token_positions, words
 
 LABEL_WIDTH = 170  # px of the row-label column on the left
 TITLE_HEIGHT = 28  # px of the title strip on top (at least: a title that wraps gets the lines it needs)

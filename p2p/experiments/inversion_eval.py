@@ -27,8 +27,14 @@ from p2p.edit import BlendSpec, EditSpec, edit
 from p2p.experiments.edit_eval import swap_pair
 from p2p.experiments.generation_eval import one_object_scores
 from p2p.pipeline import SamplerSettings, decode, sample
-from p2p.real.inversion import (FAST_NULL_TEXT, NULL_TEXT_INNER_STEPS, invert, psnr, restore_outside_mask,
-                                vae_reconstruction)
+from p2p.real.inversion import (
+    FAST_NULL_TEXT,
+    NULL_TEXT_INNER_STEPS,
+    invert,
+    psnr,
+    restore_outside_mask,
+    vae_reconstruction,
+)
 from p2p.shapes.metrics import far_from
 from p2p.shapes.world import WorldConfig, parse_caption, sample_scene
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
-from p2p.real.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
 from p2p.pipeline import SamplerSettings
+from p2p.real.inversion import DDIM_INVERSION_GUIDANCE, Inversion, image_to_tensor, invert
 
 log = logging.getLogger(__name__)
 

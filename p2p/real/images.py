@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from models.errors import UserError, MissingFileError, WrongTypeError
+
+from models.errors import MissingFileError, UserError, WrongTypeError
 
 ImageSource = str | Path | Image.Image | np.ndarray
 SIXTEEN_BIT_MAX = 65535  # "I;16…" and "I" images (16-bit PNG, TIFF) are read as 16-bit: 65535 → 255

@@ -14,16 +14,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.errors import UserError, WrongTypeError
 from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
+from models.errors import UserError, WrongTypeError
 from models.stable_diffusion import StableDiffusion
 from p2p.pipeline import SamplerSettings, check_image_size, decode
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError
 from models.attention import AttentionSite
-from p2p.tokens import word_token_positions, words
+from models.errors import UserError
 from p2p.shapes.world import Scene, WorldConfig, make_caption, parse_caption
+from p2p.tokens import word_token_positions, words
 
 
 @dataclass

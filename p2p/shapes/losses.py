@@ -11,12 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.errors import UserError
 from models.attention import attach_controller
 from models.ddim import add_noise
+from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.shapes.grounding import ColorMix, CrossMaps, Grounding, grounding_loss
-
 
 RECONSTRUCTION_LOSSES = ("l1", "mse", "l1+mse")
 

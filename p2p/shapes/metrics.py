@@ -6,8 +6,8 @@ shift of their centroids. Same-seed sampling without injection is the baseline t
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from p2p.shapes.world import CaptionSpec, Scene, WorldConfig, parse_caption
 from models.errors import UserError
+from p2p.shapes.world import CaptionSpec, Scene, WorldConfig, parse_caption
 
 # Step 2: foreground is at least half-way from the background to the object color.
 FOREGROUND_ALPHA = 0.5

@@ -22,15 +22,15 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.errors import UserError, OutputExistsError
+from models.errors import OutputExistsError, UserError
 from models.loader import resolve_device
 from models.stable_diffusion import StableDiffusion
 from models.text import TextEncoder

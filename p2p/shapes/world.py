@@ -14,11 +14,12 @@ whole pixels, and a shape covers the pixels whose centers fall inside it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
+
 from models.errors import UserError
 
 # rasterize() implements exactly these shapes; a config may use a subset.
