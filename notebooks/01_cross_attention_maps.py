@@ -171,7 +171,7 @@ plt.show()
 # elsewhere about a fifth, and the background pixels read mostly the padding. One word's column holds little even
 # on the circle, and not the word one would expect: `red` gets about 1%, `circle` about a tenth, `on` and the
 # second `a` a fifth each — the encoder is causal, so the later tokens carry the color too. Notebook 3 and
-# docs/FIGURES.md (Fig. 9) come back to this: it is why a fader on `red` does nothing on this model, while
+# docs/figures.md (Fig. 9) come back to this: it is why a fader on `red` does nothing on this model, while
 # one on `circle` works.
 
 # %%
@@ -205,7 +205,7 @@ else:
 # it); other seeds draw a third shape or mix the colors (seed 3, the one above, draws a single blue blob). When it
 # draws them right, as at seed 1, its maps separate the objects, as in SD (paper Fig. 4): `red` and `circle` light
 # the circle, `blue` and `square` the square (at all 15 of the seeds 0–19 that draw both right:
-# docs/FIGURES.md, Fig. 4).
+# docs/figures.md, Fig. 4).
 
 # %%
 TWO = "a red circle and a blue square on a black background"

@@ -55,8 +55,8 @@ from IPython.display import display
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import EditSpec, edit
-from p2p.shapes.metrics import score_edit
 from p2p.pipeline import SamplerSettings
+from p2p.shapes.metrics import score_edit
 
 model = load_checkpoint(CHECKPOINT)  # strict: every tensor of the file has its place, and nothing is missing
 settings = SamplerSettings(steps=STEPS, guidance=model.config.guidance)  # the guidance the model was trained for
@@ -149,8 +149,8 @@ for t, target in enumerate(TARGETS, start=1):
 # %%
 import torch
 
-from p2p.shapes.metrics import layout_commit_step
 from p2p.pipeline import decode, generate
+from p2p.shapes.metrics import layout_commit_step
 
 predicted = []
 final = generate(model, [SOURCE], seed=SEED, settings=settings, progress=False,

@@ -59,8 +59,8 @@ from IPython.display import display
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import BlendSpec, EditSpec, edit
-from p2p.shapes.metrics import score_edit
 from p2p.pipeline import SamplerSettings
+from p2p.shapes.metrics import score_edit
 from p2p.shapes.reader import read_image
 from p2p.tokens import decode_tokens, refine_alignment
 
@@ -121,7 +121,7 @@ for name, result in (("no injection", plain), ("refine", refined)):
 #
 # On this model the fader on `circle` acts on the circle's *size*, step by step: −5 shrinks it to less than half
 # (64 px against the source's 149), −2 to 91, 0 to 135, and 2 and 5 grow it (160, 175 px); 10 grows it further and
-# tints the background, 20 breaks the image. A fader on the color word does nothing here (docs/FIGURES.md, Fig. 9):
+# tints the background, 20 breaks the image. A fader on the color word does nothing here (docs/figures.md, Fig. 9):
 # `red`'s column holds about 1% of the circle's attention (notebook 1).
 
 # %%
@@ -173,7 +173,7 @@ for name, result in (("swap only", unblended), ("swap + LocalBlend", blended)):
 # smaller and lower (IoU with the source 0.57) and shifts on gray (0.70); injecting only `circle` brings it closer
 # (0.75, 0.83); injecting every token (`kind="replace"`, which here swaps the background word) keeps it best (0.94,
 # 0.90), because the padding tokens, which carry most of the attention, are injected too. Over seeds 0–19 the
-# same `circle`-only injection raises the circle's mean IoU from 0.41 to 0.62 (docs/FIGURES.md, Fig. 5).
+# same `circle`-only injection raises the circle's mean IoU from 0.41 to 0.62 (docs/figures.md, Fig. 5).
 
 # %%
 SOURCE = "a red circle on a black background"

@@ -40,7 +40,7 @@
 #
 # The guidance scale is 2.5 here, half the model's default. Null-text embeddings are optimised for the source
 # prompt; at guidance 5 the pull toward a *changed* prompt is amplified past what this small model tolerates:
-# the null-text edits grow the circle and tint the background (docs/FIGURES.md, Figs. 10–12; set
+# the null-text edits grow the circle and tint the background (docs/figures.md, Figs. 10–12; set
 # `guidance=model.config.guidance` below to see it).
 
 # %%
@@ -69,9 +69,9 @@ from IPython.display import display
 from models.loader import load_checkpoint
 from p2p import views
 from p2p.edit import EditSpec, edit
+from p2p.pipeline import SamplerSettings, decode
 from p2p.real.inversion import image_to_tensor, invert, psnr
 from p2p.shapes.metrics import score_edit
-from p2p.pipeline import SamplerSettings, decode
 from p2p.shapes.world import sample_scene
 
 model = load_checkpoint(CHECKPOINT)  # strict: every tensor of the file has its place, and nothing is missing
