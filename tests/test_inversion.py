@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.errors import UserError
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.real.cache import cached_invert
@@ -432,7 +433,7 @@ def test_cache_writes_are_atomic(model, photo, tmp_path, monkeypatch):
 def test_cache_dir_that_is_a_file_is_named(model, photo, tmp_path):
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("")
-    with pytest.raises(NotADirectoryError, match="cache_dir .*cache' is a file"):
+    with pytest.raises(UserError, match="cache_dir .*cache' is a file"):
         cached_invert(model, photo, PROMPT, **cache_kwargs(not_a_folder))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.errors import UserError
 from p2p.real.images import load_image
 
 
@@ -120,7 +121,7 @@ def test_invalid_sizes_are_named(height, width):
 def test_unreadable_sources_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png' does not exist"):
         load_image(tmp_path / "missing.png", height=32, width=32)
-    with pytest.raises(IsADirectoryError, match="is a directory"):
+    with pytest.raises(UserError, match="is a directory"):
         load_image(tmp_path, height=32, width=32)
     text = tmp_path / "notes.png"
     text.write_text("not an image")
