@@ -37,7 +37,7 @@ NULL_TEXT_EPSILON = 1e-5  # early stop when loss < ε + i·2e-5 (the reference's
 NULL_TEXT_EPSILON_SLOPE = 2e-5
 # Null-text started from the caption's embedding and stopped at a tenth of the reference's tolerance: on the
 # built-in model the reference's PSNR in a tenth of the paper's Adam steps, though its edits keep less of the
-# background (`conf/inversion/null_text_fast`; model card, "Real images").
+# background (`conf/inversion/null_text_fast`; docs/tiny-model-history.md, "Real images on G3").
 FAST_NULL_TEXT = {"null_init": "negative_prompt", "tolerance_scale": 0.1}
 DDIM_INVERSION_GUIDANCE = 1.0  # the reference's: the conditional branch alone walks z_0 → z_T
 
@@ -121,7 +121,7 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
     embedding on the built-in model, the reference's tolerance is met almost at once (~3 Adam steps in 50
     sampling steps), and the carry-over keeps whatever ∅ those few steps made: below the tolerance, but
     0.07–0.33 dB below the paper's reconstruction. A tenth of it converges (within 0.01 dB of a thirtieth):
-    FAST_NULL_TEXT, measured in the model card.
+    FAST_NULL_TEXT, measured in docs/real-images.md and docs/tiny-model-history.md.
 
     `reference_schedule=True` reproduces the official code's cost for benchmarks: weights left as they are
     (its UNet has requires_grad=True, so backward also computes weight gradients), all `inner_steps` Adam
