@@ -81,7 +81,9 @@ def reference_output(reference, kw):
 
 def relative_error(actual, expected) -> float:
     assert actual.shape == expected.shape
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    print(f"relative max error {error:.2e} (max |reference| {expected.abs().max():.2f})")
+    return error
 
 
 def tiny(**changes) -> MMDiTConfig:
