@@ -194,17 +194,23 @@ class JointAttention(nn.Module):
 
 
 def attention_modules(unet: nn.Module) -> dict[str, _Attention | JointAttention]:
-    """Every attention site of a network, by module path."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, (_Attention, JointAttention))}
+    """Every attention site of a network, by site name: its state_dict prefix.
+
+    A parameterless `JointAttention` core is named by its owner (`joint_blocks.3.attention` → `joint_blocks.3`).
+    """
+    sites = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, JointAttention):
+            sites[name.rsplit(".", 1)[0]] = m
+        elif isinstance(m, _Attention):
+            sites[name] = m
+    return sites
 
 
 def name_attention_sites(unet: nn.Module) -> None:
-    """Give every attention module its state_dict prefix: one naming system for weights, hooks and maps.
-
-    A parameterless `JointAttention` core takes its owner's prefix (`joint_blocks.3.attention` → `joint_blocks.3`).
-    """
+    """Give every attention module its state_dict prefix: one naming system for weights, hooks and maps."""
     for name, module in attention_modules(unet).items():
-        module.site_name = name.rsplit(".", 1)[0] if isinstance(module, JointAttention) else name
+        module.site_name = name
 
 
 @contextlib.contextmanager
