@@ -22,11 +22,12 @@ setup(
         "hydra-core",
         "tqdm",        # progress bars for sampling, inversion and training
         "matplotlib",  # ablation plots
+        "sentencepiece",  # T5's tokenizer (SD3 / FLUX), read from the user's spiece.model
     ],
     extras_require={
         # diffusers/transformers are the reference implementations we prove parity against;
-        # nbclient runs the notebooks in CI.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel"],
+        # nbclient runs the notebooks in CI; protobuf lets transformers read a SentencePiece model (T5 tokenizer test).
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "protobuf"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )
