@@ -27,6 +27,9 @@ from models.attention import JointAttention, name_attention_sites, rms_norm
 from models.errors import UserError
 
 CHECKPOINT_PREFIX = "model.diffusion_model."  # where the original SD3 files keep the transformer
+# Tensors a released file may carry that are not weights (../shared/sd-keys/keys_sd3*_extras.txt): the reference
+# wrapper's shifted σ table. A strict loader accepts and drops exactly these.
+DECLARED_EXTRA_KEYS = ("model.model_sampling.sigmas",)
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep features (DiT's `frequency_embedding_size`)
 # SD3 pipelines: CLIP-L ‖ bigG states fill the first 77 text positions (zero-padded from 2048 to 4096 features),
 # T5 tokens follow. Only used to *label* the text columns for controllers; the model itself takes any length.
@@ -81,13 +84,12 @@ def sincos_pos_table(dim: int, max_size: int, *, base_size: int) -> torch.Tensor
     """(1, max_size², dim) 2-D sin-cos table (MAE/DiT): `[sincos(col) | sincos(row)]`, rows major, positions
     scaled by base_size/max_size as diffusers' `get_2d_sincos_pos_embed` does. Real checkpoints store it."""
     coords = torch.arange(max_size, dtype=torch.float64) * base_size / max_size
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-
-    def sincos(pos):  # (n,) → (n, dim/2)
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-    return torch.cat([sincos(cols), sincos(rows)], dim=1).float()[None]
+    angles = coords[:, None] * omega  # (max_size, dim/4)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1).float()  # (max_size, dim/2), the same for rows and cols
+    cols = axis[None, :, :].expand(max_size, max_size, -1)
+    rows = axis[:, None, :].expand(max_size, max_size, -1)
+    return torch.cat([cols, rows], dim=-1).reshape(1, max_size * max_size, dim)
 
 
 class RMSNorm(nn.Module):
@@ -183,12 +185,12 @@ class DismantledBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, int(dim * c.mlp_ratio))
-        num_vectors = 2 if pre_only else 9 if x_self_attn else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, num_vectors * dim))
+        self.num_vectors = 2 if pre_only else 9 if x_self_attn else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.num_vectors * dim))
 
     def pre_attention(self, x, c):
         """→ (q, k, v) of this stream, and the modulation vectors `post_attention` needs."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 9 if hasattr(self, "attn2") else 6, dim=1)
+        mods = self.adaLN_modulation(c).chunk(self.num_vectors, dim=1)
         normed = self.norm1(x)
         return self.attn.pre_attention(modulate(normed, mods[0], mods[1])), (normed, mods)
 

@@ -175,7 +175,8 @@ class WordTokens:
     """One whitespace-separated word of a prompt and where its tokens sit in T5's sequence (0 = first token)."""
 
     text: str  # as written in the prompt, e.g. 'Cat,'
-    positions: tuple[int, ...]  # all its tokens, attached punctuation included
+    ids: tuple[int, ...]  # all its token ids, attached punctuation included
+    positions: tuple[int, ...]  # positions of all those tokens
     word_positions: tuple[int, ...]  # the word's own tokens, punctuation excluded (as p2p/tokens.py's Word)
 
 
@@ -259,4 +260,5 @@ class T5Tokenizer:
             core_start, core_end = (spans[word][0] + offset for offset in _core_span(prompt[slice(*spans[word])]))
             if start < core_end and end > core_start:
                 own[word].append(position)
-        return tuple(WordTokens(prompt[s:e], tuple(p), tuple(o)) for (s, e), p, o in zip(spans, positions, own))
+        return tuple(WordTokens(prompt[s:e], tuple(pieces[i][0] for i in p), tuple(p), tuple(o))
+                     for (s, e), p, o in zip(spans, positions, own))

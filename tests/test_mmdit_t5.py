@@ -141,6 +141,7 @@ def test_word_positions(which, spiece_model, tokenizer_json):
     assert [w.text for w in words] == prompt.split()
     all_positions = [p for w in words for p in w.positions]
     assert all_positions == list(range(len(tokenizer.encode(prompt))))  # every token once, in order
+    assert [i for w in words for i in w.ids] == tokenizer.encode(prompt)
 
     def decoded(positions, text=prompt):
         ids = tokenizer.encode(text)
@@ -154,6 +155,16 @@ def test_word_positions(which, spiece_model, tokenizer_json):
     # a word the tiny vocabulary splits into several pieces keeps all of them
     melon = tokenizer.word_positions("watermelon", length=64)[0]
     assert len(melon.word_positions) > 1 and decoded(melon.word_positions, "watermelon").strip("▁") == "watermelon"
+
+
+@pytest.mark.parametrize("prompt", ["a cat , on   the mat", "café  crème brûlée!", " leading and trailing  "])
+def test_word_positions_cover_every_token_of_odd_prompts(prompt, spiece_model):
+    """Lone punctuation, repeated spaces and non-ASCII letters (character, not byte, offsets)."""
+    tokenizer = T5Tokenizer(spiece_model)
+    words = tokenizer.word_positions(prompt, length=64)
+    assert [w.text for w in words] == prompt.split()
+    assert [p for w in words for p in w.positions] == list(range(len(tokenizer.encode(prompt))))
+    assert all(set(w.word_positions) <= set(w.positions) for w in words)
 
 
 def test_word_positions_refuse_a_prompt_that_does_not_fit(spiece_model):
