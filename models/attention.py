@@ -1,4 +1,4 @@
-"""Attention modules of the UNet, and the one hook through which Prompt-to-Prompt edits enter.
+"""Attention modules of the UNet and the MM-DiT, and the one hook through which Prompt-to-Prompt edits enter.
 
 Two modules of the UNet share one attention core:
 - `CrossAttention` (Stable Diffusion, CompVis `ldm/modules/attention.py`): queries from pixels,
@@ -34,7 +34,8 @@ from torch import nn
 class AttentionSite:
     """Where an attention map comes from; what a controller needs to decide what to do with it."""
 
-    name: str  # state_dict prefix inside the UNet, e.g. "input_blocks.1.1.transformer_blocks.0.attn2"
+    name: str  # state_dict prefix inside the network, e.g. "input_blocks.1.1.transformer_blocks.0.attn2" (UNet)
+    #            or "joint_blocks.3" (MM-DiT: the block that owns the joint attention)
     kind: str  # "self" (pixels → pixels), "cross" (pixels → text), "hybrid" (pixels → text + pixels)
     #            or "joint" (text + pixels → text + pixels, MM-DiT)
     query_hw: tuple[int, int]  # spatial size (height, width) of the query grid (image tokens) at this layer
@@ -147,7 +148,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> tor
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of the head dimension (Su et al. 2021, RoFormer Eq. 34; BFL `apply_rope`).
 
-    x: (b, h, n, d); rope: (b or 1, 1, n, d/2, 2, 2) rotation matrices from `models.flux.rope`.
+    x: (b, h, n, d); rope: (b or 1, 1, n, d/2, 2, 2) rotation matrices (`models.flux.position_rotations`).
     """
     pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # (b, h, n, d/2, 1, 2)
     rotated = rope[..., 0] * pairs[..., 0] + rope[..., 1] * pairs[..., 1]  # (b, h, n, d/2, 2)
