@@ -90,6 +90,7 @@ def test_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_
         save_file({"w": torch.zeros(1)}, str(path), metadata={"pad": "x" * padding})
         if path.read_bytes()[0] == 0x80:
             break
+    assert path.read_bytes()[0] == 0x80
     with _open(path) as f:
         assert list(f.keys()) == ["w"]
     path.write_bytes(b"\x80\x04" + b"\x00" * 20)  # a real pickle (protocol 4) is still refused
