@@ -97,6 +97,15 @@ def test_state_dict_equals_the_checkpoint_key_list(preset, key_file):
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == read_keys(KEYS_DIR / key_file)
 
 
+def test_pack_and_ids_equal_the_flux_pipeline():
+    """The 2×2 packing and the (0, row, col) ids are FluxPipeline's, so its seeds' noise carries over."""
+    from diffusers import FluxPipeline
+    latents = torch.randn(2, 16, 8, 12)
+    assert torch.equal(pack(latents), FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
+    assert torch.equal(unpack(pack(latents), (4, 6)), FluxPipeline._unpack_latents(pack(latents), 64, 96, 8))
+    assert torch.equal(image_ids(2, (4, 6))[0], FluxPipeline._prepare_latent_image_ids(2, 4, 6, "cpu", torch.float32))
+
+
 def test_pack_is_invertible_and_ids_are_row_col():
     latents = torch.randn(1, 16, 4, 6)
     assert pack(latents).shape == (1, 6, 64)
