@@ -22,12 +22,15 @@ setup(
         "hydra-core",
         "tqdm",        # progress bars for sampling, inversion and training
         "matplotlib",  # ablation plots
+        "sentencepiece",  # T5's tokenizer (SD3 / FLUX), read from the user's spiece.model
     ],
     extras_require={
         # diffusers/transformers are the reference implementations we prove parity against;
         # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources; ruff keeps the
-        # house style (lint and format, tests/test_style.py) without anyone policing it.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff"],
+        # house style (lint and format, tests/test_style.py) without anyone policing it; protobuf lets
+        # transformers read a SentencePiece model (the T5 tokenizer test).
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff",
+                 "protobuf"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

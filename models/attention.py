@@ -1,11 +1,15 @@
-"""Attention modules of the UNet, and the one hook through which Prompt-to-Prompt edits enter.
+"""Attention modules of the UNet and the MM-DiT, and the one hook through which Prompt-to-Prompt edits enter.
 
-Two modules share one attention core:
+Two modules of the UNet share one attention core:
 - `CrossAttention` (Stable Diffusion, CompVis `ldm/modules/attention.py`): queries from pixels,
   keys/values from the context (text for `attn2`, the pixels themselves for `attn1`).
 - `HybridAttention` (Imagen, Saharia et al. 2022, App. F; lucidrains imagen-pytorch): self-attention
   whose keys/values get the text tokens' keys/values concatenated in front of the pixels' ones,
   so one softmax spans text and pixels. Columns `[0, num_text_keys)` of its map are text.
+
+A third, `JointAttention` (Esser et al. 2024, SD3 §5.1; FLUX.1), is the MM-DiT's: text and image tokens
+both query and both answer, in one softmax over `[text | image]` (text first, as the SD3 reference code and
+FLUX do). Its map has four blocks: rows/columns `[0, num_text_keys)` are text, the rest image.
 
 The hook (../shared/STYLE.md, "The one hook"): when a controller is attached and `wants` the site,
 the module computes `probs = softmax(q kᵀ · scale)` in float32, shaped `(batch, heads, queries, keys)`,
@@ -31,14 +35,20 @@ from torch import nn
 class AttentionSite:
     """Where an attention map comes from; what a controller needs to decide what to do with it."""
 
-    name: str  # state_dict prefix inside the UNet, e.g. "input_blocks.1.1.transformer_blocks.0.attn2"
-    kind: str  # "self" (pixels → pixels), "cross" (pixels → text) or "hybrid" (pixels → text + pixels)
-    query_hw: tuple[int, int]  # spatial size (height, width) of the query grid at this layer
-    num_text_keys: int  # how many key columns are text tokens: 0 for self, all for cross, the first n for hybrid
+    name: str  # state_dict prefix inside the network, e.g. "input_blocks.1.1.transformer_blocks.0.attn2" (UNet)
+    #            or "joint_blocks.3" (MM-DiT: the block that owns the joint attention)
+    kind: str  # "self" (pixels → pixels), "cross" (pixels → text), "hybrid" (pixels → text + pixels)
+    #            or "joint" (text + pixels → text + pixels, MM-DiT)
+    query_hw: tuple[int, int]  # spatial size (height, width) of the query grid (image tokens) at this layer
+    num_text_keys: int  # how many key columns are text tokens: 0 for self, all for cross, the first n for hybrid/joint
+    # Joint sites only (defaults keep the UNet's sites unchanged):
+    num_text_queries: int = 0  # how many query rows come first and are text (joint: == num_text_keys)
+    text_segments: tuple[tuple[str, int, int], ...] = ()  # (encoder, start, stop) ranges of the text columns,
+    #   e.g. (("clip", 0, 77), ("t5", 77, 333)) for SD3, (("t5", 0, 512),) for FLUX-dev
 
     @property
     def num_queries(self) -> int:
-        return self.query_hw[0] * self.query_hw[1]
+        return self.query_hw[0] * self.query_hw[1] + self.num_text_queries
 
 
 class AttentionController(Protocol):
@@ -130,9 +140,73 @@ class HybridAttention(_Attention):
         return self.attend(self.to_q(x), k, v, query_hw=query_hw, num_text_keys=context.shape[1])
 
 
-def attention_modules(unet: nn.Module) -> dict[str, _Attention]:
-    """Every attention site of a network, by state_dict prefix."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, _Attention)}
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last axis, computed in float32 (Zhang & Sennrich 2019)."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of the head dimension (Su et al. 2021, RoFormer Eq. 34; BFL `apply_rope`).
+
+    x: (b, h, n, d); rope: (b or 1, 1, n, d/2, 2, 2) rotation matrices (`models.flux.position_rotations`).
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)  # (b, h, n, d/2, 1, 2)
+    rotated = rope[..., 0] * pairs[..., 0] + rope[..., 1] * pairs[..., 1]  # (b, h, n, d/2, 2)
+    return rotated.reshape(x.shape).to(x.dtype)
+
+
+class JointAttention(nn.Module):
+    """The MM-DiT's attention core, without parameters: the blocks own the projections (their checkpoint names
+    differ: SD3 `attn.qkv`, FLUX `img_attn.qkv` / `linear1`) and hand over per-head q, k, v.
+
+    Token order is `[text | image]` for queries, keys and values; the text length is read from the shapes
+    (`num_text`), never assumed. `kind="self"` serves SD3.5-medium's image-only `attn2` (num_text = 0).
+    The site is named by the module that owns this core (`joint_blocks.3`, `single_blocks.7`,
+    `joint_blocks.0.x_block.attn2`): the nearest state_dict prefix.
+    """
+
+    def __init__(self, *, kind: str = "joint"):
+        super().__init__()
+        self.kind = kind
+        self.site_name = ""  # set by `name_attention_sites`
+        self.controller: AttentionController | None = None
+        self.reached = False
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text: int,
+                query_hw: tuple[int, int], text_segments: tuple[tuple[str, int, int], ...] = (),
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: (b, h, num_text + H·W, d), QK-normed already → (b, num_text + H·W, h·d)."""
+        if rope is not None:  # FLUX: positions enter as rotations of q and k, before the map
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        controller = self.controller
+        site = None
+        if controller is not None:
+            self.reached = True
+            site = AttentionSite(self.site_name, self.kind, query_hw, num_text, num_text_queries=num_text,
+                                 text_segments=text_segments)
+        if site is not None and controller.wants(site):
+            scale = q.shape[-1] ** -0.5
+            scores = torch.einsum("b h i d, b h j d -> b h i j", q.float(), k.float()) * scale
+            probs = controller(scores.softmax(dim=-1), site)  # the one hook
+            out = torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return rearrange(out, "b h n d -> b n (h d)")
+
+
+def attention_modules(unet: nn.Module) -> dict[str, _Attention | JointAttention]:
+    """Every attention site of a network, by site name: its state_dict prefix.
+
+    A parameterless `JointAttention` core is named by its owner (`joint_blocks.3.attention` → `joint_blocks.3`).
+    """
+    sites = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, JointAttention):
+            sites[name.rsplit(".", 1)[0]] = m
+        elif isinstance(m, _Attention):
+            sites[name] = m
+    return sites
 
 
 def name_attention_sites(unet: nn.Module) -> None:

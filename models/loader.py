@@ -157,8 +157,11 @@ def _open(path: Path):
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
+        magic = file.read(9)
+    # safetensors: an 8-byte header length, then the JSON header's "{". Its first byte can be 0x80 (a length ending
+    # in 0x80), so the pickle test below only applies to files without that "{" (one safetensors file in 256 was refused).
+    is_safetensors = magic[8:9] == b"{"
+    if magic[:2] == b"PK" or (magic[:1] == b"\x80" and not is_safetensors):  # a zip (torch.save) or a bare pickle
         raise _refuse_pickle(path, "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
                                    "it is not unpickled (that can run arbitrary code).")
     try:

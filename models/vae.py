@@ -24,6 +24,7 @@ class VAEConfig:
     in_channels: int = 3  # RGB
     z_channels: int = 4  # latent channels
     embed_dim: int = 4  # channels after quant_conv (== z_channels in SD)
+    quant_conv: bool = True  # 1×1 quant_conv/post_quant_conv exist (SD 1.x/2.x/XL); the 16-channel VAE has none
 
     @property
     def downsampling_factor(self) -> int:
@@ -182,8 +183,11 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        if config.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * config.z_channels, 2 * config.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        else:  # parameterless stand-ins: no keys in the state_dict, encode/decode unchanged
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
 
     def encode(self, images: torch.Tensor) -> Posterior:
         """images (b, 3, H, W) in [-1, 1] → posterior over unscaled latents (b, 4, H/f, W/f)."""
@@ -193,3 +197,29 @@ class AutoencoderKL(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """unscaled latents → images in (roughly) [-1, 1]."""
         return self.decoder(self.post_quant_conv(latents))
+
+
+def flow_vae() -> VAEConfig:
+    """The 16-channel VAE of SD3 / SD3.5 (`first_stage_model.*`) and FLUX.1 (`ae.safetensors`, no prefix):
+    SD's architecture with 16 latent channels and no quant convs (Esser et al. 2024, §5.2.1)."""
+    return VAEConfig(z_channels=16, embed_dim=16, quant_conv=False)
+
+
+@dataclass(frozen=True)
+class LatentScaling:
+    """What the diffusion model sees: (z − shift)·scale, chosen per VAE to give unit-variance, zero-mean latents."""
+
+    scale_factor: float
+    shift_factor: float = 0.0
+
+    def to_model(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scale_factor
+
+    def from_model(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scale_factor + self.shift_factor
+
+
+# diffusers `vae/config.json` of stabilityai/stable-diffusion-3-medium-diffusers (= SD3.5) and of
+# black-forest-labs/FLUX.1-dev (= BFL `AutoEncoderParams(scale_factor=0.3611, shift_factor=0.1159)`)
+SD3_LATENT_SCALING = LatentScaling(scale_factor=1.5305, shift_factor=0.0609)
+FLUX_LATENT_SCALING = LatentScaling(scale_factor=0.3611, shift_factor=0.1159)
