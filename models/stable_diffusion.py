@@ -171,7 +171,7 @@ class StableDiffusion(nn.Module):
         if self.config.text_2 is not None:
             text = self.conditioner.features(prompts, dtype=self.dtype)
         else:
-            ids = self.cond_stage_model.tokenize(prompts).to(self.device)
+            ids = self.cond_stage_model.tokenize(prompts).to(self.cond_stage_model.model.token_embedding.weight.device)
             text = TextConditioning(self.cond_stage_model(ids, dtype=self.dtype))
         if self.config.force_zeros_for_empty_prompt:
             keep = torch.tensor([prompt != "" for prompt in prompts], device=text.context.device)
