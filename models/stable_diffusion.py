@@ -87,6 +87,15 @@ class ModelConfig:
                 raise UserError(f"{name}={value!r} is not a positive multiple of {multiple} for model "
                                 f"{self.name!r} ({why}); try {nearest}")
 
+    def with_settings(self, **settings) -> "ModelConfig":
+        """A copy with top-level settings changed, e.g. from `conf/model/sdxl.yaml` (`original_size=[1024, 1024]`):
+        lists become tuples; names that are not settings raise a UserError naming the accepted ones."""
+        accepted = sorted(f.name for f in dataclasses.fields(self) if f.name not in ("unet", "vae", "text", "text_2"))
+        unknown = sorted(set(settings) - set(accepted))
+        if unknown:
+            raise UserError(f"model settings {unknown} are unknown; accepted are {accepted}")
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
@@ -201,7 +210,7 @@ class StableDiffusion(nn.Module):
         """Images (b, 3, H, W) in [-1, 1] → scaled latents: the posterior mean (or a sample) × scale_factor."""
         posterior = self.first_stage_model.encode(images.to(self.device, self.dtype))
         latents = posterior.sample(generator) if sample else posterior.mean
-        check_finite(latents, what="VAE encoding", dtype=self.dtype)
+        check_finite(latents, what="the VAE's encoded latents", dtype=self.dtype)
         return latents * self.config.scale_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -210,7 +219,7 @@ class StableDiffusion(nn.Module):
         dtype = torch.float32 if self.config.vae_decode_fp32 else self.dtype
         check_finite(latents, what="the latents to decode", dtype=self.dtype)
         images = self.first_stage_model.decode(latents.to(self.device, dtype) / self.config.scale_factor)
-        check_finite(images, what="VAE decoding", dtype=dtype)
+        check_finite(images, what="the VAE's decoded images", dtype=dtype)
         return images.clamp(-1, 1)
 
 
@@ -219,9 +228,9 @@ def check_finite(tensor: torch.Tensor, *, what: str, dtype: torch.dtype) -> None
     bad = (~torch.isfinite(tensor)).sum().item()
     if bad:
         half = dtype in (torch.float16, torch.bfloat16)
-        raise UserError(f"{what} gave {bad} NaN/inf values of {tensor.numel()} in {dtype}: "
-                        + ("half precision overflowed; compute in float32 (dtype=fp32, with weights_dtype=fp16 to "
-                           "keep the memory), and keep vae_decode_fp32=true" if half else
+        raise UserError(f"{what}: {bad} of {tensor.numel()} values are NaN/inf (computed in {dtype}); "
+                        + ("half precision overflowed: compute in float32 (dtype=fp32, with weights_dtype=fp16 to "
+                           "keep the memory low) and keep vae_decode_fp32=true" if half else
                            "the weights or inputs hold NaN/inf, or the sampling diverged"))
 
 

@@ -96,6 +96,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         if config.act not in ("quick_gelu", "gelu"):
             raise ValueError(f"text act {config.act!r} is not supported; use 'quick_gelu' or 'gelu'")
+        if config.context_layers is not None and not 1 <= config.context_layers <= config.layers:
+            raise ValueError(f"text context_layers {config.context_layers} must be between 1 and layers {config.layers}")
         self.config = config
         self.model = TextTower(config)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
 
+from models import loader
 from models.conditioner import size_conditioning
 from models.errors import UserError
 from models.loader import (CheckpointError, check_checkpoint, detect_config, is_ignored, load_checkpoint,
@@ -154,8 +156,11 @@ def test_added_conditioning_defaults_and_settings(tiny_sdxl):
     assert torch.equal(y, size_conditioning(pooled, original_size=(64, 96), crop=(0, 0), target_size=(64, 96),
                                             embedding_dim=k))
     settings = dict(original_size=(1024, 1024), crop=(8, 0), target_size=(64, 64))
-    model = dataclasses.replace(tiny_sdxl.config, **settings)
-    tiny_sdxl.config, original = model, tiny_sdxl.config
+    changed = tiny_sdxl.config.with_settings(**{k: list(v) for k, v in settings.items()})  # lists, as from YAML
+    assert changed.original_size == (1024, 1024)
+    with pytest.raises(UserError, match=r"model settings \['crop_size'\] are unknown; accepted are \[.*'crop'"):
+        tiny_sdxl.config.with_settings(crop_size=[0, 0])
+    tiny_sdxl.config, original = changed, tiny_sdxl.config
     try:
         y = tiny_sdxl.added_conditioning(pooled, height=64, width=96)
     finally:
@@ -232,6 +237,17 @@ def test_half_weights_fp32_compute_equal_rounded_fp32_model(tiny_sdxl, tiny_sdxl
         assert actual.dtype == torch.float32 and torch.equal(actual, expected[what]), what
 
 
+def test_fp16_file_keeps_fp16_weights(tiny_sdxl, tmp_path):
+    """An fp16 file (as SDXL ships) loads into fp16 storage untouched, and computes in fp32 like the rounded model."""
+    path = save_checkpoint(tiny_sdxl, tmp_path / "fp16.safetensors", dtype="fp16")
+    stored = load_checkpoint(path, weights_dtype="fp16", dtype="fp32")
+    rounded = rounded_copy(tiny_sdxl, torch.float16)
+    assert all(torch.equal(v.float(), rounded.state_dict()[k]) for k, v in stored.state_dict().items())
+    expected = sdxl_outputs(rounded)
+    for what, actual in sdxl_outputs(stored).items():
+        assert torch.equal(actual, expected[what]), what
+
+
 def test_half_weights_fp32_compute_gives_the_same_image_on_the_tiny_model(random_model, tmp_path):
     """Every layer type of the SD-style tiny model (hybrid attention, open_clip MHA) through the whole pipeline."""
     from p2p.pipeline import SamplerSettings, generate
@@ -253,10 +269,22 @@ def test_vae_decodes_in_fp32_and_never_returns_nan_silently(tiny_sdxl, tiny_sdxl
         decoded = half.decode_latents(latents)  # default: decoded in fp32
         assert decoded.dtype == torch.float32 and torch.isfinite(decoded).all()
         half.config.vae_decode_fp32 = False
-        with pytest.raises(UserError, match="VAE decoding gave .* NaN/inf .* in torch.float16: half precision overflowed"):
+        with pytest.raises(UserError, match=r"the VAE's decoded images: \d+ of 3072 values are NaN/inf \(computed in "
+                                            r"torch.float16\); half precision overflowed"):
             half.decode_latents(latents)
-        with pytest.raises(UserError, match="the latents to decode gave 1 NaN/inf"):
+        with pytest.raises(UserError, match="the latents to decode: 1 of 64 values are NaN/inf"):
             tiny_sdxl.decode_latents(torch.zeros(1, 4, 4, 4).index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"))))
+
+
+def test_half_precision_compute_on_a_slow_cpu_warns(tiny_sdxl_file, monkeypatch, caplog):
+    monkeypatch.setattr(loader, "_cpu_has_native_half", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        load_checkpoint(tiny_sdxl_file, dtype="bf16")
+    assert "weights_dtype=bf16 dtype=fp32" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        load_checkpoint(tiny_sdxl_file, weights_dtype="bf16", dtype="fp32")
+    assert not caplog.text
 
 
 def test_checkpoint_error_is_a_user_error():
