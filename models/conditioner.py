@@ -23,6 +23,8 @@ from torch import nn
 from models.text import TextConditioning, TextConfig, TextEncoder
 from models.unet import timestep_embedding
 
+CLIP_L_HF_PREFIX = "conditioner.embedders.0.transformer.text_model."  # the file's CLIP-L keys (Hugging Face names)
+CLIP_L_PREFIX = "conditioner.embedders.0.model."  # the same weights in our open_clip layout (`hf_clip_to_open_clip`)
 SIZE_EMBEDDING_DIM = 256  # per number of the size conditioning (sgm `outdim: 256`; diffusers addition_time_embed_dim)
 
 

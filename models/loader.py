@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.conditioner import CLIP_L_HF_PREFIX
 from models.errors import UserError
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from models.text import HF_PREFIX, hf_clip_to_open_clip, open_clip_to_hf_clip
@@ -115,7 +116,7 @@ def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-_SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+_SDXL_CLIP_L = CLIP_L_HF_PREFIX + "embeddings.token_embedding.weight"
 _SDXL_BIGG = "conditioner.embedders.1.model.token_embedding.weight"
 
 

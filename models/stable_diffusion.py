@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.conditioner import SIZE_EMBEDDING_DIM, Conditioner, size_conditioning
+from models.conditioner import CLIP_L_HF_PREFIX, CLIP_L_PREFIX, SIZE_EMBEDDING_DIM, Conditioner, size_conditioning
 from models.ddim import PREDICTIONS, SD_BETA_END, SD_BETA_START, NUM_TRAIN_TIMESTEPS, Schedule, scaled_linear_schedule
 from models.errors import UserError
 from models.precision import cast_weights_in_forward
@@ -150,7 +150,7 @@ class StableDiffusion(nn.Module):
     def hf_text_prefixes(self) -> list[tuple[str, str]]:
         """(file prefix with HF CLIP names, our open_clip-layout prefix) of each text encoder stored under HF names."""
         if self.config.text_2 is not None:
-            return [("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.0.model.")]
+            return [(CLIP_L_HF_PREFIX, CLIP_L_PREFIX)]
         return [(HF_PREFIX, OC_PREFIX)] if self.config.text.hf_layout else []
 
     @property
@@ -176,6 +176,8 @@ class StableDiffusion(nn.Module):
 
         With `force_zeros_for_empty_prompt` (SDXL base), each empty prompt "" (the unconditional input of
         classifier-free guidance) gives zeros for both, as the reference pipeline does."""
+        if isinstance(prompts, str):
+            raise TypeError(f"encode_text takes a list of prompts, got the string {prompts!r}; wrap it in a list")
         prompts = list(prompts)
         if self.config.text_2 is not None:
             text = self.conditioner.features(prompts, dtype=self.dtype)
