@@ -186,24 +186,30 @@ def test_sdxl_text_encoders_match_transformers(random_model):
 
 # --- VAE ----------------------------------------------------------------------------------------------------------
 
-def run_vae_parity(config: ModelConfig, random_model, *, latent_hw: tuple[int, int]) -> dict[str, float]:
-    """`decode_latents` (÷ 0.13025) and `encode_images` (× 0.13025) against diffusers' AutoencoderKL with SDXL's
-    `scaling_factor`, the way StableDiffusionXLPipeline uses it."""
+def diffusers_vae_from_ours(vae: AutoencoderKL, config: ModelConfig) -> DiffusersAutoencoderKL:
+    """diffusers' AutoencoderKL with SDXL's `scaling_factor` (vae/config.json of SDXL base), our weights converted."""
     c = config.vae
     diffusers_config = dict(
         in_channels=3, out_channels=3, latent_channels=c.z_channels, layers_per_block=c.num_res_blocks,
         block_out_channels=tuple(c.ch * m for m in c.ch_mult), down_block_types=("DownEncoderBlock2D",) * len(c.ch_mult),
         up_block_types=("UpDecoderBlock2D",) * len(c.ch_mult), act_fn="silu", norm_num_groups=32,
         sample_size=config.image_size, scaling_factor=config.scale_factor, force_upcast=True)
-    with torch.device("meta"):
-        model = StableDiffusion(config)
-    del model.model, model.conditioner  # only the VAE is allocated (and gives `model.device`)
-    model.first_stage_model = cast_weights_in_forward(random_model(lambda: AutoencoderKL(c), seed=2))
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in model.vae.state_dict().items()},
+    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in vae.state_dict().items()},
                                            diffusers_config)
     with torch.device("meta"):
         reference = DiffusersAutoencoderKL(**diffusers_config)
     reference.load_state_dict(converted, strict=True, assign=True)
+    return reference.eval()
+
+
+def run_vae_parity(config: ModelConfig, random_model, *, latent_hw: tuple[int, int]) -> dict[str, float]:
+    """`decode_latents` (÷ 0.13025) and `encode_images` (× 0.13025) against diffusers' AutoencoderKL with SDXL's
+    `scaling_factor`, the way StableDiffusionXLPipeline uses it."""
+    with torch.device("meta"):
+        model = StableDiffusion(config)
+    del model.model, model.conditioner  # only the VAE is allocated (and gives `model.device`)
+    model.first_stage_model = cast_weights_in_forward(random_model(lambda: AutoencoderKL(config.vae), seed=2))
+    reference = diffusers_vae_from_ours(model.vae, config)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, *latent_hw, generator=generator)
     images = torch.rand(1, 3, *(s * config.latent_factor for s in latent_hw), generator=generator) * 2 - 1
