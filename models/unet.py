@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -269,6 +270,10 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1))
         name_attention_sites(self)
+        # True: when gradients are needed (null-text inversion), keep only each block's input and recompute its
+        # inside during backward: activation memory of one block instead of all, for ~1 more forward in time.
+        # The recompute runs attention again, so a controller attached then sees each site twice per step.
+        self.gradient_checkpointing = False
 
     @property
     def has_vector_conditioning(self) -> bool:
@@ -284,15 +289,21 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype))  # SDXL: time + (pooled text, sizes) embeddings
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (
+            lambda block, *args: block(*args))
         skips, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, upsample_size=tuple(skips[-1].shape[-2:]) if skips else None)
+            h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         c = self.config

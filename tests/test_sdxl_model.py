@@ -180,6 +180,25 @@ def test_unet_needs_y_and_uses_it(tiny_sdxl):
     assert (small - large).abs().max() > 1e-3  # the sizes reach the output
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl):
+    """Null-text inversion's memory lever: the same loss and gradient w.r.t. the context, blocks recomputed."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    text = tiny_sdxl.encode_text(["a cat"])
+    y = tiny_sdxl.added_conditioning(text.pooled, height=64, width=64)
+    results = []
+    for checkpointing in (False, True):
+        context = text.context.clone().requires_grad_(True)
+        tiny_sdxl.unet.gradient_checkpointing = checkpointing
+        try:
+            loss = tiny_sdxl.unet(x, 500, context, y=y).square().mean()
+            loss.backward()
+        finally:
+            tiny_sdxl.unet.gradient_checkpointing = False
+        results.append((loss.detach(), context.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+
+
 # --- sizes ---------------------------------------------------------------------------------------------------
 
 def test_size_multiple_per_model():
