@@ -175,8 +175,12 @@ def _open(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
+        magic = file.read(9)
+    # safetensors = an 8-byte little-endian header length, then the JSON header. Its first byte is the length's
+    # lowest, which is 0x80 (a pickle's first byte) for 1 file in 256: recognise safetensors first.
+    header_length = int.from_bytes(magic[:8], "little")
+    is_safetensors = magic[8:9] == b"{" and 2 <= header_length < path.stat().st_size
+    if not is_safetensors and (magic[:2] == b"PK" or magic[:1] == b"\x80"):  # a zip (torch.save) or a bare pickle
         raise _refuse_pickle(path, "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
                                    "it is not unpickled (that can run arbitrary code).")
     try:

@@ -306,5 +306,23 @@ def test_half_precision_compute_on_a_slow_cpu_warns(tiny_sdxl_file, monkeypatch,
     assert not caplog.text
 
 
+def test_safetensors_whose_first_byte_looks_like_a_pickle_loads(tiny_sdxl_file, tmp_path):
+    """The header length's lowest byte is 0x80 (a pickle's first byte) for 1 file in 256, real SDXL files too."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(tiny_sdxl_file), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(tiny_sdxl_file))
+    for padding in range(0, 256, 8):  # headers are padded to 8 bytes: 32 lengths cover every lowest byte
+        path = tmp_path / f"padded-{padding}.safetensors"
+        save_file(state, str(path), metadata={**metadata, "padding": "x" * padding})
+        with open(path, "rb") as file:
+            if file.read(1) == b"\x80":
+                break
+    else:
+        pytest.fail("no metadata padding gave a header length ending in 0x80")
+    assert load_checkpoint(path).config.name == "tiny-sdxl"  # read as safetensors, not refused as a pickle
+
+
 def test_checkpoint_error_is_a_user_error():
     assert issubclass(CheckpointError, UserError) and issubclass(CheckpointError, ValueError)
