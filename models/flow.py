@@ -15,9 +15,11 @@ A final σ = 0 is appended: `sigmas` has N + 1 entries, step i goes from sigmas[
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from models.errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000  # σ = t / 1000 for the training timesteps t = 1 … 1000
 SD3_SHIFT = 3.0  # SD3 / SD3.5 scheduler configs (`shift`), chosen for 1024² in Esser et al. 2024 §5.3.2
@@ -45,7 +47,7 @@ def flux_mu(image_seq_len: int, *, base_seq_len: int = FLUX_BASE_SEQ_LEN, max_se
 
 def _check_steps(num_steps) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"steps={num_steps!r} must be a positive integer")
+        raise UserError(f"steps={num_steps!r} must be a positive integer")
 
 
 def sd3_sigmas(num_steps: int, *, shift: float = SD3_SHIFT) -> torch.Tensor:

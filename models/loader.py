@@ -1,14 +1,16 @@
-"""Strict loading of single-file safetensors checkpoints (SD 1.x, SD 2.x, and the built-in tiny model).
+"""Strict loading of single-file safetensors checkpoints (SD 1.x, SD 2.x, SDXL base 1.0, the built-in tiny model).
 
 Steps: refuse pickles → read the header → choose the config (explicit override, file metadata, or
-detection from key names and shapes; SD-XL, inpainting, LoRA, diffusers-format files are named and
+detection from key names and shapes; SDXL refiner, inpainting, LoRA, diffusers-format files are named and
 refused) → drop a *declared* set of ignorable keys → check names, shapes and dtypes against the model's
-keys in the file's own naming, listing every problem, before reading any tensor → read and cast →
-rename SD 1.x text keys by rule → build on the meta device and `load_state_dict(strict=True, assign=True)`,
-so a 4 GB file is never held twice in memory.
+keys in the file's own naming, listing every problem, before reading any tensor → read each tensor and cast
+it to `weights_dtype` → rename HF CLIP text keys (SD 1.x, SDXL's CLIP-L) by rule → build on the meta device
+and `load_state_dict(strict=True, assign=True)`, so a 7 GB file is never held twice in memory.
+The compute dtype (`dtype`) may differ from `weights_dtype`: layers cast their weights in their forward.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.conditioner import CLIP_L_HF_PREFIX
 from models.errors import MissingFileError, OutputExistsError, UserError
 from models.files import atomic_path
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
@@ -39,6 +42,10 @@ IGNORED_KEYS = (
     re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"),  # HF CLIP's arange buffer
     re.compile(r"^cond_stage_model\.model\.(text_projection|logit_scale)$"),  # CLIP's contrastive head, unused
     re.compile(r"^first_stage_model\.loss\."),  # LPIPS/discriminator of the VAE's training loss
+    # SDXL (shared/sd-keys/keys_sdxl_extras.txt): sgm's DiscreteDenoiser sigmas buffer (models/ddim.py computes
+    # the schedule) and CLIP-L's arange buffer, which some SDXL files carry and others don't
+    re.compile(r"^denoiser\.sigmas$"),
+    re.compile(r"^conditioner\.embedders\.0\.transformer\.text_model\.embeddings\.position_ids$"),
 )
 _TEXT_LAYER = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
 
@@ -82,8 +89,8 @@ def is_ignored(key: str, config: ModelConfig) -> bool:
 _SD2_V_NAME = re.compile(r"768|(^|[-_.])v([-_.]|$)")  # v2-1_768-ema-pruned, 768-v-ema, sd21-v
 _SD2_BASE_NAME = re.compile(r"base|512")  # v2-1_512-ema-pruned, 512-base-ema
 _SD14_NAME = re.compile(r"(^|[^0-9.])1[-_.]?4($|[^0-9])")  # sd-v1-4, sd14 (same weights' layout as 1.5)
-SUPPORTED = ("SD 1.x (model=sd14|sd15), SD 2.x (model=sd21-base|sd21) and files carrying their config in the "
-             f"'{CONFIG_METADATA_KEY}' metadata (the built-in model)")
+SUPPORTED = ("SD 1.x (model=sd14|sd15), SD 2.x (model=sd21-base|sd21), SDXL base 1.0 (model=sdxl) and files "
+             f"carrying their config in the '{CONFIG_METADATA_KEY}' metadata (the built-in model)")
 _UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 _IN_CHANNELS = {9: "an inpainting checkpoint (image + mask + latent: 9 UNet input channels)",
                 8: "an InstructPix2Pix checkpoint (8 UNet input channels)",
@@ -93,8 +100,11 @@ _IN_CHANNELS = {9: "an inpainting checkpoint (image + mask + latent: 9 UNet inpu
 def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
     """What a file we cannot load is, judged from its keys and shapes (None: it looks like a text-to-image LDM)."""
     keys = list(shapes)
+    if _sd_family(shapes) == "sdxl":
+        return None
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "an SD-XL checkpoint (text encoders under 'conditioner.embedders.')"
+        return ("an SD-XL checkpoint other than SDXL base 1.0 (text encoders under 'conditioner.embedders.' but not "
+                "base 1.0's CLIP ViT-L + OpenCLIP bigG: the refiner or another variant)")
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_down" in k for k in keys):
         return "a LoRA (low-rank weight differences, not a whole model)"
     if any(re.match(r"^((unet|vae|text_encoder|encoder|decoder)\.)?(down_blocks|mid_block|up_blocks)\.", k) for k in keys):
@@ -107,8 +117,15 @@ def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
+_SDXL_CLIP_L = CLIP_L_HF_PREFIX + "embeddings.token_embedding.weight"
+_SDXL_BIGG = "conditioner.embedders.1.model.token_embedding.weight"
+
+
 def _sd_family(shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """'sd1' (HF CLIP ViT-L/14 text keys), 'sd2' (OpenCLIP ViT-H/14 text keys) or None."""
+    """'sd1' (HF CLIP ViT-L/14 text keys), 'sd2' (OpenCLIP ViT-H/14 text keys), 'sdxl' (both of SDXL base 1.0's
+    text encoders: CLIP ViT-L/14 under HF names and OpenCLIP ViT-bigG/14) or None."""
+    if shapes.get(_SDXL_CLIP_L, (0, 0))[-1] == 768 and shapes.get(_SDXL_BIGG, (0, 0))[-1] == 1280:
+        return "sdxl"
     if shapes.get(HF_PREFIX + "embeddings.token_embedding.weight", (0, 0))[-1] == 768:
         return "sd1"
     if shapes.get("cond_stage_model.model.token_embedding.weight", (0, 0))[-1] == 1024:
@@ -125,6 +142,8 @@ def detect_config(shapes: dict[str, tuple[int, ...]], *, path: str = "") -> Mode
         raise CheckpointError(f"{path}: {unsupported}; supported are {SUPPORTED}")
     name = Path(path).name.lower()
     family = _sd_family(shapes)
+    if family == "sdxl":
+        return preset("sdxl")
     if family == "sd1":
         return preset("sd14" if _SD14_NAME.search(name) else "sd15")
     if family == "sd2":
@@ -135,7 +154,7 @@ def detect_config(shapes: dict[str, tuple[int, ...]], *, path: str = "") -> Mode
             log.warning("%s: cannot tell SD 2.x 512-ε from 768-v by its weights or name; assuming sd21 (v). "
                         "Pass model=sd21-base for the ε model.", path)
         return preset("sd21")
-    raise CheckpointError(f"{path}: not a recognised SD checkpoint (no SD 1.x or SD 2.x text encoder keys, and no "
+    raise CheckpointError(f"{path}: not a recognised SD checkpoint (no SD 1.x, SD 2.x or SDXL text encoder keys, and no "
                           f"'{CONFIG_METADATA_KEY}' metadata); supported are {SUPPORTED}")
 
 
@@ -158,10 +177,11 @@ def _open(path: Path):
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as file:
         magic = file.read(9)
-    # safetensors: an 8-byte header length, then the JSON header's "{". Its first byte can be 0x80 (a length ending
-    # in 0x80), so the pickle test below only applies to files without that "{" (one safetensors file in 256 was refused).
-    is_safetensors = magic[8:9] == b"{"
-    if magic[:2] == b"PK" or (magic[:1] == b"\x80" and not is_safetensors):  # a zip (torch.save) or a bare pickle
+    # safetensors = an 8-byte little-endian header length, then the JSON header. Its first byte is the length's
+    # lowest, which is 0x80 (a pickle's first byte) for 1 file in 256: recognise safetensors first.
+    header_length = int.from_bytes(magic[:8], "little")
+    is_safetensors = magic[8:9] == b"{" and 2 <= header_length < path.stat().st_size
+    if not is_safetensors and (magic[:2] == b"PK" or magic[:1] == b"\x80"):  # a zip (torch.save) or a bare pickle
         raise _refuse_pickle(path, "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
                                    "it is not unpickled (that can run arbitrary code).")
     try:
@@ -181,14 +201,20 @@ def _config_from_metadata(metadata: dict[str, str], *, path: Path) -> ModelConfi
                               "pass model=<preset> to ignore it") from err
 
 
-def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtype="fp32",
+def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtype="fp32", weights_dtype=None,
                     device: str | torch.device = "cpu") -> StableDiffusion:
     """Load a single-file checkpoint strictly. `config` overrides the metadata or detected preset.
 
-    Names, shapes and dtypes are checked from the file's header before any tensor is read, so a wrong file
-    fails in a second whatever its size; then only the model's own tensors are read, cast one at a time.
+    `weights_dtype` (None = `dtype`): the dtype the parameters are held in; `dtype`: the one computed in (each
+    layer casts its weights to it in its forward). On a CPU, `weights_dtype=fp16 dtype=fp32` halves the memory
+    at fp32 speed. Names, shapes and dtypes are checked from the file's header before any tensor is read, so a
+    wrong file fails in a second whatever its size; then only the model's own tensors are read, cast one at a
+    time: an fp16 file loaded as fp32 (or the reverse) is never held twice.
     """
-    path, dtype, device = Path(path), resolve_dtype(dtype), resolve_device(device)
+    path, device = Path(path), resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    weights_dtype = dtype if weights_dtype is None else resolve_dtype(weights_dtype)
+    warn_if_slow_half_precision(dtype, device)
     with _open(path) as f:
         header = {k: f.get_slice(k) for k in f.keys()}
         shapes = {k: tuple(s.get_shape()) for k, s in header.items()}
@@ -200,13 +226,31 @@ def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtyp
         state = {}
         try:
             for key in expected:
-                state[key] = f.get_tensor(key).to(dtype)
+                state[key] = f.get_tensor(key).to(weights_dtype)
         except Exception as err:
             raise CheckpointError(f"{path}: reading tensor {key!r} failed ({err}); the file may be truncated") from err
-    if config.text.hf_layout:
-        state = hf_clip_to_open_clip(state)
+    for hf_prefix, oc_prefix in model.hf_text_prefixes():
+        state = hf_clip_to_open_clip(state, hf_prefix=hf_prefix, oc_prefix=oc_prefix)
     model.load_state_dict(state, strict=True, assign=True)
+    model.compute_dtype = dtype
     return model.to(device).eval().requires_grad_(False)
+
+
+def warn_if_slow_half_precision(dtype: torch.dtype, device: torch.device) -> None:
+    """One warning when half precision would be *computed* on a CPU without native bf16/fp16 matmul."""
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not _cpu_has_native_half():
+        log.warning("dtype=%s on this CPU (no AVX512-BF16/AMX) computes 80-500x slower than fp32; the fast setting "
+                    "is weights_dtype=bf16 dtype=fp32 (half-precision storage, fp32 compute)",
+                    "bf16" if dtype == torch.bfloat16 else "fp16")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_half() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False  # not Linux: assume not (a warning too many is cheaper than hours of slow sampling)
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16"))
 
 
 def check_checkpoint(shapes: dict[str, tuple[int, ...]], model: StableDiffusion, *, path: str,
@@ -232,7 +276,9 @@ def _hint(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> str:
     if unsupported:
         return f"The file looks like {unsupported}; supported are {SUPPORTED}."
     family = _sd_family(shapes)
-    if family == "sd1" and not config.text.hf_layout:
+    if family == "sdxl" and config.text_2 is None:
+        return "The file looks like SDXL base 1.0: pass model=sdxl."
+    if family == "sd1" and (not config.text.hf_layout or config.text_2 is not None):
         return "The file looks like SD 1.x: pass model=sd15 (or sd14)."
     if family == "sd2" and config.text.width != 1024:
         return "The file looks like SD 2.x: pass model=sd21-base (512, ε) or model=sd21 (768, v)."
@@ -265,9 +311,11 @@ def check_state(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[in
 
 
 def original_state_dict(model: StableDiffusion) -> dict[str, torch.Tensor]:
-    """Our weights under the names the original checkpoint uses (SD 1.x text keys back to HF CLIP)."""
+    """Our weights under the names the original checkpoint uses (SD 1.x's and SDXL's CLIP-L keys back to HF CLIP)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    return open_clip_to_hf_clip(state) if model.config.text.hf_layout else state
+    for hf_prefix, oc_prefix in model.hf_text_prefixes():
+        state = open_clip_to_hf_clip(state, hf_prefix=hf_prefix, oc_prefix=oc_prefix)
+    return state
 
 
 def save_checkpoint(model: StableDiffusion, path: str | Path, *, dtype="fp32", overwrite: bool = False) -> Path:

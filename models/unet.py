@@ -9,8 +9,12 @@ Each transformer level uses one of two attention kinds (`UNetConfig.attention_ki
 "cross" = SD's block (self-attention `attn1`, then text cross-attention `attn2`);
 "hybrid" = Imagen's block (one `attn1` over text + pixels, no `attn2`).
 
+SDXL is a configuration of this same UNet: three levels, transformer depth (0, 2, 10) per level (none at
+the top), and `label_emb`, an MLP on the vector `y` (pooled text + size embeddings) whose output is added
+to the time embedding (sgm's `openaimodel.py` with `num_classes="sequential"`).
+
 References: Ho et al. 2020 (UNet + timestep embedding), Rombach et al. 2022 (cross-attention
-conditioning, Eq. 3), Saharia et al. 2022 (Imagen, hybrid attention).
+conditioning, Eq. 3), Saharia et al. 2022 (Imagen, hybrid attention), Podell et al. 2023 (SDXL, §2.1-2.2).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -37,17 +42,26 @@ class UNetConfig:
     attention_kinds: tuple[str, ...] = ()  # "cross" or "hybrid" per level; empty = all "cross" (SD)
     num_heads: int = 8  # SD 1.x: fixed head count ...
     num_head_channels: int = -1  # ... SD 2.x: fixed head width (64) instead; -1 = use num_heads
-    transformer_depth: int = 1  # transformer blocks per SpatialTransformer
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per SpatialTransformer: one for all, or one per level
+    # (SDXL: (0, 2, 10) — 0 = no transformer at that level); the middle block takes the last level's
     context_dim: int = 768  # text feature width: 768 (CLIP ViT-L), 1024 (OpenCLIP ViT-H)
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1×1 convs
     upcast_attention: bool = False  # SD 2.x: attention in float32 even when the model runs in fp16
+    adm_in_channels: int = 0  # SDXL: width of the vector `y` (2816) that `label_emb` adds to the time embedding
+    latent_multiple: int = 1  # latent sides must be multiples of this; 1 = any size (the up path follows the
+    # skips' sizes, as diffusers' UNet does); SDXL: 4 = 2**(levels-1), the sizes its reference UNet (sgm) takes
 
     def kind_at(self, level: int) -> str:
         return self.attention_kinds[level] if self.attention_kinds else "cross"
 
+    def depth_at(self, level: int) -> int:
+        depth = self.transformer_depth
+        return depth if isinstance(depth, int) else depth[level]
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding, [cos | sin] order as in LDM (diffusers: flip_sin_to_cos=True, freq_shift=0)."""
+    """Sinusoidal embedding (b,) → (b, dim), [cos | sin] order as in LDM (diffusers: flip_sin_to_cos=True,
+    freq_shift=0). SDXL embeds its size conditioning with the same function (`models/conditioner.py`)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
@@ -213,11 +227,14 @@ class UNetModel(nn.Module):
                              f"({len(c.channel_mult)} levels in channel_mult {c.channel_mult})")
         emb_dim = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels:  # sgm's `num_classes="sequential"`: an MLP inside a one-entry Sequential (label_emb.0.0)
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         def transformer(ch: int, level: int) -> SpatialTransformer:
             heads, dim_head = ((ch // c.num_head_channels, c.num_head_channels) if c.num_head_channels > 0
                                else (c.num_heads, ch // c.num_heads))
-            return SpatialTransformer(ch, heads=heads, dim_head=dim_head, depth=c.transformer_depth,
+            return SpatialTransformer(ch, heads=heads, dim_head=dim_head, depth=c.depth_at(level),
                                       context_dim=c.context_dim, use_linear=c.use_linear_in_transformer,
                                       kind=c.kind_at(level), upcast=c.upcast_attention)
 
@@ -227,7 +244,7 @@ class UNetModel(nn.Module):
             for _ in range(c.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * c.model_channels)]
                 ch = mult * c.model_channels
-                if ds in c.attention_resolutions:
+                if ds in c.attention_resolutions and c.depth_at(level):
                     layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
@@ -244,7 +261,7 @@ class UNetModel(nn.Module):
             for i in range(c.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels)]
                 ch = mult * c.model_channels
-                if ds in c.attention_resolutions:
+                if ds in c.attention_resolutions and c.depth_at(level):
                     layers.append(transformer(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
@@ -253,17 +270,50 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1))
         name_attention_sites(self)
+        # True: when gradients are needed (null-text inversion), keep only each block's input and recompute its
+        # inside during backward: activation memory of one block instead of all, for ~1 more forward in time.
+        # The recompute runs attention again, so a controller attached then sees each site twice per step.
+        self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (b, 4, h, w) latents, timesteps: (b,) or scalar, context: (b, 77, context_dim) → (b, 4, h, w)."""
+    @property
+    def has_vector_conditioning(self) -> bool:
+        """True when the forward needs `y` (SDXL's pooled text + size embeddings)."""
+        return bool(self.config.adm_in_channels)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, 4, h, w) latents, timesteps: (b,) or scalar, context: (b, 77, context_dim),
+        y: (b, adm_in_channels) for SDXL (None otherwise) → (b, 4, h, w)."""
+        self._check_inputs(x, y)
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))  # SDXL: time + (pooled text, sizes) embeddings
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (
+            lambda block, *args: block(*args))
         skips, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, upsample_size=tuple(skips[-1].shape[-2:]) if skips else None)
+            h = run(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+    def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        c = self.config
+        if self.has_vector_conditioning and (y is None or y.shape != (x.shape[0], c.adm_in_channels)):
+            raise ValueError(f"this UNet adds a vector y of shape (batch, {c.adm_in_channels}) to its time embedding "
+                             f"(SDXL's pooled text and sizes); got {None if y is None else tuple(y.shape)} for "
+                             f"batch {x.shape[0]}: pass y=model.added_conditioning(...)")
+        if not self.has_vector_conditioning and y is not None:
+            raise ValueError("this UNet takes no vector conditioning (no label_emb); pass y=None")
+        height, width = x.shape[-2:]
+        if height % c.latent_multiple or width % c.latent_multiple:
+            raise UserError(f"latent size {height}×{width} is not a multiple of {c.latent_multiple} on each side, "
+                            f"which this UNet needs ({len(c.channel_mult) - 1} downsamplings)")

@@ -8,8 +8,18 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from models.flow import (SD3_SHIFT, euler_step, flux_mu, flux_sigmas, noise_latents, sample_euler, sd3_sigmas,
-                         sd3_timesteps, shift_sigmas, x0_from_velocity)
+from models.flow import (
+    SD3_SHIFT,
+    euler_step,
+    flux_mu,
+    flux_sigmas,
+    noise_latents,
+    sample_euler,
+    sd3_sigmas,
+    sd3_timesteps,
+    shift_sigmas,
+    x0_from_velocity,
+)
 
 STEPS = [1, 4, 28, 50]
 

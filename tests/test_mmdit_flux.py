@@ -13,9 +13,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+from test_mmdit_sd3 import read_keys, relative_error
 
 from models.flux import PRESETS, Flux, FluxConfig, SingleStreamBlock, image_ids, pack, unpack
-from test_mmdit_sd3 import read_keys, relative_error
 
 TOLERANCE = 1e-4
 KEYS_DIR = Path(__file__).parent / "data" / "sd-keys"

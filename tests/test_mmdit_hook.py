@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.attention import AttentionSite, JointAttention, attach_controller, attention_modules
-from models.flux import Flux
 from test_mmdit_flux import inputs as flux_inputs
 from test_mmdit_flux import tiny as tiny_flux
 from test_mmdit_sd3 import inputs as sd3_inputs
 from test_mmdit_sd3 import random_mmdit
 from test_mmdit_sd3 import tiny as tiny_sd3
+
+from models.attention import AttentionSite, JointAttention, attach_controller, attention_modules
+from models.flux import Flux
 
 
 class Recorder:

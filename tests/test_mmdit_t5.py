@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_sd3_t5_checkpoint_to_diffusers
+from test_mmdit_sd3 import read_keys, relative_error
 from transformers import T5Config as HFT5Config
 from transformers import T5EncoderModel
 
 from models.errors import UserError
 from models.t5 import ALIAS_OF_SHARED, T5Config, T5Encoder, T5Tokenizer, t5_xxl, untie_embedding_alias
-from test_mmdit_sd3 import read_keys, relative_error
 
 TOLERANCE = 1e-4
 KEYS_DIR = Path(__file__).parent / "data" / "sd-keys"

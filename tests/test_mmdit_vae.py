@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from test_mmdit_sd3 import read_keys, relative_error
 
 from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, VAEConfig, flow_vae
-from test_mmdit_sd3 import read_keys, relative_error
 
 TOLERANCE = 1e-4
 KEYS_DIR = Path(__file__).parent / "data" / "sd-keys"
