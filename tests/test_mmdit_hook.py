@@ -63,7 +63,7 @@ def test_identity_controller_reaches_every_site_and_changes_nothing(family, sd3,
     hooked = run(model, kw, recorder)  # every site takes the explicit float32 softmax path
     assert (hooked - plain).abs().max().item() <= 1e-5
     assert set(recorder.seen) == set(attention_modules(model))
-    for site, probs in recorder.seen.values():
+    for _site, probs in recorder.seen.values():
         assert probs.dtype == torch.float32
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
 
