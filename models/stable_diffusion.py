@@ -84,8 +84,9 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
                 nearest = (max(multiple, round(value / multiple) * multiple)
                            if isinstance(value, (int, float)) and not isinstance(value, bool) else self.image_size)
-                raise UserError(f"{name}={value!r} is not a positive multiple of {multiple} for model "
-                                f"{self.name!r} ({why}); try {nearest}")
+                model = f" for model {self.name!r}" if self.unet.latent_multiple > 1 else ""
+                raise UserError(f"{name}={value!r} is not a positive multiple of {multiple}{model} ({why}); "
+                                f"try {nearest}")
 
     def with_settings(self, **settings) -> ModelConfig:
         """A copy with top-level settings changed, e.g. from `conf/model/sdxl.yaml` (`original_size=[1024, 1024]`):

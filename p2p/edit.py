@@ -180,12 +180,16 @@ MIN_BLEND_SIDE = 8
 
 
 def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, int]) -> int:
-    """latent/4 as in the reference, unless that grid is under MIN_BLEND_SIDE on a side or the model has
-    fewer levels; then the finest level that satisfies both (never finer than the latent itself)."""
-    downsamplings = min(BLEND_DOWNSAMPLINGS, len(model.config.unet.channel_mult) - 1)
-    while downsamplings > 0 and min(grid_at(latent_hw, downsamplings)) < MIN_BLEND_SIDE:
-        downsamplings -= 1
-    return downsamplings
+    """latent/4 as in the reference (SDXL at 1024 px: its 32² layers), among the levels that have text
+    attention (SDXL has none at full resolution); a grid under MIN_BLEND_SIDE on a side gives way to the next
+    finer level that has attention. Resolution-agnostic: derived from the model and the image size."""
+    unet = model.config.unet
+    levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions and unet.depth_at(d) > 0]
+    if not levels:
+        raise UserError(f"model {model.config.name!r} has no text attention, so LocalBlend has no maps to read")
+    candidates = [d for d in levels if d <= BLEND_DOWNSAMPLINGS] or levels[:1]
+    wide_enough = [d for d in candidates if min(grid_at(latent_hw, d)) >= MIN_BLEND_SIDE]
+    return max(wide_enough) if wide_enough else min(candidates)
 
 
 def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
@@ -239,7 +243,8 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     if latent is None:
         if seed is None:
             raise UserError("edit needs a seed or an initial latent")
-        latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
+        latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
+                                multiple=model.config.size_multiple)
     recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
                                                       num_steps=settings.steps, latent_hw=tuple(latent.shape[-2:]))
     prompts = list(prompts)

@@ -34,21 +34,59 @@ LatentCallback = Callable[[int, torch.Tensor], torch.Tensor]  # (step, x_{t-1} o
 PredictionHook = Callable[[int, torch.Tensor], None]  # (step, predicted x0 of all prompts (P, 4, h, w)); read only
 
 
-def check_image_size(height: int, width: int, *, latent_factor: int) -> None:
+def check_image_size(height: int, width: int, *, multiple: int) -> None:
+    """Sizes must be positive multiples of `multiple`; prefer `model.config.check_image_size`, which says why."""
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0 or value % latent_factor:
-            raise UserError(f"{name}={value!r} is not a positive multiple of {latent_factor} "
-                             f"(the VAE's downsampling factor); try {max(latent_factor, round(value / latent_factor) * latent_factor) if isinstance(value, (int, float)) else 512}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+            nearest = (max(multiple, round(value / multiple) * multiple)
+                       if isinstance(value, (int, float)) and not isinstance(value, bool) else 512)
+            raise UserError(f"{name}={value!r} is not a positive multiple of {multiple}; try {nearest}")
 
 
-def initial_latent(seed: int, *, height: int, width: int, latent_factor: int = 8) -> torch.Tensor:
+def initial_latent(seed: int, *, height: int, width: int, latent_factor: int = 8, multiple: int | None = None
+                   ) -> torch.Tensor:
     """x_T ~ N(0, I) of shape (1, 4, H/f, W/f) from `torch.Generator("cpu").manual_seed(seed)`.
 
     The convention of the official P2P notebooks and diffusers, so a seed gives the same x_T everywhere.
+    `multiple`: the sizes the model takes (default: the VAE factor `latent_factor`).
     """
-    check_image_size(height, width, latent_factor=latent_factor)
+    check_image_size(height, width, multiple=multiple or latent_factor)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn((1, LATENT_CHANNELS, height // latent_factor, width // latent_factor), generator=generator)
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, per batch row: the text context and, for SDXL, the vector y."""
+
+    context: torch.Tensor  # (b, context_length, context_dim)
+    y: torch.Tensor | None = None  # (b, adm_in_channels): SDXL's pooled text + size embeddings; None for SD 1.x/2.x
+
+    def expand(self, batch: int) -> Conditioning:
+        return Conditioning(self.context.expand(batch, -1, -1), None if self.y is None else self.y.expand(batch, -1))
+
+    def with_context(self, context: torch.Tensor) -> Conditioning:
+        """The same y with another context (null-text's ∅: the pooled vector stays the empty prompt's)."""
+        return Conditioning(context, self.y)
+
+
+def concat(*parts: Conditioning) -> Conditioning:
+    ys = [p.y for p in parts]
+    return Conditioning(torch.cat([p.context for p in parts]), None if ys[0] is None else torch.cat(ys))
+
+
+def condition(model: StableDiffusion, prompts: Sequence[str], *, latent_hw: tuple[int, int]) -> Conditioning:
+    """Prompts → the UNet's conditioning for images of `latent_hw` latents (SDXL's y embeds the image size)."""
+    text = model.encode_text(list(prompts))
+    height, width = (side * model.config.latent_factor for side in latent_hw)
+    return Conditioning(text.context, model.added_conditioning(text.pooled, height=height, width=width))
+
+
+def unet_output(model: StableDiffusion, x: torch.Tensor, t: int, conditioning: Conditioning) -> torch.Tensor:
+    """The UNet's ε (or v) for latents `x` at timestep `t`, in float32 (computed in the model's dtype)."""
+    y = None if conditioning.y is None else conditioning.y.to(model.dtype)
+    return model.unet(x.to(model.dtype), torch.tensor(t, device=x.device), conditioning.context.to(model.dtype),
+                      y=y).float()
 
 
 @dataclass
@@ -68,7 +106,7 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
     """Run the loop; returns the final latents (P, 4, h, w) in float32.
 
     `latent`: (1, 4, h, w), shared by all prompts. `uncond_embeddings`: one (1, 77, d) embedding per step
-    (null-text inversion) replacing the negative prompt's. `generator` feeds the η > 0 noise, which is
+    (null-text inversion) replacing the negative prompt's token embeddings (SDXL: its pooled vector stays). `generator` feeds the η > 0 noise, which is
     drawn once per step and shared by all prompts so that edits stay aligned. `on_prediction(step, x0)` gets
     a copy of the step's predicted clean latents (before any latent callback).
     """
@@ -76,8 +114,9 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
         raise UserError("sample needs at least one prompt")
     num_prompts = len(prompts)
     device = model.device
-    cond = model.encode_prompts(list(prompts))
-    uncond = model.encode_prompts([negative_prompt] * num_prompts)
+    latent_hw = tuple(latent.shape[-2:])
+    cond = condition(model, prompts, latent_hw=latent_hw)
+    uncond = condition(model, [negative_prompt] * num_prompts, latent_hw=latent_hw)
     timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                offset=settings.offset)
     if uncond_embeddings is not None and len(uncond_embeddings) != len(timesteps):
@@ -88,9 +127,8 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
             if controller is not None:
                 controller.begin_step(step)
             if uncond_embeddings is not None:
-                uncond = uncond_embeddings[step].to(device, model.dtype).expand(num_prompts, -1, -1)
-            out = model.unet(torch.cat([x, x]).to(model.dtype), torch.tensor(t, device=device),
-                             torch.cat([uncond, cond])).float()
+                uncond = uncond.with_context(uncond_embeddings[step].to(device, model.dtype).expand(num_prompts, -1, -1))
+            out = unet_output(model, torch.cat([x, x]), t, concat(uncond, cond))
             out_uncond, out_cond = out.chunk(2)
             guided = out_uncond + settings.guidance * (out_cond - out_uncond)
             if on_prediction is not None:
@@ -125,6 +163,7 @@ def generate(model: StableDiffusion, prompts: Sequence[str], *, seed: int, heigh
     """Text to image for a batch of prompts that share one seed; uint8 (P, H, W, 3)."""
     height, width = image_size(model, height, width)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
-    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
+    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
+                            multiple=model.config.size_multiple)
     generator = torch.Generator("cpu").manual_seed(int(seed) + 1) if settings.eta > 0 else None
     return decode(model, sample(model, prompts, latent=latent, settings=settings, generator=generator, **kwargs))

@@ -15,7 +15,7 @@ from PIL import Image
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
 from models.loader import load_checkpoint
-from models.stable_diffusion import StableDiffusion, preset
+from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
 from p2p.pipeline import SamplerSettings
 
@@ -23,21 +23,39 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_WEIGHTS = REPO / "models" / "weights" / "tiny.safetensors"
 
 
+MODEL_KEYS = ("name", "checkpoint", "guidance")  # cfg.model keys that are not ModelConfig settings
+
+
+def model_settings(cfg: DictConfig) -> dict:
+    """`model.<setting>=…` overrides of the preset (SDXL: original_size, crop, target_size, …), as a dict."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in MODEL_KEYS}
+
+
+def model_config(cfg: DictConfig) -> ModelConfig | None:
+    """The preset's config with the run's model settings; None for the tiny model (its file holds its config)."""
+    if cfg.model.name == "tiny":
+        return None
+    return preset(cfg.model.name).with_settings(**model_settings(cfg))
+
+
 def load_model(cfg: DictConfig) -> StableDiffusion:
-    """`cfg.model.name` + `cfg.model.checkpoint` (+ `cfg.dtype`, `cfg.device`) → a loaded model."""
+    """`cfg.model` (name, checkpoint, settings) + `cfg.dtype`, `cfg.weights_dtype`, `cfg.device` → a loaded model."""
     name, checkpoint = cfg.model.name, cfg.model.get("checkpoint")
     if checkpoint is None and name == "tiny":
         checkpoint = TINY_WEIGHTS
         if not checkpoint.exists():
             raise MissingFileError(f"the built-in model {checkpoint} is missing; train it with "
-                                    "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
-                                    "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
+                                   "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
+                                   "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
     if checkpoint is None:
         raise UserError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
-                         "(single-file safetensors; .ckpt files are refused)")
+                        "(single-file safetensors; .ckpt files are refused)")
     # The tiny file carries its own config; SD files get the named preset (their files hold no config).
-    config = None if name == "tiny" else preset(name)
-    return load_checkpoint(Path(checkpoint).expanduser(), config=config, dtype=cfg.dtype, device=cfg.device)
+    model = load_checkpoint(Path(checkpoint).expanduser(), config=model_config(cfg), dtype=cfg.dtype,
+                            weights_dtype=cfg.get("weights_dtype"), device=cfg.device)
+    if name == "tiny" and model_settings(cfg):
+        model.config = model.config.with_settings(**model_settings(cfg))
+    return model
 
 
 def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:

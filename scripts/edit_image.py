@@ -26,7 +26,7 @@ from models.errors import UserError  # noqa: E402
 from models.files import write_text  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers  # noqa: E402
-from p2p.pipeline import check_image_size, image_size  # noqa: E402
+from p2p.pipeline import image_size  # noqa: E402
 from p2p.real.images import load_image  # noqa: E402
 from p2p.real.inversion import check_tolerance_scale  # noqa: E402
 from p2p.real.photo import InversionSettings, edit_photo  # noqa: E402
@@ -69,7 +69,7 @@ def main(cfg: DictConfig) -> None:
     out = check_fresh(run_dir())  # before minutes of inversion
     model = load_model(cfg)
     height, width = image_size(model, cfg.height, cfg.width)
-    check_image_size(height, width, latent_factor=model.config.latent_factor)
+    model.config.check_image_size(height=height, width=width)
     margins = OmegaConf.to_container(cfg.margins) if OmegaConf.is_list(cfg.margins) else cfg.margins
     image = load_image(cfg.image, height=height, width=width, margins=margins)
     settings = sampler_settings(cfg, model)

@@ -19,11 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from models.ddim import ddim_timesteps  # noqa: E402
 from models.errors import UserError  # noqa: E402
-from models.stable_diffusion import ModelConfig, preset  # noqa: E402
+from models.stable_diffusion import ModelConfig  # noqa: E402
 from models.text import tokenize  # noqa: E402
-from p2p.pipeline import check_image_size, generate  # noqa: E402
+from p2p.pipeline import generate  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
-from scripts._common import load_model, number, prompt_list, run_dir, sampler_settings, save_config, save_image, slug  # noqa: E402
+from scripts._common import (  # noqa: E402
+    load_model,
+    model_config,
+    number,
+    prompt_list,
+    run_dir,
+    sampler_settings,
+    save_config,
+    save_image,
+    slug,
+)
 
 
 def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
@@ -36,7 +46,7 @@ def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
         raise UserError(f"negative_prompt must be one string (used with every prompt), got {negative_prompt!r}")
     height = config.image_size if cfg.height is None else cfg.height
     width = config.image_size if cfg.width is None else cfg.width
-    check_image_size(height, width, latent_factor=config.latent_factor)
+    config.check_image_size(height=height, width=width)
     tokenize([*prompts, negative_prompt], context_length=config.text.context_length)  # over-long prompts raise
     ddim_timesteps(number(cfg.steps, name="steps", kind=int), num_train_timesteps=config.num_train_timesteps)
     return dict(prompts=prompts, negative_prompt=negative_prompt, height=height, width=width)
@@ -45,7 +55,7 @@ def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
 @entry_point("generate")
 def main(cfg: DictConfig) -> list[Path]:
     if cfg.model.name != "tiny":  # the SD presets' configs are known without their files (tiny's is in its file)
-        check_request(cfg, preset(cfg.model.name))
+        check_request(cfg, model_config(cfg))
     out = run_dir()
     model = load_model(cfg)
     request = check_request(cfg, model.config)

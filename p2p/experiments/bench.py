@@ -74,7 +74,8 @@ def measure(model: StableDiffusion, prompts: list[str], *, scheme: str, settings
     """Time and peak extra memory of sampling `prompts` under one scheme (call it in a fresh process)."""
     device = str(model.device)
     height, width = image_size(model, height, width)
-    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor)
+    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
+                            multiple=model.config.size_multiple)
     latent_hw = tuple(latent.shape[-2:])
     controller = None
     if scheme != "plain":

@@ -32,7 +32,7 @@ from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
-from p2p.pipeline import SamplerSettings, check_image_size, decode, image_size, sample
+from p2p.pipeline import SamplerSettings, decode, image_size, sample
 from p2p.real.cache import cached_invert
 from p2p.real.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
 from p2p.shapes.world import WorldConfig, sample_scene
@@ -168,7 +168,7 @@ def _check_edits(model: StableDiffusion, runs: Sequence[dict], *, settings: Samp
     """Build (and drop) each run's controllers before any sampling: a bad prompt, word or window in the last
     row of a figure then fails in a second, not after every earlier row was drawn (minutes on SD)."""
     size = image_size(model, height, width)
-    check_image_size(*size, latent_factor=model.config.latent_factor)
+    model.config.check_image_size(height=size[0], width=size[1])
     latent_hw = (size[0] // model.config.latent_factor, size[1] // model.config.latent_factor)
     for run in runs:
         build_controllers(model, run["prompts"], spec=run.get("spec"), blend=run.get("blend"), store=None,

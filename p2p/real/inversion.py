@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from models.ddim import ddim_inverse_step, ddim_step, ddim_timesteps, previous_timestep
 from models.errors import UserError, WrongTypeError
 from models.stable_diffusion import StableDiffusion
-from p2p.pipeline import SamplerSettings, check_image_size, decode
+from p2p.pipeline import Conditioning, SamplerSettings, concat, condition, decode, unet_output
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,8 @@ class Inversion:
     seconds: float | None = None  # wall time `invert` took (kept by the cache: what a cached entry once cost)
 
 
-def _eps(model: StableDiffusion, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
-    return model.unet(x.to(model.dtype), torch.tensor(t, device=x.device), context.to(model.dtype)).float()
-
-
-def _guided(model, x, t, uncond, cond, guidance):
-    out_uncond, out_cond = _eps(model, torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+def _guided(model, x, t, uncond: Conditioning, cond: Conditioning, guidance):
+    out_uncond, out_cond = unet_output(model, torch.cat([x, x]), t, concat(uncond, cond)).chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
@@ -85,14 +81,14 @@ def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settin
     """
     _check_prompt(prompt)
     _check_latent(z0, model, "z0")
-    batch = z0.shape[0]
-    cond = model.encode_prompts([prompt]).expand(batch, -1, -1)
-    uncond = model.encode_prompts([""]).expand(batch, -1, -1) if settings.guidance != 1.0 else None
+    batch, latent_hw = z0.shape[0], tuple(z0.shape[-2:])
+    cond = condition(model, [prompt], latent_hw=latent_hw).expand(batch)
+    uncond = condition(model, [""], latent_hw=latent_hw).expand(batch) if settings.guidance != 1.0 else None
     timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                offset=settings.offset)[::-1]
     z, trajectory = z0.float().to(model.device), [z0.float().to(model.device)]
     for t in tqdm(timesteps, desc="DDIM inversion", disable=not progress, leave=False):
-        out = _eps(model, z, t, cond) if uncond is None else _guided(model, z, t, uncond, cond, settings.guidance)
+        out = unet_output(model, z, t, cond) if uncond is None else _guided(model, z, t, uncond, cond, settings.guidance)
         t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
         z = ddim_inverse_step(out, z, t_prev=t_prev, t=t, schedule=model.schedule, prediction=model.config.prediction)
         trajectory.append(z)
@@ -174,9 +170,14 @@ def _check_trajectory(trajectory: Sequence[torch.Tensor], model: StableDiffusion
 def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tolerance_scale, progress, init,
                         reference_schedule):
     """The loop of `null_text_optimization`, its inputs checked and the weights already frozen."""
+    latent_hw = tuple(trajectory[-1].shape[-2:])
     with torch.no_grad():
-        cond = model.encode_prompts([prompt]).float()
-        uncond = cond.clone() if init == "negative_prompt" else model.encode_prompts([""]).float()
+        cond = condition(model, [prompt], latent_hw=latent_hw)
+        cond = Conditioning(cond.context.float(), cond.y)
+        # ∅ is the token embeddings alone; SDXL's pooled vector of the unconditional branch stays the empty
+        # prompt's, as in sampling (`sample` replaces only the context with the optimised ∅_i)
+        empty = condition(model, [""], latent_hw=latent_hw)
+        uncond = cond.context.clone() if init == "negative_prompt" else empty.context.float()
     timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
                                offset=settings.offset)
     latent = trajectory[-1]
@@ -188,10 +189,10 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
             uncond = uncond.detach().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=NULL_TEXT_LR * (1.0 - i / 100.0))
             with torch.no_grad():
-                out_cond = _eps(model, latent, t, cond)
+                out_cond = unet_output(model, latent, t, cond)
             steps_taken, tolerance = 0, tolerance_scale * (NULL_TEXT_EPSILON + i * NULL_TEXT_EPSILON_SLOPE)
             while True:  # the guided DDIM step with the current ∅_i, its distance to the trajectory, maybe Adam
-                out_uncond = _eps(model, latent, t, uncond)
+                out_uncond = unet_output(model, latent, t, empty.with_context(uncond))
                 guided = out_uncond + settings.guidance * (out_cond - out_uncond)
                 previous = ddim_step(guided, latent, t=t, t_prev=t_prev, schedule=model.schedule,
                                      prediction=model.config.prediction)
@@ -211,7 +212,7 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
             used.append(steps_taken)
             if reference_schedule:  # the official code's separate call to advance with the optimised ∅_i
                 with torch.no_grad():
-                    previous = ddim_step(_guided(model, latent, t, uncond, cond, settings.guidance), latent, t=t,
+                    previous = ddim_step(_guided(model, latent, t, empty.with_context(uncond), cond, settings.guidance), latent, t=t,
                                          t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction)
             latent = previous.detach()
             bar.set_postfix(loss=f"{loss_value:.2e}", adam=steps_taken)
@@ -239,7 +240,7 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
     if settings.eta != 0:
         raise UserError(f"eta={settings.eta}: inversion retraces deterministic DDIM; sample the edits with eta=0")
     image_tensor = image_to_tensor(image)
-    check_image_size(image.shape[0], image.shape[1], latent_factor=model.config.latent_factor)
+    model.config.check_image_size(height=image.shape[0], width=image.shape[1])
     start = time.perf_counter()
     z0 = model.encode_images(image_tensor)  # VAE posterior mean × scale factor
     trajectory = ddim_invert(model, z0, prompt, settings=SamplerSettings(
@@ -269,7 +270,7 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 def vae_reconstruction(model: StableDiffusion, image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) → the same through the VAE alone (posterior mean, decoded): every inversion's upper bound."""
     image_tensor = image_to_tensor(image)
-    check_image_size(image.shape[0], image.shape[1], latent_factor=model.config.latent_factor)  # else it shrinks
+    model.config.check_image_size(height=image.shape[0], width=image.shape[1])  # else it shrinks
     return decode(model, model.encode_images(image_tensor))[0]
 
 
