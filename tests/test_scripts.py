@@ -190,3 +190,14 @@ def test_half_precision_samples_on_the_cpu(dtype, tmp_path):
         bound = HALF_ERROR_GAIN * 2.0 ** -SIGNIFICANT_BITS[dtype] * 255
         assert np.abs(half_image.astype(int) - single_image.astype(int)).mean() < bound, prompt
     assert read_right >= 1  # the fp32 model draws at least one of the captions, so the reader check ran
+
+
+def test_bench_reports_the_three_schemes_and_their_ratios(tmp_path):
+    # random tiny weights: what is measured is the cost of the schemes, not the pictures
+    done = run("bench.py", "random_weights=true", "steps=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    for scheme in ("plain", "p2p", "reference"):
+        assert any(line.split()[:1] == [scheme] and line.rstrip().endswith("MiB") for line in lines), scheme
+    ratios = [line for line in lines if "(b)/(a) time" in line or "(c)/(b) time" in line]
+    assert len(ratios) == 2 and all(float(line.split("time")[1].split()[0]) > 0 for line in ratios)
