@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.scheme != "all":  # one scheme, in this process: what the parent below runs
         if cfg.scheme not in SCHEMES:
             raise UserError(f"scheme={cfg.scheme!r}; choose one of {SCHEMES} or 'all'")
-        model = random_model(cfg.model.name, device=cfg.device) if cfg.random_weights else load_model(cfg)
+        model = (random_model(cfg.model.name, device=cfg.device, dtype=cfg.dtype, weights_dtype=cfg.weights_dtype)
+                 if cfg.random_weights else load_model(cfg))
         result = measure(model, prompt_list(cfg.prompts, minimum=2), scheme=cfg.scheme, seed=cfg.seed,
                          settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width)
         print("RESULT " + json.dumps(result))
@@ -47,7 +48,8 @@ def main(cfg: DictConfig) -> None:
         results[scheme] = json.loads(line[len("RESULT "):])
     print(report(results, header=f"model={cfg.model.name} {'random weights ' if cfg.random_weights else ''}"
                  f"size={cfg.height or 'native'}x{cfg.width or 'native'} steps={cfg.steps} prompts={len(cfg.prompts)} "
-                 f"device={cfg.device} threads={torch.get_num_threads()}"))
+                 f"dtype={cfg.dtype} weights_dtype={cfg.weights_dtype or cfg.dtype} device={cfg.device} "
+                 f"threads={torch.get_num_threads()}"))
 
 
 if __name__ == "__main__":

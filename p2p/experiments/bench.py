@@ -13,6 +13,7 @@ import time
 import torch
 
 from models.attention import AttentionSite
+from models.loader import resolve_dtype
 from models.stable_diffusion import StableDiffusion, preset
 from p2p.controllers import Compose, Controller
 from p2p.edit import EditSpec, build_edit
@@ -46,15 +47,19 @@ class ReferenceScheme(Controller):
         return probs
 
 
-def random_model(name: str, *, device: str = "cpu") -> StableDiffusion:
-    """A preset's architecture with random weights (scaled noise: activations stay finite), for timing only."""
+def random_model(name: str, *, device: str = "cpu", dtype: str = "fp32", weights_dtype: str | None = None
+                 ) -> StableDiffusion:
+    """A preset's architecture with random weights (scaled noise: activations stay finite), for timing only;
+    parameters held in `weights_dtype` (default `dtype`) and computed in `dtype`, as the loader does."""
+    compute, stored = resolve_dtype(dtype), resolve_dtype(weights_dtype or dtype)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = StableDiffusion(preset(name))
-    model = model.to_empty(device=device)
+    model = model.to_empty(device=device).to(stored)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    model.compute_dtype = compute
     return model.eval().requires_grad_(False)
 
 
