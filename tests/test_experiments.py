@@ -308,3 +308,21 @@ def test_ablate_names_pairs_it_cannot_score_before_loading_the_model(pairs, mess
     monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=message):
         ablate.run(compose_ablate(["steps=2", f"pairs={pairs}"]), tmp_path)
+
+
+def test_the_plot_redrawn_from_a_summary_csv_shows_the_same_table(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        for cross in (0.0, 0.8):
+            fake_job(sweep, f"cross={cross},seed={seed}", cross=cross, seed=seed)
+    result = ablation_report.aggregate(sweep)
+    read = ablation_report.read_summary(result["summary"])
+    assert len(read) == len(result.table)
+    for got, want in zip(read, result.table):
+        for key in ("setting", "group", "cross_replace_steps", "n", "success", "mean_iou"):
+            assert got[key] == want[key] or (isinstance(want[key], float) and got[key] == pytest.approx(want[key])), key
+    aggregate.main(["--replot", str(result["summary"]), "--out", str(tmp_path / "replot"), "--title", "t"])
+    assert (tmp_path / "replot" / "ablation.png").stat().st_size > 0 and "plot:" in capsys.readouterr().out
+    assert "IoU" in ablation_report.finding(read) and "edit success" in ablation_report.finding(read)
+    with pytest.raises(SystemExit):  # neither a folder nor --replot: one line, status 2
+        aggregate.main([])

@@ -272,8 +272,9 @@ def _panel(ax, table: list[dict], *, group: str, y: str, error: str, ylabel: str
 
 
 def finding(table: list[dict]) -> str:
-    """The sweep's result in one sentence, from the all-pairs rows: how far IoU moves with the cross fraction,
-    the range of edit success, and how much the self fraction changes IoU at a fixed cross fraction."""
+    """The sweep's result in one sentence, from the all-pairs rows: how far IoU (mean over the self fractions)
+    moves with the cross fraction, the range of edit success, and how much the self fraction changes IoU at a
+    fixed cross fraction."""
     rows = [r for r in table if r["group"] == "all" and r["setting"] != BASELINE and math.isfinite(r["mean_iou"])]
     if not rows:
         return "no judged edits"
@@ -281,7 +282,7 @@ def finding(table: list[dict]) -> str:
     for r in rows:
         by_cross[r["cross_replace_steps"]].append(r)
     crosses = sorted(by_cross, key=_order)
-    first, last = (max(r["mean_iou"] for r in by_cross[c]) for c in (crosses[0], crosses[-1]))
+    first, last = (sum(r["mean_iou"] for r in by_cross[c]) / len(by_cross[c]) for c in (crosses[0], crosses[-1]))
     success = [r["success"] for r in rows]
     self_spread = max(max(r["mean_iou"] for r in group) - min(r["mean_iou"] for r in group)
                       for group in by_cross.values())
@@ -300,7 +301,7 @@ def plot(table: list[dict], path: Path, *, title: str) -> Path:
         ax.set_xticks(ticks, tick_labels)
         n = next((r["n"] for r in table if r["group"] == group and r["setting"] == BASELINE), None)
         ax.set_title({"all": "all pairs", "color": "color swaps", "shape": "shape swaps"}[group]
-                     + (f" (n = {n} per point)" if n is not None else ""), fontsize=10)
+                     + (f" (n = {int(n)} per point)" if n is not None else ""), fontsize=10)
     for ax in axes[1]:
         ax.set_xlabel("cross-attention injection fraction (cross_replace_steps)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -345,6 +346,21 @@ def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
              "summary": write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
              "plot": plot(table, out / OUTPUTS["plot"], title=title)}
     return Aggregated(paths, table=table, skipped=skipped)
+
+
+def read_summary(path: Path) -> list[dict]:
+    """An ablation_summary.csv back into the summary table (numbers as floats), e.g. to re-draw its plot."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} is not a file; pass an ablation_summary.csv written by scripts/aggregate.py")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = sorted(set(SUMMARY_COLUMNS) - set(rows[0] if rows else ()) - {"mean_iou_se"})  # older files lack it
+    if not rows or missing:
+        raise UserError(f"{path} is not an ablation summary: {'no rows' if not rows else f'columns {missing} missing'}")
+    text = ("setting", "other_settings", "group")
+    return [{k: (v if k in text or v in ("", "none", "None") else _number(v)) for k, v in row.items()}
+            for row in rows]
 
 
 def markdown_table(table: list[dict], *, group: str = "all") -> str:
