@@ -25,8 +25,8 @@ import numpy as np
 from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.app import results
-from p2p.app.requests import KINDS, MAX_STEPS, REWEIGHT_RANGE, EditRequest, edit_request
 from p2p.app.photos import INVERSIONS, Photos
+from p2p.app.requests import KINDS, MAX_STEPS, REWEIGHT_RANGE, EditRequest, edit_request
 from p2p.edit import StoreSpec
 from p2p.interactive import LiveEditor, Start
 from p2p.tokens import words
@@ -121,7 +121,9 @@ class Editor:
         return [str(p) for p in results.save(shown, out, model_config=self.settings.model_config)]
 
     @shown_errors
-    def invert(self, image_path, caption, method, steps, guidance, progress=gr.Progress(track_tqdm=True)):
+    def invert(self, image_path, caption, method, steps, guidance,
+               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio finds its progress bar by this default)
+        """The inversion's tqdm bars (p2p/real/inversion.py) become the page's progress bar."""
         photo = self.photos.invert(image_path, caption, method=method, steps=steps, guidance=guidance)
         status = (f"{photo.method}: {photo.seconds:.1f} s{' (from the cache)' if photo.from_cache else ''}; "
                   f"reconstruction PSNR {photo.psnr:.1f} dB. Edits now start from this photo; clear the photo id "
