@@ -132,8 +132,12 @@ class Editor:
 
     @staticmethod
     def reweight_words(targets: str):
-        choices = sorted({w for line in (targets or "").splitlines() for w in words(line)}, key=str.lower)
-        return gr.Dropdown(choices=[""] + choices)
+        return gr.Dropdown(choices=word_choices(targets))
+
+
+def word_choices(targets: str) -> list[str]:
+    """The fader's word picker: every word of the targets ("" = no reweight)."""
+    return [""] + sorted({w for line in (targets or "").splitlines() for w in words(line)}, key=str.lower)
 
 
 EDIT_CONTROLS = ("source", "targets", "kind", "reweight_word", "reweight_scale", "cross_start", "cross_end",
@@ -158,15 +162,16 @@ def build_app(model: StableDiffusion, settings: AppSettings) -> gr.Blocks:
                                       elem_id="cross_end")
                 self_fraction = gr.Slider(0, 1, 0.4, step=0.02, label="self-attention injection (fraction)")
                 with gr.Row():
-                    reweight_word = gr.Dropdown(editor.reweight_words(settings.target).choices, value="",
+                    reweight_word = gr.Dropdown(word_choices(settings.target), value="",
                                                 label="reweight word", allow_custom_value=True)
                     reweight_scale = gr.Slider(*REWEIGHT_RANGE, 1.0, step=0.1, label="fader (reweight scale)")
                 windows = gr.Textbox(label="per-word windows, one 'word: start-end' per line", lines=2,
                                      placeholder="blue: 0-0.5")
-                with gr.Row():
-                    blend = gr.Textbox(label="LocalBlend words ('circle', or 'red | blue' per prompt)")
-                    blend_threshold = gr.Slider(0, 0.95, settings.blend_threshold, step=0.05,
-                                                label="LocalBlend threshold")
+                with gr.Group():
+                    with gr.Row():
+                        blend = gr.Textbox(label="LocalBlend words ('circle', or 'red | blue' per prompt)")
+                        blend_threshold = gr.Slider(0, 0.95, settings.blend_threshold, step=0.05,
+                                                    label="LocalBlend threshold")
                     restore_pixels = gr.Checkbox(True, label="keep the source's pixels outside the mask")
                 with gr.Row():
                     seed = gr.Number(settings.seed, label="seed", precision=0)
