@@ -8,6 +8,7 @@ The page and its API (/edit, /attention, /invert) are p2p/app/ui.py; this script
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ TINY_BLEND_THRESHOLD = 0.4  # conf/blend/local_tiny.yaml
 REFERENCE_BLEND_THRESHOLD = 0.3  # the official notebooks
 
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no usage reports to Gradio's servers
+
+
 @entry_point("app")
 def main(cfg: DictConfig) -> None:
     try:
@@ -32,6 +36,7 @@ def main(cfg: DictConfig) -> None:
         raise UserError(f"the app needs gradio ({err}); install the extra: pip install -e '.[app]'") from None
     if cfg.threads is not None:
         torch.set_num_threads(number(cfg.threads, name="threads", kind=int))
+    port = number(cfg.server_port, name="server_port", kind=int) if cfg.server_port is not None else None
     model = load_model(cfg)
     settings = AppSettings(
         model_config=OmegaConf.to_container(cfg.model, resolve=True), source=cfg.source, target=cfg.target,
@@ -42,7 +47,7 @@ def main(cfg: DictConfig) -> None:
         output_dir=Path(cfg.output_dir).resolve(), cache_dir=cfg.cache_dir)
     app = build_app(model, settings)
     app.queue(default_concurrency_limit=1, max_size=number(cfg.queue_size, name="queue_size", kind=int))
-    app.launch(server_name=cfg.server_name, server_port=cfg.server_port, max_file_size=f"{cfg.max_upload_mb}mb",
+    app.launch(server_name=cfg.server_name, server_port=port, max_file_size=f"{cfg.max_upload_mb}mb",
                allowed_paths=[str(settings.output_dir)], ssr_mode=False, show_error=False)
 
 

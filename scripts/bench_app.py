@@ -63,9 +63,9 @@ def main(cfg: DictConfig) -> None:
         raise UserError(f"the app needs gradio ({err}); install the extra: pip install -e '.[app]'") from None
     if cfg.threads is not None:
         torch.set_num_threads(number(cfg.threads, name="threads", kind=int))
+    moves = number(cfg.moves, name="moves", kind=int)
     model = load_model(cfg)
     guidance = number(cfg.guidance if cfg.guidance is not None else model.config.guidance, name="guidance")
-    moves = number(cfg.moves, name="moves", kind=int)
     print(f"model={cfg.model.name} threads={torch.get_num_threads()} cpus={os.cpu_count()} "
           f"load average={os.getloadavg()[0]:.2f} (1 min) moves={moves}")
     print(f"{'steps':>5} {'first render':>13} {'move: grid':>11} {'(min-max)':>13} {'+ views':>8} {'full edit':>10}")
