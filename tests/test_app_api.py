@@ -3,8 +3,11 @@ slider change, the attention views, a photo round trip, a download, and each mis
 keeps serving."""
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -77,10 +80,15 @@ def test_a_photo_round_trip(client, tmp_path):
 
 def test_a_download_holds_the_files_of_scripts_edit(client):
     files = client.predict(*dict(PAGE, blend="circle").values(), api_name="/download")
-    names = {p.rsplit("/", 1)[-1] for p in files}
-    assert {"grid.png", "config.yaml"} <= names and any(n.endswith(".zip") for n in names)
-    config = next(p for p in files if p.endswith("config.yaml"))
-    assert "prompts:" in open(config).read()
+    archive = next(p for p in files if p.endswith(".zip"))
+    names = sorted(zipfile.ZipFile(archive).namelist())
+    # the names tests/test_scripts.py checks in scripts/edit.py's run folder (baseline=true attention=true blend)
+    for name in ("00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
+                 "grid.png", "blend_mask.png", "config.yaml", "baseline/00_a_red_circle_on_a_black_background.png",
+                 "attention/01_a_blue_circle_on_a_black_background.png"):
+        assert name in names, names
+    config = yaml.safe_load(zipfile.ZipFile(archive).read("config.yaml"))
+    assert config["blend"]["words"] == ["circle"] and config["seed"] == 3 and config["model"]["name"] == "tiny"
 
 
 @pytest.mark.parametrize("change, message", [

@@ -57,3 +57,16 @@ def test_the_download_config_is_what_scripts_edit_reads():
 def test_each_mistake_is_named(change, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("|", r"\|")):
         edit_request(**dict(PAGE, **change))
+
+
+def test_a_photo_edit_config_is_what_scripts_edit_image_reads():
+    from dataclasses import asdict
+
+    from p2p.app.photos import INVERSIONS
+    from scripts.edit_image import check_request
+
+    request = edit_request(**PAGE)
+    cfg = OmegaConf.create(request.config({"name": "tiny", "checkpoint": None, "guidance": None},
+                                          inversion=asdict(INVERSIONS["null_text_fast"]), image="/photos/original.png"))
+    prompts, spec, blend, inversion = check_request(cfg)
+    assert prompts == request.prompts and inversion == INVERSIONS["null_text_fast"] and cfg.image.endswith(".png")

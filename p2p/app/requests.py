@@ -38,17 +38,21 @@ class EditRequest:
         """Identifies the request (results are kept per request, so /attention reuses the last /edit)."""
         return (tuple(self.prompts), repr(self.spec), repr(self.blend), repr(self.settings), self.seed)
 
-    def config(self, model_config: dict) -> dict:
-        """The request in scripts/edit.py's schema (conf/edit.yaml): `python scripts/edit.py` can redo it."""
+    def config(self, model_config: dict, *, inversion: dict | None = None, image: str | None = None) -> dict:
+        """The request in scripts/edit.py's schema (conf/edit.yaml), so `python scripts/edit.py` can redo it; for
+        a photo (`inversion`: conf/inversion's fields, `image`: its file) in scripts/edit_image.py's."""
         spec = asdict(self.spec)
         spec["cross_replace_steps"] = _plain(spec["cross_replace_steps"])
         spec["self_replace_steps"] = _plain(spec["self_replace_steps"])
         spec["reweight"] = spec["reweight"] or None
         blend = asdict(self.blend) if self.blend is not None else {"words": []}
-        return {"model": dict(model_config), "edit": spec, "blend": blend, "prompts": list(self.prompts),
-                "seed": self.seed, "steps": self.settings.steps, "guidance": self.settings.guidance,
-                "negative_prompt": "", "height": None, "width": None, "dtype": "fp32", "device": "cpu",
-                "baseline": True, "attention": True, "progress": False}
+        common = {"model": dict(model_config), "edit": spec, "blend": blend, "prompts": list(self.prompts),
+                  "steps": self.settings.steps, "guidance": self.settings.guidance, "negative_prompt": "",
+                  "height": None, "width": None, "dtype": "fp32", "device": "cpu"}
+        if inversion is None:
+            return {**common, "seed": self.seed, "baseline": True, "attention": True, "progress": False}
+        return {**common, "inversion": dict(inversion), "image": image, "margins": [0, 0, 0, 0],
+                "cache_dir": ".cache/inversions", "restore_unedited": False, "attention": True, "progress": False}
 
 
 def _plain(value):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from PIL import Image
 
 from models.files import write_text
 from p2p import views
+from p2p.app.photos import INVERSIONS, Photo
 from p2p.app.requests import EditRequest
 from p2p.edit import EditResult
 
@@ -25,7 +26,7 @@ class Shown:
     request: EditRequest
     result: EditResult
     baseline: np.ndarray  # uint8 (P, H, W, 3): every prompt sampled alone from the same start
-    original: np.ndarray | None = None  # the photo as the model sees it, when editing a photo
+    photo: Photo | None = None  # when editing a photo
 
 
 def labels(prompts: list[str]) -> list[str]:
@@ -36,8 +37,9 @@ def grid(shown: Shown) -> Image.Image:
     """Source and edits, then the same-seed baseline (as scripts/edit.py's grid.png with baseline=true)."""
     prompts = shown.request.prompts
     rows = []
-    if shown.original is not None:
-        rows.append([views.captioned(shown.original, "photo")])
+    if shown.photo is not None:
+        rows.append([views.captioned(shown.photo.original, "photo"),
+                     views.captioned(shown.photo.reconstruction, f"{shown.photo.method} reconstruction")])
     rows.append([views.captioned(im, c) for im, c in zip(shown.result.images, labels(prompts))])
     rows.append([views.captioned(im, f"same start, no injection: {p}") for im, p in zip(shown.baseline, prompts)])
     return views.grid(rows)
@@ -84,11 +86,14 @@ def save(shown: Shown, out: Path, *, model_config: dict) -> list[Path]:
     mask = blend_mask(shown)
     if mask is not None:
         views.save_png(mask, out / "blend_mask.png")
-    if shown.original is not None:
-        views.save_png(Image.fromarray(shown.original), out / "original.png")
+    config = shown.request.config(model_config)
+    if shown.photo is not None:  # as scripts/edit_image.py: the photo and its inversion's settings
+        views.save_png(Image.fromarray(shown.photo.original), out / "original.png")
+        views.save_png(Image.fromarray(shown.photo.reconstruction), out / "inversion_reconstruction.png")
+        config = shown.request.config(model_config, inversion=asdict(INVERSIONS[shown.photo.method]),
+                                      image=str((out / "original.png").resolve()))
     views.save_png(grid(shown), out / "grid.png")
-    write_text(out / "config.yaml", yaml.safe_dump(shown.request.config(model_config), sort_keys=False,
-                                                   allow_unicode=True))
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     archive = Path(shutil.make_archive(str(out), "zip", root_dir=out))
     return [archive, out / "grid.png", out / "config.yaml"]
 

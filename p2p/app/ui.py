@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 
 from models.errors import UserError
 from models.stable_diffusion import StableDiffusion
 from p2p.app import results
-from p2p.app.photos import INVERSIONS, Photos
+from p2p.app.photos import INVERSIONS, Photo, Photos
 from p2p.app.requests import KINDS, MAX_STEPS, REWEIGHT_RANGE, EditRequest, edit_request
 from p2p.edit import StoreSpec
 from p2p.interactive import LiveEditor, Start
@@ -88,21 +87,21 @@ class Editor:
         if key in self.kept:
             self.kept.move_to_end(key)
             return self.kept[key]
-        start, original = self.start(request, photo_id)
+        start, photo = self.start(request, photo_id)
         result = self.live.edit(request.prompts, start=start, spec=request.spec, blend=request.blend,
                                 store=self.settings.store, settings=request.settings)
         baseline = self.live.baseline(request.prompts, start=start, settings=request.settings)
-        self.kept[key] = results.Shown(request=request, result=result, baseline=baseline, original=original)
+        self.kept[key] = results.Shown(request=request, result=result, baseline=baseline, photo=photo)
         while len(self.kept) > KEPT_RESULTS:
             self.kept.popitem(last=False)
         return self.kept[key]
 
-    def start(self, request: EditRequest, photo_id: str) -> tuple[Start, np.ndarray | None]:
+    def start(self, request: EditRequest, photo_id: str) -> tuple[Start, Photo | None]:
         if not (photo_id or "").strip():
             return Start(seed=request.seed), None
         photo = self.photos.get(photo_id.strip())
         photo.check(request.prompts[0], request.settings)
-        return photo.start, photo.original
+        return photo.start, photo
 
     @shown_errors
     def edit(self, *values):
