@@ -23,6 +23,9 @@ from scripts._common import load_model  # noqa: E402
 
 TINY_BLEND_THRESHOLD = 0.4  # conf/blend/local_tiny.yaml
 REFERENCE_BLEND_THRESHOLD = 0.3  # the official notebooks
+# The built-in model's tensors are tiny: a second thread costs more than it saves, and on a busy 2-core machine
+# two contending threads made a slider move 3-6x slower (docs/app.md) — tests/conftest.py found the same.
+TINY_THREADS = 1
 
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no usage reports to Gradio's servers
@@ -34,8 +37,9 @@ def main(cfg: DictConfig) -> None:
         from p2p.app.ui import AppSettings, build_app
     except ImportError as err:
         raise UserError(f"the app needs gradio ({err}); install the extra: pip install -e '.[app]'") from None
-    if cfg.threads is not None:
-        torch.set_num_threads(number(cfg.threads, name="threads", kind=int))
+    threads = cfg.threads if cfg.threads is not None else (TINY_THREADS if cfg.model.name == "tiny" else None)
+    if threads is not None:
+        torch.set_num_threads(number(threads, name="threads", kind=int))
     port = number(cfg.server_port, name="server_port", kind=int) if cfg.server_port is not None else None
     model = load_model(cfg)
     settings = AppSettings(

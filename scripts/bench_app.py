@@ -5,8 +5,9 @@
 
 Per steps value: the first render (source and baselines sampled), then `moves` cross-injection slider moves, each a
 new window, so only the cached source is reused. "grid" is what a move waits for (/edit: the targets' sampling and
-the grid), "+ views" adds the chained /attention (Fig. 4 tiles, mask, self-attention components); "full edit" is
-p2p.edit.edit of the same request without the cache. Prints a table; writes nothing.
+the grid), "+ views" adds the chained /attention (the targets again, recording their maps: Fig. 4 tiles, mask,
+self-attention components); "full edit" is p2p.edit.edit of the same request without the cache, recording the maps.
+Prints a table; writes nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.errors import UserError, number  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
 from scripts._common import load_model  # noqa: E402
+from scripts.app import TINY_THREADS  # noqa: E402
 
 
 def seconds(call, *args, **kwargs) -> float:
@@ -61,8 +63,9 @@ def main(cfg: DictConfig) -> None:
         import gradio  # noqa: F401
     except ImportError as err:
         raise UserError(f"the app needs gradio ({err}); install the extra: pip install -e '.[app]'") from None
-    if cfg.threads is not None:
-        torch.set_num_threads(number(cfg.threads, name="threads", kind=int))
+    threads = cfg.threads if cfg.threads is not None else (TINY_THREADS if cfg.model.name == "tiny" else None)
+    if threads is not None:
+        torch.set_num_threads(number(threads, name="threads", kind=int))
     moves = number(cfg.moves, name="moves", kind=int)
     model = load_model(cfg)
     guidance = number(cfg.guidance if cfg.guidance is not None else model.config.guidance, name="guidance")

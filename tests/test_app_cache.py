@@ -37,23 +37,22 @@ def settings(model):
 def assert_same_edit(cached, full):
     assert (cached.latents - full.latents).abs().max() <= LATENT_TOLERANCE
     assert np.abs(cached.images.astype(int) - full.images.astype(int)).max() <= 1
-    for name in full.store.maps:  # the attention views show the same maps
+    for name in full.store.maps if full.store is not None else []:  # the attention views show the same maps
         torch.testing.assert_close(cached.store.maps[name], full.store.maps[name], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("prompts, spec, blend", [
-    ([SOURCE, TARGET], EditSpec(kind="replace"), None),
+@pytest.mark.parametrize("prompts, spec, blend, store", [
+    ([SOURCE, TARGET], EditSpec(kind="replace"), None, APP_STORE),
+    ([SOURCE, TARGET], EditSpec(kind="replace"), None, None),  # the page's grid records no maps
     ([SOURCE, "a blue circle on a white background", "a red square on a black background"],
      EditSpec(kind="replace", cross_replace_steps={"default_": (0.1, 0.7), "blue": (0.0, 0.3)},
-              reweight={"blue": [2.5, 1.0]}), BlendSpec(words=["on"], threshold=0.4, restore_pixels=True)),
-    ([SOURCE, "a red circle on a black background with a white square"], EditSpec(kind="refine"), None),
+              reweight={"blue": [2.5, 1.0]}), BlendSpec(words=["on"], threshold=0.4, restore_pixels=True), APP_STORE),
+    ([SOURCE, "a red circle on a black background with a white square"], EditSpec(kind="refine"), None, APP_STORE),
 ])
-def test_cached_edit_gives_the_full_edits_image(model, prompts, spec, blend):
+def test_cached_edit_gives_the_full_edits_image(model, prompts, spec, blend, store):
     editor = LiveEditor(model)
-    full = edit(model, prompts, seed=3, spec=spec, blend=blend, store=APP_STORE, settings=settings(model),
-                progress=False)
-    cached = editor.edit(prompts, start=Start(seed=3), spec=spec, blend=blend, store=APP_STORE,
-                         settings=settings(model))
+    full = edit(model, prompts, seed=3, spec=spec, blend=blend, store=store, settings=settings(model), progress=False)
+    cached = editor.edit(prompts, start=Start(seed=3), spec=spec, blend=blend, store=store, settings=settings(model))
     assert_same_edit(cached, full)
     assert (editor.misses, editor.hits) == (1, 0)
 
