@@ -1,4 +1,4 @@
-"""scripts/app.py and scripts/bench_app.py refuse a bad command line in one line, before loading anything."""
+"""scripts/app.py refuses a bad command line in one line, before loading anything."""
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +15,9 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script, override, expected", [
     ("app.py", "devise=cpu", "did you mean device?"),
     ("app.py", "server_port=http", "server_port='http' is not an integer"),
-    ("bench_app.py", "moves=many", "moves='many' is not an integer"),
 ])
 def test_a_bad_setting_is_one_line(script, override, expected, tmp_path):
-    if "port" in override or "moves" in override:
+    if "port" in override:
         pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
     result = run(str(REPO / "scripts" / script), override, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

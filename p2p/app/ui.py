@@ -213,6 +213,8 @@ def build_app(model: StableDiffusion, settings: AppSettings) -> gr.Blocks:
             trigger_mode="always_last")
         targets.change(editor.reweight_words, targets, reweight_word, api_visibility="private")
         invert.click(editor.invert, [photo, caption, method, steps, guidance],
-                     [photo_id, reconstruction, status, source], api_name="invert")
+                     [photo_id, reconstruction, status, source], api_name="invert").success(
+            editor.edit, inputs, [grid, reason], api_visibility="private").then(
+            editor.attention, inputs, [cross_maps, mask, self_maps], api_visibility="private")
         save.click(editor.download, inputs, files, api_name="download")
     return app
