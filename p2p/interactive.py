@@ -42,7 +42,7 @@ DEFAULT_MAX_SOURCE_BYTES = 512 * 2**20
 DEFAULT_MAX_SOURCES = 8  # trajectories kept (least recently used dropped first): sources and baselines
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identified by `key`, never by comparing tensors
 class Start:
     """Where sampling starts: a seed's x_T (generated images) or an inverted photo's x_T and null embeddings."""
 

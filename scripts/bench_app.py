@@ -51,7 +51,7 @@ def measure(model, cfg: DictConfig, *, steps: int, guidance: float, moves: int) 
         grid.append(seconds(editor.edit, *move))
         views.append(grid[-1] + seconds(editor.attention, *move))
     request = editor.kept[next(reversed(editor.kept))].request
-    full = seconds(edit, model, request.prompts, seed=cfg.seed, spec=request.spec, store=editor.settings.store,
+    full = seconds(edit, model, request.prompts, seed=cfg.seed, spec=request.spec, store=editor.store,
                    settings=request.settings, progress=False)
     return (f"{steps:>5} {first:>12.2f}s {statistics.median(grid):>10.2f}s "
             f"{f'({min(grid):.2f}-{max(grid):.2f})':>13} {statistics.median(views):>7.2f}s {full:>9.2f}s")

@@ -5,6 +5,7 @@ memory under its cache key, the page's "photo id"; every edit of the photo start
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Photos:
                             settings=settings, inner_steps=chosen.inner_steps, null_init=chosen.init,
                             tolerance_scale=chosen.tolerance_scale, inversion_guidance=chosen.guidance)
         if key in self.kept:
-            return self.kept[key]
+            return dataclasses.replace(self.kept[key], from_cache=True)
         started = time.perf_counter()
         inversion, from_cache = cached_invert(self.model, original, caption, cache_dir=self.cache_dir,
                                               method=chosen.method, settings=settings, inner_steps=chosen.inner_steps,

@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -48,7 +48,17 @@ class AppSettings:
     blend_threshold: float = 0.4
     output_dir: Path = Path("outputs/app")
     cache_dir: Path | None = Path(".cache/inversions")
-    store: StoreSpec = field(default_factory=lambda: StoreSpec(kinds=("cross", "self"), max_fraction=1.0))
+    store: StoreSpec | None = None  # the maps the views record; None: `views_store(model)`
+
+
+# The views record every cross and self layer of a small latent (the built-in model's 8×8: a few MB); on SD's 64×64
+# latent a self map is 4096² per layer, so only layers up to latent/4 (16² at 512 px, the reference's views).
+SMALL_LATENT_SIDE = 16
+
+
+def views_store(model: StableDiffusion) -> StoreSpec:
+    side = model.config.image_size // model.config.latent_factor
+    return StoreSpec(kinds=("cross", "self"), max_fraction=1.0 if side <= SMALL_LATENT_SIDE else 0.25)
 
 
 def shown_errors(fn):
@@ -75,6 +85,7 @@ class Editor:
 
     def __init__(self, model: StableDiffusion, settings: AppSettings):
         self.model, self.settings = model, settings
+        self.store = settings.store or views_store(model)
         self.live = LiveEditor(model)
         self.photos = Photos(model, cache_dir=settings.cache_dir)
         self.kept: OrderedDict[tuple, results.Shown] = OrderedDict()
@@ -92,7 +103,7 @@ class Editor:
                 return self.kept[key]
         start, photo = self.start(request, photo_id)
         result = self.live.edit(request.prompts, start=start, spec=request.spec, blend=request.blend,
-                                store=self.settings.store if maps else None, settings=request.settings)
+                                store=self.store if maps else None, settings=request.settings)
         baseline = self.live.baseline(request.prompts, start=start, settings=request.settings)
         self.kept[key] = results.Shown(request=request, result=result, baseline=baseline, photo=photo)
         while len(self.kept) > KEPT_RESULTS:
