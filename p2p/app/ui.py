@@ -1,8 +1,8 @@
 """The page: Gradio Blocks over `p2p.interactive.LiveEditor` (issue 28).
 
 Three API endpoints, callable with `gradio_client` (`client.predict(..., api_name="/edit")`):
-- `/edit` (EDIT_INPUTS → grid, kind reason): runs on every slider release, text submit and choice, no button needed;
-- `/attention` (EDIT_INPUTS → cross-attention tiles, LocalBlend mask, self-attention components), chained after it;
+- `/edit` (EDIT_CONTROLS + photo id → grid, kind reason): runs on every slider release, text submit and choice, no button needed;
+- `/attention` (the same → cross-attention tiles, LocalBlend mask, self-attention components), chained after it;
 - `/invert` (photo, caption, method, steps, guidance → photo id, reconstruction, status, source prompt).
 `/download` writes the current result's files. A user's mistake is a `UserError`, shown as the page's one-line
 error (gr.Error); anything else is logged with its traceback and shown as "internal error". The queue runs one
@@ -101,6 +101,7 @@ class Editor:
             if key in self.kept:
                 self.kept.move_to_end(key)
                 return self.kept[key]
+        key = (request.key, photo_id, maps)
         start, photo = self.start(request, photo_id)
         result = self.live.edit(request.prompts, start=start, spec=request.spec, blend=request.blend,
                                 store=self.store if maps else None, settings=request.settings)
