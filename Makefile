@@ -2,7 +2,7 @@
 PYTHON ?= python
 DEMO_PROMPTS ?= ["a red circle on a black background","a blue circle on a black background"]
 
-.PHONY: install install-test demo test test-fast eval
+.PHONY: install install-test demo app test test-fast eval
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -13,6 +13,11 @@ install-test:
 # Main job: a word swap on the built-in model -> captioned grid (source, edit, same-seed baseline, attention).
 demo: install
 	$(PYTHON) scripts/edit.py model=tiny edit=replace 'prompts=$(DEMO_PROMPTS)' seed=13 baseline=true attention=true
+
+# The interactive editor in the browser on http://127.0.0.1:7860 (docs/app.md); Ctrl-C stops it.
+app:
+	$(PYTHON) -m pip install -q -e '.[app]'
+	$(PYTHON) scripts/app.py
 
 test: install-test
 	$(PYTHON) -m pytest -q

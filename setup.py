@@ -28,9 +28,13 @@ setup(
         # diffusers/transformers are the reference implementations we prove parity against;
         # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources; ruff keeps the
         # house style (lint and format, tests/test_style.py) without anyone policing it; protobuf lets
-        # transformers read a SentencePiece model (the T5 tokenizer test).
+        # transformers read a SentencePiece model (the T5 tokenizer test). gradio and gradio_client also here so
+        # that CI runs the app's API tests; playwright drives the system's Chromium in the app's browser test (its
+        # pip package carries the driver: nothing downloaded at test time).
         "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff",
-                 "protobuf"],
+                 "protobuf", "gradio>=6,<7", "gradio_client>=2", "playwright"],
+        # the interactive editor in the browser (scripts/app.py): Gradio, the ecosystem's standard for model demos
+        "app": ["gradio>=6,<7", "gradio_client>=2"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )
