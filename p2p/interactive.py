@@ -108,7 +108,8 @@ def start_latent(model: StableDiffusion, start: Start, *, height: int | None = N
     if start.x_T is not None:
         return start.x_T
     height, width = image_size(model, height, width)
-    return initial_latent(start.seed, height=height, width=width, latent_factor=model.config.latent_factor)
+    return initial_latent(start.seed, height=height, width=width, latent_factor=model.config.latent_factor,
+                          multiple=model.config.size_multiple)
 
 
 def sample_source(model: StableDiffusion, prompt: str, *, start: Start, settings: SamplerSettings,

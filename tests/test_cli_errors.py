@@ -13,7 +13,7 @@ from models.files import atomic_path, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 TWO = 'prompts=["a red circle on a black background","a blue circle on a black background"]'
-HYDRA_SCRIPTS = ("generate", "edit", "edit_image", "figure", "ablate", "bench", "train_tiny", "eval_tiny",
+HYDRA_SCRIPTS = ("generate", "edit", "edit_image", "figure", "ablate", "bench", "app", "train_tiny", "eval_tiny",
                  "eval_edits", "eval_inversion")
 
 
