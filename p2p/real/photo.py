@@ -15,12 +15,12 @@ from models.stable_diffusion import StableDiffusion
 from p2p.edit import BlendSpec, EditResult, EditSpec, StoreSpec, edit
 from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.real.cache import cached_invert
-from p2p.real.inversion import Inversion, psnr, restore_outside_mask, vae_reconstruction
+from p2p.real.inversion import TRAJECTORY_METHODS, Inversion, psnr, restore_outside_mask, source_on_trajectory, vae_reconstruction
 
 
 @dataclass
 class InversionSettings:
-    method: str = "null_text"  # null_text | ddim | negative_prompt
+    method: str = "null_text"  # null_text | ddim | negative_prompt | direct
     inner_steps: int = 10  # null-text: Adam steps per sampling step at most
     init: str = "empty"  # null-text: start ∅ from "" ("empty", the paper) or from the caption ("negative_prompt")
     tolerance_scale: float = 1.0  # null-text: early-stop tolerance relative to the paper's
@@ -50,12 +50,16 @@ def edit_photo(model: StableDiffusion, image: np.ndarray, prompts: list[str], *,
                                          inversion_guidance=inversion.guidance, progress=progress)
     wait_seconds = time.perf_counter() - start
     vae_only = vae_reconstruction(model, image)
+    # Direct Inversion: the source branch rides the trajectory, so its reconstruction is z_0 (the VAE's) exactly
+    trajectory = inverted.trajectory if inverted.method in TRAJECTORY_METHODS else None
     reconstruction = decode(model, sample(model, prompts[:1], latent=inverted.x_T, settings=settings,
-                                          uncond_embeddings=inverted.uncond_embeddings, progress=progress))[0]
+                                          uncond_embeddings=inverted.uncond_embeddings, progress=progress,
+                                          latent_callback=source_on_trajectory(trajectory) if trajectory else None))[0]
     out = PhotoEdit(original=image, vae_reconstruction=vae_only, reconstruction=reconstruction, inversion=inverted)
     if len(prompts) > 1:
         out.result = edit(model, prompts, latent=inverted.x_T, spec=spec, blend=blend, store=store,
-                          settings=settings, uncond_embeddings=inverted.uncond_embeddings, progress=progress)
+                          settings=settings, uncond_embeddings=inverted.uncond_embeddings,
+                          source_trajectory=trajectory, progress=progress)
         out.edited = out.result.images
         if restore_unedited:
             mask = out.result.blend.last_mask if out.result.blend is not None else None
