@@ -149,7 +149,19 @@ def load_clip_score(path: str | Path):
     if not folder.is_dir():
         raise MissingFileError(f"metrics.clip={str(path)!r} is not a folder; pass a Hugging Face CLIP folder "
                                "(config.json, weights, tokenizer and preprocessor files)")
-    return CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(str(folder)),
+    class FeatureCLIP(CLIPModel):
+        """transformers ≥ 5 returns an output object from get_*_features (the projected embedding is its
+        pooler_output); torchmetrics 1.9's CLIPScore expects the tensor."""
+
+        def get_image_features(self, *args, **kwargs):
+            out = super().get_image_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+        def get_text_features(self, *args, **kwargs):
+            out = super().get_text_features(*args, **kwargs)
+            return getattr(out, "pooler_output", out)
+
+    return CLIPScore(model_name_or_path=lambda: (FeatureCLIP.from_pretrained(str(folder)).eval(),
                                                  CLIPProcessor.from_pretrained(str(folder))))
 
 
