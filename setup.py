@@ -27,7 +27,11 @@ setup(
         # diffusers/transformers are the reference implementations we prove parity against;
         # nbclient runs the notebooks in CI; jupytext reads their percent-format .py sources; ruff keeps the
         # house style (lint and format, tests/test_style.py) without anyone policing it.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff"],
+        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff",
+                 "torchmetrics", "hydra-submitit-launcher", "timm"],
+        # PIE-Bench (scripts/benchmark.py): the benchmark's metrics, shards on SLURM or one machine; timm builds
+        # DINO ViT-B/8 for the structure distance, transformers CLIP for CLIPScore
+        "bench": ["torchmetrics", "hydra-submitit-launcher", "timm", "transformers"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

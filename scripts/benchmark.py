@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.errors import UserError  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec  # noqa: E402
-from p2p.experiments.pie_bench import BenchSettings, run_benchmark  # noqa: E402
+from p2p.experiments.pie_bench import BenchSettings, run_benchmark, shard_keys  # noqa: E402
 from p2p.experiments.pie_metrics import MetricSet, NetworkPaths  # noqa: E402
 from p2p.experiments.pie_report import write_summary  # noqa: E402
 from p2p.real.inversion import check_tolerance_scale  # noqa: E402
 from p2p.real.photo import InversionSettings  # noqa: E402
+from p2p.shapes.pie import read_mapping  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
 from scripts._common import load_model, number, run_dir, sampler_settings, save_config  # noqa: E402
 
@@ -47,6 +48,7 @@ def bench_settings(cfg: DictConfig, model) -> BenchSettings:
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "data"):
         raise UserError("data is required: pass data=PATH/TO/PIE-Bench (mapping_file.json + annotation_images/)")
+    shard_keys(list(read_mapping(cfg.data)), shard=cfg.shard, n_shards=cfg.n_shards)  # before the model loads
     out = run_dir()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

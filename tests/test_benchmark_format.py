@@ -101,3 +101,21 @@ def test_refuses_an_existing_set_and_a_bad_count(shapes_pie, tmp_path):
         write_shapes_pie(tmp_path / "x", n=0)
     with pytest.raises(UserError, match="mapping_file.json"):
         read_mapping(tmp_path)
+
+
+def test_benchmark_script_names_a_missing_data_folder_and_a_bad_shard_in_one_line(shapes_pie, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+    def run(*args):
+        result = subprocess.run([sys.executable, str(script), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                                capture_output=True, text=True, timeout=600)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+        return lines[0]
+
+    assert "mapping_file.json" in run(f"data={tmp_path}")
+    assert "shard=3 is out of range for n_shards=3" in run(f"data={shapes_pie}", "shard=3", "n_shards=3")

@@ -101,7 +101,7 @@ def test_runner_writes_images_rows_results_and_direct_beats_ddim_on_background_p
         runs[method] = {row["key"]: row for row in read_rows(out)}
     entries = read_mapping(data)
     out = tmp_path / "direct"
-    for key, entry in entries.items():  # the layout PIE-Bench's evaluate.py reads
+    for entry in entries.values():  # the layout PIE-Bench's evaluate.py reads
         assert (out / "annotation_images" / entry.image_path).is_file()
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
