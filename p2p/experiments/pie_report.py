@@ -75,3 +75,16 @@ def write_summary(out: str | Path, *, label: str = "ours") -> tuple[Path, Path]:
                                         *[cell(line, c) for c in columns], cell(line, "seconds")]) + " |")
     md_path = write_text(out / "summary.md", "\n".join(lines) + "\n", overwrite=True)
     return csv_path, md_path
+
+
+def comparison_markdown(runs: dict[str, str | Path]) -> str:
+    """One markdown table: the overall row of each run folder (label → folder), then the published rows."""
+    lines = [summary_rows(read_rows(folder), label=label)[0] for label, folder in runs.items()]
+    columns = [c for c in COLUMNS if any(c in line for line in lines)]
+    head = ["run", "n", *[HEADERS[c] for c in columns], "s / image"]
+    text = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    published = [{"run": name, "n": 700, **values} for name, values in PUBLISHED.items()]
+    for line in lines + published:
+        cells = ["" if line.get(c) is None else f"{line[c]:g}" for c in [*columns, "seconds"]]
+        text.append("| " + " | ".join([line["run"], str(line["n"]), *cells]) + " |")
+    return "\n".join(text) + "\n"

@@ -58,6 +58,11 @@ class Inversion:
     inner_steps: list[int] = field(default_factory=list)  # null-text: Adam steps taken at each step
     seconds: float | None = None  # wall time `invert` took (kept by the cache: what a cached entry once cost)
 
+    @property
+    def source_trajectory(self) -> list[torch.Tensor] | None:
+        """What editing must keep the source branch on (Direct Inversion: the trajectory), else None."""
+        return self.trajectory if self.method in TRAJECTORY_METHODS else None
+
 
 def _eps(model: StableDiffusion, x: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor:
     return model.unet(x.to(model.dtype), torch.tensor(t, device=x.device), context.to(model.dtype)).float()

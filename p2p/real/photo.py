@@ -16,7 +16,6 @@ from p2p.edit import BlendSpec, EditResult, EditSpec, StoreSpec, edit
 from p2p.pipeline import SamplerSettings, decode, sample
 from p2p.real.cache import cached_invert
 from p2p.real.inversion import (
-    TRAJECTORY_METHODS,
     Inversion,
     psnr,
     restore_outside_mask,
@@ -59,7 +58,7 @@ def edit_photo(model: StableDiffusion, image: np.ndarray, prompts: list[str], *,
     wait_seconds = time.perf_counter() - start
     vae_only = vae_reconstruction(model, image)
     # Direct Inversion: the source branch rides the trajectory, so its reconstruction is z_0 (the VAE's) exactly
-    trajectory = inverted.trajectory if inverted.method in TRAJECTORY_METHODS else None
+    trajectory = inverted.source_trajectory
     reconstruction = decode(model, sample(model, prompts[:1], latent=inverted.x_T, settings=settings,
                                           uncond_embeddings=inverted.uncond_embeddings, progress=progress,
                                           latent_callback=source_on_trajectory(trajectory) if trajectory else None)
