@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.errors import UserError  # noqa: E402
+from models.errors import OutputExistsError, UserError  # noqa: E402
 from p2p.edit import BlendSpec, EditSpec  # noqa: E402
 from p2p.experiments.pie_bench import BenchSettings, run_benchmark, shard_keys  # noqa: E402
 from p2p.experiments.pie_metrics import MetricSet, NetworkPaths  # noqa: E402
@@ -54,7 +54,10 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
     metrics = MetricSet(NetworkPaths(**OmegaConf.to_container(cfg.metrics, resolve=True)))
     model = load_model(cfg)
-    save_config(cfg, out) if not (out / "config.yaml").exists() else None  # the first shard's; settings.json guards
+    try:  # the first shard's config.yaml stays (shards share the folder); settings.json guards against mixing runs
+        save_config(cfg, out)
+    except OutputExistsError:
+        pass
     counts = run_benchmark(model, cfg.data, out, settings=bench_settings(cfg, model), metrics=metrics,
                            shard=cfg.shard, n_shards=cfg.n_shards, cache_dir=cfg.cache_dir, limit=cfg.limit,
                            progress=cfg.progress)

@@ -77,9 +77,11 @@ def write_summary(out: str | Path, *, label: str = "ours") -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def comparison_markdown(runs: dict[str, str | Path]) -> str:
-    """One markdown table: the overall row of each run folder (label → folder), then the published rows."""
-    lines = [summary_rows(read_rows(folder), label=label)[0] for label, folder in runs.items()]
+def comparison_markdown(runs: dict[str, str | Path], *, keys: set[str] | None = None) -> str:
+    """One markdown table: the overall row of each run folder (label → folder), then the published rows;
+    `keys`: only these entries of every run (the same subset for a fair comparison)."""
+    lines = [summary_rows([r for r in read_rows(folder) if keys is None or r["key"] in keys], label=label)[0]
+             for label, folder in runs.items()]
     columns = [c for c in COLUMNS if any(c in line for line in lines)]
     head = ["run", "n", *[HEADERS[c] for c in columns], "s / image"]
     text = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
