@@ -38,7 +38,7 @@ from p2p.real.images import load_image
 from p2p.real.photo import InversionSettings, edit_photo
 from p2p.shapes.pie import EDIT_TYPES, IMAGES_DIR, PieEntry, decode_mask, read_mapping
 from p2p.shapes.reader import matches_caption, read_image
-from p2p.shapes.world import parse_caption
+from p2p.shapes.world import WorldConfig, parse_caption
 from p2p.tokens import has_word
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ def edit_success(edited: np.ndarray, target: str) -> float | None:
         spec = parse_caption(target)
     except UserError:
         return None
-    if edited.shape[:2] != (32, 32):
-        return None  # the reader's thresholds are the built-in model's size
+    size = WorldConfig().image_size
+    if edited.shape[:2] != (size, size):
+        return None  # the reader reads the world's own size (the built-in model's 32 px)
     return float(matches_caption(read_image(edited), spec)["all"])
 
 
