@@ -30,11 +30,16 @@ setup(
         # house style (lint and format, tests/test_style.py) without anyone policing it; protobuf lets
         # transformers read a SentencePiece model (the T5 tokenizer test). gradio and gradio_client also here so
         # that CI runs the app's API tests; playwright drives the system's Chromium in the app's browser test (its
-        # pip package carries the driver: nothing downloaded at test time).
+        # pip package carries the driver: nothing downloaded at test time); the bench extra's packages so that CI
+        # runs PIE-Bench's tests.
         "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff",
-                 "protobuf", "gradio>=6,<7", "gradio_client>=2", "playwright"],
+                 "protobuf", "gradio>=6,<7", "gradio_client>=2", "playwright",
+                 "torchmetrics", "hydra-submitit-launcher", "timm"],
         # the interactive editor in the browser (scripts/app.py): Gradio, the ecosystem's standard for model demos
         "app": ["gradio>=6,<7", "gradio_client>=2"],
+        # PIE-Bench (scripts/benchmark.py): the benchmark's metrics, shards on SLURM or one machine; timm builds
+        # DINO ViT-B/8 for the structure distance, transformers CLIP for CLIPScore
+        "bench": ["torchmetrics", "hydra-submitit-launcher", "timm", "transformers"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

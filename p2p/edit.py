@@ -28,7 +28,7 @@ from p2p.controllers import (
     max_queries_at_fraction,
 )
 from p2p.pipeline import SamplerSettings, decode, image_size, initial_latent, sample
-from p2p.real.inversion import restore_outside_mask
+from p2p.real.inversion import restore_outside_mask, source_on_trajectory
 from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
 from p2p.tokens import CONTEXT_LENGTH, check_prompts, has_word, refine_alignments, replace_mappers, token_scales
 
@@ -233,11 +233,29 @@ def build_controllers(model: StableDiffusion, prompts: Sequence[str], *, spec: E
     return recorder, blender, Compose(controllers) if controllers else None
 
 
+def _chain(callbacks):
+    """Latent callbacks applied in order (None when there are none: the loop then skips the call)."""
+    if not callbacks:
+        return None
+
+    def chained(step: int, latents: torch.Tensor) -> torch.Tensor:
+        for callback in callbacks:
+            latents = callback(step, latents)
+        return latents
+
+    return chained
+
+
 def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = None, latent: torch.Tensor | None = None,
          spec: EditSpec | None = None, blend: BlendSpec | None = None, store: StoreSpec | None = None,
          settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
-         uncond_embeddings: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
-    """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling)."""
+         uncond_embeddings: Sequence[torch.Tensor] | None = None,
+         source_trajectory: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
+    """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling).
+
+    `source_trajectory`: a DDIM inversion's z_0 … z_T (Direct Inversion): the source branch is put back on it
+    after every step, before the LocalBlend (so the targets' background is blended from the true trajectory).
+    """
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     height, width = image_size(model, height, width)
     if latent is None:
@@ -248,8 +266,16 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
                                                       num_steps=settings.steps, latent_hw=tuple(latent.shape[-2:]))
     prompts = list(prompts)
+    callbacks = []
+    if source_trajectory is not None:
+        if len(source_trajectory) != settings.steps + 1:
+            raise UserError(f"source_trajectory has {len(source_trajectory)} latents for steps={settings.steps}; "
+                             f"Direct Inversion needs the inversion's z_0 … z_T, {settings.steps + 1} latents")
+        callbacks.append(source_on_trajectory(source_trajectory))
+    if blender is not None:
+        callbacks.append(blender.blend_latents)
     latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
-                     latent_callback=blender.blend_latents if blender else None,
+                     latent_callback=_chain(callbacks),
                      uncond_embeddings=uncond_embeddings, progress=progress)
     images = decode(model, latents)
     if blender is not None and blend.restore_pixels and blender.last_mask is not None:

@@ -34,7 +34,13 @@ from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
 from p2p.pipeline import SamplerSettings, decode, image_size, sample
 from p2p.real.cache import cached_invert
-from p2p.real.inversion import INVERSION_METHODS, psnr, restore_outside_mask, vae_reconstruction
+from p2p.real.inversion import (
+    INVERSION_METHODS,
+    psnr,
+    restore_outside_mask,
+    source_on_trajectory,
+    vae_reconstruction,
+)
 from p2p.shapes.world import WorldConfig, sample_scene
 from p2p.tokens import word_token_positions, words
 
@@ -323,19 +329,23 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
                                      inner_steps=inner_steps, null_init=null_init,
                                      tolerance_scale=tolerance_scale, progress=False)
         inversions[method] = inversion
+        trajectory = inversion.source_trajectory  # Direct Inversion: the source rides the inversion trajectory
         image = decode(model, sample(model, [source], latent=inversion.x_T, settings=settings,
-                                     uncond_embeddings=inversion.uncond_embeddings, progress=False))[0]
+                                     uncond_embeddings=inversion.uncond_embeddings, progress=False,
+                                     latent_callback=source_on_trajectory(trajectory) if trajectory else None))[0]
         figure.metrics[f"psnr_{method}"] = round(psnr(image, photo), 3)
         reconstruction_tiles.append(Tile(image, f"{method}: {psnr(image, photo):.1f} dB", f"{method}_reconstruction"))
     figure.add_row("reconstruction (PSNR to the photo)", reconstruction_tiles)
     for method, inversion in inversions.items():
         result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings,
-                      uncond_embeddings=inversion.uncond_embeddings, progress=False)
+                      uncond_embeddings=inversion.uncond_embeddings, source_trajectory=inversion.source_trajectory,
+                      progress=False)
         figure.add_row(f"{method} inversion + P2P", _image_tiles(result.images, prompts))
     if blend:
         inversion = inversions[methods[0]]
         result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings, blend=_blend_spec(blend),
-                      uncond_embeddings=inversion.uncond_embeddings, progress=False)
+                      uncond_embeddings=inversion.uncond_embeddings, source_trajectory=inversion.source_trajectory,
+                      progress=False)
         masks = result.blend.last_mask  # (P, 1, h, w); row 0 (the source) is unused
         figure.add_row("LocalBlend mask: the edited words' attention",
                        [Tile(views.heat(masks[t, 0], size=tile_size), f"mask: {target}", f"mask_{target}")

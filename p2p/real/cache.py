@@ -95,7 +95,7 @@ def _fits(inversion: Inversion, *, method: str, steps: int) -> bool:
     embeddings = inversion.uncond_embeddings
     return (inversion.method == method and len(inversion.trajectory) == steps + 1
             and inversion.x_T.shape == inversion.trajectory[-1].shape
-            and (embeddings is None) == (method == "ddim") and (embeddings is None or len(embeddings) == steps))
+            and (embeddings is None) == (method in ("ddim", "direct")) and (embeddings is None or len(embeddings) == steps))
 
 
 def cached_invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, cache_dir: str | Path | None,

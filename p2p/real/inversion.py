@@ -7,6 +7,9 @@
   trajectory's next latent; the UNet stays frozen (no weight gradients).
 - Negative-prompt inversion (Miyake et al. 2023, arXiv 2305.16807): ∅_i = the source prompt's
   conditional embedding, no optimisation.
+- Direct Inversion (Ju et al. 2023, "PnP Inversion", §4 / Algorithm 1): no optimisation either; the DDIM
+  trajectory is kept and, while editing, the source branch is put back on it after every step
+  (`source_on_trajectory`), so the source reconstructs exactly and the targets' attention comes from it.
 Editing then samples from z_T with ∅_i as the unconditional embedding at step i for every prompt.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ from p2p.pipeline import Conditioning, SamplerSettings, concat, condition, decod
 
 log = logging.getLogger(__name__)
 
-INVERSION_METHODS = ("ddim", "null_text", "negative_prompt")
+INVERSION_METHODS = ("ddim", "null_text", "negative_prompt", "direct")
+TRAJECTORY_METHODS = ("direct",)  # methods whose editing puts the source branch back on the inversion trajectory
 NULL_TEXT_INITS = ("empty", "negative_prompt")  # ∅_0 before optimisation: the "" embedding (spec) or the caption's
 NULL_TEXT_LR = 1e-2  # Adam learning rate at step 0, decayed linearly: lr_i = 1e-2·(1 − i/100)
 NULL_TEXT_INNER_STEPS = 10  # Adam steps per sampling step, at most
@@ -53,6 +57,11 @@ class Inversion:
     losses: list[float] = field(default_factory=list)  # null-text: final loss of each step
     inner_steps: list[int] = field(default_factory=list)  # null-text: Adam steps taken at each step
     seconds: float | None = None  # wall time `invert` took (kept by the cache: what a cached entry once cost)
+
+    @property
+    def source_trajectory(self) -> list[torch.Tensor] | None:
+        """What editing must keep the source branch on (Direct Inversion: the trajectory), else None."""
+        return self.trajectory if self.method in TRAJECTORY_METHODS else None
 
 
 def _guided(model, x, t, uncond: Conditioning, cond: Conditioning, guidance):
@@ -256,6 +265,29 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
                                                           reference_schedule=reference_schedule)
     return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used,
                      seconds=time.perf_counter() - start)
+
+
+def source_on_trajectory(trajectory: Sequence[torch.Tensor]):
+    """Direct Inversion's latent callback (Ju et al. 2023, Algorithm 1): after sampling step i (0 = noisiest),
+    the source prompt's latent (batch row 0) := the inversion's latent at that step, trajectory[steps − 1 − i];
+    the targets are left as the step made them. No optimisation: the source branch simply never leaves the
+    trajectory, so its reconstruction is z_0 exactly, and P2P injects the source's maps along the true path.
+
+    The paper adds the difference (trajectory latent − the source's step) to the source branch; since the
+    source then starts every step on the trajectory, that is the same as this assignment.
+    """
+    trajectory = list(trajectory)
+    steps = len(trajectory) - 1
+
+    def put_back(step: int, latents: torch.Tensor) -> torch.Tensor:
+        if not 0 <= step < steps:
+            raise UserError(f"sampling step {step} is outside the inversion's {steps} steps; edit with the "
+                             "inversion's own steps")
+        latents = latents.clone()
+        latents[0] = trajectory[steps - 1 - step][0].to(latents)
+        return latents
+
+    return put_back
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
