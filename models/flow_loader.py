@@ -80,6 +80,11 @@ def save_flow_checkpoint(model: FlowModel, path) -> Path:
     return Path(path)
 
 
+def machine_memory_bytes() -> int:
+    """Physical memory of this machine (the CPU check's budget)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def part_of(key: str) -> str | None:
     return next((part for part, prefix in PARTS.items() if key.startswith(prefix)), None)
 
@@ -258,13 +263,17 @@ class FlowFiles:
         text = self.part_bytes(self.config.text_parts)
         image = self.part_bytes(("transformer", "vae"))
         peak = max(text, image) if self.release_text_encoders else text + image
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = machine_memory_bytes()
         if peak + CPU_HEADROOM_BYTES > total:
+            half = peak * 2 // DTYPE_BYTES[self.weights_dtype]
+            instead = ("keep the weights in half precision: weights_dtype=bf16 dtype=fp32" if
+                       half + CPU_HEADROOM_BYTES <= total else
+                       f"run it on a GPU with ≥ {math.ceil(half / 2**30) + 2} GiB (device=cuda weights_dtype=bf16 "
+                       "dtype=bf16)")
             raise UserError(
                 f"model={self.config.name} does not fit this machine: its weights need {peak / 2**30:.1f} GiB in "
                 f"{str(self.weights_dtype).removeprefix('torch.')} (+ ~{CPU_HEADROOM_BYTES // 2**30} GiB to run) and it "
-                f"has {total / 2**30:.1f} GiB of RAM; run it on a GPU with ≥ {math.ceil(peak / 2**30) + 2} GiB "
-                "(device=cuda weights_dtype=bf16 dtype=bf16)")
+                f"has {total / 2**30:.1f} GiB of RAM; {instead}")
 
     # --- tensors -------------------------------------------------------------------------------------------
     def load(self, parts) -> FlowModel:
