@@ -192,3 +192,44 @@ def test_flow_loop_tells_the_controller_its_step_and_reaches_every_site(randomiz
     assert {name for name, _ in controller.sites} == {f"{kind}.{i}" for kind in ("double_blocks", "single_blocks")
                                                       for i in range(2)}
     assert {n for _, n in controller.sites} == {T5_LENGTH}  # text length from the shapes
+
+
+@pytest.mark.parametrize("name, expected", [("sd3-medium", "model=sd3-medium"), ("flux-dev", "model=flux-dev")])
+def test_the_sd_loader_names_flow_files(name, expected):
+    """A released SD3 or FLUX file passed as an SD 1.x/2.x/XL checkpoint is named, with the preset to use."""
+    from models.loader import detect_config
+    shapes = {k: tuple(v) for k, v in preset_keys(name).items()}
+    if name.startswith("flux"):  # BFL's file alone: no prefix
+        shapes = {k.removeprefix("model.diffusion_model."): v for k, v in shapes.items()
+                  if k.startswith("model.diffusion_model.")}
+    with pytest.raises(CheckpointError, match=expected):
+        detect_config(shapes, path="file.safetensors")
+
+
+def compose_generate(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose(config_name="generate", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_PRESETS))
+def test_presets_compose_with_the_reference_defaults(name):
+    from scripts._common import model_config
+    config = model_config(compose_generate(f"model={name}"))
+    reference = flow_preset(name)
+    assert config == reference and config.image_size == 1024
+    assert (config.steps, config.guidance, config.t5_length) == {
+        "sd3-medium": (28, 7.0, 256), "sd35-medium": (40, 4.5, 256), "sd35-large": (28, 3.5, 256),
+        "flux-dev": (28, 3.5, 512), "flux-schnell": (4, 0.0, 256)}[name]
+    assert model_config(compose_generate(f"model={name}", "model.t5_length=77")).t5_length == 77
+
+
+def test_generate_refuses_a_missing_checkpoint_and_a_bad_size_before_loading():
+    from scripts._common import load_model
+    from scripts.generate import check_request
+    with pytest.raises(UserError, match="model=flux-dev needs its weights"):
+        load_model(compose_generate("model=flux-dev"))
+    cfg = compose_generate("model=sd3-medium", "height=1000")
+    from scripts._common import model_config
+    with pytest.raises(UserError, match="height=1000 is not a positive multiple of 16"):
+        check_request(cfg, model_config(cfg))
