@@ -9,12 +9,14 @@ are CLIP's BPE written as Hugging Face files and a SentencePiece model trained o
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
@@ -32,8 +34,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from models.flow_loader import FILE_PREFIXES, FLOW_CONFIG_METADATA_KEY, original_state_dict, save_flow_checkpoint
 from models.flow_model import FlowModel, FlowModelConfig
-from models.flux import FluxConfig
-from models.mmdit import MMDiTConfig
+from models.flux import FluxConfig, flux_dev
+from models.mmdit import MMDiTConfig, sd3_medium
 from models.t5 import T5Config
 from models.text import TextConfig
 from models.vae import VAEConfig
@@ -126,9 +128,21 @@ def compare(actual: np.ndarray, expected: np.ndarray, *, what: str) -> None:
     assert diff <= MAX_PIXEL_DIFF, f"{what}: generated pixels differ by {diff:.2f}/255 from diffusers"
 
 
-def test_tiny_sd3_generate_script_matches_diffusers_pipeline(randomize, spiece_model, reference_tokenizer,  # noqa: F811
-                                                             tmp_path):
-    model = random_flow_model(tiny_sd3_config(), randomize, seed=21)
+def real_width(config: FlowModelConfig) -> FlowModelConfig:
+    """The transformer at its released width with two blocks (SD3-medium: 1536 wide, 192² position table;
+    FLUX: 3072 wide, 24 heads of 128, 1 double + 1 single block); tiny text encoders and VAE."""
+    if config.family == "sd3":
+        return dataclasses.replace(config, mmdit=dataclasses.replace(sd3_medium(), depth=2, context_dim=128,
+                                                                     pooled_dim=32 + 64))
+    return dataclasses.replace(config, flux=dataclasses.replace(flux_dev(), depth=1, depth_single_blocks=1,
+                                                                vec_in_dim=32, context_in_dim=128))
+
+
+@pytest.mark.parametrize("shapes", ["tiny", pytest.param("real-width", marks=pytest.mark.slow)])
+def test_sd3_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
+                                                        tmp_path):
+    config = tiny_sd3_config() if shapes == "tiny" else real_width(tiny_sd3_config())
+    model = random_flow_model(config, randomize, seed=21)
     checkpoint = save_flow_checkpoint(model, tmp_path / "tiny-sd3.safetensors")
     files = clip_tokenizer_files(tmp_path)
     pipe = StableDiffusion3Pipeline(
@@ -147,13 +161,15 @@ def test_tiny_sd3_generate_script_matches_diffusers_pipeline(randomize, spiece_m
                     output_type="np").images[0]
     actual = generated_image(tmp_path, "model=sd3-medium", f"model.checkpoint={checkpoint}",
                              f"model.t5_tokenizer={spiece_model}", f"model.t5_length={T5_LENGTH}", "guidance=5.0")
-    compare(actual, expected, what="tiny SD3 generate.py")
+    compare(actual, expected, what=f"{shapes} SD3 generate.py")
 
 
-def test_tiny_flux_generate_script_matches_diffusers_pipeline(randomize, spiece_model, reference_tokenizer,  # noqa: F811
-                                                              tmp_path):
+@pytest.mark.parametrize("shapes", ["tiny", pytest.param("real-width", marks=pytest.mark.slow)])
+def test_flux_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
+                                                         tmp_path):
     """FLUX-dev's layout in separate files: BFL transformer, ae.safetensors, CLIP-L and T5 each on their own."""
-    model = random_flow_model(tiny_flux_config(), randomize, seed=22)
+    config = tiny_flux_config() if shapes == "tiny" else real_width(tiny_flux_config())
+    model = random_flow_model(config, randomize, seed=22)
     paths = {}
     for part in ("transformer", "vae", "clip_l", "t5xxl"):
         paths[part] = tmp_path / f"{part}.safetensors"
@@ -176,4 +192,4 @@ def test_tiny_flux_generate_script_matches_diffusers_pipeline(randomize, spiece_
                              f"model.vae={paths['vae']}", f"model.text_encoders.clip_l={paths['clip_l']}",
                              f"model.text_encoders.t5xxl={paths['t5xxl']}", f"model.t5_tokenizer={spiece_model}",
                              f"model.t5_length={T5_LENGTH}", "guidance=3.5")
-    compare(actual, expected, what="tiny FLUX-dev generate.py")
+    compare(actual, expected, what=f"{shapes} FLUX-dev generate.py")
