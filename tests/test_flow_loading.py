@@ -233,3 +233,18 @@ def test_generate_refuses_a_missing_checkpoint_and_a_bad_size_before_loading():
     from scripts._common import model_config
     with pytest.raises(UserError, match="height=1000 is not a positive multiple of 16"):
         check_request(cfg, model_config(cfg))
+
+
+def test_half_precision_weights_computed_in_fp32(tiny_sd3, spiece_model, tmp_path):  # noqa: F811
+    """`weights_dtype=bf16 dtype=fp32` (the CPU setting): parameters held in bf16, every layer computing in fp32,
+    and an image close to the fp32 one (bf16 rounding of the weights only)."""
+    from p2p.flow import generate
+    path = save_flow_checkpoint(tiny_sd3, tmp_path / "bundle.safetensors")
+    images = {}
+    for weights_dtype in ("fp32", "bf16"):
+        model = load_flow_model(tiny_sd3.config, checkpoint=path, t5_tokenizer=spiece_model,
+                                weights_dtype=weights_dtype, dtype="fp32")
+        images[weights_dtype] = generate(model, ["a cat"], seed=0, height=64, width=64, progress=False).astype(int)
+        assert model.dtype == torch.float32
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if weights_dtype == "bf16" else torch.float32}
+    assert abs(images["fp32"] - images["bf16"]).max() <= 16

@@ -138,10 +138,13 @@ def real_width(config: FlowModelConfig) -> FlowModelConfig:
                                                                 vec_in_dim=32, context_in_dim=128))
 
 
-@pytest.mark.parametrize("shapes", ["tiny", pytest.param("real-width", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shapes", ["tiny", "tiny-without-t5", pytest.param("real-width", marks=pytest.mark.slow)])
 def test_sd3_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
                                                         tmp_path):
-    config = tiny_sd3_config() if shapes == "tiny" else real_width(tiny_sd3_config())
+    """`model.t5=false` ↔ the pipeline without `text_encoder_3` (zeros in T5's positions)."""
+    config = tiny_sd3_config() if shapes != "real-width" else real_width(tiny_sd3_config())
+    with_t5 = shapes != "tiny-without-t5"
+    config = config.with_settings(t5=with_t5)
     model = random_flow_model(config, randomize, seed=21)
     checkpoint = save_flow_checkpoint(model, tmp_path / "tiny-sd3.safetensors")
     files = clip_tokenizer_files(tmp_path)
@@ -153,30 +156,37 @@ def test_sd3_generate_script_matches_diffusers_pipeline(shapes, randomize, spiec
         tokenizer=hf_clip_tokenizer(files, pad_token="<|endoftext|>"),
         text_encoder_2=transformers_clip(model, "clip_g", kind=CLIPTextModelWithProjection, projection_dim=64),
         tokenizer_2=hf_clip_tokenizer(files, pad_token="!"),
-        text_encoder_3=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer),
-        tokenizer_3=reference_tokenizer)
+        text_encoder_3=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer) if with_t5 else None,
+        tokenizer_3=reference_tokenizer if with_t5 else None)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=5.0,
                     max_sequence_length=T5_LENGTH, generator=torch.Generator("cpu").manual_seed(SEED),
                     output_type="np").images[0]
-    actual = generated_image(tmp_path, "model=sd3-medium", f"model.checkpoint={checkpoint}",
-                             f"model.t5_tokenizer={spiece_model}", f"model.t5_length={T5_LENGTH}", "guidance=5.0")
+    text = [f"model.t5_tokenizer={spiece_model}"] if with_t5 else ["model.t5=false"]
+    actual = generated_image(tmp_path, "model=sd3-medium", f"model.checkpoint={checkpoint}", *text,
+                             f"model.t5_length={T5_LENGTH}", "guidance=5.0")
     compare(actual, expected, what=f"{shapes} SD3 generate.py")
 
 
-@pytest.mark.parametrize("shapes", ["tiny", pytest.param("real-width", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shapes", ["tiny", "tiny-schnell", pytest.param("real-width", marks=pytest.mark.slow)])
 def test_flux_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
                                                          tmp_path):
-    """FLUX-dev's layout in separate files: BFL transformer, ae.safetensors, CLIP-L and T5 each on their own."""
-    config = tiny_flux_config() if shapes == "tiny" else real_width(tiny_flux_config())
+    """FLUX's layout in separate files: BFL transformer, ae.safetensors, CLIP-L and T5 each on their own.
+    dev: guidance embedded, σ shifted by resolution; schnell: neither (its scheduler: shift 1, static)."""
+    config = tiny_flux_config() if shapes != "real-width" else real_width(tiny_flux_config())
+    dev = shapes != "tiny-schnell"
+    if not dev:
+        config = dataclasses.replace(config, flux=dataclasses.replace(config.flux, guidance_embed=False),
+                                     dynamic_shift=False, guidance=0.0)
     model = random_flow_model(config, randomize, seed=22)
     paths = {}
     for part in ("transformer", "vae", "clip_l", "t5xxl"):
         paths[part] = tmp_path / f"{part}.safetensors"
         metadata = {FLOW_CONFIG_METADATA_KEY: model.config.to_json()} if part == "transformer" else None
         save_file({k: v.contiguous() for k, v in part_state(model, part).items()}, str(paths[part]), metadata=metadata)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if dev else 1.0, use_dynamic_shifting=dev,
+                                                base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                                max_shift=1.15)  # the scheduler configs of FLUX.1-dev / schnell
     files = clip_tokenizer_files(tmp_path)
     pipe = FluxPipeline(
         transformer=diffusers_flux_from_ours(model.transformer), scheduler=scheduler,
@@ -185,11 +195,13 @@ def test_flux_generate_script_matches_diffusers_pipeline(shapes, randomize, spie
         tokenizer=hf_clip_tokenizer(files, pad_token="<|endoftext|>"),
         text_encoder_2=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer), tokenizer_2=reference_tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=3.5,
+    guidance = 3.5 if dev else 0.0
+    expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
                     max_sequence_length=T5_LENGTH, generator=torch.Generator("cpu").manual_seed(SEED),
                     output_type="np").images[0]
-    actual = generated_image(tmp_path, "model=flux-dev", f"model.checkpoint={paths['transformer']}",
+    actual = generated_image(tmp_path, f"model=flux-{'dev' if dev else 'schnell'}",
+                             f"model.checkpoint={paths['transformer']}",
                              f"model.vae={paths['vae']}", f"model.text_encoders.clip_l={paths['clip_l']}",
                              f"model.text_encoders.t5xxl={paths['t5xxl']}", f"model.t5_tokenizer={spiece_model}",
-                             f"model.t5_length={T5_LENGTH}", "guidance=3.5")
-    compare(actual, expected, what=f"{shapes} FLUX-dev generate.py")
+                             f"model.t5_length={T5_LENGTH}", f"guidance={guidance}")
+    compare(actual, expected, what=f"{shapes} FLUX generate.py")
