@@ -33,7 +33,7 @@ from models.flux import Flux, FluxConfig, flux_dev, flux_schnell, image_ids, pac
 from models.mmdit import MMDiT, MMDiTConfig, sd3_medium, sd35_large, sd35_medium
 from models.precision import cast_weights_in_forward
 from models.t5 import T5Config, T5Encoder, T5Tokenizer, WordTokens, t5_xxl
-from models.text import TextConfig, TextEncoder, clip_tokenizer, tokenize
+from models.text import TextConfig, TextEncoder, clip_tokenizer
 from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, VAEConfig, flow_vae
 
 CLIP_LENGTH = 77  # CLIP positions per prompt in SD3's context (start + 75 + end), and FLUX's CLIP-L input
@@ -281,10 +281,6 @@ class FlowModel(nn.Module):
     def text_segments(self) -> tuple[tuple[str, int, int], ...]:
         clip, t5 = self.clip_segment(), self.config.t5_length
         return ((("clip", 0, clip),) if clip else ()) + (("t5", clip, clip + t5),)
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        """Over-long prompts raise for CLIP (77); T5 truncates as the pipelines do."""
-        tokenize(list(prompts), context_length=CLIP_LENGTH)
 
     def word_positions(self, prompt: str) -> dict[str, tuple[WordTokens, ...]]:
         """Every encoder's words of `prompt`, positions counted in the transformer's text sequence: "clip"

@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> list[Path]:
     if cfg.model.name != "tiny":  # the SD presets' configs are known without their files (tiny's is in its file)
         check_request(cfg, model_config(cfg))
     out = run_dir()
-    model = load_model(cfg)
+    model = load_model(cfg, flow=True)
     request = check_request(cfg, model.config)
     prompts = request["prompts"]
     sample = flow.generate if is_flow(cfg) else generate

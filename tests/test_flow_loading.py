@@ -228,7 +228,9 @@ def test_generate_refuses_a_missing_checkpoint_and_a_bad_size_before_loading():
     from scripts._common import load_model
     from scripts.generate import check_request
     with pytest.raises(UserError, match="model=flux-dev needs its weights"):
-        load_model(compose_generate("model=flux-dev"))
+        load_model(compose_generate("model=flux-dev"), flow=True)
+    with pytest.raises(UserError, match="generate.py only for now"):  # the editing scripts refuse them clearly
+        load_model(compose_generate("model=sd3-medium", "model.checkpoint=x.safetensors"))
     cfg = compose_generate("model=sd3-medium", "height=1000")
     from scripts._common import model_config
     with pytest.raises(UserError, match="height=1000 is not a positive multiple of 16"):
