@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from models.attention import attach_controller
 from models.errors import UserError
 from models.flow import euler_step
-from models.flow_model import FlowConditioning, FlowModel, concat
+from models.flow_model import FlowConditioning, FlowModel, FlowModelConfig, concat
 from p2p.pipeline import StepController
 
 
@@ -45,10 +45,17 @@ def uses_cfg(model: FlowModel, guidance: float) -> bool:
     return model.config.family == "sd3" and guidance > 1
 
 
+def check_negative_prompt(config: FlowModelConfig, negative_prompt: str) -> None:
+    if negative_prompt and config.family == "flux":
+        raise UserError(f"negative_prompt={negative_prompt!r}: FLUX.1 is guidance-distilled and samples without an "
+                        "unconditional batch, so it takes no negative prompt; leave negative_prompt empty")
+
+
 def conditioning(model: FlowModel, prompts: Sequence[str], *, negative_prompt: str, guidance: float
                  ) -> tuple[FlowConditioning, FlowConditioning | None]:
     """(cond, uncond or None) for the prompts; the text encoders are released afterwards when the model says so."""
     prompts = list(prompts)
+    check_negative_prompt(model.config, negative_prompt)
     cfg = uses_cfg(model, guidance)
     text = model.encode_text(prompts + [negative_prompt] * (len(prompts) if cfg else 0))
     if model.release_text_encoders_after_encoding:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from models.ddim import ddim_timesteps  # noqa: E402
 from models.errors import UserError  # noqa: E402
+from models.flow_model import FlowModelConfig  # noqa: E402
 from models.stable_diffusion import ModelConfig  # noqa: E402
 from models.text import tokenize  # noqa: E402
 from p2p import flow  # noqa: E402
@@ -46,7 +47,7 @@ from scripts._common import (  # noqa: E402
 )
 
 
-def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
+def check_request(cfg: DictConfig, config: ModelConfig | FlowModelConfig) -> dict:
     """Prompts, negative prompt, size and steps checked against the model's config, so that a bad value is
     named before sampling (and, for the SD presets, before their multi-GB file is read). Returns the
     `generate` arguments they become: height/width null mean the model's native size."""
@@ -63,6 +64,7 @@ def check_request(cfg: DictConfig, config: ModelConfig) -> dict:
         ddim_timesteps(number(steps, name="steps", kind=int), num_train_timesteps=config.num_train_timesteps)
     else:  # SD3 / FLUX: CLIP's 77 positions bound the prompt; T5 truncates as the reference pipelines do
         tokenize([*prompts, negative_prompt], context_length=77)
+        flow.check_negative_prompt(config, negative_prompt)
         if cfg.steps is not None and number(cfg.steps, name="steps", kind=int) < 1:
             raise UserError(f"steps={cfg.steps!r} must be a positive integer")
     return dict(prompts=prompts, negative_prompt=negative_prompt, height=height, width=width)
@@ -78,8 +80,8 @@ def main(cfg: DictConfig) -> list[Path]:
     prompts = request["prompts"]
     sample = flow.generate if is_flow(cfg) else generate
     images = sample(model, prompts, seed=cfg.seed, height=request["height"], width=request["width"],
-                      settings=sampler_settings(cfg, model), negative_prompt=request["negative_prompt"],
-                      progress=cfg.progress)
+                    settings=sampler_settings(cfg, model), negative_prompt=request["negative_prompt"],
+                    progress=cfg.progress)
     saved = [save_image(image, out / f"{i:02d}_{slug(prompt)}.png") for i, (image, prompt) in enumerate(zip(images, prompts))]
     save_config(cfg, out)
     height, width = images.shape[1:3]

@@ -185,6 +185,8 @@ def test_flow_loop_tells_the_controller_its_step_and_reaches_every_site(randomiz
     model.t5_tokenizer = T5Tokenizer(spiece_model)
     cond, uncond = conditioning(model, ["a cat", "a dog"], negative_prompt="", guidance=3.5)
     assert uncond is None  # FLUX-dev: guidance embedded, no unconditional batch
+    with pytest.raises(UserError, match="no negative prompt"):
+        conditioning(model, ["a cat"], negative_prompt="blurry", guidance=3.5)
     controller = CountingController()
     sample(model, cond, latent=initial_noise(model, 0, height=64, width=64), controller=controller,
            settings=FlowSamplerSettings(steps=2, guidance=3.5), progress=False)
