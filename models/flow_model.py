@@ -225,8 +225,9 @@ class FlowModel(nn.Module):
         self.config = config
         parts = set(PARTS) if parts is None else set(parts)
         parts -= {p for p in TEXT_PARTS if p not in config.text_parts}
-        transformer = MMDiT(config.mmdit) if config.family == "sd3" else Flux(config.flux)
-        self.model = DiffusionWrapper(transformer) if "transformer" in parts else None
+        self.model = None
+        if "transformer" in parts:
+            self.model = DiffusionWrapper(MMDiT(config.mmdit) if config.family == "sd3" else Flux(config.flux))
         self.first_stage_model = AutoencoderKL(config.vae) if "vae" in parts else None
         self.text_encoders = TextEncoders(config, parts) if parts & set(TEXT_PARTS) else None
         self.compute_dtype: torch.dtype | None = None
