@@ -24,6 +24,7 @@ from models.flow_loader import (
     save_flow_checkpoint,
 )
 from models.flow_model import CLIP_LENGTH, FLOW_PRESETS, FlowModel, flow_preset
+from models.t5 import ALIAS_OF_SHARED
 from p2p.flow import FlowSamplerSettings, conditioning, initial_noise, sample
 
 KEYS = Path(__file__).parent / "data" / "sd-keys"
@@ -252,3 +253,37 @@ def test_half_precision_weights_computed_in_fp32(tiny_sd3, spiece_model, tmp_pat
         assert model.dtype == torch.float32
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16 if weights_dtype == "bf16" else torch.float32}
     assert abs(images["fp32"] - images["bf16"]).max() <= 16
+
+
+def released_headers(name: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """File name → header (name → shape) of the released files of a preset, from the shared key lists, every
+    optional tensor of the *_extras lists included (position_ids are int64, as in the files that carry them)."""
+    def keys(file, prefix="", strip=""):
+        return {k[len(strip):]: tuple(v) for k, v in read_keys(KEYS / file, prefix).items()}
+    if name in SD3_KEY_FILES:
+        extras = SD3_KEY_FILES[name].replace(".txt", "_extras.txt")
+        return {"bundle.safetensors": keys(SD3_KEY_FILES[name]) | keys(extras) | keys("keys_sd3_text_encoders.txt")
+                | keys("keys_sd3_text_encoders_extras.txt")}
+    clip_l = "text_encoders.clip_l.transformer."
+    return {"flux.safetensors": keys(f"keys_{name.replace('-', '_')}.txt"), "ae.safetensors": keys("keys_flux_ae.txt"),
+            "clip_l.safetensors": keys("keys_sd3_text_encoders.txt", clip_l, clip_l)
+            | keys("keys_sd3_text_encoders_extras.txt", clip_l, clip_l),
+            "t5.safetensors": {ALIAS_OF_SHARED: (32128, 4096)} | {  # the alias only, as the reference saves T5
+                k: v for k, v in keys("keys_t5xxl_encoder.txt").items() if k != "shared.weight"}}
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_PRESETS))
+def test_the_released_files_headers_pass_the_strict_check(name, monkeypatch, spiece_model, tmp_path):  # noqa: F811
+    """Every preset's real files, as their key lists describe them, are accepted and fully accounted for: each
+    model tensor is read from exactly one file, the declared extras are dropped (no tensor is read here)."""
+    headers = released_headers(name)
+    monkeypatch.setattr(flow_loader.FlowFiles, "_read_header",
+                        lambda self, path: (headers[path.name], [k for k in headers[path.name] if "position_ids" in k]))
+    monkeypatch.setattr(flow_loader, "machine_memory_bytes", lambda: 2**40)
+    files = {n: tmp_path / n for n in headers}
+    extra = {} if name in SD3_KEY_FILES else dict(
+        vae=files["ae.safetensors"], text_encoders=dict(clip_l=files["clip_l.safetensors"], t5xxl=files["t5.safetensors"]))
+    checked = flow_loader.FlowFiles(flow_preset(name), checkpoint=next(iter(files.values())), t5_tokenizer=spiece_model,
+                                    **extra)
+    read = {k for source in checked.sources.values() for k in source.file_keys}
+    assert read == set(checked.expected)
