@@ -68,6 +68,8 @@ class FlowModelConfig:
             raise UserError(f"model family {self.family!r} is unknown; use one of {FAMILIES}")
         if (self.mmdit is None) == (self.flux is None):
             raise ValueError("a flow model has exactly one transformer: set mmdit (SD3) or flux (FLUX)")
+        if self.family == "flux" and not self.t5:
+            raise UserError(f"model={self.name} cannot run without T5 (model.t5=false): T5 is FLUX's only per-token text")
         if isinstance(self.t5_length, bool) or not isinstance(self.t5_length, int) or not 1 <= self.t5_length <= 512:
             raise UserError(f"model.t5_length={self.t5_length!r} must be an integer from 1 to 512 (T5 positions; "
                             "SD3 uses 256 by default, FLUX-dev 512, FLUX-schnell 256)")
