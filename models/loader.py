@@ -105,6 +105,10 @@ def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return ("an SD-XL checkpoint other than SDXL base 1.0 (text encoders under 'conditioner.embedders.' but not "
                 "base 1.0's CLIP ViT-L + OpenCLIP bigG: the refiner or another variant)")
+    if "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in shapes:
+        return "an SD3/SD3.5 MM-DiT checkpoint: pass model=sd3-medium, sd35-medium or sd35-large"
+    if any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in keys):
+        return "a FLUX.1 transformer: pass model=flux-dev or flux-schnell"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_down" in k for k in keys):
         return "a LoRA (low-rank weight differences, not a whole model)"
     if any(re.match(r"^((unet|vae|text_encoder|encoder|decoder)\.)?(down_blocks|mid_block|up_blocks)\.", k) for k in keys):

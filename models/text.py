@@ -45,6 +45,7 @@ class TextConfig:
     context_layers: int | None = None  # layers run for the context; None = all `layers` (SDXL: the penultimate)
     context_norm: bool = True  # `ln_final` on the context (SD 1.x/2.x); SDXL's penultimate states go without
     projection_dim: int = 0  # >0: `text_projection` + `logit_scale` exist and give a pooled embedding (SDXL's bigG)
+    pooled_unprojected: bool = False  # CLIP-L in SD3 / FLUX: pooled = ln_final(last layer)[EOT], no projection
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,17 +121,18 @@ class TextEncoder(nn.Module):
         x = m.token_embedding(token_ids).to(dtype) + m.positional_embedding[:n].to(dtype)
         causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
         context_layers = c.layers if c.context_layers is None else c.context_layers
-        last = c.layers if c.projection_dim else context_layers  # the pooled embedding needs every layer
+        pools = bool(c.projection_dim) or c.pooled_unprojected
+        last = c.layers if pools else context_layers  # the pooled embedding needs every layer
         context = None
         for index, block in enumerate(m.transformer.resblocks[:last]):
             x = block(x, attn_mask=causal)
             if index + 1 == context_layers:
                 context = m.ln_final(x) if c.context_norm else x
         pooled = None
-        if c.projection_dim:
+        if pools:
             # open_clip's "argmax" pooling: the end token 49407 is the largest id, so argmax finds the first EOT
             eot = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
-            pooled = eot @ m.text_projection.to(dtype)
+            pooled = eot @ m.text_projection.to(dtype) if c.projection_dim else eot
         return TextConditioning(context, pooled)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -14,9 +14,12 @@ from PIL import Image
 
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
+from models.flow_loader import config_in_file, load_flow_model
+from models.flow_model import FLOW_PRESETS, FlowModel, FlowModelConfig, flow_preset
 from models.loader import load_checkpoint
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
+from p2p.flow import FlowSamplerSettings
 from p2p.pipeline import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +34,53 @@ def model_settings(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in MODEL_KEYS}
 
 
-def model_config(cfg: DictConfig) -> ModelConfig | None:
+# cfg.model keys of the flow presets (conf/model/sd3-medium.yaml …) that name files or loading, not settings
+FLOW_MODEL_KEYS = ("name", "checkpoint", "vae", "text_encoders", "t5_tokenizer", "release_text_encoders")
+
+
+def is_flow(cfg: DictConfig) -> bool:
+    """SD3 / SD3.5 / FLUX.1 (rectified flow, `p2p/flow.py`) rather than the DDIM models (`p2p/pipeline.py`)."""
+    return cfg.model.name in FLOW_PRESETS
+
+
+def flow_settings(cfg: DictConfig) -> dict:
+    """`model.<setting>=…` of a flow preset (t5, t5_length, guidance, …); null means the preset's value."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+            if k not in FLOW_MODEL_KEYS and v is not None}
+
+
+def model_config(cfg: DictConfig) -> ModelConfig | FlowModelConfig | None:
     """The preset's config with the run's model settings; None for the tiny model (its file holds its config)."""
     if cfg.model.name == "tiny":
         return None
+    if is_flow(cfg):
+        return flow_preset(cfg.model.name).with_settings(**flow_settings(cfg))
     return preset(cfg.model.name).with_settings(**model_settings(cfg))
 
 
-def load_model(cfg: DictConfig) -> StableDiffusion:
-    """`cfg.model` (name, checkpoint, settings) + `cfg.dtype`, `cfg.weights_dtype`, `cfg.device` → a loaded model."""
+def load_flow(cfg: DictConfig) -> FlowModel:
+    """A flow preset's files (checkpoint, FLUX's vae, text encoders, T5 tokenizer) → a FlowModel whose parts are
+    read when needed (text encoders first, released on a CPU before the transformer is read)."""
+    m = cfg.model
+    if m.get("checkpoint") is None:
+        raise UserError(f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
+                        "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)")
+    checkpoint = Path(m.checkpoint).expanduser()
+    config = config_in_file(checkpoint, preset=flow_preset(m.name)).with_settings(**flow_settings(cfg))
+    text_encoders = OmegaConf.to_container(m.text_encoders, resolve=True) if m.get("text_encoders") else None
+    return load_flow_model(config, checkpoint=checkpoint, vae=m.get("vae"), text_encoders=text_encoders,
+                           t5_tokenizer=m.get("t5_tokenizer"), dtype=cfg.dtype, weights_dtype=cfg.get("weights_dtype"),
+                           device=cfg.device, release_text_encoders=m.get("release_text_encoders"))
+
+
+def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | FlowModel:
+    """`cfg.model` (name, checkpoint, settings) + `cfg.dtype`, `cfg.weights_dtype`, `cfg.device` → a loaded model.
+    `flow=True`: the caller also runs the rectified-flow presets (generate.py); the editing scripts do not yet."""
+    if is_flow(cfg):
+        if not flow:
+            raise UserError(f"model={cfg.model.name} runs in scripts/generate.py only for now; editing SD3 / SD3.5 / "
+                            "FLUX (P2P on joint attention) is not built yet: use an SD preset (sd15, sd21, sdxl, tiny)")
+        return load_flow(cfg)
     name, checkpoint = cfg.model.name, cfg.model.get("checkpoint")
     if checkpoint is None and name == "tiny":
         checkpoint = TINY_WEIGHTS
@@ -87,10 +128,17 @@ def check_counts(cfg: DictConfig, **minimums: int) -> None:
 
 
 
-def sampler_settings(cfg: DictConfig, model: StableDiffusion) -> SamplerSettings:
+DEFAULT_DDIM_STEPS = 50  # `steps=null` for the DDIM models (the flow presets have their own, e.g. 28)
+
+
+def sampler_settings(cfg: DictConfig, model: StableDiffusion | FlowModel) -> SamplerSettings | FlowSamplerSettings:
     guidance = cfg.guidance if cfg.get("guidance") is not None else (
         cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)
-    return SamplerSettings(steps=number(cfg.steps, name="steps", kind=int), guidance=number(guidance, name="guidance"),
+    default_steps = model.config.steps if isinstance(model, FlowModel) else DEFAULT_DDIM_STEPS
+    steps = number(default_steps if cfg.get("steps") is None else cfg.steps, name="steps", kind=int)
+    if isinstance(model, FlowModel):
+        return FlowSamplerSettings(steps=steps, guidance=number(guidance, name="guidance"))
+    return SamplerSettings(steps=steps, guidance=number(guidance, name="guidance"),
                            eta=number(cfg.get("eta", 0.0), name="eta"))
 
 
