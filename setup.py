@@ -3,6 +3,7 @@
 `models/` is the network (UNet, VAE, text encoder, DDIM, checkpoint loading);
 `p2p/` is the method (editing loop, controllers, inversion, shapes world).
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -20,7 +21,7 @@ setup(
         "numpy",
         "pillow",
         "hydra-core",
-        "tqdm",        # progress bars for sampling, inversion and training
+        "tqdm",  # progress bars for sampling, inversion and training
         "matplotlib",  # ablation plots
         "sentencepiece",  # T5's tokenizer (SD3 / FLUX), read from the user's spiece.model
     ],
@@ -32,9 +33,23 @@ setup(
         # that CI runs the app's API tests; playwright drives the system's Chromium in the app's browser test (its
         # pip package carries the driver: nothing downloaded at test time); the bench extra's packages so that CI
         # runs PIE-Bench's tests.
-        "test": ["pytest", "diffusers", "transformers", "nbclient", "nbformat", "ipykernel", "jupytext", "ruff",
-                 "protobuf", "gradio>=6,<7", "gradio_client>=2", "playwright",
-                 "torchmetrics", "hydra-submitit-launcher", "timm"],
+        "test": [
+            "pytest",
+            "diffusers",
+            "transformers",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "jupytext",
+            "ruff",
+            "protobuf",
+            "gradio>=6,<7",
+            "gradio_client>=2",
+            "playwright",
+            "torchmetrics",
+            "hydra-submitit-launcher",
+            "timm",
+        ],
         # the interactive editor in the browser (scripts/app.py): Gradio, the ecosystem's standard for model demos
         "app": ["gradio>=6,<7", "gradio_client>=2"],
         # PIE-Bench (scripts/benchmark.py): the benchmark's metrics, shards on SLURM or one machine; timm builds

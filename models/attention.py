@@ -18,6 +18,7 @@ hands it to the controller and uses what comes back as the map. Every other laye
 
 References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §3.2).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -101,8 +102,9 @@ class _Attention(nn.Module):
 class CrossAttention(_Attention):
     """SD's attention: self-attention when `context` is None (`attn1`), cross-attention otherwise (`attn2`)."""
 
-    def __init__(self, *, query_dim: int, context_dim: int | None = None, heads: int, dim_head: int,
-                 upcast: bool = False):
+    def __init__(
+        self, *, query_dim: int, context_dim: int | None = None, heads: int, dim_head: int, upcast: bool = False
+    ):
         super().__init__(query_dim=query_dim, heads=heads, dim_head=dim_head, upcast=upcast)
         self.is_cross = context_dim is not None
         self.kind = "cross" if self.is_cross else "self"
@@ -110,12 +112,14 @@ class CrossAttention(_Attention):
         self.to_k = nn.Linear(context_dim, heads * dim_head, bias=False)
         self.to_v = nn.Linear(context_dim, heads * dim_head, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                query_hw: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, query_hw: tuple[int, int]
+    ) -> torch.Tensor:
         source = context if self.is_cross else x
         num_text_keys = source.shape[1] if self.is_cross else 0
-        return self.attend(self.to_q(x), self.to_k(source), self.to_v(source),
-                           query_hw=query_hw, num_text_keys=num_text_keys)
+        return self.attend(
+            self.to_q(x), self.to_k(source), self.to_v(source), query_hw=query_hw, num_text_keys=num_text_keys
+        )
 
 
 class HybridAttention(_Attention):
@@ -173,9 +177,17 @@ class JointAttention(nn.Module):
         self.controller: AttentionController | None = None
         self.reached = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_text: int,
-                query_hw: tuple[int, int], text_segments: tuple[tuple[str, int, int], ...] = (),
-                rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        num_text: int,
+        query_hw: tuple[int, int],
+        text_segments: tuple[tuple[str, int, int], ...] = (),
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """q, k, v: (b, h, num_text + H·W, d), QK-normed already → (b, num_text + H·W, h·d)."""
         if rope is not None:  # FLUX: positions enter as rotations of q and k, before the map
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -183,8 +195,9 @@ class JointAttention(nn.Module):
         site = None
         if controller is not None:
             self.reached = True
-            site = AttentionSite(self.site_name, self.kind, query_hw, num_text, num_text_queries=num_text,
-                                 text_segments=text_segments)
+            site = AttentionSite(
+                self.site_name, self.kind, query_hw, num_text, num_text_queries=num_text, text_segments=text_segments
+            )
         if site is not None and controller.wants(site):
             scale = q.shape[-1] ** -0.5
             scores = torch.einsum("b h i d, b h j d -> b h i j", q.float(), k.float()) * scale
@@ -228,8 +241,10 @@ def attach_controller(unet: nn.Module, controller: AttentionController | None) -
         return
     busy = [name for name, m in modules.items() if m.controller is not None]
     if busy:
-        raise RuntimeError(f"a controller is already attached to {len(busy)} attention layers (e.g. {busy[0]!r}); "
-                           "controllers are built for one run: detach the old one first")
+        raise RuntimeError(
+            f"a controller is already attached to {len(busy)} attention layers (e.g. {busy[0]!r}); "
+            "controllers are built for one run: detach the old one first"
+        )
     for m in modules.values():
         m.controller, m.reached = controller, False
     try:
@@ -237,8 +252,10 @@ def attach_controller(unet: nn.Module, controller: AttentionController | None) -
         reached = [name for name, m in modules.items() if m.reached]
         if reached and len(reached) != len(modules):
             missed = sorted(set(modules) - set(reached))
-            raise RuntimeError(f"the controller reached {len(reached)} of {len(modules)} attention layers; "
-                               f"never reached: {missed[:4]}{' …' if len(missed) > 4 else ''}")
+            raise RuntimeError(
+                f"the controller reached {len(reached)} of {len(modules)} attention layers; "
+                f"never reached: {missed[:4]}{' …' if len(missed) > 4 else ''}"
+            )
     finally:
         for m in modules.values():
             m.controller, m.reached = None, False

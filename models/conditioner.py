@@ -13,6 +13,7 @@ Both tokenizers are CLIP's BPE; CLIP-L pads with the end token 49407, bigG with 
 diffusers: tokenizer_2's pad token "!" = id 0). Padding only touches positions after the end token, so a word
 sits at the same positions for both: P2P's token positions hold for the concatenated context.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,10 @@ class Conditioner(nn.Module):
     def __init__(self, configs: Sequence[TextConfig]):
         super().__init__()
         if sum(bool(c.projection_dim) for c in configs) != 1:
-            raise ValueError(f"exactly one of the text encoders must have a projection (the pooled embedding); "
-                             f"got projection_dim {[c.projection_dim for c in configs]}")
+            raise ValueError(
+                f"exactly one of the text encoders must have a projection (the pooled embedding); "
+                f"got projection_dim {[c.projection_dim for c in configs]}"
+            )
         self.embedders = nn.ModuleList(TextEncoder(c) for c in configs)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -53,8 +56,14 @@ class Conditioner(nn.Module):
         return TextConditioning(torch.cat([part.context for part in parts], dim=-1), pooled)
 
 
-def size_conditioning(pooled: torch.Tensor, *, original_size: tuple[int, int], crop: tuple[int, int],
-                      target_size: tuple[int, int], embedding_dim: int = SIZE_EMBEDDING_DIM) -> torch.Tensor:
+def size_conditioning(
+    pooled: torch.Tensor,
+    *,
+    original_size: tuple[int, int],
+    crop: tuple[int, int],
+    target_size: tuple[int, int],
+    embedding_dim: int = SIZE_EMBEDDING_DIM,
+) -> torch.Tensor:
     """SDXL's micro-conditioning (Podell et al. 2023, §2.2): pooled (b, p) → y (b, p + 6·embedding_dim).
 
     `original_size` (height, width): the training image's size before resizing; `crop` (top, left): the crop's
@@ -63,8 +72,10 @@ def size_conditioning(pooled: torch.Tensor, *, original_size: tuple[int, int], c
     """
     numbers = [*original_size, *crop, *target_size]
     if len(numbers) != 6:
-        raise UserError(f"original_size {original_size}, crop {crop} and target_size {target_size} must be "
-                         "two numbers each: (height, width), (top, left), (height, width)")
+        raise UserError(
+            f"original_size {original_size}, crop {crop} and target_size {target_size} must be "
+            "two numbers each: (height, width), (top, left), (height, width)"
+        )
     sizes = torch.tensor(numbers, dtype=torch.float32, device=pooled.device)
     embedded = timestep_embedding(sizes, embedding_dim).flatten()  # (6 · embedding_dim,), [cos | sin] per number
     return torch.cat([pooled, embedded.to(pooled.dtype).expand(pooled.shape[0], -1)], dim=1)

@@ -4,6 +4,7 @@ Every function is pure: it takes the model output and the current latent and ret
 Notation: `a_t` = ᾱ_t (alphas_cumprod[t]); ε-prediction `x_t = sqrt(a_t)·x0 + sqrt(1−a_t)·ε`;
 v-prediction (Salimans & Ho 2022, §4) `v = sqrt(a_t)·ε − sqrt(1−a_t)·x0`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,16 +37,19 @@ class Schedule:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
 
-def scaled_linear_schedule(*, beta_start: float = SD_BETA_START, beta_end: float = SD_BETA_END,
-                           num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
+def scaled_linear_schedule(
+    *, beta_start: float = SD_BETA_START, beta_end: float = SD_BETA_END, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> Schedule:
     """betas = linspace(sqrt(β_start), sqrt(β_end), T)², ᾱ = cumprod(1 − β)  (LDM `make_beta_schedule`)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64,
-                           device="cpu") ** 2  # on the CPU even while a model is being built on "meta"
+    betas = (
+        torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64, device="cpu") ** 2
+    )  # on the CPU even while a model is being built on "meta"
     return Schedule(torch.cumprod(1.0 - betas, dim=0))
 
 
-def ddim_timesteps(num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                   offset: int = SD_TIMESTEP_OFFSET) -> list[int]:
+def ddim_timesteps(
+    num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, offset: int = SD_TIMESTEP_OFFSET
+) -> list[int]:
     """Descending sampling timesteps, evenly spaced ("leading"): [(n−1)·k + offset, …, offset], k = T // n.
 
     As diffusers' DDIMScheduler (`timestep_spacing="leading"`, `steps_offset`): with offset 1, 2…999 steps
@@ -59,9 +63,11 @@ def ddim_timesteps(num_steps: int, *, num_train_timesteps: int = NUM_TRAIN_TIMES
         raise UserError(f"timestep offset {offset} must be in [0, {stride}] for {num_steps} steps")
     first = (num_steps - 1) * stride + offset
     if first >= num_train_timesteps:
-        raise UserError(f"steps={num_steps} with timestep offset {offset} would start at timestep {first}, past the "
-                         f"schedule's last ({num_train_timesteps - 1}); use at most {num_train_timesteps - offset} "
-                         "steps or offset 0")
+        raise UserError(
+            f"steps={num_steps} with timestep offset {offset} would start at timestep {first}, past the "
+            f"schedule's last ({num_train_timesteps - 1}); use at most {num_train_timesteps - offset} "
+            "steps or offset 0"
+        )
     return [i * stride + offset for i in reversed(range(num_steps))]
 
 
@@ -70,10 +76,11 @@ def previous_timestep(t: int, *, num_steps: int, num_train_timesteps: int = NUM_
     return t - num_train_timesteps // num_steps
 
 
-def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: float, *,
-               prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def eps_and_x0(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: float, *, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε, x0) from the model output, for ε- or v-prediction."""
-    a, s = alpha_t ** 0.5, (1.0 - alpha_t) ** 0.5
+    a, s = alpha_t**0.5, (1.0 - alpha_t) ** 0.5
     if prediction == "epsilon":
         eps = model_output
         return eps, (x_t - s * eps) / a
@@ -82,8 +89,17 @@ def eps_and_x0(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: float, *,
     raise UserError(f"prediction {prediction!r} is not supported; use one of {PREDICTIONS}")
 
 
-def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, *, t: int, t_prev: int, schedule: Schedule,
-              prediction: str = "epsilon", eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    *,
+    t: int,
+    t_prev: int,
+    schedule: Schedule,
+    prediction: str = "epsilon",
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x_t → x_{t_prev}, DDIM Eq. 12: sqrt(a_prev)·x0 + sqrt(1 − a_prev − σ²)·ε + σ·z.
 
     σ = η·sqrt((1 − a_prev)/(1 − a_t))·sqrt(1 − a_t/a_prev) (Eq. 16); η = 0 is deterministic DDIM, η = 1 DDPM-like.
@@ -94,7 +110,7 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, *, t: int, t_prev: 
     if eta < 0:
         raise UserError(f"eta={eta} must be ≥ 0")
     sigma = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)) ** 0.5
-    x_prev = alpha_prev ** 0.5 * x0 + (1 - alpha_prev - sigma ** 2) ** 0.5 * eps
+    x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
     if sigma > 0:
         if noise is None:
             raise UserError("ddim_step with eta > 0 needs `noise` (draw it from a seeded generator)")
@@ -102,8 +118,15 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, *, t: int, t_prev: 
     return x_prev
 
 
-def ddim_inverse_step(model_output: torch.Tensor, x_prev: torch.Tensor, *, t_prev: int, t: int, schedule: Schedule,
-                      prediction: str = "epsilon") -> torch.Tensor:
+def ddim_inverse_step(
+    model_output: torch.Tensor,
+    x_prev: torch.Tensor,
+    *,
+    t_prev: int,
+    t: int,
+    schedule: Schedule,
+    prediction: str = "epsilon",
+) -> torch.Tensor:
     """x_{t_prev} → x_t (t > t_prev), the inversion step (P2P_SPEC §7; Mokady et al. 2023, Eq. 3).
 
     x0 = (x − sqrt(1 − a_prev)·ε)/sqrt(a_prev),  x_t = sqrt(a_t)·x0 + sqrt(1 − a_t)·ε,
@@ -114,8 +137,8 @@ def ddim_inverse_step(model_output: torch.Tensor, x_prev: torch.Tensor, *, t_pre
     """
     alpha_prev, alpha_t = schedule.alpha(t_prev), schedule.alpha(t)
     eps, _ = eps_and_x0(model_output, x_prev, alpha_t, prediction=prediction)
-    x0 = (x_prev - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev ** 0.5
-    return alpha_t ** 0.5 * x0 + (1 - alpha_t) ** 0.5 * eps
+    x0 = (x_prev - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
+    return alpha_t**0.5 * x0 + (1 - alpha_t) ** 0.5 * eps
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:

@@ -5,6 +5,7 @@ Every file this project writes — checkpoints, images, configs, JSON reports, C
 renames it into place (one `os.replace`, atomic on POSIX). A crash, a bug or Ctrl-C halfway leaves no file that
 looks finished but isn't; at most a `.<name>.partial-<pid><suffix>` that nothing reads.
 """
+
 from __future__ import annotations
 
 import contextlib

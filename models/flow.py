@@ -12,6 +12,7 @@ quirks included, so seeds and step counts carry over:
   of image tokens from 0.5 at 256 to 1.15 at 4096 (diffusers `calculate_shift`). FLUX-schnell: no shift.
 A final σ = 0 is appended: `sigmas` has N + 1 entries, step i goes from sigmas[i] to sigmas[i + 1].
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,14 @@ def time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
 
-def flux_mu(image_seq_len: int, *, base_seq_len: int = FLUX_BASE_SEQ_LEN, max_seq_len: int = FLUX_MAX_SEQ_LEN,
-            base_shift: float = FLUX_BASE_SHIFT, max_shift: float = FLUX_MAX_SHIFT) -> float:
+def flux_mu(
+    image_seq_len: int,
+    *,
+    base_seq_len: int = FLUX_BASE_SEQ_LEN,
+    max_seq_len: int = FLUX_MAX_SEQ_LEN,
+    base_shift: float = FLUX_BASE_SHIFT,
+    max_shift: float = FLUX_MAX_SHIFT,
+) -> float:
     """μ for `image_seq_len` packed image tokens: the line through (256, 0.5) and (4096, 1.15), extrapolated."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
@@ -56,8 +63,10 @@ def sd3_sigmas(num_steps: int, *, shift: float = SD3_SHIFT) -> torch.Tensor:
     train_sigmas = torch.arange(NUM_TRAIN_TIMESTEPS, 0, -1, dtype=torch.float32) / NUM_TRAIN_TIMESTEPS
     train_sigmas = shift_sigmas(train_sigmas, shift)  # float32, as the scheduler builds them
     sigma_max, sigma_min = train_sigmas[0].item(), train_sigmas[-1].item()
-    sigmas = torch.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps,
-                            dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    sigmas = (
+        torch.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps, dtype=torch.float64)
+        / NUM_TRAIN_TIMESTEPS
+    )
     return torch.cat([shift_sigmas(sigmas, shift).float(), torch.zeros(1)])
 
 
@@ -91,8 +100,9 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, *, sigma: float, sigma_n
     return (x.float() + (sigma_next - sigma) * velocity.float()).to(velocity.dtype)
 
 
-def sample_euler(velocity_fn: Callable[[torch.Tensor, int, float], torch.Tensor], x: torch.Tensor,
-                 sigmas: torch.Tensor) -> torch.Tensor:
+def sample_euler(
+    velocity_fn: Callable[[torch.Tensor, int, float], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1]; `velocity_fn(x, step, sigma)` is the (guided) model."""
     for step in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])

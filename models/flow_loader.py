@@ -12,6 +12,7 @@ tensors cast to `weights_dtype` one at a time, modules built on the meta device 
 Parts are read on demand (`FlowModel.ensure_loaded`), so on a CPU the text encoders can run and be released
 before the transformer is read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,12 +42,22 @@ DECLARED_EXTRA_KEYS = (
 )
 T5_ALIAS = PARTS["t5xxl"] + "transformer." + ALIAS_OF_SHARED  # tied copy of `shared.weight` some files carry
 LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature: our bigG tower has the (unused) parameter
-FILE_PREFIXES = {"transformer": CHECKPOINT_PREFIX, "vae": PARTS["vae"], "clip_l": "text_encoders.clip_l.transformer.",
-                 "clip_g": "text_encoders.clip_g.transformer.", "t5xxl": "text_encoders.t5xxl.transformer."}
+FILE_PREFIXES = {
+    "transformer": CHECKPOINT_PREFIX,
+    "vae": PARTS["vae"],
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
 CPU_HEADROOM_BYTES = 2 * 2**30  # activations, the VAE decode, the Python process itself
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-NAMES = {"sd3-medium": "SD3-medium", "sd35-medium": "SD3.5-medium", "sd35-large": "SD3.5-large",
-         "flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell"}
+NAMES = {
+    "sd3-medium": "SD3-medium",
+    "sd35-medium": "SD3.5-medium",
+    "sd35-large": "SD3.5-large",
+    "flux-dev": "FLUX.1-dev",
+    "flux-schnell": "FLUX.1-schnell",
+}
 
 
 FLOW_CONFIG_METADATA_KEY = "p2p_flow_model_config"  # safetensors metadata: a FlowModelConfig as JSON (test files)
@@ -62,10 +73,14 @@ def config_in_file(path, *, preset: FlowModelConfig) -> FlowModelConfig:
     try:
         config = FlowModelConfig.from_json(text)
     except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{path}: its '{FLOW_CONFIG_METADATA_KEY}' metadata is not a flow model config ({err})") from err
+        raise CheckpointError(
+            f"{path}: its '{FLOW_CONFIG_METADATA_KEY}' metadata is not a flow model config ({err})"
+        ) from err
     if config.family != preset.family:
-        raise CheckpointError(f"{path} holds a {config.family.upper()} model ({config.name}), not one for "
-                              f"model={preset.name} ({preset.family.upper()})")
+        raise CheckpointError(
+            f"{path} holds a {config.family.upper()} model ({config.name}), not one for "
+            f"model={preset.name} ({preset.family.upper()})"
+        )
     return config
 
 
@@ -74,6 +89,7 @@ def save_flow_checkpoint(model: FlowModel, path) -> Path:
     from safetensors.torch import save_file
 
     from models.files import atomic_path
+
     state = {k: v.contiguous() for k, v in original_state_dict(model).items()}
     with atomic_path(path) as partial:
         save_file(state, str(partial), metadata={FLOW_CONFIG_METADATA_KEY: model.config.to_json()})
@@ -166,11 +182,23 @@ def _file_key_map(keys: list[str], part: str | None, *, prefix: str) -> dict[str
 class FlowFiles:
     """The checked headers of a flow model's files; `load(parts)` / `read_into(model, parts)` read tensors."""
 
-    def __init__(self, config: FlowModelConfig, *, checkpoint, vae=None, text_encoders: dict | None = None,
-                 t5_tokenizer=None, dtype="fp32", weights_dtype=None, device="cpu", release_text_encoders=None):
+    def __init__(
+        self,
+        config: FlowModelConfig,
+        *,
+        checkpoint,
+        vae=None,
+        text_encoders: dict | None = None,
+        t5_tokenizer=None,
+        dtype="fp32",
+        weights_dtype=None,
+        device="cpu",
+        release_text_encoders=None,
+    ):
         self.config, self.device = config, resolve_device(device)
-        self.release_text_encoders = (self.device.type == "cpu" if release_text_encoders is None
-                                      else bool(release_text_encoders))
+        self.release_text_encoders = (
+            self.device.type == "cpu" if release_text_encoders is None else bool(release_text_encoders)
+        )
         self.dtype = resolve_dtype(dtype)
         self.weights_dtype = self.dtype if weights_dtype is None else resolve_dtype(weights_dtype)
         text_encoders = {k: v for k, v in dict(text_encoders or {}).items() if v is not None}
@@ -194,29 +222,37 @@ class FlowFiles:
         missing = [p for p in ("transformer", "vae", *config.text_parts) if p not in self.sources]
         if missing:
             hints = [f"model.text_encoders.{p}=PATH/TO/{p}.safetensors" for p in missing]
-            raise UserError(f"model={config.name}: {', '.join(missing)} not found in {checkpoint}; pass "
-                            f"{' '.join(hints)}" + (" (or model.t5=false to run without T5)" if "t5xxl" in missing else ""))
+            raise UserError(
+                f"model={config.name}: {', '.join(missing)} not found in {checkpoint}; pass "
+                f"{' '.join(hints)}" + (" (or model.t5=false to run without T5)" if "t5xxl" in missing else "")
+            )
         self.t5_tokenizer = None
         if config.t5:
             if t5_tokenizer is None:
-                raise UserError(f"model={config.name} needs T5's tokenizer: pass model.t5_tokenizer=PATH to its "
-                                "spiece.model or tokenizer.json (or model.t5=false to run without T5)")
+                raise UserError(
+                    f"model={config.name} needs T5's tokenizer: pass model.t5_tokenizer=PATH to its "
+                    "spiece.model or tokenizer.json (or model.t5=false to run without T5)"
+                )
             self.t5_tokenizer = T5Tokenizer(Path(t5_tokenizer).expanduser())
 
     # --- headers -------------------------------------------------------------------------------------------
     def _read_header(self, path: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
         with _open(path) as f:
             slices = {k: f.get_slice(k) for k in f.keys()}
-            return ({k: tuple(s.get_shape()) for k, s in slices.items()},
-                    [k for k, s in slices.items() if not _is_float(s.get_dtype())])
+            return (
+                {k: tuple(s.get_shape()) for k, s in slices.items()},
+                [k for k, s in slices.items() if not _is_float(s.get_dtype())],
+            )
 
     def _add_checkpoint(self, path: Path, *, explicit: set[str]) -> None:
         shapes, non_float = self._read_header(path)
         name, what = identify(shapes)
         family = None if name is None else "flux" if name.startswith("flux") else "sd3"
         if family != self.config.family:
-            raise CheckpointError(f"{path} is {what}, not a {self.config.family.upper()} file for "
-                                  f"model={self.config.name}; pass the matching model=… or the right file")
+            raise CheckpointError(
+                f"{path} is {what}, not a {self.config.family.upper()} file for "
+                f"model={self.config.name}; pass the matching model=… or the right file"
+            )
         if family == "flux":
             prefix = "" if any(k.startswith(CHECKPOINT_PREFIX) for k in shapes) else CHECKPOINT_PREFIX
             self._check(path, shapes, non_float, {"transformer"}, prefix=prefix, hint=what)
@@ -245,11 +281,18 @@ class FlowFiles:
                 file_keys[PARTS["t5xxl"] + "transformer.shared.weight"] = file_keys[T5_ALIAS]
         expected = {k: s for k, s in self.expected.items() if part_of(k) in parts}
         non_float = [k for k, f in file_keys.items() if f in set(non_float) and k in expected]
-        check_state(ours, expected, path=str(path), config_name=self.config.name, non_float=non_float,
-                    hint=f"The file looks like {hint}.")
+        check_state(
+            ours,
+            expected,
+            path=str(path),
+            config_name=self.config.name,
+            non_float=non_float,
+            hint=f"The file looks like {hint}.",
+        )
         for part in parts:
-            self.sources[part] = Source(path, {part}, {k: f for k, f in file_keys.items()
-                                                       if part_of(k) == part and k in expected})
+            self.sources[part] = Source(
+                path, {part}, {k: f for k, f in file_keys.items() if part_of(k) == part and k in expected}
+            )
 
     # --- memory --------------------------------------------------------------------------------------------
     def part_bytes(self, parts) -> int:
@@ -266,14 +309,17 @@ class FlowFiles:
         total = machine_memory_bytes()
         if peak + CPU_HEADROOM_BYTES > total:
             half = peak * 2 // DTYPE_BYTES[self.weights_dtype]
-            instead = ("keep the weights in half precision: weights_dtype=bf16 dtype=fp32" if
-                       half + CPU_HEADROOM_BYTES <= total else
-                       f"run it on a GPU with ≥ {math.ceil(half / 2**30) + 2} GiB (device=cuda weights_dtype=bf16 "
-                       "dtype=bf16)")
+            instead = (
+                "keep the weights in half precision: weights_dtype=bf16 dtype=fp32"
+                if half + CPU_HEADROOM_BYTES <= total
+                else f"run it on a GPU with ≥ {math.ceil(half / 2**30) + 2} GiB (device=cuda weights_dtype=bf16 "
+                "dtype=bf16)"
+            )
             raise UserError(
                 f"model={self.config.name} does not fit this machine: its weights need {peak / 2**30:.1f} GiB in "
                 f"{str(self.weights_dtype).removeprefix('torch.')} (+ ~{CPU_HEADROOM_BYTES // 2**30} GiB to run) and it "
-                f"has {total / 2**30:.1f} GiB of RAM; {instead}")
+                f"has {total / 2**30:.1f} GiB of RAM; {instead}"
+            )
 
     # --- tensors -------------------------------------------------------------------------------------------
     def load(self, parts) -> FlowModel:
@@ -306,22 +352,40 @@ class FlowFiles:
                     try:
                         state[key] = f.get_tensor(file_key).to(self.weights_dtype)
                     except Exception as err:
-                        raise CheckpointError(f"{source.path}: reading tensor {file_key!r} failed ({err}); the file "
-                                              "may be truncated") from err
+                        raise CheckpointError(
+                            f"{source.path}: reading tensor {file_key!r} failed ({err}); the file may be truncated"
+                        ) from err
         with torch.device("meta"):
             model = FlowModel(self.config, parts=parts)
         model.load_state_dict(to_module_names(state, self.config), strict=True, assign=True)
         return model.to(self.device).eval().requires_grad_(False)
 
 
-def load_flow_model(config: FlowModelConfig, *, checkpoint, vae=None, text_encoders: dict | None = None,
-                    t5_tokenizer=None, dtype="fp32", weights_dtype=None, device="cpu",
-                    release_text_encoders: bool | None = None) -> FlowModel:
+def load_flow_model(
+    config: FlowModelConfig,
+    *,
+    checkpoint,
+    vae=None,
+    text_encoders: dict | None = None,
+    t5_tokenizer=None,
+    dtype="fp32",
+    weights_dtype=None,
+    device="cpu",
+    release_text_encoders: bool | None = None,
+) -> FlowModel:
     """Check every file, then read the parts: with `release_text_encoders` (default: on a CPU) only the text
     encoders now, the transformer and VAE when sampling asks for them, after the text encoders are released."""
-    files = FlowFiles(config, checkpoint=checkpoint, vae=vae, text_encoders=text_encoders, t5_tokenizer=t5_tokenizer,
-                      dtype=dtype, weights_dtype=weights_dtype, device=device,
-                      release_text_encoders=release_text_encoders)
+    files = FlowFiles(
+        config,
+        checkpoint=checkpoint,
+        vae=vae,
+        text_encoders=text_encoders,
+        t5_tokenizer=t5_tokenizer,
+        dtype=dtype,
+        weights_dtype=weights_dtype,
+        device=device,
+        release_text_encoders=release_text_encoders,
+    )
     model = files.load(set(config.text_parts) if files.release_text_encoders else set(PARTS))
     model.release_text_encoders_after_encoding = files.release_text_encoders
     return model

@@ -16,6 +16,7 @@ Text conditioning, as the reference pipelines build it (diffusers `StableDiffusi
 Any part may be absent (None) while it is not loaded: the CPU path encodes text, releases the text encoders and
 only then reads the transformer (`ensure_loaded`, `release_text_encoders`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,13 @@ from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, V
 CLIP_LENGTH = 77  # CLIP positions per prompt in SD3's context (start + 75 + end), and FLUX's CLIP-L input
 FAMILIES = ("sd3", "flux")
 # the parts that can be loaded and released separately, and the module prefix of each
-PARTS = {"transformer": "model.diffusion_model.", "vae": "first_stage_model.", "clip_l": "text_encoders.clip_l.",
-         "clip_g": "text_encoders.clip_g.", "t5xxl": "text_encoders.t5xxl."}
+PARTS = {
+    "transformer": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "clip_l": "text_encoders.clip_l.",
+    "clip_g": "text_encoders.clip_g.",
+    "t5xxl": "text_encoders.t5xxl.",
+}
 TEXT_PARTS = ("clip_l", "clip_g", "t5xxl")
 
 
@@ -69,10 +75,14 @@ class FlowModelConfig:
         if (self.mmdit is None) == (self.flux is None):
             raise ValueError("a flow model has exactly one transformer: set mmdit (SD3) or flux (FLUX)")
         if self.family == "flux" and not self.t5:
-            raise UserError(f"model={self.name} cannot run without T5 (model.t5=false): T5 is FLUX's only per-token text")
+            raise UserError(
+                f"model={self.name} cannot run without T5 (model.t5=false): T5 is FLUX's only per-token text"
+            )
         if isinstance(self.t5_length, bool) or not isinstance(self.t5_length, int) or not 1 <= self.t5_length <= 512:
-            raise UserError(f"model.t5_length={self.t5_length!r} must be an integer from 1 to 512 (T5 positions; "
-                            "SD3 uses 256 by default, FLUX-dev 512, FLUX-schnell 256)")
+            raise UserError(
+                f"model.t5_length={self.t5_length!r} must be an integer from 1 to 512 (T5 positions; "
+                "SD3 uses 256 by default, FLUX-dev 512, FLUX-schnell 256)"
+            )
 
     @property
     def latent_factor(self) -> int:
@@ -91,17 +101,24 @@ class FlowModelConfig:
         multiple = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                nearest = (max(multiple, round(value / multiple) * multiple)
-                           if isinstance(value, (int, float)) and not isinstance(value, bool) else self.image_size)
-                raise UserError(f"{name}={value!r} is not a positive multiple of {multiple} for model {self.name!r} "
-                                f"(the VAE's factor {self.latent_factor} × the 2×2 patch); try {nearest}")
+                nearest = (
+                    max(multiple, round(value / multiple) * multiple)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                    else self.image_size
+                )
+                raise UserError(
+                    f"{name}={value!r} is not a positive multiple of {multiple} for model {self.name!r} "
+                    f"(the VAE's factor {self.latent_factor} × the 2×2 patch); try {nearest}"
+                )
 
     def with_settings(self, **settings) -> FlowModelConfig:
         accepted = ("t5", "t5_length", "image_size", "steps", "guidance", "shift", "dynamic_shift")
         unknown = sorted(set(settings) - set(accepted))
         if unknown:
-            raise UserError(f"model settings {unknown} are unknown for model {self.name!r}; accepted are "
-                            f"{sorted(accepted)} and checkpoint, text_encoders, vae, t5_tokenizer, release_text_encoders")
+            raise UserError(
+                f"model settings {unknown} are unknown for model {self.name!r}; accepted are "
+                f"{sorted(accepted)} and checkpoint, text_encoders, vae, t5_tokenizer, release_text_encoders"
+            )
         return dataclasses.replace(self, **settings)
 
     def to_json(self) -> str:
@@ -110,12 +127,18 @@ class FlowModelConfig:
     @classmethod
     def from_json(cls, text: str) -> FlowModelConfig:
         """Inverse of `to_json` (lists back to tuples, the nested configs rebuilt)."""
+
         def build(kind, fields):
-            return None if fields is None else kind(**{k: tuple(v) if isinstance(v, list) else v
-                                                       for k, v in fields.items()})
+            return (
+                None
+                if fields is None
+                else kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            )
+
         d = json.loads(text)
-        nested = dict(mmdit=MMDiTConfig, flux=FluxConfig, vae=VAEConfig, clip_l=TextConfig, clip_g=TextConfig,
-                      t5_encoder=T5Config)
+        nested = dict(
+            mmdit=MMDiTConfig, flux=FluxConfig, vae=VAEConfig, clip_l=TextConfig, clip_g=TextConfig, t5_encoder=T5Config
+        )
         return cls(**{k: build(nested[k], v) if k in nested else v for k, v in d.items()})
 
 
@@ -126,8 +149,17 @@ def sd3_clip_l() -> TextConfig:
 
 def sd3_clip_g() -> TextConfig:
     """OpenCLIP bigG/14 (in the SD3 files under HF names): penultimate states, projected pooled EOT; pads with 0."""
-    return TextConfig(width=1280, heads=20, layers=32, act="gelu", pad_token=0, context_layers=31,
-                      context_norm=False, projection_dim=1280, hf_layout=True)
+    return TextConfig(
+        width=1280,
+        heads=20,
+        layers=32,
+        act="gelu",
+        pad_token=0,
+        context_layers=31,
+        context_norm=False,
+        projection_dim=1280,
+        hf_layout=True,
+    )
 
 
 def flux_clip_l() -> TextConfig:
@@ -139,9 +171,19 @@ def _sd3(name: str, mmdit: MMDiTConfig, *, steps: int, guidance: float) -> FlowM
 
 
 def _flux(name: str, flux: FluxConfig, *, dev: bool) -> FlowModelConfig:
-    return FlowModelConfig(name=name, family="flux", mmdit=None, flux=flux, clip_l=flux_clip_l(), clip_g=None,
-                           t5_length=512 if dev else 256, steps=28 if dev else 4, guidance=3.5 if dev else 0.0,
-                           shift=1.0, dynamic_shift=dev)
+    return FlowModelConfig(
+        name=name,
+        family="flux",
+        mmdit=None,
+        flux=flux,
+        clip_l=flux_clip_l(),
+        clip_g=None,
+        t5_length=512 if dev else 256,
+        steps=28 if dev else 4,
+        guidance=3.5 if dev else 0.0,
+        shift=1.0,
+        dynamic_shift=dev,
+    )
 
 
 # Defaults of the reference pipelines / model cards (diffusers docs of each repository).
@@ -173,8 +215,9 @@ class FlowConditioning:
 
 
 def concat(*parts: FlowConditioning) -> FlowConditioning:
-    return FlowConditioning(torch.cat([p.context for p in parts]), torch.cat([p.pooled for p in parts]),
-                            parts[0].text_segments)
+    return FlowConditioning(
+        torch.cat([p.context for p in parts]), torch.cat([p.pooled for p in parts]), parts[0].text_segments
+    )
 
 
 class DiffusionWrapper(nn.Module):
@@ -211,10 +254,10 @@ def clip_word_positions(prompt: str) -> tuple[WordTokens, ...]:
     for word in prompt.split():
         ids = clip_tokenizer().encode(word)
         core = re.search(r"[^\W_].*[^\W_]|[^\W_]", word)
-        lead = len(clip_tokenizer().encode(word[:core.start()])) if core else 0
+        lead = len(clip_tokenizer().encode(word[: core.start()])) if core else 0
         own = len(clip_tokenizer().encode(core.group())) if core else len(ids)
         positions = tuple(range(position, position + len(ids)))
-        words.append(WordTokens(word, tuple(ids), positions, positions[lead:lead + own]))
+        words.append(WordTokens(word, tuple(ids), positions, positions[lead : lead + own]))
         position += len(ids)
     return tuple(words)
 
@@ -291,16 +334,23 @@ class FlowModel(nn.Module):
         out = {"clip": clip_word_positions(prompt)} if self.clip_segment() else {}
         if self.config.t5:
             offset = self.clip_segment()
-            out["t5"] = tuple(dataclasses.replace(w, positions=tuple(p + offset for p in w.positions),
-                                                  word_positions=tuple(p + offset for p in w.word_positions))
-                              for w in self._tokenizer().word_positions(prompt, length=self.config.t5_length))
+            out["t5"] = tuple(
+                dataclasses.replace(
+                    w,
+                    positions=tuple(p + offset for p in w.positions),
+                    word_positions=tuple(p + offset for p in w.word_positions),
+                )
+                for w in self._tokenizer().word_positions(prompt, length=self.config.t5_length)
+            )
         return out
 
     def _tokenizer(self) -> T5Tokenizer:
         if self.t5_tokenizer is None:
-            raise UserError(f"model {self.config.name!r} needs T5's tokenizer: pass model.t5_tokenizer=PATH to its "
-                            "spiece.model or tokenizer.json (e.g. the tokenizer_3/ or tokenizer_2/ folder of the "
-                            "diffusers repository)")
+            raise UserError(
+                f"model {self.config.name!r} needs T5's tokenizer: pass model.t5_tokenizer=PATH to its "
+                "spiece.model or tokenizer.json (e.g. the tokenizer_3/ or tokenizer_2/ folder of the "
+                "diffusers repository)"
+            )
         return self.t5_tokenizer
 
     @torch.no_grad()
@@ -322,8 +372,11 @@ class FlowModel(nn.Module):
         clip_g = self._clip(encoders.clip_g, prompts, dtype)
         clip = torch.cat([clip_l.context, clip_g.context], dim=-1)  # (b, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, context_dim - clip.shape[-1]))  # zeros up to T5's width
-        return FlowConditioning(torch.cat([clip, t5.to(clip.device)], dim=1),
-                                torch.cat([clip_l.pooled, clip_g.pooled], dim=-1), self.text_segments())
+        return FlowConditioning(
+            torch.cat([clip, t5.to(clip.device)], dim=1),
+            torch.cat([clip_l.pooled, clip_g.pooled], dim=-1),
+            self.text_segments(),
+        )
 
     def _context_dim(self) -> int:
         return self.config.mmdit.context_dim if self.config.family == "sd3" else self.config.flux.context_in_dim
@@ -357,25 +410,39 @@ class FlowModel(nn.Module):
         tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
         return flux_sigmas(steps, image_seq_len=tokens if self.config.dynamic_shift else None)
 
-    def velocity(self, x: torch.Tensor, *, sigma: float, conditioning: FlowConditioning,
-                 guidance: float | None = None) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, *, sigma: float, conditioning: FlowConditioning, guidance: float | None = None
+    ) -> torch.Tensor:
         """The transformer's v at σ for latents x (b, 16, h, w), in float32. SD3 gets 1000·σ, FLUX σ itself
         (computed as the pipeline does, timestep / 1000) and, for dev, the distilled `guidance`."""
         dtype, batch = self.dtype, x.shape[0]
         timestep = torch.full((batch,), sigma * 1000.0, dtype=torch.float32, device=x.device)  # float32 like diffusers
         context, pooled = conditioning.context.to(dtype), conditioning.pooled.to(dtype)
         if self.config.family == "sd3":
-            return self.transformer(x.to(dtype), timesteps=timestep.to(dtype), context=context, pooled=pooled,
-                                    text_segments=conditioning.text_segments).float()
+            return self.transformer(
+                x.to(dtype),
+                timesteps=timestep.to(dtype),
+                context=context,
+                pooled=pooled,
+                text_segments=conditioning.text_segments,
+            ).float()
         grid_hw = (x.shape[-2] // 2, x.shape[-1] // 2)
         ids = image_ids(batch, grid_hw).to(x.device, dtype)
         text_ids = torch.zeros(batch, context.shape[1], 3, device=x.device, dtype=dtype)
         guidance_vector = None
         if self.config.flux.guidance_embed:
             guidance_vector = torch.full((batch,), float(guidance), dtype=torch.float32, device=x.device).to(dtype)
-        out = self.transformer(pack(x.to(dtype)), img_ids=ids, txt=context, txt_ids=text_ids,
-                               timesteps=(timestep / 1000.0).to(dtype), y=pooled, guidance=guidance_vector,
-                               grid_hw=grid_hw, text_segments=conditioning.text_segments)
+        out = self.transformer(
+            pack(x.to(dtype)),
+            img_ids=ids,
+            txt=context,
+            txt_ids=text_ids,
+            timesteps=(timestep / 1000.0).to(dtype),
+            y=pooled,
+            guidance=guidance_vector,
+            grid_hw=grid_hw,
+            text_segments=conditioning.text_segments,
+        )
         return unpack(out, grid_hw).float()
 
     @torch.no_grad()
@@ -387,4 +454,3 @@ class FlowModel(nn.Module):
         if not torch.isfinite(images).all():
             raise UserError("the VAE's decoded images hold NaN/inf: the weights or the sampling diverged")
         return images.clamp(-1, 1)
-

@@ -10,6 +10,7 @@ Positions enter as RoPE over (0, row, col) ids (axes 16/56/56 of the 128-d head)
 
 Every attention is a joint hook site (`double_blocks.N`, `single_blocks.N`): `[text | image]`, text first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -151,8 +152,11 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{stream}_mod", Modulation(dim, double=True))
             setattr(self, f"{stream}_attn", SelfAttention(dim, c.num_heads, qkv_bias=c.qkv_bias))
             # index 1 is the parameterless GELU, so the checkpoint's `img_mlp.0` / `img_mlp.2` exist
-            setattr(self, f"{stream}_mlp", nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"),
-                                                         nn.Linear(mlp_hidden, dim)))
+            setattr(
+                self,
+                f"{stream}_mlp",
+                nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, dim)),
+            )
         self.attention = JointAttention()
 
     def forward(self, img, txt, vec, *, rotations, query_hw, text_segments):
@@ -161,9 +165,15 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.pre_attention((1 + img_scale1) * layer_norm(img) + img_shift1)
         txt_q, txt_k, txt_v = self.txt_attn.pre_attention((1 + txt_scale1) * layer_norm(txt) + txt_shift1)
         num_text = txt.shape[1]
-        joint = self.attention(torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2),
-                               torch.cat([txt_v, img_v], dim=2), num_text=num_text, query_hw=query_hw,
-                               text_segments=text_segments, rope=rotations)  # (b, n_text + n_img, dim)
+        joint = self.attention(
+            torch.cat([txt_q, img_q], dim=2),
+            torch.cat([txt_k, img_k], dim=2),
+            torch.cat([txt_v, img_v], dim=2),
+            num_text=num_text,
+            query_hw=query_hw,
+            text_segments=text_segments,
+            rope=rotations,
+        )  # (b, n_text + n_img, dim)
         txt_out, img_out = joint[:, :num_text], joint[:, num_text:]
         img = img + img_gate1 * self.img_attn.proj(img_out)
         img = img + img_gate2 * self.img_mlp((1 + img_scale2) * layer_norm(img) + img_shift2)
@@ -188,11 +198,13 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, vec, *, num_text, rotations, query_hw, text_segments):
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = self.linear1((1 + scale) * layer_norm(x) + shift).split(
-            [3 * self.hidden_size, self.mlp_hidden], dim=-1)
+            [3 * self.hidden_size, self.mlp_hidden], dim=-1
+        )
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k = self.norm.query_norm(q), self.norm.key_norm(k)
-        attn = self.attention(q, k, v, num_text=num_text, query_hw=query_hw, text_segments=text_segments,
-                              rope=rotations)
+        attn = self.attention(
+            q, k, v, num_text=num_text, query_hw=query_hw, text_segments=text_segments, rope=rotations
+        )
         return x + gate * self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=2))
 
 
@@ -226,10 +238,19 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(c)
         name_attention_sites(self)
 
-    def forward(self, img: torch.Tensor, *, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
-                timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
-                grid_hw: tuple[int, int] | None = None,
-                text_segments: tuple[tuple[str, int, int], ...] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        img: torch.Tensor,
+        *,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        grid_hw: tuple[int, int] | None = None,
+        text_segments: tuple[tuple[str, int, int], ...] | None = None,
+    ) -> torch.Tensor:
         """img (b, n_img, 64) packed latents (`pack`), img_ids (b, n_img, 3) (`image_ids`), txt (b, n_txt, 4096)
         T5 features, txt_ids (b, n_txt, 3) zeros, timesteps (b,) σ ∈ [0, 1], y (b, 768) CLIP-L pooled,
         guidance (b,) the distilled guidance scale (dev only) → velocity (b, n_img, 64).
@@ -245,8 +266,9 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance * TIME_FACTOR).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
-        rotations = position_rotations(torch.cat([txt_ids, img_ids], dim=1), axes_dim=self.config.axes_dim,
-                                       theta=self.config.theta)  # text first, as the tokens
+        rotations = position_rotations(
+            torch.cat([txt_ids, img_ids], dim=1), axes_dim=self.config.axes_dim, theta=self.config.theta
+        )  # text first, as the tokens
         sites = dict(rotations=rotations, query_hw=grid_hw, text_segments=text_segments)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, **sites)

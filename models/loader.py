@@ -8,6 +8,7 @@ it to `weights_dtype` → rename HF CLIP text keys (SD 1.x, SDXL's CLIP-L) by ru
 and `load_state_dict(strict=True, assign=True)`, so a 7 GB file is never held twice in memory.
 The compute dtype (`dtype`) may differ from `weights_dtype`: layers cast their weights in their forward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,15 +30,23 @@ log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "p2p_model_config"  # safetensors metadata entry holding ModelConfig as JSON
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 # Keys real SD files carry that the model does not use. Everything else must match exactly.
 IGNORED_KEYS = (
     re.compile(r"^model_ema\."),  # EMA copies and their counters (the -emaonly files already hold EMA weights)
-    re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
-               r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|"
-               r"posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2)$"),
+    re.compile(
+        r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
+        r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|"
+        r"posterior_variance|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2)$"
+    ),
     # ^ DDPM schedule buffers: models/ddim.py computes the schedule from the config
     re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"),  # HF CLIP's arange buffer
     re.compile(r"^cond_stage_model\.model\.(text_projection|logit_scale)$"),  # CLIP's contrastive head, unused
@@ -89,12 +98,16 @@ def is_ignored(key: str, config: ModelConfig) -> bool:
 _SD2_V_NAME = re.compile(r"768|(^|[-_.])v([-_.]|$)")  # v2-1_768-ema-pruned, 768-v-ema, sd21-v
 _SD2_BASE_NAME = re.compile(r"base|512")  # v2-1_512-ema-pruned, 512-base-ema
 _SD14_NAME = re.compile(r"(^|[^0-9.])1[-_.]?4($|[^0-9])")  # sd-v1-4, sd14 (same weights' layout as 1.5)
-SUPPORTED = ("SD 1.x (model=sd14|sd15), SD 2.x (model=sd21-base|sd21), SDXL base 1.0 (model=sdxl) and files "
-             f"carrying their config in the '{CONFIG_METADATA_KEY}' metadata (the built-in model)")
+SUPPORTED = (
+    "SD 1.x (model=sd14|sd15), SD 2.x (model=sd21-base|sd21), SDXL base 1.0 (model=sdxl) and files "
+    f"carrying their config in the '{CONFIG_METADATA_KEY}' metadata (the built-in model)"
+)
 _UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
-_IN_CHANNELS = {9: "an inpainting checkpoint (image + mask + latent: 9 UNet input channels)",
-                8: "an InstructPix2Pix checkpoint (8 UNet input channels)",
-                5: "an SD 2 depth-to-image checkpoint (5 UNet input channels)"}
+_IN_CHANNELS = {
+    9: "an inpainting checkpoint (image + mask + latent: 9 UNet input channels)",
+    8: "an InstructPix2Pix checkpoint (8 UNet input channels)",
+    5: "an SD 2 depth-to-image checkpoint (5 UNet input channels)",
+}
 
 
 def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -103,15 +116,19 @@ def describe_unsupported(shapes: dict[str, tuple[int, ...]]) -> str | None:
     if _sd_family(shapes) == "sdxl":
         return None
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        return ("an SD-XL checkpoint other than SDXL base 1.0 (text encoders under 'conditioner.embedders.' but not "
-                "base 1.0's CLIP ViT-L + OpenCLIP bigG: the refiner or another variant)")
+        return (
+            "an SD-XL checkpoint other than SDXL base 1.0 (text encoders under 'conditioner.embedders.' but not "
+            "base 1.0's CLIP ViT-L + OpenCLIP bigG: the refiner or another variant)"
+        )
     if "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in shapes:
         return "an SD3/SD3.5 MM-DiT checkpoint: pass model=sd3-medium, sd35-medium or sd35-large"
     if any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in keys):
         return "a FLUX.1 transformer: pass model=flux-dev or flux-schnell"
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_down" in k for k in keys):
         return "a LoRA (low-rank weight differences, not a whole model)"
-    if any(re.match(r"^((unet|vae|text_encoder|encoder|decoder)\.)?(down_blocks|mid_block|up_blocks)\.", k) for k in keys):
+    if any(
+        re.match(r"^((unet|vae|text_encoder|encoder|decoder)\.)?(down_blocks|mid_block|up_blocks)\.", k) for k in keys
+    ):
         return "a diffusers-format file (diffusers module names, not the original single-file layout)"
     if _UNET_INPUT in shapes and len(shapes[_UNET_INPUT]) == 4 and shapes[_UNET_INPUT][1] != 4:
         channels = shapes[_UNET_INPUT][1]
@@ -155,28 +172,36 @@ def detect_config(shapes: dict[str, tuple[int, ...]], *, path: str = "") -> Mode
         if is_base and not is_v:
             return preset("sd21-base")
         if is_v == is_base:  # neither hint, or both
-            log.warning("%s: cannot tell SD 2.x 512-ε from 768-v by its weights or name; assuming sd21 (v). "
-                        "Pass model=sd21-base for the ε model.", path)
+            log.warning(
+                "%s: cannot tell SD 2.x 512-ε from 768-v by its weights or name; assuming sd21 (v). "
+                "Pass model=sd21-base for the ε model.",
+                path,
+            )
         return preset("sd21")
-    raise CheckpointError(f"{path}: not a recognised SD checkpoint (no SD 1.x, SD 2.x or SDXL text encoder keys, and no "
-                          f"'{CONFIG_METADATA_KEY}' metadata); supported are {SUPPORTED}")
+    raise CheckpointError(
+        f"{path}: not a recognised SD checkpoint (no SD 1.x, SD 2.x or SDXL text encoder keys, and no "
+        f"'{CONFIG_METADATA_KEY}' metadata); supported are {SUPPORTED}"
+    )
 
 
 def _refuse_pickle(path: Path, why: str) -> CheckpointError:
     converted = f"{path.stem}.safetensors" if path.suffix != ".safetensors" else f"{path.stem}-converted.safetensors"
     return CheckpointError(
-        f"{path}: {why} Convert it once, in an environment you trust: python -c \"import torch, safetensors.torch "
+        f'{path}: {why} Convert it once, in an environment you trust: python -c "import torch, safetensors.torch '
         f"as st; sd = torch.load('{path.name}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
         f"st.save_file({{k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}}, "
-        f"'{converted}')\"")
+        f"'{converted}')\""
+    )
 
 
 def _open(path: Path):
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _refuse_pickle(path, f"refusing to unpickle a '{path.suffix}' file (it can run arbitrary code).")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; pass the single-file .safetensors checkpoint itself (diffusers "
-                              "folders are not supported)")
+        raise CheckpointError(
+            f"{path} is a folder; pass the single-file .safetensors checkpoint itself (diffusers "
+            "folders are not supported)"
+        )
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as file:
@@ -186,13 +211,17 @@ def _open(path: Path):
     header_length = int.from_bytes(magic[:8], "little")
     is_safetensors = magic[8:9] == b"{" and 2 <= header_length < path.stat().st_size
     if not is_safetensors and (magic[:2] == b"PK" or magic[:1] == b"\x80"):  # a zip (torch.save) or a bare pickle
-        raise _refuse_pickle(path, "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
-                                   "it is not unpickled (that can run arbitrary code).")
+        raise _refuse_pickle(
+            path,
+            "this is a PyTorch pickle (torch.save), not safetensors, whatever its name; "
+            "it is not unpickled (that can run arbitrary code).",
+        )
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: cannot read as safetensors ({err}); is the file truncated or not a "
-                              "safetensors file?") from err
+        raise CheckpointError(
+            f"{path}: cannot read as safetensors ({err}); is the file truncated or not a safetensors file?"
+        ) from err
 
 
 def _config_from_metadata(metadata: dict[str, str], *, path: Path) -> ModelConfig | None:
@@ -201,12 +230,20 @@ def _config_from_metadata(metadata: dict[str, str], *, path: Path) -> ModelConfi
     try:
         return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
     except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a model config ({err}); "
-                              "pass model=<preset> to ignore it") from err
+        raise CheckpointError(
+            f"{path}: its '{CONFIG_METADATA_KEY}' metadata is not a model config ({err}); "
+            "pass model=<preset> to ignore it"
+        ) from err
 
 
-def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtype="fp32", weights_dtype=None,
-                    device: str | torch.device = "cpu") -> StableDiffusion:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    config: ModelConfig | None = None,
+    dtype="fp32",
+    weights_dtype=None,
+    device: str | torch.device = "cpu",
+) -> StableDiffusion:
     """Load a single-file checkpoint strictly. `config` overrides the metadata or detected preset.
 
     `weights_dtype` (None = `dtype`): the dtype the parameters are held in; `dtype`: the one computed in (each
@@ -225,8 +262,9 @@ def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtyp
         config = config or _config_from_metadata(f.metadata() or {}, path=path) or detect_config(shapes, path=str(path))
         with torch.device("meta"):
             model = StableDiffusion(config)
-        expected = check_checkpoint(shapes, model, path=str(path),
-                                    non_float=[k for k, s in header.items() if not _is_float(s.get_dtype())])
+        expected = check_checkpoint(
+            shapes, model, path=str(path), non_float=[k for k, s in header.items() if not _is_float(s.get_dtype())]
+        )
         state = {}
         try:
             for key in expected:
@@ -243,9 +281,11 @@ def load_checkpoint(path: str | Path, *, config: ModelConfig | None = None, dtyp
 def warn_if_slow_half_precision(dtype: torch.dtype, device: torch.device) -> None:
     """One warning when half precision would be *computed* on a CPU without native bf16/fp16 matmul."""
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not _cpu_has_native_half():
-        log.warning("dtype=%s on this CPU (no AVX512-BF16/AMX) computes 80-500x slower than fp32; the fast setting "
-                    "is weights_dtype=bf16 dtype=fp32 (half-precision storage, fp32 compute)",
-                    "bf16" if dtype == torch.bfloat16 else "fp16")
+        log.warning(
+            "dtype=%s on this CPU (no AVX512-BF16/AMX) computes 80-500x slower than fp32; the fast setting "
+            "is weights_dtype=bf16 dtype=fp32 (half-precision storage, fp32 compute)",
+            "bf16" if dtype == torch.bfloat16 else "fp16",
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,16 +297,23 @@ def _cpu_has_native_half() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16"))
 
 
-def check_checkpoint(shapes: dict[str, tuple[int, ...]], model: StableDiffusion, *, path: str,
-                     non_float: list[str] = ()) -> dict[str, tuple[int, ...]]:
+def check_checkpoint(
+    shapes: dict[str, tuple[int, ...]], model: StableDiffusion, *, path: str, non_float: list[str] = ()
+) -> dict[str, tuple[int, ...]]:
     """Check a file's header (key → shape) against `model` (may be on `meta`) and return the keys to read.
 
     Compared in the file's own naming (SD 1.x text keys stay HF CLIP's), after dropping the declared
     ignorable keys; raises a CheckpointError listing every problem, with what the file seems to be."""
     expected = {k: tuple(v.shape) for k, v in original_state_dict(model).items()}
     kept = {k: shape for k, shape in shapes.items() if not is_ignored(k, model.config)}
-    check_state(kept, expected, path=path, config_name=model.config.name,
-                non_float=[k for k in non_float if k in expected], hint=_hint(shapes, model.config))
+    check_state(
+        kept,
+        expected,
+        path=path,
+        config_name=model.config.name,
+        non_float=[k for k in non_float if k in expected],
+        hint=_hint(shapes, model.config),
+    )
     return expected
 
 
@@ -289,17 +336,29 @@ def _hint(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> str:
     return ""
 
 
-def check_state(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], *, path: str,
-                config_name: str, non_float: list[str] = (), hint: str = "") -> None:
+def check_state(
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    path: str,
+    config_name: str,
+    non_float: list[str] = (),
+    hint: str = "",
+) -> None:
     """Raise a CheckpointError listing every missing, unexpected, mis-shaped and non-float key."""
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     misshaped = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
     non_float = sorted(non_float)
     if missing or unexpected or misshaped or non_float:
+
         def listing(title, items, fmt):
-            return [f"  {len(items)} {title}:"] + [f"    {fmt(k)}" for k in items[:20]] + (
-                [f"    … and {len(items) - 20} more"] if len(items) > 20 else [])
+            return (
+                [f"  {len(items)} {title}:"]
+                + [f"    {fmt(k)}" for k in items[:20]]
+                + ([f"    … and {len(items) - 20} more"] if len(items) > 20 else [])
+            )
+
         lines = [f"{path} does not match model config {config_name!r}:"]
         if missing:
             lines += listing("missing keys", missing, str)

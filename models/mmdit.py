@@ -13,6 +13,7 @@ and pooled CLIP vector → the conditioning `c`), `context_embedder` (4096-d tex
 The joint attention (`models.attention.JointAttention`, site `joint_blocks.N`) sees `[text | image]`;
 the text range comes from the context's shape, and the site says which columns are CLIP and which T5.
 """
+
 from __future__ import annotations
 
 import math
@@ -218,9 +219,14 @@ class JointBlock(nn.Module):
         num_text = context.shape[1]
         (ctx_q, ctx_k, ctx_v), ctx_saved = self.context_block.pre_attention(context, c)
         (x_q, x_k, x_v), x_saved = self.x_block.pre_attention(x, c)
-        joint = self.attention(torch.cat([ctx_q, x_q], dim=2), torch.cat([ctx_k, x_k], dim=2),
-                               torch.cat([ctx_v, x_v], dim=2), num_text=num_text, query_hw=query_hw,
-                               text_segments=text_segments)  # (b, n_text + H·W, dim), text first
+        joint = self.attention(
+            torch.cat([ctx_q, x_q], dim=2),
+            torch.cat([ctx_k, x_k], dim=2),
+            torch.cat([ctx_v, x_v], dim=2),
+            num_text=num_text,
+            query_hw=query_hw,
+            text_segments=text_segments,
+        )  # (b, n_text + H·W, dim), text first
         context_out, x_out = joint[:, :num_text], joint[:, num_text:]
         if self.context_block.pre_only:
             context = None
@@ -233,7 +239,7 @@ class FinalLayer(nn.Module):
     def __init__(self, c: MMDiTConfig):
         super().__init__()
         self.norm_final = nn.LayerNorm(c.hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(c.hidden_size, c.patch_size ** 2 * c.in_channels)
+        self.linear = nn.Linear(c.hidden_size, c.patch_size**2 * c.in_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.hidden_size, 2 * c.hidden_size))
 
     def forward(self, x, c):
@@ -248,13 +254,15 @@ class MMDiT(nn.Module):
         super().__init__()
         c = self.config = config
         self.x_embedder = PatchEmbed(c)
-        self.register_buffer("pos_embed", sincos_pos_table(c.hidden_size, c.pos_embed_max_size,
-                                                           base_size=c.pos_embed_base_size))
+        self.register_buffer(
+            "pos_embed", sincos_pos_table(c.hidden_size, c.pos_embed_max_size, base_size=c.pos_embed_base_size)
+        )
         self.t_embedder = Embedder(TIMESTEP_FREQUENCIES, c.hidden_size)
         self.y_embedder = Embedder(c.pooled_dim, c.hidden_size)
         self.context_embedder = nn.Linear(c.context_dim, c.hidden_size)
         self.joint_blocks = nn.ModuleList(
-            JointBlock(c, last=i == c.depth - 1, x_self_attn=i in c.x_self_attn_blocks) for i in range(c.depth))
+            JointBlock(c, last=i == c.depth - 1, x_self_attn=i in c.x_self_attn_blocks) for i in range(c.depth)
+        )
         self.final_layer = FinalLayer(c)
         name_attention_sites(self)
 
@@ -263,19 +271,28 @@ class MMDiT(nn.Module):
         h, w = grid_hw
         side = self.config.pos_embed_max_size
         if h > side or w > side:
-            raise UserError(f"a latent of {h}×{w} patches is larger than this model's position table "
-                            f"({side}×{side} patches, i.e. {side * self.config.patch_size * 8} px at most per side)")
+            raise UserError(
+                f"a latent of {h}×{w} patches is larger than this model's position table "
+                f"({side}×{side} patches, i.e. {side * self.config.patch_size * 8} px at most per side)"
+            )
         top, left = (side - h) // 2, (side - w) // 2
         table = rearrange(self.pos_embed, "1 (h w) c -> 1 h w c", h=side)
-        return rearrange(table[:, top:top + h, left:left + w], "1 h w c -> 1 (h w) c")
+        return rearrange(table[:, top : top + h, left : left + w], "1 h w c -> 1 (h w) c")
 
     def text_segments(self, num_text: int) -> tuple[tuple[str, int, int], ...]:
         """Which text columns are CLIP and which T5 (SD3 pipelines: 77 CLIP positions, then T5)."""
         clip = min(self.config.clip_text_positions, num_text)
         return (("clip", 0, clip),) + ((("t5", clip, num_text),) if num_text > clip else ())
 
-    def forward(self, x: torch.Tensor, *, timesteps: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                text_segments: tuple[tuple[str, int, int], ...] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        text_segments: tuple[tuple[str, int, int], ...] | None = None,
+    ) -> torch.Tensor:
         """x (b, 16, H, W) latents at σ; timesteps (b,) = 1000·σ; context (b, n_text, 4096) text features
         (any n_text); pooled (b, 2048) → velocity (b, 16, H, W). `text_segments` overrides the CLIP/T5 labels."""
         p = self.config.patch_size

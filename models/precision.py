@@ -13,6 +13,7 @@ as they were. Layers that choose their compute dtype themselves are left alone: 
 and embedding tables, whose looked-up rows the caller casts (`models/text.py`); so are parameters used outside a
 layer's forward (the text encoders' `positional_embedding` and `text_projection`, cast where they are used).
 """
+
 from __future__ import annotations
 
 import open_clip.transformer
@@ -52,17 +53,41 @@ class CastingMultiheadAttention(nn.MultiheadAttention):
     """The text encoders' attention (open_clip, batch-first, packed q/k/v): the functional core that
     `nn.MultiheadAttention.forward` calls, given the four parameters in the query's dtype."""
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         dtype = query.dtype
         if self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (n, b, d): the core's layout
         out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, _cast(self.in_proj_weight, dtype),
-            _cast(self.in_proj_bias, dtype), self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
-            _cast(self.out_proj.weight, dtype), _cast(self.out_proj.bias, dtype), training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights, is_causal=is_causal)
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            _cast(self.in_proj_weight, dtype),
+            _cast(self.in_proj_bias, dtype),
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            _cast(self.out_proj.weight, dtype),
+            _cast(self.out_proj.bias, dtype),
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
 
@@ -87,4 +112,3 @@ def cast_weights_in_forward(module: nn.Module) -> nn.Module:
         if casting is not None:
             layer.__class__ = casting
     return module
-

@@ -11,6 +11,7 @@ What the sampling loop calls, the same for every model:
 The compute dtype (`dtype`) may differ from the weights' (`weights_dtype`): every layer casts its weights
 to its input's dtype inside its forward (`models/precision.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,10 @@ class ModelConfig:
         if self.unet.adm_in_channels:
             pooled = self.text_2.projection_dim if self.text_2 else 0
             if self.unet.adm_in_channels != pooled + 6 * self.size_embedding_dim:
-                raise ValueError(f"unet.adm_in_channels {self.unet.adm_in_channels} must be the pooled text width "
-                                 f"{pooled} + 6 × size_embedding_dim {self.size_embedding_dim}")
+                raise ValueError(
+                    f"unet.adm_in_channels {self.unet.adm_in_channels} must be the pooled text width "
+                    f"{pooled} + 6 × size_embedding_dim {self.size_embedding_dim}"
+                )
 
     @property
     def latent_factor(self) -> int:
@@ -78,15 +81,23 @@ class ModelConfig:
     def check_image_size(self, *, height, width) -> None:
         """Raise a UserError naming the accepted multiple for a size this model cannot take."""
         multiple = self.size_multiple
-        why = (f"the VAE's downsampling factor {self.latent_factor} × the UNet's latent multiple "
-               f"{self.unet.latent_multiple}" if self.unet.latent_multiple > 1 else "the VAE's downsampling factor")
+        why = (
+            f"the VAE's downsampling factor {self.latent_factor} × the UNet's latent multiple "
+            f"{self.unet.latent_multiple}"
+            if self.unet.latent_multiple > 1
+            else "the VAE's downsampling factor"
+        )
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                nearest = (max(multiple, round(value / multiple) * multiple)
-                           if isinstance(value, (int, float)) and not isinstance(value, bool) else self.image_size)
+                nearest = (
+                    max(multiple, round(value / multiple) * multiple)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                    else self.image_size
+                )
                 model = f" for model {self.name!r}" if self.unet.latent_multiple > 1 else ""
-                raise UserError(f"{name}={value!r} is not a positive multiple of {multiple}{model} ({why}); "
-                                f"try {nearest}")
+                raise UserError(
+                    f"{name}={value!r} is not a positive multiple of {multiple}{model} ({why}); try {nearest}"
+                )
 
     def with_settings(self, **settings) -> ModelConfig:
         """A copy with top-level settings changed, e.g. from `conf/model/sdxl.yaml` (`original_size=[1024, 1024]`):
@@ -105,8 +116,13 @@ class ModelConfig:
         tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
         d = tuples(d)
         text_2 = d.pop("text_2", None)
-        return cls(unet=UNetConfig(**tuples(d.pop("unet"))), vae=VAEConfig(**tuples(d.pop("vae"))),
-                   text=TextConfig(**d.pop("text")), text_2=TextConfig(**text_2) if text_2 else None, **d)
+        return cls(
+            unet=UNetConfig(**tuples(d.pop("unet"))),
+            vae=VAEConfig(**tuples(d.pop("vae"))),
+            text=TextConfig(**d.pop("text")),
+            text_2=TextConfig(**text_2) if text_2 else None,
+            **d,
+        )
 
     @classmethod
     def from_json(cls, s: str) -> ModelConfig:
@@ -132,7 +148,8 @@ class StableDiffusion(nn.Module):
         else:  # SDXL: sgm's `conditioner.embedders.0` (CLIP ViT-L) and `.1` (OpenCLIP bigG)
             self.conditioner = Conditioner((config.text, config.text_2))
         self.schedule: Schedule = scaled_linear_schedule(
-            beta_start=config.beta_start, beta_end=config.beta_end, num_train_timesteps=config.num_train_timesteps)
+            beta_start=config.beta_start, beta_end=config.beta_end, num_train_timesteps=config.num_train_timesteps
+        )
         self.compute_dtype: torch.dtype | None = None  # set by the loader; None = the weights' dtype
         cast_weights_in_forward(self)
 
@@ -187,8 +204,10 @@ class StableDiffusion(nn.Module):
             text = TextConditioning(self.cond_stage_model(ids, dtype=self.dtype))
         if self.config.force_zeros_for_empty_prompt:
             keep = torch.tensor([prompt != "" for prompt in prompts], device=text.context.device)
-            text = TextConditioning(text.context * keep[:, None, None].to(text.context.dtype),
-                                    None if text.pooled is None else text.pooled * keep[:, None].to(text.pooled.dtype))
+            text = TextConditioning(
+                text.context * keep[:, None, None].to(text.context.dtype),
+                None if text.pooled is None else text.pooled * keep[:, None].to(text.pooled.dtype),
+            )
         return text
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -202,14 +221,21 @@ class StableDiffusion(nn.Module):
         if not self.unet.has_vector_conditioning:
             return None
         if pooled is None:
-            raise ValueError(f"model {self.config.name!r} needs the pooled text embedding: pass encode_text(...).pooled")
+            raise ValueError(
+                f"model {self.config.name!r} needs the pooled text embedding: pass encode_text(...).pooled"
+            )
         c = self.config
-        return size_conditioning(pooled, original_size=c.original_size or (height, width), crop=c.crop,
-                                 target_size=c.target_size or (height, width),
-                                 embedding_dim=c.size_embedding_dim).to(self.dtype)
+        return size_conditioning(
+            pooled,
+            original_size=c.original_size or (height, width),
+            crop=c.crop,
+            target_size=c.target_size or (height, width),
+            embedding_dim=c.size_embedding_dim,
+        ).to(self.dtype)
 
-    def encode_images(self, images: torch.Tensor, *, sample: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_images(
+        self, images: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Images (b, 3, H, W) in [-1, 1] → scaled latents: the posterior mean (or a sample) × scale_factor."""
         posterior = self.first_stage_model.encode(images.to(self.device, self.dtype))
         latents = posterior.sample(generator) if sample else posterior.mean
@@ -231,13 +257,19 @@ def check_finite(tensor: torch.Tensor, *, what: str, dtype: torch.dtype) -> None
     bad = (~torch.isfinite(tensor)).sum().item()
     if bad:
         half = dtype in (torch.float16, torch.bfloat16)
-        raise UserError(f"{what}: {bad} of {tensor.numel()} values are NaN/inf (computed in {dtype}); "
-                        + ("half precision overflowed: compute in float32 (dtype=fp32, with weights_dtype=fp16 to "
-                           "keep the memory low) and keep vae_decode_fp32=true" if half else
-                           "the weights or inputs hold NaN/inf, or the sampling diverged"))
+        raise UserError(
+            f"{what}: {bad} of {tensor.numel()} values are NaN/inf (computed in {dtype}); "
+            + (
+                "half precision overflowed: compute in float32 (dtype=fp32, with weights_dtype=fp16 to "
+                "keep the memory low) and keep vae_decode_fp32=true"
+                if half
+                else "the weights or inputs hold NaN/inf, or the sampling diverged"
+            )
+        )
 
 
 # --- presets of the public checkpoints (the model config is not stored in their files) -------------
+
 
 def _sd1(name: str) -> ModelConfig:
     return ModelConfig(name=name, text=TextConfig(hf_layout=True))  # the other defaults above are SD 1.x
@@ -248,7 +280,9 @@ def _sd2(name: str, *, prediction: str, image_size: int) -> ModelConfig:
         name=name,
         unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True, upcast_attention=True),
         text=TextConfig(width=1024, heads=16, layers=23, act="gelu", pad_token=0),  # 23 of 24: penultimate
-        prediction=prediction, image_size=image_size)
+        prediction=prediction,
+        image_size=image_size,
+    )
 
 
 def tiny_config() -> ModelConfig:
@@ -260,25 +294,54 @@ def tiny_config() -> ModelConfig:
     P2P at SD's length use)."""
     return ModelConfig(
         name="tiny",
-        unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
-                        attention_kinds=("cross", "hybrid", "hybrid"), num_head_channels=32, context_dim=64),
+        unet=UNetConfig(
+            model_channels=64,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(1, 2, 4),
+            attention_kinds=("cross", "hybrid", "hybrid"),
+            num_head_channels=32,
+            context_dim=64,
+        ),
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1),
         text=TextConfig(width=64, heads=4, layers=4, act="gelu", pad_token=0),
-        image_size=32, scale_factor=1.0, guidance=5.0)
+        image_size=32,
+        scale_factor=1.0,
+        guidance=5.0,
+    )
 
 
 def _sdxl() -> ModelConfig:
     """SDXL base 1.0 (sgm's `configs/inference/sd_xl_base.yaml`; Podell et al. 2023)."""
     return ModelConfig(
         name="sdxl",
-        unet=UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10),
-                        num_head_channels=64, context_dim=768 + 1280, use_linear_in_transformer=True,
-                        adm_in_channels=1280 + 6 * SIZE_EMBEDDING_DIM, latent_multiple=4),
+        unet=UNetConfig(
+            channel_mult=(1, 2, 4),
+            attention_resolutions=(4, 2),
+            transformer_depth=(0, 2, 10),
+            num_head_channels=64,
+            context_dim=768 + 1280,
+            use_linear_in_transformer=True,
+            adm_in_channels=1280 + 6 * SIZE_EMBEDDING_DIM,
+            latent_multiple=4,
+        ),
         # the file holds all 12 CLIP-L layers and its final norm; layer 11's output, un-normed, is the context
         text=TextConfig(hf_layout=True, context_layers=11, context_norm=False),
-        text_2=TextConfig(width=1280, heads=20, layers=32, act="gelu", pad_token=0, context_layers=31,
-                          context_norm=False, projection_dim=1280),
-        scale_factor=SDXL_SCALE_FACTOR, image_size=1024, guidance=5.0, force_zeros_for_empty_prompt=True)
+        text_2=TextConfig(
+            width=1280,
+            heads=20,
+            layers=32,
+            act="gelu",
+            pad_token=0,
+            context_layers=31,
+            context_norm=False,
+            projection_dim=1280,
+        ),
+        scale_factor=SDXL_SCALE_FACTOR,
+        image_size=1024,
+        guidance=5.0,
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 def tiny_sdxl_config() -> ModelConfig:
@@ -288,14 +351,26 @@ def tiny_sdxl_config() -> ModelConfig:
     text = dict(heads=2, layers=3, context_layers=2, context_norm=False)
     return ModelConfig(
         name="tiny-sdxl",
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
-                        transformer_depth=(0, 1, 2), num_head_channels=32, context_dim=32 + 64,
-                        use_linear_in_transformer=True, adm_in_channels=64 + 6 * 16, latent_multiple=4),
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2, 4),
+            attention_resolutions=(4, 2),
+            transformer_depth=(0, 1, 2),
+            num_head_channels=32,
+            context_dim=32 + 64,
+            use_linear_in_transformer=True,
+            adm_in_channels=64 + 6 * 16,
+            latent_multiple=4,
+        ),
         vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
         text=TextConfig(width=32, hf_layout=True, **text),
         text_2=TextConfig(width=64, act="gelu", pad_token=0, projection_dim=64, **text),
-        size_embedding_dim=16, scale_factor=SDXL_SCALE_FACTOR, image_size=64, guidance=5.0,
-        force_zeros_for_empty_prompt=True)
+        size_embedding_dim=16,
+        scale_factor=SDXL_SCALE_FACTOR,
+        image_size=64,
+        guidance=5.0,
+        force_zeros_for_empty_prompt=True,
+    )
 
 
 PRESETS = {
@@ -310,6 +385,8 @@ PRESETS = {
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise UserError(f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)} or a file with "
-                         "its config in the metadata (the built-in tiny model)")
+        raise UserError(
+            f"model preset {name!r} is unknown; choose one of {sorted(PRESETS)} or a file with "
+            "its config in the metadata (the built-in tiny model)"
+        )
     return PRESETS[name]()

@@ -14,6 +14,7 @@ pieces, then `</s>`, then `<pad>` up to the length (SD3: 256 by default, FLUX-de
 the pipelines truncate. `word_positions` gives, per whitespace-separated word, its token positions (position 0
 = the first token: T5 has no start token), the shape `p2p/tokens.py` gives for CLIP.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,7 @@ def relative_position_buckets(length: int, *, num_buckets: int, max_distance: in
     buckets = (offsets > 0).long() * half
     distance = offsets.abs()
     exact = half // 2
-    log_bucket = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
-                          * (half - exact)).long()
+    log_bucket = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
     return buckets + torch.where(distance < exact, distance, log_bucket.clamp(max=half - 1))
 
 
@@ -83,9 +83,14 @@ class T5Attention(nn.Module):
 
     def position_bias(self, length: int) -> torch.Tensor:
         """(1, heads, length, length), added to the logits of every layer."""
-        buckets = relative_position_buckets(length, num_buckets=self.config.relative_attention_num_buckets,
-                                            max_distance=self.config.relative_attention_max_distance)
-        return self.relative_attention_bias(buckets.to(self.relative_attention_bias.weight.device)).permute(2, 0, 1)[None]
+        buckets = relative_position_buckets(
+            length,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+        return self.relative_attention_bias(buckets.to(self.relative_attention_bias.weight.device)).permute(2, 0, 1)[
+            None
+        ]
 
     def forward(self, x, position_bias):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
@@ -165,8 +170,10 @@ def untie_embedding_alias(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     if alias is not None:
         shared = state.setdefault("shared.weight", alias)
         if shared.shape != alias.shape or not torch.equal(shared, alias):
-            raise UserError(f"this T5 file has both 'shared.weight' {list(shared.shape)} and '{ALIAS_OF_SHARED}' "
-                            f"{list(alias.shape)} and they differ; a T5 encoder ties them, so the file is inconsistent")
+            raise UserError(
+                f"this T5 file has both 'shared.weight' {list(shared.shape)} and '{ALIAS_OF_SHARED}' "
+                f"{list(alias.shape)} and they differ; a T5 encoder ties them, so the file is inconsistent"
+            )
     return state
 
 
@@ -196,22 +203,28 @@ class T5Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"T5 tokenizer file {str(path)!r} does not exist; give the 'spiece.model' (SentencePiece) "
-                            "or 'tokenizer.json' of the T5 encoder (e.g. the tokenizer_3/ folder of an SD3 repository)")
+            raise UserError(
+                f"T5 tokenizer file {str(path)!r} does not exist; give the 'spiece.model' (SentencePiece) "
+                "or 'tokenizer.json' of the T5 encoder (e.g. the tokenizer_3/ folder of an SD3 repository)"
+            )
         if path.suffix == ".json":
             from tokenizers import Tokenizer
+
             self._fast = Tokenizer.from_file(str(path))
             self._fast.no_padding()
             self._fast.no_truncation()
             self.pad_id, self.eos_id = self._fast.token_to_id("<pad>"), self._fast.token_to_id("</s>")
         else:
             import sentencepiece
+
             self._fast = None
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             self.pad_id, self.eos_id = self._sp.pad_id(), self._sp.eos_id()
         if self.pad_id is None or self.eos_id is None or self.pad_id < 0 or self.eos_id < 0:
-            raise UserError(f"tokenizer {str(path)!r} has no <pad> or </s> token (pad id {self.pad_id}, end id "
-                            f"{self.eos_id}); T5 tokenizers have both (ids 0 and 1)")
+            raise UserError(
+                f"tokenizer {str(path)!r} has no <pad> or </s> token (pad id {self.pad_id}, end id "
+                f"{self.eos_id}); T5 tokenizers have both (ids 0 and 1)"
+            )
 
     def pieces(self, text: str) -> list[tuple[int, int, int]]:
         """(id, start, end) per content token; [start, end) are character offsets of its surface in `text`."""
@@ -235,7 +248,7 @@ class T5Tokenizer:
         (as the SD3 / FLUX pipelines' `truncation=True, padding="max_length"`)."""
         rows = []
         for prompt in prompts:
-            ids = self.encode(prompt)[:length - 1] + [self.eos_id]
+            ids = self.encode(prompt)[: length - 1] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
@@ -248,8 +261,10 @@ class T5Tokenizer:
         """
         pieces = self.pieces(prompt)
         if len(pieces) > length - 1:
-            raise UserError(f"prompt {prompt!r} has {len(pieces)} T5 tokens, but at most {length - 1} fit in "
-                            f"{length} positions with the end token; shorten it or raise the T5 length")
+            raise UserError(
+                f"prompt {prompt!r} has {len(pieces)} T5 tokens, but at most {length - 1} fit in "
+                f"{length} positions with the end token; shorten it or raise the T5 length"
+            )
         spans = [m.span() for m in re.finditer(r"\S+", prompt)]
         positions: list[list[int]] = [[] for _ in spans]
         own: list[list[int]] = [[] for _ in spans]
@@ -260,5 +275,7 @@ class T5Tokenizer:
             core_start, core_end = (spans[word][0] + offset for offset in _core_span(prompt[slice(*spans[word])]))
             if start < core_end and end > core_start:
                 own[word].append(position)
-        return tuple(WordTokens(prompt[s:e], tuple(pieces[i][0] for i in p), tuple(p), tuple(o))
-                     for (s, e), p, o in zip(spans, positions, own))
+        return tuple(
+            WordTokens(prompt[s:e], tuple(pieces[i][0] for i in p), tuple(p), tuple(o))
+            for (s, e), p, o in zip(spans, positions, own)
+        )

@@ -14,6 +14,7 @@ What differs between the models is configuration, not code (P2P_SPEC §8):
 
 References: Radford et al. 2021 (CLIP), Cherti et al. 2023 (OpenCLIP), Podell et al. 2023 (SDXL §2.1).
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,8 +63,10 @@ def tokenize(prompts: list[str], *, context_length: int = 77, pad_token: int = E
     for prompt in prompts:
         ids = [START_TOKEN, *clip_tokenizer().encode(prompt), END_TOKEN]
         if len(ids) > context_length:
-            raise UserError(f"prompt {prompt!r} has {len(ids) - 2} tokens; at most {context_length - 2} fit "
-                             f"(CLIP's context of {context_length} includes the start and end tokens)")
+            raise UserError(
+                f"prompt {prompt!r} has {len(ids) - 2} tokens; at most {context_length - 2} fit "
+                f"(CLIP's context of {context_length} includes the start and end tokens)"
+            )
         rows.append(ids + [pad_token] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -81,7 +84,7 @@ class TextTower(nn.Module):
         if c.projection_dim:  # CLIP's contrastive head; SDXL uses `text_projection` for the pooled embedding
             self.text_projection = nn.Parameter(torch.empty(c.width, c.projection_dim))
             self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))  # in the file, unused here
-            nn.init.normal_(self.text_projection, std=c.width ** -0.5)
+            nn.init.normal_(self.text_projection, std=c.width**-0.5)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
@@ -100,7 +103,9 @@ class TextEncoder(nn.Module):
         if config.act not in ("quick_gelu", "gelu"):
             raise UserError(f"text act {config.act!r} is not supported; use 'quick_gelu' or 'gelu'")
         if config.context_layers is not None and not 1 <= config.context_layers <= config.layers:
-            raise ValueError(f"text context_layers {config.context_layers} must be between 1 and layers {config.layers}")
+            raise ValueError(
+                f"text context_layers {config.context_layers} must be between 1 and layers {config.layers}"
+            )
         self.config = config
         self.model = TextTower(config)
 
@@ -160,8 +165,9 @@ _HF_GLOBAL = {
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def hf_clip_to_open_clip(state: dict[str, torch.Tensor], *, hf_prefix: str = HF_PREFIX,
-                         oc_prefix: str = OC_PREFIX) -> dict[str, torch.Tensor]:
+def hf_clip_to_open_clip(
+    state: dict[str, torch.Tensor], *, hf_prefix: str = HF_PREFIX, oc_prefix: str = OC_PREFIX
+) -> dict[str, torch.Tensor]:
     """Rename HF CLIP text keys under `hf_prefix` (SD 1.x's by default; SDXL's CLIP-L is
     `conditioner.embedders.0.transformer.text_model.`) to our open_clip layout under `oc_prefix`;
     other keys pass through unchanged."""
@@ -170,7 +176,7 @@ def hf_clip_to_open_clip(state: dict[str, torch.Tensor], *, hf_prefix: str = HF_
         if not key.startswith(hf_prefix):
             out[key] = value
             continue
-        rest = key[len(hf_prefix):]
+        rest = key[len(hf_prefix) :]
         if rest in _HF_GLOBAL:
             out[oc_prefix + _HF_GLOBAL[rest]] = value
             continue
@@ -194,8 +200,9 @@ def hf_clip_to_open_clip(state: dict[str, torch.Tensor], *, hf_prefix: str = HF_
     return out
 
 
-def open_clip_to_hf_clip(state: dict[str, torch.Tensor], *, hf_prefix: str = HF_PREFIX,
-                         oc_prefix: str = OC_PREFIX) -> dict[str, torch.Tensor]:
+def open_clip_to_hf_clip(
+    state: dict[str, torch.Tensor], *, hf_prefix: str = HF_PREFIX, oc_prefix: str = OC_PREFIX
+) -> dict[str, torch.Tensor]:
     """Inverse of `hf_clip_to_open_clip`: export our HF-layout text weights under the original names."""
     oc_to_hf_global = {v: k for k, v in _HF_GLOBAL.items()}
     oc_to_hf_layer = {v: k for k, v in _HF_TO_OC.items()}
@@ -205,11 +212,11 @@ def open_clip_to_hf_clip(state: dict[str, torch.Tensor], *, hf_prefix: str = HF_
         if not key.startswith(oc_prefix):
             out[key] = value
             continue
-        rest = key[len(oc_prefix):]
+        rest = key[len(oc_prefix) :]
         if rest in oc_to_hf_global:
             out[hf_prefix + oc_to_hf_global[rest]] = value
             continue
-        if (rest.startswith("transformer.resblocks.") and ".attn.in_proj_" in rest):
+        if rest.startswith("transformer.resblocks.") and ".attn.in_proj_" in rest:
             layer = rest.split(".")[2]
             param = "weight" if rest.endswith("weight") else "bias"
             for name, part in zip("qkv", value.chunk(3, dim=0)):

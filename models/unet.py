@@ -16,6 +16,7 @@ to the time embedding (sgm's `openaimodel.py` with `num_classes="sequential"`).
 References: Ho et al. 2020 (UNet + timestep embedding), Rombach et al. 2022 (cross-attention
 conditioning, Eq. 3), Saharia et al. 2022 (Imagen, hybrid attention), Podell et al. 2023 (SDXL, §2.1-2.2).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,11 +87,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # index 2 is dropout in the original; Identity keeps "out_layers.3" at its checkpoint index
-        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -127,12 +131,14 @@ class BasicTransformerBlock(nn.Module):
         self.kind = kind
         if kind == "cross":
             self.attn1 = CrossAttention(query_dim=dim, heads=heads, dim_head=dim_head, upcast=upcast)
-            self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head,
-                                        upcast=upcast)
+            self.attn2 = CrossAttention(
+                query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head, upcast=upcast
+            )
             self.norm2 = nn.LayerNorm(dim)
         elif kind == "hybrid":
-            self.attn1 = HybridAttention(query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head,
-                                         upcast=upcast)
+            self.attn1 = HybridAttention(
+                query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head, upcast=upcast
+            )
         else:
             raise UserError(f"attention kind {kind!r} is not supported; use 'cross' or 'hybrid'")
         self.ff = FeedForward(dim)
@@ -151,8 +157,18 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image → token sequence → transformer blocks → image, with a residual (LDM §3.3)."""
 
-    def __init__(self, channels: int, *, heads: int, dim_head: int, depth: int, context_dim: int,
-                 use_linear: bool, kind: str, upcast: bool):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        use_linear: bool,
+        kind: str,
+        upcast: bool,
+    ):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
@@ -160,8 +176,11 @@ class SpatialTransformer(nn.Module):
         proj = (lambda i, o: nn.Linear(i, o)) if use_linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=context_dim, kind=kind,
-                                  upcast=upcast) for _ in range(depth))
+            BasicTransformerBlock(
+                inner, heads=heads, dim_head=dim_head, context_dim=context_dim, kind=kind, upcast=upcast
+            )
+            for _ in range(depth)
+        )
         self.proj_out = proj(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -223,22 +242,37 @@ class UNetModel(nn.Module):
         super().__init__()
         self.config = c = config
         if c.attention_kinds and len(c.attention_kinds) != len(c.channel_mult):
-            raise UserError(f"attention_kinds {c.attention_kinds} needs one entry per level "
-                             f"({len(c.channel_mult)} levels in channel_mult {c.channel_mult})")
+            raise UserError(
+                f"attention_kinds {c.attention_kinds} needs one entry per level "
+                f"({len(c.channel_mult)} levels in channel_mult {c.channel_mult})"
+            )
         emb_dim = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if c.adm_in_channels:  # sgm's `num_classes="sequential"`: an MLP inside a one-entry Sequential (label_emb.0.0)
-            self.label_emb = nn.Sequential(nn.Sequential(
-                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         def transformer(ch: int, level: int) -> SpatialTransformer:
-            heads, dim_head = ((ch // c.num_head_channels, c.num_head_channels) if c.num_head_channels > 0
-                               else (c.num_heads, ch // c.num_heads))
-            return SpatialTransformer(ch, heads=heads, dim_head=dim_head, depth=c.depth_at(level),
-                                      context_dim=c.context_dim, use_linear=c.use_linear_in_transformer,
-                                      kind=c.kind_at(level), upcast=c.upcast_attention)
+            heads, dim_head = (
+                (ch // c.num_head_channels, c.num_head_channels)
+                if c.num_head_channels > 0
+                else (c.num_heads, ch // c.num_heads)
+            )
+            return SpatialTransformer(
+                ch,
+                heads=heads,
+                dim_head=dim_head,
+                depth=c.depth_at(level),
+                context_dim=c.context_dim,
+                use_linear=c.use_linear_in_transformer,
+                kind=c.kind_at(level),
+                upcast=c.upcast_attention,
+            )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))]
+        )
         skip_channels, ch, ds = [c.model_channels], c.model_channels, 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -254,7 +288,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         last = len(c.channel_mult) - 1
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch), transformer(ch, last), ResBlock(ch, emb_dim, ch))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch), transformer(ch, last), ResBlock(ch, emb_dim, ch)
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -268,7 +304,9 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+        )
         name_attention_sites(self)
         # True: when gradients are needed (null-text inversion), keep only each block's input and recompute its
         # inside during backward: activation memory of one block instead of all, for ~1 more forward in time.
@@ -280,8 +318,9 @@ class UNetModel(nn.Module):
         """True when the forward needs `y` (SDXL's pooled text + size embeddings)."""
         return bool(self.config.adm_in_channels)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (b, 4, h, w) latents, timesteps: (b,) or scalar, context: (b, 77, context_dim),
         y: (b, adm_in_channels) for SDXL (None otherwise) → (b, 4, h, w)."""
         self._check_inputs(x, y)
@@ -289,8 +328,11 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(x.dtype))
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype))  # SDXL: time + (pooled text, sizes) embeddings
-        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (
-            lambda block, *args: block(*args))
+        run = (
+            self._checkpointed
+            if self.gradient_checkpointing and torch.is_grad_enabled()
+            else (lambda block, *args: block(*args))
+        )
         skips, h = [], x
         for block in self.input_blocks:
             h = run(block, h, emb, context)
@@ -308,12 +350,16 @@ class UNetModel(nn.Module):
     def _check_inputs(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         c = self.config
         if self.has_vector_conditioning and (y is None or y.shape != (x.shape[0], c.adm_in_channels)):
-            raise ValueError(f"this UNet adds a vector y of shape (batch, {c.adm_in_channels}) to its time embedding "
-                             f"(SDXL's pooled text and sizes); got {None if y is None else tuple(y.shape)} for "
-                             f"batch {x.shape[0]}: pass y=model.added_conditioning(...)")
+            raise ValueError(
+                f"this UNet adds a vector y of shape (batch, {c.adm_in_channels}) to its time embedding "
+                f"(SDXL's pooled text and sizes); got {None if y is None else tuple(y.shape)} for "
+                f"batch {x.shape[0]}: pass y=model.added_conditioning(...)"
+            )
         if not self.has_vector_conditioning and y is not None:
             raise ValueError("this UNet takes no vector conditioning (no label_emb); pass y=None")
         height, width = x.shape[-2:]
         if height % c.latent_multiple or width % c.latent_multiple:
-            raise UserError(f"latent size {height}×{width} is not a multiple of {c.latent_multiple} on each side, "
-                            f"which this UNet needs ({len(c.channel_mult) - 1} downsamplings)")
+            raise UserError(
+                f"latent size {height}×{width} is not a multiple of {c.latent_multiple} on each side, "
+                f"which this UNet needs ({len(c.channel_mult) - 1} downsamplings)"
+            )

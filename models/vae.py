@@ -6,6 +6,7 @@ Layout follows CompVis `ldm/modules/diffusionmodules/model.py` (`Encoder`, `Deco
 Images are in [-1, 1]; latents are multiplied by `scale_factor` (0.18215 for SD 1.x/2.x,
 chosen by the LDM authors to give the latents unit variance) outside this module.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,8 +91,9 @@ class Level(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels)
-                                   for i in range(num_blocks))
+        self.block = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_blocks)
+        )
         self.attn = nn.ModuleList()
 
 

@@ -7,6 +7,7 @@ latent, division by the per-image max, threshold. Mask = union of the source's a
 (minus the subtract words' mask). After each step from `start_step` on:
 `x_tgt ← x_src + mask·(x_tgt − x_src)`, so outside the mask the target keeps the source's latent.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ DEFAULT_DILATION = 1  # max-pool kernel 2k+1 = 3 (official `k = 1`)
 DEFAULT_RESOLUTION_DOWNSAMPLINGS = 2  # latent/4: the 16×16 layers of SD at 512 px
 
 
-def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *,
-                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+def word_weights(
+    prompts: Sequence[str], words: Sequence[Sequence[str]], *, context_length: int = CONTEXT_LENGTH
+) -> torch.Tensor:
     """(P, context_length) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`)."""
     if len(words) != len(prompts):
         raise UserError(f"blend words for {len(words)} prompts given; the batch has {len(prompts)} prompts")
@@ -42,12 +44,21 @@ def word_weights(prompts: Sequence[str], words: Sequence[Sequence[str]], *,
 class LocalBlend(Controller):
     """Records the blend words' maps (a recorder at the hook) and blends latents (the loop's latent callback)."""
 
-    def __init__(self, *, prompts: Sequence[str], words: Sequence[Sequence[str]], latent_hw: tuple[int, int],
-                 num_steps: int, threshold: float = DEFAULT_THRESHOLD, dilation: int = DEFAULT_DILATION,
-                 start_step: int = 0, subtract_words: Sequence[Sequence[str]] | None = None,
-                 subtract_threshold: float = DEFAULT_THRESHOLD,
-                 resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS,
-                 context_length: int = CONTEXT_LENGTH):
+    def __init__(
+        self,
+        *,
+        prompts: Sequence[str],
+        words: Sequence[Sequence[str]],
+        latent_hw: tuple[int, int],
+        num_steps: int,
+        threshold: float = DEFAULT_THRESHOLD,
+        dilation: int = DEFAULT_DILATION,
+        start_step: int = 0,
+        subtract_words: Sequence[Sequence[str]] | None = None,
+        subtract_threshold: float = DEFAULT_THRESHOLD,
+        resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS,
+        context_length: int = CONTEXT_LENGTH,
+    ):
         super().__init__(num_prompts=len(prompts))
         for name, value in (("threshold", threshold), ("subtract_threshold", subtract_threshold)):
             if not 0.0 <= value < 1.0:  # maps are divided by their max: at 1 or above no pixel passes
@@ -57,8 +68,11 @@ class LocalBlend(Controller):
         if not any(words):
             raise UserError("LocalBlend needs at least one word (per prompt: the object being edited)")
         self.weights = word_weights(prompts, words, context_length=context_length)
-        self.subtract = (word_weights(prompts, subtract_words, context_length=context_length)
-                         if subtract_words and any(subtract_words) else None)
+        self.subtract = (
+            word_weights(prompts, subtract_words, context_length=context_length)
+            if subtract_words and any(subtract_words)
+            else None
+        )
         self.threshold, self.subtract_threshold, self.dilation = threshold, subtract_threshold, dilation
         self.latent_hw, self.num_steps, self.start_step = tuple(latent_hw), num_steps, start_step
         self.grid = grid_at(self.latent_hw, resolution_downsamplings)
@@ -74,9 +88,11 @@ class LocalBlend(Controller):
 
     def __call__(self, probs, site):
         if site.num_text_keys != self.weights.shape[1]:
-            raise UserError(f"layer {site.name} attends to {site.num_text_keys} text tokens but the blend was built "
-                             f"for {self.weights.shape[1]}; build it with the model's context_length")
-        text = self.conditional(probs)[..., :site.num_text_keys].mean(dim=1).float()  # (P, Q, 77)
+            raise UserError(
+                f"layer {site.name} attends to {site.num_text_keys} text tokens but the blend was built "
+                f"for {self.weights.shape[1]}; build it with the model's context_length"
+            )
+        text = self.conditional(probs)[..., : site.num_text_keys].mean(dim=1).float()  # (P, Q, 77)
         maps = text.transpose(1, 2).reshape(self.num_prompts, -1, *site.query_hw)  # (P, 77, h, w)
         self.summed = maps.clone() if self.summed is None else self.summed + maps
         return probs
@@ -96,9 +112,11 @@ class LocalBlend(Controller):
     def mask(self) -> torch.Tensor:
         """(P, 1, H, W) float mask in latent resolution; row 0 (source) unused, row t = source ∪ target t."""
         if self.summed is None:
-            raise RuntimeError(f"LocalBlend recorded no cross-attention maps at {self.grid[0]}×{self.grid[1]}; "
-                               f"the model's text-attention layers are at {sorted(self.seen_grids)} — "
-                               "choose resolution_downsamplings accordingly")
+            raise RuntimeError(
+                f"LocalBlend recorded no cross-attention maps at {self.grid[0]}×{self.grid[1]}; "
+                f"the model's text-attention layers are at {sorted(self.seen_grids)} — "
+                "choose resolution_downsamplings accordingly"
+            )
         mask = self._mask(self.weights, self.threshold, dilate=True)
         mask = mask[:1] | mask  # union of the source's words and each prompt's own
         if self.subtract is not None:  # null-text notebook: the subtract mask is a source ∪ prompt union too
@@ -114,8 +132,12 @@ class LocalBlend(Controller):
         empty = (mask.flatten(1).amax(dim=1) == 0).nonzero().flatten()
         empty = empty[empty > 0]
         if len(empty):  # an empty mask would collapse the target onto the source: leave that target unblended
-            log.warning("LocalBlend at step %d: empty mask for prompt(s) %s; leaving them unblended "
-                        "(lower the threshold or check the blend words)", step, empty.tolist())
+            log.warning(
+                "LocalBlend at step %d: empty mask for prompt(s) %s; leaving them unblended "
+                "(lower the threshold or check the blend words)",
+                step,
+                empty.tolist(),
+            )
             mask[empty] = 1.0
         self.last_mask = mask
         return latents[:1] + mask * (latents - latents[:1])

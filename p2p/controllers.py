@@ -10,6 +10,7 @@ except the maps it was asked to record.
   (fader, composable on either), per-word cross windows and self-attention injection.
 - `Compose` chains controllers; recorders placed before the editor see each prompt's own maps.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ class Controller:
 
     def begin_step(self, step: int) -> None:
         if step == 0 and self.step != -1:
-            raise RuntimeError(f"{type(self).__name__} already ran (it was at step {self.step}); controllers are "
-                               "built for one run — build a new one for every run")
+            raise RuntimeError(
+                f"{type(self).__name__} already ran (it was at step {self.step}); controllers are "
+                "built for one run — build a new one for every run"
+            )
         self.step = step
 
     def wants(self, site: AttentionSite) -> bool:
@@ -67,9 +70,11 @@ class Controller:
     def conditional(self, probs: torch.Tensor) -> torch.Tensor:
         """The conditional half (P, heads, queries, keys) of a CFG batch."""
         if probs.shape[0] != 2 * self.num_prompts:
-            raise RuntimeError(f"attention batch of {probs.shape[0]} rows; expected 2 × {self.num_prompts} prompts "
-                               "([uncond, cond]); was the controller built for this run?")
-        return probs[self.num_prompts:]
+            raise RuntimeError(
+                f"attention batch of {probs.shape[0]} rows; expected 2 × {self.num_prompts} prompts "
+                "([uncond, cond]); was the controller built for this run?"
+            )
+        return probs[self.num_prompts :]
 
 
 class Compose(Controller):
@@ -103,8 +108,11 @@ class LayerFilter:
     max_queries: int | None = None  # keep only layers with at most this many queries (memory bound)
 
     def __call__(self, site: AttentionSite) -> bool:
-        return (site.kind in self.kinds and (self.grids is None or site.query_hw in self.grids)
-                and (self.max_queries is None or site.num_queries <= self.max_queries))
+        return (
+            site.kind in self.kinds
+            and (self.grids is None or site.query_hw in self.grids)
+            and (self.max_queries is None or site.num_queries <= self.max_queries)
+        )
 
 
 class AttentionStore(Controller):
@@ -116,8 +124,14 @@ class AttentionStore(Controller):
     the model computed before any later controller in a `Compose` edits them.
     """
 
-    def __init__(self, *, num_prompts: int, layers: LayerFilter = LayerFilter(), per_step: bool = False,
-                 steps: range | None = None):
+    def __init__(
+        self,
+        *,
+        num_prompts: int,
+        layers: LayerFilter = LayerFilter(),
+        per_step: bool = False,
+        steps: range | None = None,
+    ):
         super().__init__(num_prompts=num_prompts)
         self.layers, self.per_step, self.record_steps = layers, per_step, steps
         self.maps: dict[str, torch.Tensor] = {}
@@ -141,8 +155,11 @@ class AttentionStore(Controller):
         return self.maps[name] / self.counts[name]
 
     def names(self, *, kinds: tuple[str, ...] | None = None, grid: tuple[int, int] | None = None) -> list[str]:
-        return [n for n, s in self.sites.items()
-                if (kinds is None or s.kind in kinds) and (grid is None or s.query_hw == grid)]
+        return [
+            n
+            for n, s in self.sites.items()
+            if (kinds is None or s.kind in kinds) and (grid is None or s.query_hw == grid)
+        ]
 
 
 class AttentionEdit(Controller):
@@ -160,9 +177,18 @@ class AttentionEdit(Controller):
     columns are each prompt's own, whatever the self window says.
     """
 
-    def __init__(self, *, num_prompts: int, kind: str, cross_alphas: torch.Tensor, self_steps: range,
-                 self_max_queries: int, mapper: torch.Tensor | None = None,
-                 refine_alphas: torch.Tensor | None = None, reweight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        *,
+        num_prompts: int,
+        kind: str,
+        cross_alphas: torch.Tensor,
+        self_steps: range,
+        self_max_queries: int,
+        mapper: torch.Tensor | None = None,
+        refine_alphas: torch.Tensor | None = None,
+        reweight: torch.Tensor | None = None,
+    ):
         super().__init__(num_prompts=num_prompts)
         if num_prompts < 2:
             raise UserError("an edit needs a source prompt and at least one target prompt")
@@ -193,13 +219,15 @@ class AttentionEdit(Controller):
 
     def __call__(self, probs, site):
         probs = probs.clone()  # the caller's tensor is never edited in place
-        cond = probs[self.num_prompts:]  # a view into the clone: edits below land in `probs`
+        cond = probs[self.num_prompts :]  # a view into the clone: edits below land in `probs`
         self.conditional(probs)  # validates the batch layout
         text = site.num_text_keys
         if site.kind != "self" and text != self.cross_alphas.shape[-1]:
-            raise UserError(f"layer {site.name} attends to {text} text tokens but the edit was built for "
-                             f"{self.cross_alphas.shape[-1]}; build it with the model's context length "
-                             "(p2p.edit.build_edit(..., context_length=model.context_length))")
+            raise UserError(
+                f"layer {site.name} attends to {text} text tokens but the edit was built for "
+                f"{self.cross_alphas.shape[-1]}; build it with the model's context length "
+                "(p2p.edit.build_edit(..., context_length=model.context_length))"
+            )
         if site.kind != "self" and self._cross_active():
             cond[1:, ..., :text] = self._edit_cross(cond[0, ..., :text], cond[1:, ..., :text])
         if site.kind == "self" and self._self_active(site):

@@ -5,6 +5,7 @@
 
 `EditSpec`, `BlendSpec` and `StoreSpec` are the schemas of the `edit=`, `blend=` and `store` config groups.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,9 @@ class EditSpec:
     # notebook 1/4 → 16² at 512 px; null-text notebook 1/2 → 32²), or ≤ `self_max_side`² when that is set.
     self_max_fraction: float = 0.25
     self_max_side: int | None = None
-    reweight: dict = field(default_factory=dict)  # {word: c} for all targets, or {word: [c per target]} (1: target lacks it)
+    reweight: dict = field(
+        default_factory=dict
+    )  # {word: c} for all targets, or {word: [c per target]} (1: target lacks it)
     preserve: list = field(default_factory=list)  # object preservation (Fig. 5): only these words' maps inject
 
 
@@ -89,13 +92,17 @@ def _per_prompt(value: Sequence, prompts: Sequence[str], what: str) -> list[list
         for word in value:
             missing = [p for p in prompts if not has_word(p, word)]
             if missing:
-                raise UserError(f"{what}: word {word!r} is not in prompt {missing[0]!r}; a flat list applies to every "
-                                 f"prompt — for one word per prompt give one list per prompt, e.g. "
-                                 f"{[[w] for w in value]}")
+                raise UserError(
+                    f"{what}: word {word!r} is not in prompt {missing[0]!r}; a flat list applies to every "
+                    f"prompt — for one word per prompt give one list per prompt, e.g. "
+                    f"{[[w] for w in value]}"
+                )
         return [list(value) for _ in prompts]
     if len(value) != len(prompts):
-        raise UserError(f"{what} has {len(value)} lists for {len(prompts)} prompts; give one list per prompt "
-                         "or one flat list for all")
+        raise UserError(
+            f"{what} has {len(value)} lists for {len(prompts)} prompts; give one list per prompt "
+            "or one flat list for all"
+        )
     return [[v] if isinstance(v, str) else list(v) for v in value]
 
 
@@ -111,8 +118,10 @@ def _reweight_scales(reweight: Mapping, targets: Sequence[str], context_length: 
         for word, scale in reweight.items():
             if isinstance(scale, Sequence) and not isinstance(scale, str):
                 if len(scale) != len(targets):
-                    raise UserError(f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
-                                     "give one number for all or one per target prompt")
+                    raise UserError(
+                        f"reweight for {word!r} has {len(scale)} values for {len(targets)} targets; "
+                        "give one number for all or one per target prompt"
+                    )
                 scale = scale[t]
             if isinstance(scale, bool) or not isinstance(scale, (int, float)):
                 raise UserError(f"reweight for {word!r} must be a number (or one per target prompt), got {scale!r}")
@@ -127,14 +136,22 @@ def self_max_queries(spec: EditSpec, latent_hw: tuple[int, int]) -> int:
     if spec.self_max_side is not None:
         side = spec.self_max_side
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-            raise UserError(f"self_max_side={side!r} must be a positive int (a query grid side, in latent pixels); "
-                             "to inject no self-attention set self_replace_steps=0")
-        return side ** 2
+            raise UserError(
+                f"self_max_side={side!r} must be a positive int (a query grid side, in latent pixels); "
+                "to inject no self-attention set self_replace_steps=0"
+            )
+        return side**2
     return max_queries_at_fraction(latent_hw, spec.self_max_fraction)
 
 
-def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
-               context_length: int = CONTEXT_LENGTH) -> AttentionEdit:
+def build_edit(
+    spec: EditSpec,
+    prompts: Sequence[str],
+    *,
+    num_steps: int,
+    latent_hw: tuple[int, int],
+    context_length: int = CONTEXT_LENGTH,
+) -> AttentionEdit:
     """The edit controller; `context_length` = the model's text positions (`model.context_length`)."""
     if spec.kind not in EDIT_KINDS:
         raise UserError(f"edit kind {spec.kind!r} is not supported; choose one of {EDIT_KINDS}")
@@ -143,8 +160,10 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
     if not targets:
         raise UserError(f"edit kind {spec.kind!r} needs a source and at least one target prompt; got {list(prompts)}")
     if spec.kind == "reweight" and not spec.reweight:
-        raise UserError("edit kind 'reweight' needs the words to scale: reweight={word: scale} "
-                         "(scripts: edit.reweight={red: 3}); without them the edit does nothing")
+        raise UserError(
+            "edit kind 'reweight' needs the words to scale: reweight={word: scale} "
+            "(scripts: edit.reweight={red: 3}); without them the edit does nothing"
+        )
     schedule = spec.cross_replace_steps
     if spec.preserve:  # Fig. 5: only the named words' maps are injected
         window = schedule if not isinstance(schedule, Mapping) else schedule.get(DEFAULT_KEY, 1.0)
@@ -160,16 +179,21 @@ def build_edit(spec: EditSpec, prompts: Sequence[str], *, num_steps: int, latent
         source_ids = clip_tokenizer().encode(source)
         different = [t for t in targets if clip_tokenizer().encode(t) != source_ids]
         if different:
-            raise UserError(f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
-                             f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader")
+            raise UserError(
+                f"edit kind {kind!r} (no base edit) needs targets equal to the source {source!r}; "
+                f"{different[0]!r} differs — use edit=refine (or replace), with edit.reweight for a fader"
+            )
         kind = "none"
     if spec.reweight:
         kwargs["reweight"] = _reweight_scales(spec.reweight, targets, context_length)
-    return AttentionEdit(num_prompts=len(prompts), kind=kind,
-                         cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps,
-                                                    context_length=context_length),
-                         self_steps=named_step_range(spec.self_replace_steps, num_steps, "self_replace_steps"),
-                         self_max_queries=self_max_queries(spec, latent_hw), **kwargs)
+    return AttentionEdit(
+        num_prompts=len(prompts),
+        kind=kind,
+        cross_alphas=cross_alphas(schedule, targets=targets, num_steps=num_steps, context_length=context_length),
+        self_steps=named_step_range(spec.self_replace_steps, num_steps, "self_replace_steps"),
+        self_max_queries=self_max_queries(spec, latent_hw),
+        **kwargs,
+    )
 
 
 BLEND_DOWNSAMPLINGS = 2  # latent/4: SD's 16×16 cross-attention layers at 512 px (official LocalBlend)
@@ -184,7 +208,7 @@ def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, in
     attention (SDXL has none at full resolution); a grid under MIN_BLEND_SIDE on a side gives way to the next
     finer level that has attention. Resolution-agnostic: derived from the model and the image size."""
     unet = model.config.unet
-    levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions and unet.depth_at(d) > 0]
+    levels = [d for d in range(len(unet.channel_mult)) if 2**d in unet.attention_resolutions and unet.depth_at(d) > 0]
     if not levels:
         raise UserError(f"model {model.config.name!r} has no text attention, so LocalBlend has no maps to read")
     candidates = [d for d in levels if d <= BLEND_DOWNSAMPLINGS] or levels[:1]
@@ -192,27 +216,52 @@ def default_blend_downsamplings(model: StableDiffusion, latent_hw: tuple[int, in
     return max(wide_enough) if wide_enough else min(candidates)
 
 
-def build_blend(spec: BlendSpec, prompts: Sequence[str], *, num_steps: int, latent_hw: tuple[int, int],
-                downsamplings: int, context_length: int = CONTEXT_LENGTH) -> LocalBlend:
+def build_blend(
+    spec: BlendSpec,
+    prompts: Sequence[str],
+    *,
+    num_steps: int,
+    latent_hw: tuple[int, int],
+    downsamplings: int,
+    context_length: int = CONTEXT_LENGTH,
+) -> LocalBlend:
     prompts = check_prompts(prompts, context_length=context_length)
-    return LocalBlend(prompts=prompts, words=_per_prompt(spec.words, prompts, "blend.words"),
-                      latent_hw=latent_hw, num_steps=num_steps, threshold=spec.threshold, dilation=spec.dilation,
-                      start_step=named_step_range(spec.start, num_steps, "blend start").stop,
-                      subtract_words=_per_prompt(spec.subtract_words, prompts, "blend.subtract_words"),
-                      subtract_threshold=spec.subtract_threshold,
-                      resolution_downsamplings=downsamplings if spec.resolution_downsamplings is None
-                      else spec.resolution_downsamplings, context_length=context_length)
+    return LocalBlend(
+        prompts=prompts,
+        words=_per_prompt(spec.words, prompts, "blend.words"),
+        latent_hw=latent_hw,
+        num_steps=num_steps,
+        threshold=spec.threshold,
+        dilation=spec.dilation,
+        start_step=named_step_range(spec.start, num_steps, "blend start").stop,
+        subtract_words=_per_prompt(spec.subtract_words, prompts, "blend.subtract_words"),
+        subtract_threshold=spec.subtract_threshold,
+        resolution_downsamplings=downsamplings
+        if spec.resolution_downsamplings is None
+        else spec.resolution_downsamplings,
+        context_length=context_length,
+    )
 
 
 def build_store(spec: StoreSpec, *, num_prompts: int, latent_hw: tuple[int, int]) -> AttentionStore:
     max_queries = max_queries_at_fraction(latent_hw, spec.max_fraction)
-    return AttentionStore(num_prompts=num_prompts, per_step=spec.per_step,
-                          layers=LayerFilter(kinds=tuple(spec.kinds), max_queries=max_queries))
+    return AttentionStore(
+        num_prompts=num_prompts,
+        per_step=spec.per_step,
+        layers=LayerFilter(kinds=tuple(spec.kinds), max_queries=max_queries),
+    )
 
 
-def build_controllers(model: StableDiffusion, prompts: Sequence[str], *, spec: EditSpec | None,
-                      blend: BlendSpec | None, store: StoreSpec | None, num_steps: int, latent_hw: tuple[int, int]
-                      ) -> tuple[AttentionStore | None, LocalBlend | None, Controller | None]:
+def build_controllers(
+    model: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    spec: EditSpec | None,
+    blend: BlendSpec | None,
+    store: StoreSpec | None,
+    num_steps: int,
+    latent_hw: tuple[int, int],
+) -> tuple[AttentionStore | None, LocalBlend | None, Controller | None]:
     """The recorder, the blend and the one controller that runs them with the edit. Every check of the
     prompts against the edit (word counts of a replace, blend words, reweight words) happens here, so callers
     with slow work before sampling (an inversion) can call this first to fail fast."""
@@ -220,16 +269,28 @@ def build_controllers(model: StableDiffusion, prompts: Sequence[str], *, spec: E
     if not prompts:
         raise UserError("edit needs at least one prompt (the source)")
     if spec is not None and spec.kind == "none" and (spec.reweight or spec.preserve):
-        raise UserError(f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
-                         "would be ignored; use kind 'reweight' (identical prompts), 'replace' or 'refine'")
+        raise UserError(
+            f"edit kind 'none' edits nothing, so reweight={spec.reweight} / preserve={spec.preserve} "
+            "would be ignored; use kind 'reweight' (identical prompts), 'replace' or 'refine'"
+        )
     recorder = build_store(store, num_prompts=len(prompts), latent_hw=latent_hw) if store else None
-    blender = build_blend(blend, prompts, num_steps=num_steps, latent_hw=latent_hw,
-                          downsamplings=default_blend_downsamplings(model, latent_hw),
-                          context_length=model.context_length) if blend and blend.words else None
+    blender = (
+        build_blend(
+            blend,
+            prompts,
+            num_steps=num_steps,
+            latent_hw=latent_hw,
+            downsamplings=default_blend_downsamplings(model, latent_hw),
+            context_length=model.context_length,
+        )
+        if blend and blend.words
+        else None
+    )
     controllers: list[Controller] = [c for c in (recorder, blender) if c is not None]  # recorders first: unedited maps
     if spec is not None and spec.kind != "none":
-        controllers.append(build_edit(spec, prompts, num_steps=num_steps, latent_hw=latent_hw,
-                                      context_length=model.context_length))
+        controllers.append(
+            build_edit(spec, prompts, num_steps=num_steps, latent_hw=latent_hw, context_length=model.context_length)
+        )
     return recorder, blender, Compose(controllers) if controllers else None
 
 
@@ -246,11 +307,22 @@ def _chain(callbacks):
     return chained
 
 
-def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = None, latent: torch.Tensor | None = None,
-         spec: EditSpec | None = None, blend: BlendSpec | None = None, store: StoreSpec | None = None,
-         settings: SamplerSettings | None = None, height: int | None = None, width: int | None = None,
-         uncond_embeddings: Sequence[torch.Tensor] | None = None,
-         source_trajectory: Sequence[torch.Tensor] | None = None, progress: bool = True) -> EditResult:
+def edit(
+    model: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    seed: int | None = None,
+    latent: torch.Tensor | None = None,
+    spec: EditSpec | None = None,
+    blend: BlendSpec | None = None,
+    store: StoreSpec | None = None,
+    settings: SamplerSettings | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    uncond_embeddings: Sequence[torch.Tensor] | None = None,
+    source_trajectory: Sequence[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> EditResult:
     """Generate `prompts` (source first) from one shared x_T with the edit `spec` (None: no edit, plain sampling).
 
     `source_trajectory`: a DDIM inversion's z_0 … z_T (Direct Inversion): the source branch is put back on it
@@ -261,24 +333,46 @@ def edit(model: StableDiffusion, prompts: Sequence[str], *, seed: int | None = N
     if latent is None:
         if seed is None:
             raise UserError("edit needs a seed or an initial latent")
-        latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
-                                multiple=model.config.size_multiple)
-    recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
-                                                      num_steps=settings.steps, latent_hw=tuple(latent.shape[-2:]))
+        latent = initial_latent(
+            seed,
+            height=height,
+            width=width,
+            latent_factor=model.config.latent_factor,
+            multiple=model.config.size_multiple,
+        )
+    recorder, blender, controller = build_controllers(
+        model,
+        prompts,
+        spec=spec,
+        blend=blend,
+        store=store,
+        num_steps=settings.steps,
+        latent_hw=tuple(latent.shape[-2:]),
+    )
     prompts = list(prompts)
     callbacks = []
     if source_trajectory is not None:
         if len(source_trajectory) != settings.steps + 1:
-            raise UserError(f"source_trajectory has {len(source_trajectory)} latents for steps={settings.steps}; "
-                             f"Direct Inversion needs the inversion's z_0 … z_T, {settings.steps + 1} latents")
+            raise UserError(
+                f"source_trajectory has {len(source_trajectory)} latents for steps={settings.steps}; "
+                f"Direct Inversion needs the inversion's z_0 … z_T, {settings.steps + 1} latents"
+            )
         callbacks.append(source_on_trajectory(source_trajectory))
     if blender is not None:
         callbacks.append(blender.blend_latents)
-    latents = sample(model, prompts, latent=latent, settings=settings, controller=controller,
-                     latent_callback=_chain(callbacks),
-                     uncond_embeddings=uncond_embeddings, progress=progress)
+    latents = sample(
+        model,
+        prompts,
+        latent=latent,
+        settings=settings,
+        controller=controller,
+        latent_callback=_chain(callbacks),
+        uncond_embeddings=uncond_embeddings,
+        progress=progress,
+    )
     images = decode(model, latents)
     if blender is not None and blend.restore_pixels and blender.last_mask is not None:
-        images[1:] = [restore_outside_mask(image, images[0], mask) for image, mask in zip(images[1:],
-                                                                                           blender.last_mask[1:])]
+        images[1:] = [
+            restore_outside_mask(image, images[0], mask) for image, mask in zip(images[1:], blender.last_mask[1:])
+        ]
     return EditResult(images=images, latents=latents, store=recorder, blend=blender)

@@ -10,6 +10,7 @@ then an Euler step x ← x + (σ_next − σ)·v (`models/flow.py`). The loop �
 controller which step it is (`controller.begin_step(step)`), and `attach_controller` checks every joint site
 (FLUX's single-stream blocks included) met it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,12 +48,15 @@ def uses_cfg(model: FlowModel, guidance: float) -> bool:
 
 def check_negative_prompt(config: FlowModelConfig, negative_prompt: str) -> None:
     if negative_prompt and config.family == "flux":
-        raise UserError(f"negative_prompt={negative_prompt!r}: FLUX.1 is guidance-distilled and samples without an "
-                        "unconditional batch, so it takes no negative prompt; leave negative_prompt empty")
+        raise UserError(
+            f"negative_prompt={negative_prompt!r}: FLUX.1 is guidance-distilled and samples without an "
+            "unconditional batch, so it takes no negative prompt; leave negative_prompt empty"
+        )
 
 
-def conditioning(model: FlowModel, prompts: Sequence[str], *, negative_prompt: str, guidance: float
-                 ) -> tuple[FlowConditioning, FlowConditioning | None]:
+def conditioning(
+    model: FlowModel, prompts: Sequence[str], *, negative_prompt: str, guidance: float
+) -> tuple[FlowConditioning, FlowConditioning | None]:
     """(cond, uncond or None) for the prompts; the text encoders are released afterwards when the model says so."""
     prompts = list(prompts)
     check_negative_prompt(model.config, negative_prompt)
@@ -67,9 +71,16 @@ def conditioning(model: FlowModel, prompts: Sequence[str], *, negative_prompt: s
 
 
 @torch.no_grad()
-def sample(model: FlowModel, cond: FlowConditioning, *, latent: torch.Tensor, uncond: FlowConditioning | None = None,
-           settings: FlowSamplerSettings | None = None, controller: StepController | None = None,
-           progress: bool = True) -> torch.Tensor:
+def sample(
+    model: FlowModel,
+    cond: FlowConditioning,
+    *,
+    latent: torch.Tensor,
+    uncond: FlowConditioning | None = None,
+    settings: FlowSamplerSettings | None = None,
+    controller: StepController | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
     """Integrate from noise (σ = 1) to data (σ = 0); returns the final latents (P, 16, h, w) in float32.
 
     `cond`: P prompts' conditioning; `uncond`: the negative prompt's, P rows (SD3 with guidance > 1), else None.
@@ -102,9 +113,18 @@ def decode(model: FlowModel, latents: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate(model: FlowModel, prompts: Sequence[str], *, seed: int, height: int | None = None,
-             width: int | None = None, settings: FlowSamplerSettings | None = None, negative_prompt: str = "",
-             controller: StepController | None = None, progress: bool = True) -> np.ndarray:
+def generate(
+    model: FlowModel,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+    settings: FlowSamplerSettings | None = None,
+    negative_prompt: str = "",
+    controller: StepController | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Text to image for prompts sharing one seed; uint8 (P, H, W, 3). Text first (and released on a CPU), then
     the transformer, then the VAE."""
     if not prompts:
@@ -114,6 +134,7 @@ def generate(model: FlowModel, prompts: Sequence[str], *, seed: int, height: int
     settings = settings or FlowSamplerSettings(steps=c.steps, guidance=c.guidance)
     latent = initial_noise(model, seed, height=height, width=width)
     cond, uncond = conditioning(model, prompts, negative_prompt=negative_prompt, guidance=settings.guidance)
-    latents = sample(model, cond, uncond=uncond, latent=latent, settings=settings, controller=controller,
-                     progress=progress)
+    latents = sample(
+        model, cond, uncond=uncond, latent=latent, settings=settings, controller=controller, progress=progress
+    )
     return decode(model, latents)

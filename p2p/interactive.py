@@ -17,6 +17,7 @@ again. The result equals `p2p.edit.edit` up to float32 rounding: batched CPU ker
 BLAS matmuls, the text encoder) round a row differently when the batch around it has another size, so the
 latents differ by ~1e-6 per step (tests/test_app_cache.py measures the bound it asserts).
 """
+
 from __future__ import annotations
 
 import logging
@@ -103,17 +104,29 @@ class SourceRecorder(Controller):
         return probs
 
 
-def start_latent(model: StableDiffusion, start: Start, *, height: int | None = None,
-                 width: int | None = None) -> torch.Tensor:
+def start_latent(
+    model: StableDiffusion, start: Start, *, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
     if start.x_T is not None:
         return start.x_T
     height, width = image_size(model, height, width)
-    return initial_latent(start.seed, height=height, width=width, latent_factor=model.config.latent_factor,
-                          multiple=model.config.size_multiple)
+    return initial_latent(
+        start.seed,
+        height=height,
+        width=width,
+        latent_factor=model.config.latent_factor,
+        multiple=model.config.size_multiple,
+    )
 
 
-def sample_source(model: StableDiffusion, prompt: str, *, start: Start, settings: SamplerSettings,
-                  max_bytes: int = DEFAULT_MAX_SOURCE_BYTES) -> SourceTrajectory:
+def sample_source(
+    model: StableDiffusion,
+    prompt: str,
+    *,
+    start: Start,
+    settings: SamplerSettings,
+    max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+) -> SourceTrajectory:
     """Sample `prompt` alone, keeping its latents and conditional maps (raises SourceTooLarge over `max_bytes`)."""
     x_T = start_latent(model, start)
     recorder = SourceRecorder(max_bytes=max_bytes, num_steps=settings.steps)
@@ -123,10 +136,17 @@ def sample_source(model: StableDiffusion, prompt: str, *, start: Start, settings
         latents.append(x.clone())
         return x
 
-    final = sample(model, [prompt], latent=x_T, settings=settings, controller=recorder, latent_callback=keep,
-                   uncond_embeddings=start.uncond_embeddings, progress=False)
-    return SourceTrajectory(prompt=prompt, x_T=x_T, latents=latents, maps=recorder.maps,
-                            image=decode(model, final)[0])
+    final = sample(
+        model,
+        [prompt],
+        latent=x_T,
+        settings=settings,
+        controller=recorder,
+        latent_callback=keep,
+        uncond_embeddings=start.uncond_embeddings,
+        progress=False,
+    )
+    return SourceTrajectory(prompt=prompt, x_T=x_T, latents=latents, maps=recorder.maps, image=decode(model, final)[0])
 
 
 class SourceInjector(Controller):
@@ -150,18 +170,32 @@ class SourceInjector(Controller):
         # placeholder of the right shape, never read.
         full = self.inner(torch.cat([source, uncond, source, cond]), site)
         targets = self.num_prompts
-        return torch.cat([full[1:1 + targets], full[2 + targets:]])
+        return torch.cat([full[1 : 1 + targets], full[2 + targets :]])
 
 
-def edit_from_source(model: StableDiffusion, prompts: list[str], *, source: SourceTrajectory, start: Start,
-                     spec: EditSpec | None, blend: BlendSpec | None, store: StoreSpec | None,
-                     settings: SamplerSettings) -> EditResult:
+def edit_from_source(
+    model: StableDiffusion,
+    prompts: list[str],
+    *,
+    source: SourceTrajectory,
+    start: Start,
+    spec: EditSpec | None,
+    blend: BlendSpec | None,
+    store: StoreSpec | None,
+    settings: SamplerSettings,
+) -> EditResult:
     """`p2p.edit.edit(model, prompts, ...)` with the source branch taken from `source` (see the module doc)."""
     if prompts[0] != source.prompt:
         raise ValueError(f"the trajectory is of {source.prompt!r}, the edit's source is {prompts[0]!r}")
-    recorder, blender, controller = build_controllers(model, prompts, spec=spec, blend=blend, store=store,
-                                                      num_steps=settings.steps,
-                                                      latent_hw=tuple(source.x_T.shape[-2:]))
+    recorder, blender, controller = build_controllers(
+        model,
+        prompts,
+        spec=spec,
+        blend=blend,
+        store=store,
+        num_steps=settings.steps,
+        latent_hw=tuple(source.x_T.shape[-2:]),
+    )
     if len(prompts) < 2:
         images = source.image[None]
         return EditResult(images=images, latents=source.latents[-1], store=recorder, blend=blender)
@@ -170,13 +204,21 @@ def edit_from_source(model: StableDiffusion, prompts: list[str], *, source: Sour
     def blend_targets(step: int, x: torch.Tensor) -> torch.Tensor:
         return blender.blend_latents(step, torch.cat([source.latents[step].to(x), x]))[1:]
 
-    targets = sample(model, prompts[1:], latent=source.x_T, settings=settings, controller=injector,
-                     latent_callback=blend_targets if blender is not None else None,
-                     uncond_embeddings=start.uncond_embeddings, progress=False)
+    targets = sample(
+        model,
+        prompts[1:],
+        latent=source.x_T,
+        settings=settings,
+        controller=injector,
+        latent_callback=blend_targets if blender is not None else None,
+        uncond_embeddings=start.uncond_embeddings,
+        progress=False,
+    )
     images = np.concatenate([source.image[None], decode(model, targets)])
     if blender is not None and blend.restore_pixels and blender.last_mask is not None:
-        images[1:] = [restore_outside_mask(image, images[0], mask) for image, mask in zip(images[1:],
-                                                                                           blender.last_mask[1:])]
+        images[1:] = [
+            restore_outside_mask(image, images[0], mask) for image, mask in zip(images[1:], blender.last_mask[1:])
+        ]
     return EditResult(images=images, latents=torch.cat([source.latents[-1], targets]), store=recorder, blend=blender)
 
 
@@ -185,8 +227,13 @@ class LiveEditor:
     guidance, offset); one editor serves one model. Models whose trajectories exceed `max_bytes` (SD at 512 px)
     get the full `p2p.edit.edit` on every call."""
 
-    def __init__(self, model: StableDiffusion, *, max_sources: int = DEFAULT_MAX_SOURCES,
-                 max_bytes: int = DEFAULT_MAX_SOURCE_BYTES):
+    def __init__(
+        self,
+        model: StableDiffusion,
+        *,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+    ):
         self.model, self.max_sources, self.max_bytes = model, max_sources, max_bytes
         self.sources: OrderedDict[tuple, SourceTrajectory] = OrderedDict()
         self.too_large = False  # set once a trajectory did not fit: every later edit runs in full
@@ -214,24 +261,58 @@ class LiveEditor:
             self.sources.popitem(last=False)
         return trajectory
 
-    def edit(self, prompts: list[str], *, start: Start, spec: EditSpec | None, blend: BlendSpec | None = None,
-             store: StoreSpec | None = None, settings: SamplerSettings) -> EditResult:
+    def edit(
+        self,
+        prompts: list[str],
+        *,
+        start: Start,
+        spec: EditSpec | None,
+        blend: BlendSpec | None = None,
+        store: StoreSpec | None = None,
+        settings: SamplerSettings,
+    ) -> EditResult:
         # every check of the request first: a bad word costs no sampling
-        build_controllers(self.model, prompts, spec=spec, blend=blend, store=store, num_steps=settings.steps,
-                          latent_hw=tuple(start_latent(self.model, start).shape[-2:]))
+        build_controllers(
+            self.model,
+            prompts,
+            spec=spec,
+            blend=blend,
+            store=store,
+            num_steps=settings.steps,
+            latent_hw=tuple(start_latent(self.model, start).shape[-2:]),
+        )
         source = self.source(prompts[0], start=start, settings=settings)
         if source is None:
-            return edit(self.model, prompts, latent=start_latent(self.model, start), spec=spec, blend=blend,
-                        store=store, settings=settings, uncond_embeddings=start.uncond_embeddings, progress=False)
-        return edit_from_source(self.model, prompts, source=source, start=start, spec=spec, blend=blend,
-                                store=store, settings=settings)
+            return edit(
+                self.model,
+                prompts,
+                latent=start_latent(self.model, start),
+                spec=spec,
+                blend=blend,
+                store=store,
+                settings=settings,
+                uncond_embeddings=start.uncond_embeddings,
+                progress=False,
+            )
+        return edit_from_source(
+            self.model, prompts, source=source, start=start, spec=spec, blend=blend, store=store, settings=settings
+        )
 
     def baseline(self, prompts: list[str], *, start: Start, settings: SamplerSettings) -> np.ndarray:
         """Every prompt sampled alone from the same start, no injection (the same-seed baseline), cached."""
         images = []
         for prompt in prompts:
             source = self.source(prompt, start=start, settings=settings)
-            images.append(source.image if source is not None else
-                          edit(self.model, [prompt], latent=start_latent(self.model, start), settings=settings,
-                               uncond_embeddings=start.uncond_embeddings, progress=False).images[0])
+            images.append(
+                source.image
+                if source is not None
+                else edit(
+                    self.model,
+                    [prompt],
+                    latent=start_latent(self.model, start),
+                    settings=settings,
+                    uncond_embeddings=start.uncond_embeddings,
+                    progress=False,
+                ).images[0]
+            )
         return np.stack(images)

@@ -7,6 +7,7 @@ optional latent callback (LocalBlend) rewrite the result. The loop — never a c
 controller which step it is. An optional `on_prediction` hook sees each step's predicted clean latents
 (x̂0 of the guided ε): where the image is heading, e.g. when its layout is decided.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -38,13 +39,17 @@ def check_image_size(height: int, width: int, *, multiple: int) -> None:
     """Sizes must be positive multiples of `multiple`; prefer `model.config.check_image_size`, which says why."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-            nearest = (max(multiple, round(value / multiple) * multiple)
-                       if isinstance(value, (int, float)) and not isinstance(value, bool) else 512)
+            nearest = (
+                max(multiple, round(value / multiple) * multiple)
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else 512
+            )
             raise UserError(f"{name}={value!r} is not a positive multiple of {multiple}; try {nearest}")
 
 
-def initial_latent(seed: int, *, height: int, width: int, latent_factor: int = 8, multiple: int | None = None
-                   ) -> torch.Tensor:
+def initial_latent(
+    seed: int, *, height: int, width: int, latent_factor: int = 8, multiple: int | None = None
+) -> torch.Tensor:
     """x_T ~ N(0, I) of shape (1, 4, H/f, W/f) from `torch.Generator("cpu").manual_seed(seed)`.
 
     The convention of the official P2P notebooks and diffusers, so a seed gives the same x_T everywhere.
@@ -85,8 +90,9 @@ def condition(model: StableDiffusion, prompts: Sequence[str], *, latent_hw: tupl
 def unet_output(model: StableDiffusion, x: torch.Tensor, t: int, conditioning: Conditioning) -> torch.Tensor:
     """The UNet's ε (or v) for latents `x` at timestep `t`, in float32 (computed in the model's dtype)."""
     y = None if conditioning.y is None else conditioning.y.to(model.dtype)
-    return model.unet(x.to(model.dtype), torch.tensor(t, device=x.device), conditioning.context.to(model.dtype),
-                      y=y).float()
+    return model.unet(
+        x.to(model.dtype), torch.tensor(t, device=x.device), conditioning.context.to(model.dtype), y=y
+    ).float()
 
 
 @dataclass
@@ -98,11 +104,20 @@ class SamplerSettings:
 
 
 @torch.no_grad()
-def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tensor,
-           settings: SamplerSettings = SamplerSettings(), negative_prompt: str = "",
-           controller: StepController | None = None, latent_callback: LatentCallback | None = None,
-           uncond_embeddings: Sequence[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-           progress: bool = True, on_prediction: PredictionHook | None = None) -> torch.Tensor:
+def sample(
+    model: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    latent: torch.Tensor,
+    settings: SamplerSettings = SamplerSettings(),
+    negative_prompt: str = "",
+    controller: StepController | None = None,
+    latent_callback: LatentCallback | None = None,
+    uncond_embeddings: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    on_prediction: PredictionHook | None = None,
+) -> torch.Tensor:
     """Run the loop; returns the final latents (P, 4, h, w) in float32.
 
     `latent`: (1, 4, h, w), shared by all prompts. `uncond_embeddings`: one (1, 77, d) embedding per step
@@ -117,8 +132,9 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
     latent_hw = tuple(latent.shape[-2:])
     cond = condition(model, prompts, latent_hw=latent_hw)
     uncond = condition(model, [negative_prompt] * num_prompts, latent_hw=latent_hw)
-    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
-                               offset=settings.offset)
+    timesteps = ddim_timesteps(
+        settings.steps, num_train_timesteps=model.config.num_train_timesteps, offset=settings.offset
+    )
     if uncond_embeddings is not None and len(uncond_embeddings) != len(timesteps):
         raise UserError(f"{len(uncond_embeddings)} null embeddings given for {len(timesteps)} steps")
     x = latent.to(device=device, dtype=torch.float32).expand(num_prompts, -1, -1, -1).clone()
@@ -127,18 +143,31 @@ def sample(model: StableDiffusion, prompts: Sequence[str], *, latent: torch.Tens
             if controller is not None:
                 controller.begin_step(step)
             if uncond_embeddings is not None:
-                uncond = uncond.with_context(uncond_embeddings[step].to(device, model.dtype).expand(num_prompts, -1, -1))
+                uncond = uncond.with_context(
+                    uncond_embeddings[step].to(device, model.dtype).expand(num_prompts, -1, -1)
+                )
             out = unet_output(model, torch.cat([x, x]), t, concat(uncond, cond))
             out_uncond, out_cond = out.chunk(2)
             guided = out_uncond + settings.guidance * (out_cond - out_uncond)
             if on_prediction is not None:
-                on_prediction(step, eps_and_x0(guided, x, model.schedule.alpha(t), prediction=model.config.prediction)[1])
+                on_prediction(
+                    step, eps_and_x0(guided, x, model.schedule.alpha(t), prediction=model.config.prediction)[1]
+                )
             noise = None
             if settings.eta > 0:
                 noise = torch.randn((1, *x.shape[1:]), generator=generator).to(device).expand_as(x)
-            x = ddim_step(guided, x, t=t, t_prev=previous_timestep(t, num_steps=settings.steps,
-                                                                   num_train_timesteps=model.config.num_train_timesteps),
-                          schedule=model.schedule, prediction=model.config.prediction, eta=settings.eta, noise=noise)
+            x = ddim_step(
+                guided,
+                x,
+                t=t,
+                t_prev=previous_timestep(
+                    t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps
+                ),
+                schedule=model.schedule,
+                prediction=model.config.prediction,
+                eta=settings.eta,
+                noise=noise,
+            )
             if latent_callback is not None:
                 x = latent_callback(step, x)
     return x
@@ -154,16 +183,24 @@ def decode(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
 
 def image_size(model: StableDiffusion, height: int | None, width: int | None) -> tuple[int, int]:
     """None → the model's native size; anything else is kept (and checked later), so height=0 is an error."""
-    return (model.config.image_size if height is None else height,
-            model.config.image_size if width is None else width)
+    return (model.config.image_size if height is None else height, model.config.image_size if width is None else width)
 
 
-def generate(model: StableDiffusion, prompts: Sequence[str], *, seed: int, height: int | None = None,
-             width: int | None = None, settings: SamplerSettings | None = None, **kwargs) -> np.ndarray:
+def generate(
+    model: StableDiffusion,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+    settings: SamplerSettings | None = None,
+    **kwargs,
+) -> np.ndarray:
     """Text to image for a batch of prompts that share one seed; uint8 (P, H, W, 3)."""
     height, width = image_size(model, height, width)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
-    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
-                            multiple=model.config.size_multiple)
+    latent = initial_latent(
+        seed, height=height, width=width, latent_factor=model.config.latent_factor, multiple=model.config.size_multiple
+    )
     generator = torch.Generator("cpu").manual_seed(int(seed) + 1) if settings.eta > 0 else None
     return decode(model, sample(model, prompts, latent=latent, settings=settings, generator=generator, **kwargs))

@@ -7,6 +7,7 @@ their own window and every other token the default one (without "default_" the d
 With several targets a named word acts in the targets that contain it, as in the reference; a word in no
 target raises (P2P_SPEC §9.2).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,12 @@ def step_range(window: Window, num_steps: int) -> range:
     """The steps a window covers. `0.8` → steps [0, 40) of 50; `(0.2, 0.6)` → [10, 30)."""
     if _is_number(window):
         start, end = 0.0, float(window)
-    elif isinstance(window, Sequence) and not isinstance(window, str) and len(window) == 2 \
-            and all(_is_number(w) for w in window):
+    elif (
+        isinstance(window, Sequence)
+        and not isinstance(window, str)
+        and len(window) == 2
+        and all(_is_number(w) for w in window)
+    ):
         start, end = (float(w) for w in window)
     else:
         raise UserError(f"window {window!r} must be a fraction f (meaning (0, f)) or a pair (start, end)")
@@ -46,12 +51,13 @@ def window_mask(window: Window, num_steps: int) -> torch.Tensor:
     """(num_steps,) float 0/1: 1 on the steps inside the window."""
     mask = torch.zeros(num_steps)
     steps = step_range(window, num_steps)
-    mask[steps.start:steps.stop] = 1.0
+    mask[steps.start : steps.stop] = 1.0
     return mask
 
 
-def cross_alphas(schedule: CrossSchedule, *, targets: Sequence[str], num_steps: int,
-                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+def cross_alphas(
+    schedule: CrossSchedule, *, targets: Sequence[str], num_steps: int, context_length: int = CONTEXT_LENGTH
+) -> torch.Tensor:
     """α of P2P_SPEC §3: (num_steps, num_targets, context_length) in {0, 1}.
 
     Target map = α·Edit(M_src, M_tgt) + (1 − α)·M_tgt. Words are looked up in each target prompt
@@ -68,8 +74,10 @@ def cross_alphas(schedule: CrossSchedule, *, targets: Sequence[str], num_steps: 
         mask = _named_window_mask(window, num_steps, f"cross_replace_steps[{word!r}]")
         containing = [t for t, target in enumerate(targets) if has_word(target, word)]
         if not containing:  # a typo would otherwise give that word the default window silently
-            raise UserError(f"word {word!r} of cross_replace_steps is not in any target prompt {list(targets)}; "
-                             "words are matched case-insensitively without surrounding punctuation")
+            raise UserError(
+                f"word {word!r} of cross_replace_steps is not in any target prompt {list(targets)}; "
+                "words are matched case-insensitively without surrounding punctuation"
+            )
         for t in containing:
             alphas[:, t, word_token_positions(targets[t], word, context_length=context_length)] = mask[:, None]
     return alphas

@@ -18,6 +18,7 @@ end token) and SD 2.x (padded with 0) alike; only `tokenize` needs the padding i
 References: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention Control",
 arXiv 2208.01626; google/prompt-to-prompt `seq_aligner.py` (the behaviour matched, bugs fixed).
 """
+
 from __future__ import annotations
 
 import functools
@@ -110,8 +111,10 @@ def prompt_words(prompt: str) -> tuple[Word, ...]:
         result.append(Word(text, _word_key(text), tuple(ids), positions, word_positions))
         position += len(ids)
     if [i for word in result for i in word.ids] != whole_prompt_ids:
-        raise UserError(f"prompt {prompt!r} tokenizes differently word by word than as a whole; "
-                         "word positions would be wrong (unusual characters or HTML entities?)")
+        raise UserError(
+            f"prompt {prompt!r} tokenizes differently word by word than as a whole; "
+            "word positions would be wrong (unusual characters or HTML entities?)"
+        )
     return tuple(result)
 
 
@@ -176,13 +179,16 @@ def word_token_positions(prompt: str, word: WordRef, *, context_length: int = CO
         return _positions_of_text(prompt, all_words, word)
     if isinstance(word, int) and not isinstance(word, bool):
         if not -len(all_words) <= word < len(all_words):
-            raise UserError(f"word index {word} is out of range for prompt {prompt!r}, "
-                             f"which has {len(all_words)} words: {words(prompt)}")
+            raise UserError(
+                f"word index {word} is out of range for prompt {prompt!r}, "
+                f"which has {len(all_words)} words: {words(prompt)}"
+            )
         return list(all_words[word].word_positions)
     if isinstance(word, Sequence) and word:
         return _checked_positions(prompt, list(word), num_tokens=end_position(prompt) - 1)
-    raise WrongTypeError(f"expected a word (str), a word index (int) or a non-empty list of token positions, "
-                    f"got {word!r}")
+    raise WrongTypeError(
+        f"expected a word (str), a word index (int) or a non-empty list of token positions, got {word!r}"
+    )
 
 
 def has_word(prompt: str, word: WordRef) -> bool:
@@ -199,24 +205,28 @@ def _find_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
     keys = [word.key for word in all_words]
     positions = []
     for start in range(len(keys) - len(query) + 1):
-        if keys[start:start + len(query)] == query:
-            positions += [p for word in all_words[start:start + len(query)] for p in word.word_positions]
+        if keys[start : start + len(query)] == query:
+            positions += [p for word in all_words[start : start + len(query)] for p in word.word_positions]
     return sorted(set(positions))  # overlapping matches of a repeated phrase share positions
 
 
 def _positions_of_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
     positions = _find_text(prompt, all_words, text)
     if not positions:
-        raise UserError(f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
-                         f"without surrounding punctuation: {[word.key for word in all_words]}")
+        raise UserError(
+            f"word {text!r} is not in prompt {prompt!r}; words are matched case-insensitively "
+            f"without surrounding punctuation: {[word.key for word in all_words]}"
+        )
     return positions
 
 
 def _checked_positions(prompt: str, positions: list, *, num_tokens: int) -> list[int]:
     valid = all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= num_tokens for p in positions)
     if not valid or len(set(positions)) != len(positions):
-        raise UserError(f"token positions {positions} are not distinct ints in 1..{num_tokens}, the content "
-                         f"tokens of prompt {prompt!r} (0 is the start token): {decode_tokens(prompt)}")
+        raise UserError(
+            f"token positions {positions} are not distinct ints in 1..{num_tokens}, the content "
+            f"tokens of prompt {prompt!r} (0 is the start token): {decode_tokens(prompt)}"
+        )
     return positions
 
 
@@ -279,12 +289,14 @@ def padding_partner(position: int, *, source_end: int) -> int | None:
 
 def replace_mappers(source: str, targets: Sequence[str], *, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
     """`replace_mapper` for each target: float (T, L, L)."""
-    return torch.stack([replace_mapper(source, target, context_length=context_length)
-                        for target in _checked_targets(targets)])
+    return torch.stack(
+        [replace_mapper(source, target, context_length=context_length) for target in _checked_targets(targets)]
+    )
 
 
-def refine_alignment(source: str, target: str, *,
-                     context_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_alignment(
+    source: str, target: str, *, context_length: int = CONTEXT_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement mapper (paper §3.2 "Adding a New Phrase"; P2P_SPEC §4).
 
     Globally aligns the token ids `[SOT, …, EOT]` of both prompts (Needleman–Wunsch, gap 0, match +1,
@@ -323,11 +335,13 @@ def refine_alignment(source: str, target: str, *,
     return mapper, alphas
 
 
-def refine_alignments(source: str, targets: Sequence[str], *,
-                      context_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_alignments(
+    source: str, targets: Sequence[str], *, context_length: int = CONTEXT_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`refine_alignment` for each target: mappers long (T, L), alphas float (T, L)."""
-    mappers, alphas = zip(*(refine_alignment(source, target, context_length=context_length)
-                            for target in _checked_targets(targets)))
+    mappers, alphas = zip(
+        *(refine_alignment(source, target, context_length=context_length) for target in _checked_targets(targets))
+    )
     return torch.stack(mappers), torch.stack(alphas)
 
 
@@ -335,13 +349,11 @@ def _align(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[int | N
     """Needleman–Wunsch: for each target index, the aligned source index, or None for an insertion."""
     rows, columns = len(source_ids), len(target_ids)
     # score[i][j]: best score aligning source_ids[:i] with target_ids[:j]; borders are all gaps
-    score = [[GAP_SCORE * (i + j) if i == 0 or j == 0 else 0 for j in range(columns + 1)]
-             for i in range(rows + 1)]
+    score = [[GAP_SCORE * (i + j) if i == 0 or j == 0 else 0 for j in range(columns + 1)] for i in range(rows + 1)]
     for i in range(1, rows + 1):
         for j in range(1, columns + 1):
             pair = MATCH_SCORE if source_ids[i - 1] == target_ids[j - 1] else MISMATCH_SCORE
-            score[i][j] = max(score[i][j - 1] + GAP_SCORE, score[i - 1][j] + GAP_SCORE,
-                              score[i - 1][j - 1] + pair)
+            score[i][j] = max(score[i][j - 1] + GAP_SCORE, score[i - 1][j] + GAP_SCORE, score[i - 1][j - 1] + pair)
     aligned: list[int | None] = [None] * columns
     i, j = rows, columns
     while i > 0 and j > 0:
@@ -361,8 +373,9 @@ def _checked_targets(targets: Sequence[str]) -> Sequence[str]:
     return targets
 
 
-def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float], *,
-                 context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+def token_scales(
+    prompt: str, scales: Mapping[str | int | tuple[int, ...], float], *, context_length: int = CONTEXT_LENGTH
+) -> torch.Tensor:
     """Per-position attention scales, float (context_length,), for re-weighting (paper §3.2 "Attention Re-weighting").
 
     One scale per (prompt, word) (P2P_SPEC §9.3): `scales` maps a word, word index or tuple of token
@@ -374,8 +387,9 @@ def token_scales(prompt: str, scales: Mapping[str | int | tuple[int, ...], float
     owner: dict[int, object] = {}
     for word, scale in scales.items():
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise WrongTypeError(f"scale for {word!r} must be one number, got {scale!r}; "
-                            "use one token_scales call per target prompt")
+            raise WrongTypeError(
+                f"scale for {word!r} must be one number, got {scale!r}; use one token_scales call per target prompt"
+            )
         for position in word_token_positions(prompt, word, context_length=context_length):
             if position in owner:
                 raise UserError(f"{word!r} and {owner[position]!r} both scale token {position} of {prompt!r}")

@@ -1,6 +1,7 @@
 """Pictures of the mechanism: captioned grids, per-token cross-attention tiles (paper Fig. 4),
 self-attention SVD components (P2P_SPEC §6) and LocalBlend masks. Everything returns PIL images.
 """
+
 from __future__ import annotations
 
 import functools
@@ -64,7 +65,7 @@ def wrap(text: str, width_px: float, typeface: ImageFont.ImageFont) -> list[str]
             lines.append(line)
         while len(word) > 1 and typeface.getlength(word) > width_px:  # the longest head that fits, at least a letter
             cut = 1
-            while cut < len(word) and typeface.getlength(word[:cut + 1]) <= width_px:
+            while cut < len(word) and typeface.getlength(word[: cut + 1]) <= width_px:
                 cut += 1
             lines.append(word[:cut])
             word = word[cut:]
@@ -77,8 +78,10 @@ def captioned(image: np.ndarray | Image.Image, caption: str, *, size: int | None
     tile's width. Font and strip scale with the tile's shorter side, so a wide tile gets no giant caption."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise UserError(f"images are uint8 (H, W) or (H, W, 3) arrays (or PIL images), got dtype {image.dtype}; "
-                             "convert with (255 * image).round().clip(0, 255).astype(np.uint8)")
+            raise UserError(
+                f"images are uint8 (H, W) or (H, W, 3) arrays (or PIL images), got dtype {image.dtype}; "
+                "convert with (255 * image).round().clip(0, 255).astype(np.uint8)"
+            )
         image = Image.fromarray(image)
     size = size or max(MIN_TILE, image.width)
     scale = size / image.width
@@ -92,8 +95,12 @@ def captioned(image: np.ndarray | Image.Image, caption: str, *, size: int | None
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text(((image.width - caption_font.getlength(line)) / 2, image.height + 2 + i * line_height), line,
-                  fill="black", font=caption_font)
+        draw.text(
+            ((image.width - caption_font.getlength(line)) / 2, image.height + 2 + i * line_height),
+            line,
+            fill="black",
+            font=caption_font,
+        )
     return canvas
 
 
@@ -102,8 +109,9 @@ def grid(tiles: Sequence[Sequence[Image.Image]], *, gap: int = 4) -> Image.Image
     a row is as tall as its tallest tile, tiles sit at the top left of their cell."""
     rows = [list(row) for row in tiles]
     if not rows or not all(rows):
-        raise UserError(f"grid needs at least one row and a tile in every row; got rows of "
-                         f"{[len(row) for row in rows]} tiles")
+        raise UserError(
+            f"grid needs at least one row and a tile in every row; got rows of {[len(row) for row in rows]} tiles"
+        )
     width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in rows)
     heights = [max(t.height for t in row) for row in rows]
     canvas = Image.new("RGB", (width, sum(heights) + gap * (len(rows) - 1)), "white")
@@ -117,8 +125,9 @@ def grid(tiles: Sequence[Sequence[Image.Image]], *, gap: int = 4) -> Image.Image
     return canvas
 
 
-def image_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str], *,
-               columns: int | None = None) -> Image.Image:
+def image_grid(
+    images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str], *, columns: int | None = None
+) -> Image.Image:
     """uint8 (N, H, W, 3) images with one caption each, `columns` per row (default: all in one row)."""
     if len(images) != len(captions):
         raise UserError(f"{len(images)} images but {len(captions)} captions; give one caption per image")
@@ -126,23 +135,27 @@ def image_grid(images: np.ndarray | Sequence[np.ndarray], captions: Sequence[str
         raise UserError(f"columns={columns!r}; use a positive number of tiles per row (or None: one row)")
     tiles = [captioned(im, c) for im, c in zip(images, captions)]
     columns = columns or max(len(tiles), 1)  # no images: grid names the problem
-    return grid([tiles[i:i + columns] for i in range(0, len(tiles), columns)])
+    return grid([tiles[i : i + columns] for i in range(0, len(tiles), columns)])
 
 
-def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tuple[int, int]] | None = None,
-               step: int | None = None) -> torch.Tensor:
+def token_maps(
+    store: AttentionStore, prompt_index: int, *, grids: Sequence[tuple[int, int]] | None = None, step: int | None = None
+) -> torch.Tensor:
     """(L, h, w) cross-attention per token (L = the model's text positions, 77 for SD) for one prompt: averaged over heads (done by the store), over
     the recorded text layers whose grid is in `grids` (None: all), and over steps (or one `step`).
     Layers of different grids are upsampled (nearest) to the largest before averaging.
     Each pixel's maps sum to 1 over the tokens when only cross layers are averaged; a hybrid layer contributes
     its text columns as the model computed them, which sum to the share of attention that went to text (< 1)."""
     if not 0 <= prompt_index < store.num_prompts:
-        raise UserError(f"prompt_index={prompt_index} is out of range: the store recorded {store.num_prompts} "
-                         f"prompt{'s' if store.num_prompts != 1 else ''} (0 = the source)")
+        raise UserError(
+            f"prompt_index={prompt_index} is out of range: the store recorded {store.num_prompts} "
+            f"prompt{'s' if store.num_prompts != 1 else ''} (0 = the source)"
+        )
     source = store.steps.get(step) if step is not None else None
     if step is not None and source is None:
-        raise UserError(f"step {step} was not recorded; build the store with per_step=True "
-                         f"(recorded steps: {sorted(store.steps)})")
+        raise UserError(
+            f"step {step} was not recorded; build the store with per_step=True (recorded steps: {sorted(store.steps)})"
+        )
     names = [n for n, s in store.sites.items() if s.kind != "self" and (grids is None or s.query_hw in grids)]
     if not names:
         available = sorted({s.query_hw for s in store.sites.values() if s.kind != "self"})
@@ -152,7 +165,7 @@ def token_maps(store: AttentionStore, prompt_index: int, *, grids: Sequence[tupl
     for name in names:
         site = store.sites[name]
         m = source[name] if source is not None else store.average(name)
-        m = m[prompt_index, :, :site.num_text_keys].T.reshape(1, -1, *site.query_hw)  # (1, L, h, w)
+        m = m[prompt_index, :, : site.num_text_keys].T.reshape(1, -1, *site.query_hw)  # (1, L, h, w)
         maps.append(F.interpolate(m, size=target, mode="nearest")[0])
     return torch.stack(maps).mean(dim=0)
 
@@ -168,33 +181,48 @@ def word_map(maps: torch.Tensor, prompt: str, word: str | int) -> torch.Tensor:
 def heat(map_2d: torch.Tensor, *, size: int = MIN_TILE) -> np.ndarray:
     """A map normalised to its own max → uint8 RGB tile (grayscale), as in the reference's `show_cross_attention`."""
     if not torch.isfinite(map_2d).all():  # NaN would turn into arbitrary gray levels, not an error
-        raise UserError(f"attention map of shape {tuple(map_2d.shape)} holds NaN or inf values; was the model run "
-                         "in a dtype that overflowed (try dtype=fp32)?")
+        raise UserError(
+            f"attention map of shape {tuple(map_2d.shape)} holds NaN or inf values; was the model run "
+            "in a dtype that overflowed (try dtype=fp32)?"
+        )
     m = map_2d.float().clamp_min(0)
     m = (255 * m / m.max().clamp_min(1e-12)).round().to(torch.uint8).numpy()
-    return np.asarray(Image.fromarray(m).resize((size, round(size * m.shape[0] / m.shape[1])), Image.BILINEAR).convert("RGB"))
+    return np.asarray(
+        Image.fromarray(m).resize((size, round(size * m.shape[0] / m.shape[1])), Image.BILINEAR).convert("RGB")
+    )
 
 
-def cross_attention_tiles(store: AttentionStore, prompt: str, prompt_index: int, *,
-                          grids: Sequence[tuple[int, int]] | None = None, step: int | None = None) -> list[Image.Image]:
+def cross_attention_tiles(
+    store: AttentionStore,
+    prompt: str,
+    prompt_index: int,
+    *,
+    grids: Sequence[tuple[int, int]] | None = None,
+    step: int | None = None,
+) -> list[Image.Image]:
     """One captioned tile per token of `prompt` (start and end tokens included, as in Fig. 4)."""
     maps = token_maps(store, prompt_index, grids=grids, step=step)
     tokens = ["<start>", *decode_tokens(prompt), "<end>"]
     if len(tokens) > maps.shape[0]:
-        raise UserError(f"prompt {prompt!r} has {len(tokens)} tokens with start and end, but the recorded maps have "
-                         f"{maps.shape[0]} text positions; pass the prompt the store recorded at index {prompt_index}")
+        raise UserError(
+            f"prompt {prompt!r} has {len(tokens)} tokens with start and end, but the recorded maps have "
+            f"{maps.shape[0]} text positions; pass the prompt the store recorded at index {prompt_index}"
+        )
     return [captioned(heat(maps[i]), token) for i, token in enumerate(tokens)]
 
 
-def self_attention_components(store: AttentionStore, prompt_index: int, *, grid_hw: tuple[int, int],
-                              count: int = 6) -> list[Image.Image]:
+def self_attention_components(
+    store: AttentionStore, prompt_index: int, *, grid_hw: tuple[int, int], count: int = 6
+) -> list[Image.Image]:
     """Top SVD components of the (res², res²) self-attention map with row means removed (P2P_SPEC §6).
     Hybrid layers contribute their pixel columns."""
     names = store.names(kinds=("self", "hybrid"), grid=grid_hw)
     if not names:
-        raise UserError(f"no self-attention layers recorded at {grid_hw}; build the store with kinds including "
-                         f"'self' (recorded: {sorted({s.query_hw for s in store.sites.values() if s.kind != 'cross'})})")
-    maps = [store.average(n)[prompt_index, :, store.sites[n].num_text_keys:] for n in names]
+        raise UserError(
+            f"no self-attention layers recorded at {grid_hw}; build the store with kinds including "
+            f"'self' (recorded: {sorted({s.query_hw for s in store.sites.values() if s.kind != 'cross'})})"
+        )
+    maps = [store.average(n)[prompt_index, :, store.sites[n].num_text_keys :] for n in names]
     aggregate = torch.stack(maps).mean(dim=0).double().numpy()  # (res², res²)
     _, _, vh = np.linalg.svd(aggregate - aggregate.mean(axis=1, keepdims=True))
     tiles = []

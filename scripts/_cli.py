@@ -13,6 +13,7 @@ is `@hydra.main(config_path="../conf", config_name="generate")` plus error repor
 - any other exception is a bug and keeps its full traceback (Hydra's shortened one and its
   "HYDRA_FULL_ERROR" hint are switched off).
 """
+
 from __future__ import annotations
 
 import difflib

@@ -2,6 +2,7 @@
 override names (`seed steps guidance negative_prompt height width dtype device`), and saving outputs into
 the run's own folder without ever overwriting a file.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,8 +46,11 @@ def is_flow(cfg: DictConfig) -> bool:
 
 def flow_settings(cfg: DictConfig) -> dict:
     """`model.<setting>=…` of a flow preset (t5, t5_length, guidance, …); null means the preset's value."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-            if k not in FLOW_MODEL_KEYS and v is not None}
+    return {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+        if k not in FLOW_MODEL_KEYS and v is not None
+    }
 
 
 def model_config(cfg: DictConfig) -> ModelConfig | FlowModelConfig | None:
@@ -63,14 +67,24 @@ def load_flow(cfg: DictConfig) -> FlowModel:
     read when needed (text encoders first, released on a CPU before the transformer is read)."""
     m = cfg.model
     if m.get("checkpoint") is None:
-        raise UserError(f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
-                        "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)")
+        raise UserError(
+            f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
+            "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)"
+        )
     checkpoint = Path(m.checkpoint).expanduser()
     config = config_in_file(checkpoint, preset=flow_preset(m.name)).with_settings(**flow_settings(cfg))
     text_encoders = OmegaConf.to_container(m.text_encoders, resolve=True) if m.get("text_encoders") else None
-    return load_flow_model(config, checkpoint=checkpoint, vae=m.get("vae"), text_encoders=text_encoders,
-                           t5_tokenizer=m.get("t5_tokenizer"), dtype=cfg.dtype, weights_dtype=cfg.get("weights_dtype"),
-                           device=cfg.device, release_text_encoders=m.get("release_text_encoders"))
+    return load_flow_model(
+        config,
+        checkpoint=checkpoint,
+        vae=m.get("vae"),
+        text_encoders=text_encoders,
+        t5_tokenizer=m.get("t5_tokenizer"),
+        dtype=cfg.dtype,
+        weights_dtype=cfg.get("weights_dtype"),
+        device=cfg.device,
+        release_text_encoders=m.get("release_text_encoders"),
+    )
 
 
 def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | FlowModel:
@@ -78,22 +92,33 @@ def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | Flow
     `flow=True`: the caller also runs the rectified-flow presets (generate.py); the editing scripts do not yet."""
     if is_flow(cfg):
         if not flow:
-            raise UserError(f"model={cfg.model.name} runs in scripts/generate.py only for now; editing SD3 / SD3.5 / "
-                            "FLUX (P2P on joint attention) is not built yet: use an SD preset (sd15, sd21, sdxl, tiny)")
+            raise UserError(
+                f"model={cfg.model.name} runs in scripts/generate.py only for now; editing SD3 / SD3.5 / "
+                "FLUX (P2P on joint attention) is not built yet: use an SD preset (sd15, sd21, sdxl, tiny)"
+            )
         return load_flow(cfg)
     name, checkpoint = cfg.model.name, cfg.model.get("checkpoint")
     if checkpoint is None and name == "tiny":
         checkpoint = TINY_WEIGHTS
         if not checkpoint.exists():
-            raise MissingFileError(f"the built-in model {checkpoint} is missing; train it with "
-                                   "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
-                                   "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`")
+            raise MissingFileError(
+                f"the built-in model {checkpoint} is missing; train it with "
+                "`python scripts/train_tiny.py output=models/weights/tiny.safetensors` "
+                "(72 min on an idle 2-core CPU), or restore it with `git checkout -- models/weights`"
+            )
     if checkpoint is None:
-        raise UserError(f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
-                        "(single-file safetensors; .ckpt files are refused)")
+        raise UserError(
+            f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
+            "(single-file safetensors; .ckpt files are refused)"
+        )
     # The tiny file carries its own config; SD files get the named preset (their files hold no config).
-    model = load_checkpoint(Path(checkpoint).expanduser(), config=model_config(cfg), dtype=cfg.dtype,
-                            weights_dtype=cfg.get("weights_dtype"), device=cfg.device)
+    model = load_checkpoint(
+        Path(checkpoint).expanduser(),
+        config=model_config(cfg),
+        dtype=cfg.dtype,
+        weights_dtype=cfg.get("weights_dtype"),
+        device=cfg.device,
+    )
     if name == "tiny" and model_settings(cfg):
         model.config = model.config.with_settings(**model_settings(cfg))
     return model
@@ -106,7 +131,7 @@ def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
     otherwise give one prompt per letter); an empty list and non-string entries are refused too ("" is a
     prompt: the unconditional one).
     """
-    example = "prompts='[\"a red circle on a black background\", \"a blue circle on a black background\"]'"
+    example = 'prompts=\'["a red circle on a black background", "a blue circle on a black background"]\''
     if isinstance(value, str) or not isinstance(value, (list, tuple, ListConfig)):
         raise UserError(f"{name} must be a list of strings, got {value!r}; pass e.g. {example}")
     prompts = list(value)
@@ -114,8 +139,10 @@ def prompt_list(value, *, minimum: int = 1, name: str = "prompts") -> list[str]:
     if bad:
         raise UserError(f"{name} must be a list of strings; {bad!r} are not strings (got {prompts!r}): quote them")
     if len(prompts) < minimum:
-        raise UserError(f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
-                         f"({prompts!r}); pass e.g. {example}")
+        raise UserError(
+            f"{name} needs at least {minimum} prompt{'s' if minimum > 1 else ''}, got {len(prompts)} "
+            f"({prompts!r}); pass e.g. {example}"
+        )
     return prompts
 
 
@@ -126,20 +153,22 @@ def check_counts(cfg: DictConfig, **minimums: int) -> None:
             raise UserError(f"{name}={cfg[name]!r} is out of range; use an integer ≥ {minimum}")
 
 
-
-
 DEFAULT_DDIM_STEPS = 50  # `steps=null` for the DDIM models (the flow presets have their own, e.g. 28)
 
 
 def sampler_settings(cfg: DictConfig, model: StableDiffusion | FlowModel) -> SamplerSettings | FlowSamplerSettings:
-    guidance = cfg.guidance if cfg.get("guidance") is not None else (
-        cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)
+    guidance = (
+        cfg.guidance
+        if cfg.get("guidance") is not None
+        else (cfg.model.get("guidance") if cfg.model.get("guidance") is not None else model.config.guidance)
+    )
     default_steps = model.config.steps if isinstance(model, FlowModel) else DEFAULT_DDIM_STEPS
     steps = number(default_steps if cfg.get("steps") is None else cfg.steps, name="steps", kind=int)
     if isinstance(model, FlowModel):
         return FlowSamplerSettings(steps=steps, guidance=number(guidance, name="guidance"))
-    return SamplerSettings(steps=steps, guidance=number(guidance, name="guidance"),
-                           eta=number(cfg.get("eta", 0.0), name="eta"))
+    return SamplerSettings(
+        steps=steps, guidance=number(guidance, name="guidance"), eta=number(cfg.get("eta", 0.0), name="eta")
+    )
 
 
 def run_dir() -> Path:
@@ -160,8 +189,10 @@ def check_fresh(out: Path, *, what: str = "a previous run's files", setting: str
     out = Path(out)
     earlier = sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern)})
     if earlier:
-        raise OutputExistsError(f"{out} already holds {what} ({', '.join(earlier)}); refusing to overwrite it — "
-                              f"leave {setting} at its default (a new folder per run) or pick a new one")
+        raise OutputExistsError(
+            f"{out} already holds {what} ({', '.join(earlier)}); refusing to overwrite it — "
+            f"leave {setting} at its default (a new folder per run) or pick a new one"
+        )
     return out
 
 
@@ -184,14 +215,20 @@ def edit_inputs(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None]
     prompts = prompt_list(cfg.prompts)
     spec = EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True))
     if spec.kind not in EDIT_KINDS:
-        raise UserError(f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
-                         "(config groups: edit=replace|refine|reweight|store)")
+        raise UserError(
+            f"edit.kind={spec.kind!r} is not supported; choose one of {EDIT_KINDS} "
+            "(config groups: edit=replace|refine|reweight|store)"
+        )
     if spec.kind != "none" and len(prompts) < 2:
-        raise UserError(f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
-                         f"{prompts} — to sample one prompt and record its attention use edit=store attention=true")
+        raise UserError(
+            f"edit.kind={spec.kind} needs a source and at least one target prompt ({example}); got "
+            f"{prompts} — to sample one prompt and record its attention use edit=store attention=true"
+        )
     blend_dict = OmegaConf.to_container(cfg.blend, resolve=True)
     if not blend_dict.get("words") and set(blend_dict) != {"words"}:  # a blend group other than blend=none
-        raise UserError("LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
-                         "blend.words=[[red],[blue]]; or blend=none for no blend")
+        raise UserError(
+            "LocalBlend needs its words: blend.words=[circle] (every prompt) or one list per prompt, "
+            "blend.words=[[red],[blue]]; or blend=none for no blend"
+        )
     blend = BlendSpec(**blend_dict) if blend_dict.get("words") else None
     return prompts, spec, blend

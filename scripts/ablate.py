@@ -10,6 +10,7 @@ for same-seed sampling without injection (`baseline=true`). Its folder (named by
 `config.yaml` (first), `result.json` (settings and `p2p.shapes.metrics.summarize` rates) and `rows.json` (one row per
 pair; written last, so its presence means the job finished — what scripts/aggregate.py reads).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,19 @@ def run(cfg: DictConfig, out: Path) -> dict:
     key = OmegaConf.to_yaml(cfg.model) + f"{cfg.dtype}{cfg.device}"
     model = _MODELS[key] if key in _MODELS else _MODELS.setdefault(key, load_model(cfg))
     edit = OmegaConf.to_container(cfg.edit, resolve=True)
-    setting = {"cross_replace_steps": edit["cross_replace_steps"], "self_replace_steps": edit["self_replace_steps"],
-               "seed": seed, "steps": int(cfg.steps), "model": cfg.model.name}
+    setting = {
+        "cross_replace_steps": edit["cross_replace_steps"],
+        "self_replace_steps": edit["self_replace_steps"],
+        "seed": seed,
+        "steps": int(cfg.steps),
+        "model": cfg.model.name,
+    }
     settings = sampler_settings(cfg, model)
     spec = EditSpec(**edit)
     save_config(cfg, out)  # first: a job that fails later still says what it was
-    rows, result = run_job(model, pairs, seed=seed, spec=spec, settings=settings, setting=setting,
-                           baseline=cfg.baseline, model_key=key)
+    rows, result = run_job(
+        model, pairs, seed=seed, spec=spec, settings=settings, setting=setting, baseline=cfg.baseline, model_key=key
+    )
     write_text(out / "result.json", json.dumps(result, indent=1))
     # rows.json is what scripts/aggregate.py reads, written last: a job killed before it is not a finished job
     write_text(out / "rows.json", json.dumps(rows, indent=1))

@@ -1,8 +1,9 @@
 """Collect an ablation sweep into CSVs and the plot (issue 5); the work is `p2p.experiments.ablation_report`.
 
-    python scripts/aggregate.py multirun/ablate/2026-11-24/15-00-00_000000 [--out DIR] [--markdown]
-    python scripts/aggregate.py --replot docs/ablation_summary.csv --out DIR --title "…"   # the plot alone
+python scripts/aggregate.py multirun/ablate/2026-11-24/15-00-00_000000 [--out DIR] [--markdown]
+python scripts/aggregate.py --replot docs/ablation_summary.csv --out DIR --title "…"   # the plot alone
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,9 @@ from scripts._cli import fail  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, nargs="?", help="the sweep folder of scripts/ablate.py -m (multirun/ablate/DATE/TIME)")
+    parser.add_argument(
+        "folder", type=Path, nargs="?", help="the sweep folder of scripts/ablate.py -m (multirun/ablate/DATE/TIME)"
+    )
     parser.add_argument("--replot", type=Path, default=None, help="re-draw ablation.png from this ablation_summary.csv")
     parser.add_argument("--title", default="P2P word swaps on the shapes world", help="the plot's title (--replot)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep folder)")

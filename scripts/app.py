@@ -6,6 +6,7 @@
 Gradio is the ecosystem's standard for such pages; it is the `app` extra: pip install -e '.[app]' (make app).
 The page and its API (/edit, /attention, /invert) are p2p/app/ui.py; this script only loads the model.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,16 +44,28 @@ def main(cfg: DictConfig) -> None:
     port = number(cfg.server_port, name="server_port", kind=int) if cfg.server_port is not None else None
     model = load_model(cfg)
     settings = AppSettings(
-        model_config=OmegaConf.to_container(cfg.model, resolve=True), source=cfg.source, target=cfg.target,
-        seed=number(cfg.seed, name="seed", kind=int), steps=number(cfg.steps, name="steps", kind=int),
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        source=cfg.source,
+        target=cfg.target,
+        seed=number(cfg.seed, name="seed", kind=int),
+        steps=number(cfg.steps, name="steps", kind=int),
         guidance=number(cfg.guidance if cfg.guidance is not None else model.config.guidance, name="guidance"),
-        blend_threshold=cfg.blend_threshold if cfg.blend_threshold is not None else
-        (TINY_BLEND_THRESHOLD if cfg.model.name == "tiny" else REFERENCE_BLEND_THRESHOLD),
-        output_dir=Path(cfg.output_dir).resolve(), cache_dir=cfg.cache_dir)
+        blend_threshold=cfg.blend_threshold
+        if cfg.blend_threshold is not None
+        else (TINY_BLEND_THRESHOLD if cfg.model.name == "tiny" else REFERENCE_BLEND_THRESHOLD),
+        output_dir=Path(cfg.output_dir).resolve(),
+        cache_dir=cfg.cache_dir,
+    )
     app = build_app(model, settings)
     app.queue(default_concurrency_limit=1, max_size=number(cfg.queue_size, name="queue_size", kind=int))
-    app.launch(server_name=cfg.server_name, server_port=port, max_file_size=f"{cfg.max_upload_mb}mb",
-               allowed_paths=[str(settings.output_dir)], ssr_mode=False, show_error=False)
+    app.launch(
+        server_name=cfg.server_name,
+        server_port=port,
+        max_file_size=f"{cfg.max_upload_mb}mb",
+        allowed_paths=[str(settings.output_dir)],
+        ssr_mode=False,
+        show_error=False,
+    )
 
 
 if __name__ == "__main__":

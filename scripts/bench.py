@@ -10,6 +10,7 @@ On one UNet and the same prompts and seed, each scheme runs in its own subproces
       maps with ≤ (latent/2)² queries, heads kept, summed every step — plus the same edit.
 Prints seconds and peak extra memory of each, and the ratios (b)/(a) (target ≤ 1.10) and (c)/(b) (target ≥ 2).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,23 +34,42 @@ def main(cfg: DictConfig) -> None:
     if cfg.scheme != "all":  # one scheme, in this process: what the parent below runs
         if cfg.scheme not in SCHEMES:
             raise UserError(f"scheme={cfg.scheme!r}; choose one of {SCHEMES} or 'all'")
-        model = (random_model(cfg.model.name, device=cfg.device, dtype=cfg.dtype, weights_dtype=cfg.weights_dtype)
-                 if cfg.random_weights else load_model(cfg))
-        result = measure(model, prompt_list(cfg.prompts, minimum=2), scheme=cfg.scheme, seed=cfg.seed,
-                         settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width)
+        model = (
+            random_model(cfg.model.name, device=cfg.device, dtype=cfg.dtype, weights_dtype=cfg.weights_dtype)
+            if cfg.random_weights
+            else load_model(cfg)
+        )
+        result = measure(
+            model,
+            prompt_list(cfg.prompts, minimum=2),
+            scheme=cfg.scheme,
+            seed=cfg.seed,
+            settings=sampler_settings(cfg, model),
+            height=cfg.height,
+            width=cfg.width,
+        )
         print("RESULT " + json.dumps(result))
         return
     overrides = [a for a in sys.argv[1:] if not a.startswith("scheme=")]
     results = {}
     for scheme in SCHEMES:  # each in its own process: its peak memory is its own
-        child = subprocess.run([sys.executable, __file__, f"scheme={scheme}", "hydra.run.dir=.",
-                                "hydra.output_subdir=null", *overrides], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, f"scheme={scheme}", "hydra.run.dir=.", "hydra.output_subdir=null", *overrides],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         line = next(line for line in child.stdout.splitlines() if line.startswith("RESULT "))
-        results[scheme] = json.loads(line[len("RESULT "):])
-    print(report(results, header=f"model={cfg.model.name} {'random weights ' if cfg.random_weights else ''}"
-                 f"size={cfg.height or 'native'}x{cfg.width or 'native'} steps={cfg.steps} prompts={len(cfg.prompts)} "
-                 f"dtype={cfg.dtype} weights_dtype={cfg.weights_dtype or cfg.dtype} device={cfg.device} "
-                 f"threads={torch.get_num_threads()}"))
+        results[scheme] = json.loads(line[len("RESULT ") :])
+    print(
+        report(
+            results,
+            header=f"model={cfg.model.name} {'random weights ' if cfg.random_weights else ''}"
+            f"size={cfg.height or 'native'}x{cfg.width or 'native'} steps={cfg.steps} prompts={len(cfg.prompts)} "
+            f"dtype={cfg.dtype} weights_dtype={cfg.weights_dtype or cfg.dtype} device={cfg.device} "
+            f"threads={torch.get_num_threads()}",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the grid), "+ views" adds the chained /attention (the targets again, recording t
 self-attention components); "full edit" is p2p.edit.edit of the same request without the cache, recording the maps.
 Prints a table; writes nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,23 @@ def measure(model, cfg: DictConfig, *, steps: int, guidance: float, moves: int) 
     from p2p.edit import edit
 
     editor = Editor(model, AppSettings(model_config={}))
-    page = dict(source=cfg.source, targets=cfg.target, kind="auto", reweight_word="", reweight_scale=1.0,
-                cross_start=0.0, cross_end=0.8, self_fraction=0.4, windows="", blend="", blend_threshold=0.4,
-                restore_pixels=True, seed=cfg.seed, steps=steps, guidance=guidance)
+    page = dict(
+        source=cfg.source,
+        targets=cfg.target,
+        kind="auto",
+        reweight_word="",
+        reweight_scale=1.0,
+        cross_start=0.0,
+        cross_end=0.8,
+        self_fraction=0.4,
+        windows="",
+        blend="",
+        blend_threshold=0.4,
+        restore_pixels=True,
+        seed=cfg.seed,
+        steps=steps,
+        guidance=guidance,
+    )
     values = lambda **change: [dict(page, **change)[k] for k in EDIT_CONTROLS] + [""]  # + the photo id
     first = seconds(editor.edit, *values())
     grid, views = [], []
@@ -51,10 +66,20 @@ def measure(model, cfg: DictConfig, *, steps: int, guidance: float, moves: int) 
         grid.append(seconds(editor.edit, *move))
         views.append(grid[-1] + seconds(editor.attention, *move))
     request = editor.kept[next(reversed(editor.kept))].request
-    full = seconds(edit, model, request.prompts, seed=cfg.seed, spec=request.spec, store=editor.store,
-                   settings=request.settings, progress=False)
-    return (f"{steps:>5} {first:>12.2f}s {statistics.median(grid):>10.2f}s "
-            f"{f'({min(grid):.2f}-{max(grid):.2f})':>13} {statistics.median(views):>7.2f}s {full:>9.2f}s")
+    full = seconds(
+        edit,
+        model,
+        request.prompts,
+        seed=cfg.seed,
+        spec=request.spec,
+        store=editor.store,
+        settings=request.settings,
+        progress=False,
+    )
+    return (
+        f"{steps:>5} {first:>12.2f}s {statistics.median(grid):>10.2f}s "
+        f"{f'({min(grid):.2f}-{max(grid):.2f})':>13} {statistics.median(views):>7.2f}s {full:>9.2f}s"
+    )
 
 
 @entry_point("bench_app")
@@ -69,8 +94,10 @@ def main(cfg: DictConfig) -> None:
     moves = number(cfg.moves, name="moves", kind=int)
     model = load_model(cfg)
     guidance = number(cfg.guidance if cfg.guidance is not None else model.config.guidance, name="guidance")
-    print(f"model={cfg.model.name} threads={torch.get_num_threads()} cpus={os.cpu_count()} "
-          f"load average={os.getloadavg()[0]:.2f} (1 min) moves={moves}")
+    print(
+        f"model={cfg.model.name} threads={torch.get_num_threads()} cpus={os.cpu_count()} "
+        f"load average={os.getloadavg()[0]:.2f} (1 min) moves={moves}"
+    )
     print(f"{'steps':>5} {'first render':>13} {'move: grid':>11} {'(min-max)':>13} {'+ views':>8} {'full edit':>10}")
     for steps in OmegaConf.to_container(cfg.steps) if OmegaConf.is_list(cfg.steps) else [cfg.steps]:
         print(measure(model, cfg, steps=number(steps, name="steps", kind=int), guidance=guidance, moves=moves))

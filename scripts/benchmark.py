@@ -10,6 +10,7 @@ layout PIE-Bench's evaluate.py reads), rows/<key>.json (one per complete entry),
 and settings.json; with summarize=true also summary.csv / summary.md. A rerun into the same folder
 (hydra.run.dir=… or hydra.sweep.dir=…) skips the complete entries.
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,9 +40,14 @@ def bench_settings(cfg: DictConfig, model) -> BenchSettings:
     edit["reweight"] = edit.get("reweight") or {}
     blend = OmegaConf.to_container(cfg.blend, resolve=True)
     blend = BlendSpec(**{**blend, "words": []}) if set(blend) != {"words"} else None  # blend=none: no LocalBlend
-    return BenchSettings(model=f"{cfg.model.name}:{cfg.model.get('checkpoint') or 'built-in'}", inversion=inversion,
-                         edit=EditSpec(**edit), blend=blend, sampler=sampler_settings(cfg, model),
-                         seed=number(cfg.seed, name="seed", kind=int))
+    return BenchSettings(
+        model=f"{cfg.model.name}:{cfg.model.get('checkpoint') or 'built-in'}",
+        inversion=inversion,
+        edit=EditSpec(**edit),
+        blend=blend,
+        sampler=sampler_settings(cfg, model),
+        seed=number(cfg.seed, name="seed", kind=int),
+    )
 
 
 @entry_point("benchmark")
@@ -58,11 +64,22 @@ def main(cfg: DictConfig) -> None:
         save_config(cfg, out)
     except OutputExistsError:
         pass
-    counts = run_benchmark(model, cfg.data, out, settings=bench_settings(cfg, model), metrics=metrics,
-                           shard=cfg.shard, n_shards=cfg.n_shards, cache_dir=cfg.cache_dir, limit=cfg.limit,
-                           progress=cfg.progress)
-    print(f"shard {cfg.shard}/{cfg.n_shards}: {counts['done']} entries edited, {counts['skipped']} already complete; "
-          f"{out / 'results.csv'}")
+    counts = run_benchmark(
+        model,
+        cfg.data,
+        out,
+        settings=bench_settings(cfg, model),
+        metrics=metrics,
+        shard=cfg.shard,
+        n_shards=cfg.n_shards,
+        cache_dir=cfg.cache_dir,
+        limit=cfg.limit,
+        progress=cfg.progress,
+    )
+    print(
+        f"shard {cfg.shard}/{cfg.n_shards}: {counts['done']} entries edited, {counts['skipped']} already complete; "
+        f"{out / 'results.csv'}"
+    )
     if cfg.summarize:
         print(f"summary: {write_summary(out, label=f'{cfg.inversion.method} + P2P ({cfg.model.name})')[1]}")
 

@@ -11,6 +11,7 @@ Writes into its own run folder: one PNG per prompt (source first), `grid.png` (c
 same-seed baseline row when `baseline=true` and the changed words' attention row when `attention=true`),
 per-prompt attention tiles, LocalBlend masks, and the resolved `config.yaml`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,8 +44,9 @@ def main(cfg: DictConfig) -> None:
     # cross-attention maps of every resolution (cheap: a few dozen text keys), as the reference shows them; not the
     # hybrid layers' text columns, which are coarse (4×4, 2×2 on the tiny model) and flatten the word's map
     store = StoreSpec(kinds=("cross",), max_fraction=1.0) if cfg.attention else None
-    common = dict(seed=cfg.seed, settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width,
-                  progress=cfg.progress)
+    common = dict(
+        seed=cfg.seed, settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width, progress=cfg.progress
+    )
     result = edit(model, prompts, spec=spec if spec.kind != "none" else None, blend=blend, store=store, **common)
     baseline = edit(model, prompts, spec=None, **common) if cfg.baseline else None
 
@@ -59,11 +61,14 @@ def main(cfg: DictConfig) -> None:
     if cfg.attention:
         rows.append(views.attention_row(result.store, prompts, views.changed_words(prompts)))
         for i, p in enumerate(prompts):
-            views.save_png(views.grid([views.cross_attention_tiles(result.store, p, i)]),
-                           out / "attention" / f"{i:02d}_{slug(p)}.png")
+            views.save_png(
+                views.grid([views.cross_attention_tiles(result.store, p, i)]),
+                out / "attention" / f"{i:02d}_{slug(p)}.png",
+            )
     if result.blend is not None and result.blend.last_mask is not None:
-        views.save_png(views.grid([views.mask_tiles(result.blend.last_mask, ["source"] + prompts[1:])]),
-                       out / "blend_mask.png")
+        views.save_png(
+            views.grid([views.mask_tiles(result.blend.last_mask, ["source"] + prompts[1:])]), out / "blend_mask.png"
+        )
     views.save_png(views.grid(rows), out / "grid.png")
     save_config(cfg, out)
     print(f"wrote {len(prompts)} images, grid.png and config.yaml to {out}")

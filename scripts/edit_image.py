@@ -12,6 +12,7 @@ config.yaml; a folder that holds a previous run's files is refused before any wo
 caption alone only inverts and reconstructs. Inversions are cached in `cache_dir` keyed by image,
 caption, model, settings and method.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,19 +47,27 @@ from scripts._common import (  # noqa: E402
 
 def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | None, InversionSettings]:
     """Everything a user types, checked before the model loads: the prompts, the edit, the blend, the inversion."""
-    for key, form in (("image", "image=PATH/TO/photo.png"),
-                      ("prompts", "prompts='[\"caption of the photo\", \"target caption\"]'")):
+    for key, form in (
+        ("image", "image=PATH/TO/photo.png"),
+        ("prompts", 'prompts=\'["caption of the photo", "target caption"]\''),
+    ):
         if OmegaConf.is_missing(cfg, key) or cfg[key] is None:
             raise UserError(f"{key} is required: pass {form}")
     if cfg.negative_prompt:
-        raise UserError(f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
-                        "comes from the inversion (inversion=negative_prompt uses the caption); leave it empty")
+        raise UserError(
+            f"negative_prompt={cfg.negative_prompt!r} has no effect here: the unconditional embedding "
+            "comes from the inversion (inversion=negative_prompt uses the caption); leave it empty"
+        )
     prompts, spec, blend = edit_inputs(cfg)  # the rules of scripts/edit.py: a list of strings, targets for an edit
     if cfg.restore_unedited and blend is None:
         raise UserError("restore_unedited=true needs a mask: pass blend=local 'blend.words=[word]'")
-    inversion = InversionSettings(method=cfg.inversion.method, inner_steps=cfg.inversion.inner_steps,
-                                  init=cfg.inversion.init, guidance=float(cfg.inversion.guidance),
-                                  tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"))
+    inversion = InversionSettings(
+        method=cfg.inversion.method,
+        inner_steps=cfg.inversion.inner_steps,
+        init=cfg.inversion.init,
+        guidance=float(cfg.inversion.guidance),
+        tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"),
+    )
     check_tolerance_scale(inversion.tolerance_scale)
     return prompts, spec, blend, inversion
 
@@ -76,15 +85,37 @@ def main(cfg: DictConfig) -> None:
     spec = spec if spec.kind != "none" else None
     if len(prompts) > 1:  # the edit's own checks (a replace's word counts, blend words, ...) before the inversion
         factor = model.config.latent_factor
-        build_controllers(model, prompts, spec=spec, blend=blend, store=None, num_steps=settings.steps,
-                          latent_hw=(height // factor, width // factor))
+        build_controllers(
+            model,
+            prompts,
+            spec=spec,
+            blend=blend,
+            store=None,
+            num_steps=settings.steps,
+            latent_hw=(height // factor, width // factor),
+        )
     save_config(cfg, out)  # first, so that even a run that fails later says how it was started
-    photo = edit_photo(model, image, prompts, spec=spec, blend=blend, settings=settings, inversion=inversion,
-                       cache_dir=cfg.cache_dir, restore_unedited=cfg.restore_unedited, progress=cfg.progress,
-                       store=StoreSpec(max_fraction=1.0) if cfg.attention else None)
+    photo = edit_photo(
+        model,
+        image,
+        prompts,
+        spec=spec,
+        blend=blend,
+        settings=settings,
+        inversion=inversion,
+        cache_dir=cfg.cache_dir,
+        restore_unedited=cfg.restore_unedited,
+        progress=cfg.progress,
+        store=StoreSpec(max_fraction=1.0) if cfg.attention else None,
+    )
 
-    rows = [[views.captioned(photo.original, "original"), views.captioned(photo.vae_reconstruction, "VAE reconstruction"),
-             views.captioned(photo.reconstruction, f"{photo.inversion.method} reconstruction")]]
+    rows = [
+        [
+            views.captioned(photo.original, "original"),
+            views.captioned(photo.vae_reconstruction, "VAE reconstruction"),
+            views.captioned(photo.reconstruction, f"{photo.inversion.method} reconstruction"),
+        ]
+    ]
     save_image(photo.original, out / "original.png")
     save_image(photo.vae_reconstruction, out / "vae_reconstruction.png")
     save_image(photo.reconstruction, out / "inversion_reconstruction.png")
@@ -94,8 +125,10 @@ def main(cfg: DictConfig) -> None:
         rows.append([views.captioned(im, p) for im, p in zip(photo.edited, prompts)])
     write_text(out / "metrics.json", json.dumps(photo.metrics, indent=2))
     views.save_png(views.grid(rows), out / "grid.png")
-    print(f"PSNR: VAE {photo.metrics['psnr_vae_reconstruction']} dB, {photo.inversion.method} inversion "
-          f"{photo.metrics['psnr_inversion_reconstruction']} dB; files in {out}")
+    print(
+        f"PSNR: VAE {photo.metrics['psnr_vae_reconstruction']} dB, {photo.inversion.method} inversion "
+        f"{photo.metrics['psnr_inversion_reconstruction']} dB; files in {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 The studies are described in `p2p.experiments.edit_eval`. Writes `edits.json` (summaries + per-seed rows) into
 the run folder and prints one line per study.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,14 @@ def main(cfg: DictConfig) -> None:
     check_counts(cfg, n=1)
     out = run_dir()
     model = load_model(cfg)
-    report = evaluate_edits(model, n=cfg.n, first_seed=cfg.first_seed,
-                            spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
-                            blend=OmegaConf.to_container(cfg.blend, resolve=True),
-                            settings=sampler_settings(cfg, model))
+    report = evaluate_edits(
+        model,
+        n=cfg.n,
+        first_seed=cfg.first_seed,
+        spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
+        blend=OmegaConf.to_container(cfg.blend, resolve=True),
+        settings=sampler_settings(cfg, model),
+    )
     write_text(out / "edits.json", json.dumps(report, indent=1, default=float))
     print("\n".join(summary_lines(report)))
     print(f"wrote {out / 'edits.json'}")

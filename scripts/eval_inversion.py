@@ -6,6 +6,7 @@
 The measurements are described in `p2p.experiments.inversion_eval`. Writes `inversion.json` into the run folder
 and prints the summary.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,16 @@ def main(cfg: DictConfig) -> None:
     check_counts(cfg, n=1, reference_n=0, far_margin=0)
     out = run_dir()
     model = load_model(cfg)
-    report = evaluate_inversion(model, n=cfg.n, first_seed=cfg.first_seed, reference_n=cfg.reference_n,
-                                far_margin=cfg.far_margin, spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
-                                blend=OmegaConf.to_container(cfg.blend, resolve=True),
-                                settings=sampler_settings(cfg, model))
+    report = evaluate_inversion(
+        model,
+        n=cfg.n,
+        first_seed=cfg.first_seed,
+        reference_n=cfg.reference_n,
+        far_margin=cfg.far_margin,
+        spec=EditSpec(**OmegaConf.to_container(cfg.edit, resolve=True)),
+        blend=OmegaConf.to_container(cfg.blend, resolve=True),
+        settings=sampler_settings(cfg, model),
+    )
     write_text(out / "inversion.json", json.dumps(report, indent=1, default=float))
     for key, value in report["summary"].items():
         print(f"{key:<36} {value:8.3f}")

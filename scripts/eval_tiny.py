@@ -7,6 +7,7 @@
 The studies are described in `p2p.experiments.generation_eval`. Writes results.json, samples.png and config.yaml
 to its own run folder (outputs/eval_tiny/<date>/<time>) and prints the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,14 @@ def main(cfg: DictConfig) -> None:
     check_counts(cfg, n=1, batch_size=1, sample_tiles=1)
     out = run_dir()
     model = load_model(cfg)
-    results, grid = evaluate_generation(model, n=cfg.n, first_seed=cfg.first_seed, batch_size=cfg.batch_size,
-                                        settings=sampler_settings(cfg, model), sample_tiles=cfg.sample_tiles)
+    results, grid = evaluate_generation(
+        model,
+        n=cfg.n,
+        first_seed=cfg.first_seed,
+        batch_size=cfg.batch_size,
+        settings=sampler_settings(cfg, model),
+        sample_tiles=cfg.sample_tiles,
+    )
     results = {"checkpoint": str(cfg.model.get("checkpoint") or TINY_WEIGHTS), **results}
     write_text(out / "results.json", json.dumps(results, indent=2))  # a rate over no rows is null, not NaN
     save_config(cfg, out)

@@ -13,6 +13,7 @@ experiment's (except what a figure sweeps: Fig. 6's cross fraction, Fig. 9's rew
 already holds a figure is refused before the model is loaded.
 The layouts and the edits behind them live in p2p/experiments/figures.py.
 """
+
 from __future__ import annotations
 
 import sys
@@ -45,13 +46,24 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
     if cfg.figure == "real":
         photo = figure_request.photo(cfg.image, params, size=size, height=overrides["height"], width=overrides["width"])
         save_image(photo, out / "photo.png")
-        common.update(inner_steps=cfg.inversion.inner_steps, null_init=cfg.inversion.init, cache_dir=cfg.cache_dir,
-                      tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"))
+        common.update(
+            inner_steps=cfg.inversion.inner_steps,
+            null_init=cfg.inversion.init,
+            cache_dir=cfg.cache_dir,
+            tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"),
+        )
     figure = figures.build(cfg.figure, model, params, **common)
-    image_height, image_width = (params["photo"].shape[:2] if cfg.figure == "real" else
-                                 (overrides["height"] or size, overrides["width"] or size))
-    figure.settings = {"seed": overrides["seed"], "steps": settings.steps, "guidance": settings.guidance,
-                       "height": image_height, "width": image_width, "prompt_set": cfg.prompt_set}
+    image_height, image_width = (
+        params["photo"].shape[:2] if cfg.figure == "real" else (overrides["height"] or size, overrides["width"] or size)
+    )
+    figure.settings = {
+        "seed": overrides["seed"],
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "height": image_height,
+        "width": image_width,
+        "prompt_set": cfg.prompt_set,
+    }
     path = figure.save(out, tile_size=overrides["tile_size"])
     save_config(cfg, out)
     return path

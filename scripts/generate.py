@@ -15,6 +15,7 @@ Writes into its own run folder: `{index:02d}_{prompt slug}.png` in prompt order 
 The sampling itself is `p2p.pipeline.generate` (DDIM models), the same loop the editing scripts use, or
 `p2p.flow.generate` for the rectified-flow presets (sd3-medium, sd35-medium, sd35-large, flux-dev, flux-schnell).
 """
+
 from __future__ import annotations
 
 import sys
@@ -79,10 +80,19 @@ def main(cfg: DictConfig) -> list[Path]:
     request = check_request(cfg, model.config)
     prompts = request["prompts"]
     sample = flow.generate if is_flow(cfg) else generate
-    images = sample(model, prompts, seed=cfg.seed, height=request["height"], width=request["width"],
-                    settings=sampler_settings(cfg, model), negative_prompt=request["negative_prompt"],
-                    progress=cfg.progress)
-    saved = [save_image(image, out / f"{i:02d}_{slug(prompt)}.png") for i, (image, prompt) in enumerate(zip(images, prompts))]
+    images = sample(
+        model,
+        prompts,
+        seed=cfg.seed,
+        height=request["height"],
+        width=request["width"],
+        settings=sampler_settings(cfg, model),
+        negative_prompt=request["negative_prompt"],
+        progress=cfg.progress,
+    )
+    saved = [
+        save_image(image, out / f"{i:02d}_{slug(prompt)}.png") for i, (image, prompt) in enumerate(zip(images, prompts))
+    ]
     save_config(cfg, out)
     height, width = images.shape[1:3]
     print(f"wrote {len(saved)} image{'s' if len(saved) != 1 else ''} ({height}×{width}) and config.yaml to {out}")

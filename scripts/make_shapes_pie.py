@@ -5,6 +5,7 @@
 Entries cycle through the edits the world can do: change color, change object (shape), change background,
 add object, delete object; masks are exact (the world's ground truth), at the world's 32 px (p2p/shapes/pie.py).
 """
+
 from __future__ import annotations
 
 import sys

@@ -14,6 +14,7 @@ another name=, and an existing output file needs overwrite=true. Both are checke
 The library part is p2p/shapes/recipe.py (settings → configs), p2p/shapes/training.py (loop, EMA, checkpoints)
 and p2p/shapes/losses.py; this file only wires the config.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def main(cfg: DictConfig) -> None:
     config, output = train_config(settings), Path(cfg.output)
     world = WorldConfig(**config.world)
     check_context_length(int(cfg.context_length), world)
-    architecture = model_config(settings.get("architecture"), world, guidance=cfg.guidance,
-                                context_length=cfg.context_length)
+    architecture = model_config(
+        settings.get("architecture"), world, guidance=cfg.guidance, context_length=cfg.context_length
+    )
     check_output(output, overwrite=bool(cfg.overwrite))
     check_run_dir(config.run_dir, resume=config.resume)
     if config.device == "cpu":
@@ -79,12 +81,18 @@ def main(cfg: DictConfig) -> None:
 
     output.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model.float().cpu(), output, dtype="fp16", overwrite=bool(cfg.overwrite))
-    size_mb = output.stat().st_size / 2 ** 20
+    size_mb = output.stat().st_size / 2**20
     if size_mb > MAX_FILE_MB:
         raise RuntimeError(f"{output} is {size_mb:.1f} MB; the shipped model must stay ≤ {MAX_FILE_MB} MB")
-    summary = {"output": str(output), "size_mb": round(size_mb, 2), "wall_s_this_run": round(wall_s),
-               "scale_factor": model.config.scale_factor, "guidance": model.config.guidance,
-               "device": config.device, "threads": torch.get_num_threads()}
+    summary = {
+        "output": str(output),
+        "size_mb": round(size_mb, 2),
+        "wall_s_this_run": round(wall_s),
+        "scale_factor": model.config.scale_factor,
+        "guidance": model.config.guidance,
+        "device": config.device,
+        "threads": torch.get_num_threads(),
+    }
     write_text(run_dir / "summary.json", json.dumps(summary, indent=2), overwrite=True)  # a resume's replaces
     print(json.dumps(summary, indent=2))
 

@@ -1,4 +1,5 @@
 """A real app server for the tests: `python scripts/app.py` on a free local port, stopped after the module."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,15 +30,29 @@ def app_server(tmp: Path) -> Iterator[str]:
     log = (tmp / "server.log").open("w")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "app.py"), f"server_port={port}", f"steps={TEST_STEPS}", "threads=1",
-         f"output_dir={tmp / 'downloads'}", f"cache_dir={tmp / 'inversions'}", f"hydra.run.dir={tmp / 'hydra'}"],
-        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "app.py"),
+            f"server_port={port}",
+            f"steps={TEST_STEPS}",
+            "threads=1",
+            f"output_dir={tmp / 'downloads'}",
+            f"cache_dir={tmp / 'inversions'}",
+            f"hydra.run.dir={tmp / 'hydra'}",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the app exited with {process.returncode}: {(tmp / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"the app exited with {process.returncode}: {(tmp / 'server.log').read_text()[-3000:]}"
+                )
             try:
                 urllib.request.urlopen(url, timeout=5)
                 break

@@ -1,4 +1,5 @@
 """Shared test fixtures: the `slow` marker, seeded random weights, and the shared SD key lists."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: full-size SD 1.5 / 2.1 shapes on the CPU (seconds to a minute each); "
-                   "still part of the default run, deselect with -m 'not slow'")
+        "markers",
+        "slow: full-size SD 1.5 / 2.1 shapes on the CPU (seconds to a minute each); "
+        "still part of the default run, deselect with -m 'not slow'",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -65,12 +68,14 @@ def random_model() -> Callable[..., nn.Module]:
     Skips PyTorch's own initialisation, which would be overwritten anyway (seconds for an 860 M UNet).
     Only for modules without buffers (ours, diffusers' UNet/VAE): `to_empty` leaves buffers uninitialised.
     """
+
     def build(factory: Callable[[], nn.Module], *, seed: int = 0) -> nn.Module:
         with torch.device("meta"):
             module = factory()
         if any(True for _ in module.buffers()):
             raise ValueError(f"{type(module).__name__} has buffers; build it normally and call randomize_")
         return randomize_(module.to_empty(device="cpu"), seed=seed).eval().requires_grad_(False)
+
     return build
 
 

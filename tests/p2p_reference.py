@@ -22,6 +22,7 @@ Readings of the spec made here (the fast path must agree):
   gives the target's alone;
 - an empty mask leaves its target unblended and warns (§9.4).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,6 @@ import torch
 from p2p.tokens import refine_alignment, replace_mapper, word_token_positions
 
 log = logging.getLogger(__name__)
-
 
 
 def spec_steps(window, num_steps: int) -> list[int]:
@@ -62,13 +62,29 @@ class ReferenceP2P:
           cross/hybrid maps are accumulated. subtract_words: one list per prompt or None.
     """
 
-    def __init__(self, *, prompts: Sequence[str], num_steps: int, latent_hw: tuple[int, int], kind: str | None,
-                 cross=1.0, self_window=0.0, self_fraction: float = 0.25, self_side: int | None = None,
-                 reweight: Mapping | None = None, preserve: Sequence[str] = (),
-                 blend_words: Sequence[Sequence[str]] | None = None, blend_grid: tuple[int, int] | None = None,
-                 blend_threshold: float = 0.3, blend_dilation: int = 1, blend_start: float = 0.0,
-                 subtract_words: Sequence[Sequence[str]] | None = None, subtract_threshold: float = 0.3,
-                 subtract_union: bool = True, context: int = 77):
+    def __init__(
+        self,
+        *,
+        prompts: Sequence[str],
+        num_steps: int,
+        latent_hw: tuple[int, int],
+        kind: str | None,
+        cross=1.0,
+        self_window=0.0,
+        self_fraction: float = 0.25,
+        self_side: int | None = None,
+        reweight: Mapping | None = None,
+        preserve: Sequence[str] = (),
+        blend_words: Sequence[Sequence[str]] | None = None,
+        blend_grid: tuple[int, int] | None = None,
+        blend_threshold: float = 0.3,
+        blend_dilation: int = 1,
+        blend_start: float = 0.0,
+        subtract_words: Sequence[Sequence[str]] | None = None,
+        subtract_threshold: float = 0.3,
+        subtract_union: bool = True,
+        context: int = 77,
+    ):
         self.prompts = list(prompts)
         self.num_prompts = len(prompts)
         self.targets = self.prompts[1:]
@@ -108,8 +124,9 @@ class ReferenceP2P:
             self.mapper = []
             for target in self.targets:
                 A = replace_mapper(self.prompts[0], target, context_length=self.context).tolist()
-                self.mapper.append([[(i, A[i][j]) for i in range(self.context) if A[i][j] != 0.0]
-                                    for j in range(self.context)])
+                self.mapper.append(
+                    [[(i, A[i][j]) for i in range(self.context) if A[i][j] != 0.0] for j in range(self.context)]
+                )
         elif kind == "refine":
             self.aligned = []
             for target in self.targets:
@@ -139,9 +156,13 @@ class ReferenceP2P:
         self.subtract_union = subtract_union
         self.word_positions = self._positions(blend_words)
         self.subtract_positions = self._positions(subtract_words)
-        self.recorded = [sorted(set((self.word_positions or [[]] * len(prompts))[p])
-                                | set((self.subtract_positions or [[]] * len(prompts))[p]))
-                         for p in range(len(prompts))]  # per prompt: the token positions whose maps are kept
+        self.recorded = [
+            sorted(
+                set((self.word_positions or [[]] * len(prompts))[p])
+                | set((self.subtract_positions or [[]] * len(prompts))[p])
+            )
+            for p in range(len(prompts))
+        ]  # per prompt: the token positions whose maps are kept
         self.accumulated = None  # [prompt] → {token position: (h, w) map, mean over layers, summed over steps}
         self.step_layer_maps = []  # this step's per-layer maps, averaged at the end of the step
         self.last_mask = None

@@ -1,6 +1,7 @@
 """The app through its API (issue 28): a real server on a free local port, driven with gradio_client — an edit, a
 slider change, the attention views, a photo round trip, a download, and each mistake as one line while the server
 keeps serving."""
+
 from __future__ import annotations
 
 import zipfile
@@ -18,9 +19,24 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
 SOURCE, TARGET = "a red circle on a black background", "a blue circle on a black background"
-PAGE = dict(source=SOURCE, targets=TARGET, kind="auto", reweight_word="", reweight_scale=1.0, cross_start=0.0,
-            cross_end=0.8, self_fraction=0.4, windows="", blend="", blend_threshold=0.4, restore_pixels=True, seed=3,
-            steps=TEST_STEPS, guidance=5.0, photo_id="")
+PAGE = dict(
+    source=SOURCE,
+    targets=TARGET,
+    kind="auto",
+    reweight_word="",
+    reweight_scale=1.0,
+    cross_start=0.0,
+    cross_end=0.8,
+    self_fraction=0.4,
+    windows="",
+    blend="",
+    blend_threshold=0.4,
+    restore_pixels=True,
+    seed=3,
+    steps=TEST_STEPS,
+    guidance=5.0,
+    photo_id="",
+)
 TILE = 96  # views.MIN_TILE: the 32 px images are shown as 96 px tiles, 4 px apart
 
 
@@ -38,12 +54,13 @@ def edit(client, **change):
 
 def tile(grid: np.ndarray, column: int) -> np.ndarray:
     """The image of the first row's tile `column` (0: the source)."""
-    return grid[:TILE, column * (TILE + 4):column * (TILE + 4) + TILE]
+    return grid[:TILE, column * (TILE + 4) : column * (TILE + 4) + TILE]
 
 
 def test_the_api_has_the_named_endpoints(client):
-    assert {"/edit", "/attention", "/invert"} <= set(client.view_api(print_info=False, return_format="dict")
-                                                     ["named_endpoints"])
+    assert {"/edit", "/attention", "/invert"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    )
 
 
 def test_an_edit_and_a_slider_change(client):
@@ -68,8 +85,13 @@ def test_a_photo_round_trip(client, tmp_path):
     image[16:48, 16:48] = (220, 30, 30)  # a red square on black, bigger than the model's 32 px
     Image.fromarray(image).save(photo)
     photo_id, reconstruction, status, source = client.predict(
-        handle_file(str(photo)), "a red square on a black background", "negative_prompt", TEST_STEPS, 5.0,
-        api_name="/invert")
+        handle_file(str(photo)),
+        "a red square on a black background",
+        "negative_prompt",
+        TEST_STEPS,
+        5.0,
+        api_name="/invert",
+    )
     assert photo_id and source == "a red square on a black background" and "PSNR" in status
     assert np.asarray(Image.open(reconstruction)).shape == (32, 32, 3)
     grid, _ = edit(client, source=source, targets="a blue square on a black background", photo_id=photo_id)
@@ -83,21 +105,30 @@ def test_a_download_holds_the_files_of_scripts_edit(client):
     archive = next(p for p in files if p.endswith(".zip"))
     names = sorted(zipfile.ZipFile(archive).namelist())
     # the names tests/test_scripts.py checks in scripts/edit.py's run folder (baseline=true attention=true blend)
-    for name in ("00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
-                 "grid.png", "blend_mask.png", "config.yaml", "baseline/00_a_red_circle_on_a_black_background.png",
-                 "attention/01_a_blue_circle_on_a_black_background.png"):
+    for name in (
+        "00_a_red_circle_on_a_black_background.png",
+        "01_a_blue_circle_on_a_black_background.png",
+        "grid.png",
+        "blend_mask.png",
+        "config.yaml",
+        "baseline/00_a_red_circle_on_a_black_background.png",
+        "attention/01_a_blue_circle_on_a_black_background.png",
+    ):
         assert name in names, names
     config = yaml.safe_load(zipfile.ZipFile(archive).read("config.yaml"))
     assert config["blend"]["words"] == ["circle"] and config["seed"] == 3 and config["model"]["name"] == "tiny"
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(reweight_word="cat"), "'cat' is not in any target prompt"),
-    (dict(blend="square"), "'square' is not in prompt"),
-    (dict(kind="replace", targets="a blue circle on a black background at night"), "same number of words"),
-    (dict(source="a red circle " * 30), "tokens, but at most"),
-    (dict(photo_id="nope"), "photo id 'nope' is unknown"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(reweight_word="cat"), "'cat' is not in any target prompt"),
+        (dict(blend="square"), "'square' is not in prompt"),
+        (dict(kind="replace", targets="a blue circle on a black background at night"), "same number of words"),
+        (dict(source="a red circle " * 30), "tokens, but at most"),
+        (dict(photo_id="nope"), "photo id 'nope' is unknown"),
+    ],
+)
 def test_a_mistake_is_one_line_and_the_server_keeps_serving(client, change, message):
     with pytest.raises(AppError, match=message) as error:
         edit(client, **change)
@@ -105,10 +136,13 @@ def test_a_mistake_is_one_line_and_the_server_keeps_serving(client, change, mess
     assert edit(client)[0].std() > 10
 
 
-@pytest.mark.parametrize("content, name, message", [
-    (b"not an image", "photo.png", "cannot read .* as an image"),
-    (b"not an image", "notes.txt", "Invalid file type"),
-])
+@pytest.mark.parametrize(
+    "content, name, message",
+    [
+        (b"not an image", "photo.png", "cannot read .* as an image"),
+        (b"not an image", "notes.txt", "Invalid file type"),
+    ],
+)
 def test_an_unreadable_upload_is_one_line(client, tmp_path, content, name, message):
     path = tmp_path / name
     path.write_bytes(content)

@@ -6,6 +6,7 @@ Driven by Playwright with the system's Chromium (Debian's `chromium` package, wh
 pip package carries its own driver, so nothing is downloaded at test time (`playwright install` is not needed),
 and it waits for elements by itself. Skipped, with the reason, where no Chromium is installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,12 +19,16 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: pip install -e '.[test]'")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is in the test extra: pip install -e '.[test]'"
+)
 
 from app_server import app_server
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt-get install chromium, or set CHROMIUM)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium found (apt-get install chromium, or set CHROMIUM)"
+)
 RENDER_SECONDS = 120  # one edit on a loaded 2-core machine takes seconds; the first one also samples the source
 
 

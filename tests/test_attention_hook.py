@@ -2,6 +2,7 @@
 
 Runs on the tiny model's UNet (cross-attention at 8×8, Imagen hybrid attention at 4×4 and 2×2), random weights.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,11 @@ def unet(random_model) -> UNetModel:
 @pytest.fixture(scope="module")
 def unet_inputs(unet):
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([981, 1]),
-            torch.randn(2, TEXT_TOKENS, unet.config.context_dim, generator=generator))
+    return (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.tensor([981, 1]),
+        torch.randn(2, TEXT_TOKENS, unet.config.context_dim, generator=generator),
+    )
 
 
 @torch.no_grad()
@@ -78,8 +82,10 @@ def test_sites_describe_their_maps(unet, unet_inputs):
         assert probs.shape[2] == site.query_hw[0] * site.query_hw[1]
         expected_text = {"self": 0, "cross": TEXT_TOKENS, "hybrid": TEXT_TOKENS}[site.kind]
         assert site.num_text_keys == expected_text, site
-        assert keys == {"self": site.num_queries, "cross": TEXT_TOKENS,
-                        "hybrid": TEXT_TOKENS + site.num_queries}[site.kind], site
+        assert (
+            keys
+            == {"self": site.num_queries, "cross": TEXT_TOKENS, "hybrid": TEXT_TOKENS + site.num_queries}[site.kind]
+        ), site
 
 
 def test_attach_refuses_a_second_controller(unet):
@@ -111,8 +117,9 @@ DIM, CONTEXT_DIM, HEADS, DIM_HEAD, HW = 64, 48, 4, 16, (4, 6)
 
 @pytest.fixture
 def hybrid(random_model) -> HybridAttention:
-    return random_model(lambda: HybridAttention(query_dim=DIM, context_dim=CONTEXT_DIM, heads=HEADS, dim_head=DIM_HEAD),
-                        seed=7)
+    return random_model(
+        lambda: HybridAttention(query_dim=DIM, context_dim=CONTEXT_DIM, heads=HEADS, dim_head=DIM_HEAD), seed=7
+    )
 
 
 def tokens(*shape):
@@ -137,20 +144,28 @@ def test_hybrid_map_has_text_columns_first(hybrid):
         hybrid(x, context, query_hw=HW)
     finally:
         hybrid.controller = None
-    (site, probs), = recorder.seen.values()
+    ((site, probs),) = recorder.seen.values()
     assert site.kind == "hybrid" and site.num_text_keys == 5 and site.query_hw == HW
     split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=HEADS)
     q, keys = split(hybrid.to_q(x)), split(torch.cat([hybrid.add_k_proj(context), hybrid.to_k(x)], dim=1))
-    expected = (q @ keys.transpose(-1, -2) * DIM_HEAD ** -0.5).softmax(-1)  # [text | pixels]
+    expected = (q @ keys.transpose(-1, -2) * DIM_HEAD**-0.5).softmax(-1)  # [text | pixels]
     assert torch.allclose(probs, expected, atol=1e-6)
 
 
 @torch.no_grad()
 def test_hybrid_matches_diffusers_added_kv_attention(hybrid, randomize):
     """diffusers' `AttnAddedKVProcessor` (unCLIP/Kandinsky) is the same layer wrapped in a GroupNorm and a residual."""
-    reference = Attention(query_dim=DIM, heads=HEADS, dim_head=DIM_HEAD, added_kv_proj_dim=CONTEXT_DIM,
-                          added_proj_bias=False, norm_num_groups=32, bias=False, out_bias=True,
-                          processor=AttnAddedKVProcessor()).eval()
+    reference = Attention(
+        query_dim=DIM,
+        heads=HEADS,
+        dim_head=DIM_HEAD,
+        added_kv_proj_dim=CONTEXT_DIM,
+        added_proj_bias=False,
+        norm_num_groups=32,
+        bias=False,
+        out_bias=True,
+        processor=AttnAddedKVProcessor(),
+    ).eval()
     randomize(reference, seed=8)
     hybrid.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("group_norm.")})
     image, context = tokens(2, DIM, *HW), tokens(2, 5, CONTEXT_DIM)

@@ -1,5 +1,6 @@
 """Issue 27: shapes-PIE is PIE-Bench's format exactly, its masks are the world's ground truth, and our mask decoding
 is the benchmark's (pinned against an independent decoding written the way its evaluate.py reads the masks)."""
+
 import json
 
 import numpy as np
@@ -19,8 +20,15 @@ from p2p.shapes.pie import (
 from p2p.shapes.reader import matches_caption, read_image
 from p2p.shapes.world import WorldConfig, parse_caption
 
-PIE_FIELDS = {"image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
-              "blended_word", "mask"}
+PIE_FIELDS = {
+    "image_path",
+    "original_prompt",
+    "editing_prompt",
+    "editing_instruction",
+    "editing_type_id",
+    "blended_word",
+    "mask",
+}
 
 
 def decode_like_the_benchmark(runs, height, width):
@@ -111,8 +119,12 @@ def test_benchmark_script_names_a_missing_data_folder_and_a_bad_shard_in_one_lin
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
     def run(*args):
-        result = subprocess.run([sys.executable, str(script), *args, f"hydra.run.dir={tmp_path / 'run'}"],
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, str(script), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         lines = [line for line in result.stderr.splitlines() if line.strip() and "WARNING" not in line]
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
         return lines[0]

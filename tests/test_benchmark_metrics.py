@@ -4,6 +4,7 @@ PSNR / MSE / SSIM on the unedited region are torchmetrics' here; the tests recom
 benchmark defines them (both images × (1 − mask), then the whole image). The networks (LPIPS' SqueezeNet, DINO
 ViT, CLIP) are tiny or randomly initialised and saved to files in the test: never downloaded.
 """
+
 import gzip
 import json
 
@@ -58,7 +59,7 @@ def gaussian_ssim(a, b, *, size=11, sigma=1.5, data_range=1.0):
     a = np.pad(a, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     b = np.pad(b, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
     x = np.arange(size) - (size - 1) / 2
-    g = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = np.exp(-(x**2) / (2 * sigma**2))
     window = np.outer(g / g.sum(), g / g.sum())
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     values = []
@@ -67,11 +68,11 @@ def gaussian_ssim(a, b, *, size=11, sigma=1.5, data_range=1.0):
         rows, cols = p.shape[0] - size + 1, p.shape[1] - size + 1
         for i in range(rows):
             for j in range(cols):
-                wp, wq = p[i:i + size, j:j + size], q[i:i + size, j:j + size]
+                wp, wq = p[i : i + size, j : j + size], q[i : i + size, j : j + size]
                 mp, mq = (window * wp).sum(), (window * wq).sum()
-                vp, vq = max((window * wp ** 2).sum() - mp ** 2, 0), max((window * wq ** 2).sum() - mq ** 2, 0)
+                vp, vq = max((window * wp**2).sum() - mp**2, 0), max((window * wq**2).sum() - mq**2, 0)
                 cov = (window * wp * wq).sum() - mp * mq
-                values.append(((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2)))
+                values.append(((2 * mp * mq + c1) * (2 * cov + c2)) / ((mp**2 + mq**2 + c1) * (vp + vq + c2)))
     return float(np.mean(values))
 
 
@@ -116,9 +117,12 @@ def test_structure_distance_is_the_mse_of_last_layer_key_self_similarities(pair,
     source, edited, _ = pair
 
     def self_similarity(image):  # written out: tokens → blocks but the last → the last block's keys
-        x = transforms.Compose([transforms.Resize(224, max_size=480),  # the benchmark's transform, 0–255 input
-                                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(
-            torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1))[None]
+        x = transforms.Compose(
+            [
+                transforms.Resize(224, max_size=480),  # the benchmark's transform, 0–255 input
+                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1))[None]
         with torch.no_grad():
             tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
             for block in vit.blocks[:-1]:
@@ -129,10 +133,13 @@ def test_structure_distance_is_the_mse_of_last_layer_key_self_similarities(pair,
         unit = keys / keys.norm(dim=1, keepdim=True)
         return unit @ unit.T
 
-    assert torch.allclose(dino_input(source), transforms.Resize(224, max_size=480)(
-        torch.from_numpy(source.astype(np.float32)).permute(2, 0, 1))[None].sub(
-        torch.tensor((0.485, 0.456, 0.406))[:, None, None]).div(torch.tensor((0.229, 0.224, 0.225))[:, None, None]),
-        atol=1e-3)
+    assert torch.allclose(
+        dino_input(source),
+        transforms.Resize(224, max_size=480)(torch.from_numpy(source.astype(np.float32)).permute(2, 0, 1))[None]
+        .sub(torch.tensor((0.485, 0.456, 0.406))[:, None, None])
+        .div(torch.tensor((0.229, 0.224, 0.225))[:, None, None]),
+        atol=1e-3,
+    )
     expected = F.mse_loss(self_similarity(edited), self_similarity(source)).item()
     assert structure_distance(dino, source, edited) == pytest.approx(expected, rel=1e-4, abs=1e-9)
     assert structure_distance(dino, source, source) == 0
@@ -153,17 +160,27 @@ def tiny_clip_folder(folder):
 
     renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     (folder / "vocab.json").write_text(json.dumps({renamed.get(t, t): i for t, i in SimpleTokenizer().encoder.items()}))
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                   num_attention_heads=2).to_dict(),
-                        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                       num_attention_heads=2, image_size=224, patch_size=32).to_dict(),
-                        projection_dim=16)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+        ).to_dict(),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=CLIPTokenizer.from_pretrained(str(folder))
-                  ).save_pretrained(folder)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(), tokenizer=CLIPTokenizer.from_pretrained(str(folder))
+    ).save_pretrained(folder)
     return folder
 
 

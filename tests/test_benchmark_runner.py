@@ -4,6 +4,7 @@
 Few entries and few steps: these prove the machinery and the direction of the inversions' difference; the
 numbers of the documented table come from `scripts/benchmark.py` on 50 entries (docs/benchmarks-pie.md).
 """
+
 import csv
 import os
 import signal
@@ -48,9 +49,17 @@ def sampler(model):
 
 def test_direct_inversion_source_path_is_the_trajectory_exactly(model):
     scene = sample_scene(np.random.default_rng(3), objects=[("red", "circle")], background="black")
-    photo = edit_photo(model, scene.image, [SOURCE, TARGET], spec=EditSpec(kind="replace"), blend=None,
-                       settings=sampler(model), inversion=InversionSettings(method="direct"), cache_dir=None,
-                       progress=False)
+    photo = edit_photo(
+        model,
+        scene.image,
+        [SOURCE, TARGET],
+        spec=EditSpec(kind="replace"),
+        blend=None,
+        settings=sampler(model),
+        inversion=InversionSettings(method="direct"),
+        cache_dir=None,
+        progress=False,
+    )
     z0 = photo.inversion.trajectory[0]
     assert torch.equal(photo.result.latents[0:1], z0)  # the edit's source branch ends on z_0, bit for bit
     assert np.array_equal(photo.reconstruction, decode(model, z0)[0])
@@ -64,18 +73,32 @@ def test_direct_inversion_edit_keeps_the_background_better_than_ddim_inversion(m
         values = []
         for seed in (3, 4):
             scene = sample_scene(np.random.default_rng(seed), objects=[("red", "circle")], background="black")
-            photo = edit_photo(model, scene.image, [SOURCE, TARGET], spec=EditSpec(kind="replace"), blend=None,
-                               settings=sampler(model), inversion=InversionSettings(method=method), cache_dir=None,
-                               progress=False, reconstruct=False)
+            photo = edit_photo(
+                model,
+                scene.image,
+                [SOURCE, TARGET],
+                spec=EditSpec(kind="replace"),
+                blend=None,
+                settings=sampler(model),
+                inversion=InversionSettings(method=method),
+                cache_dir=None,
+                progress=False,
+                reconstruct=False,
+            )
             values.append(psnr(photo.edited[1], scene.image, ~scene.objects[0].mask))
         scores[method] = float(np.mean(values))
     assert scores["direct"] > scores["ddim"] + 1.0, scores
 
 
 def bench_settings(model, method):
-    return BenchSettings(model="tiny", inversion=InversionSettings(method=method),
-                         edit=EditSpec(kind="auto", cross_replace_steps=0.4, self_replace_steps=0.6),
-                         blend=BlendSpec(), sampler=sampler(model), seed=0)
+    return BenchSettings(
+        model="tiny",
+        inversion=InversionSettings(method=method),
+        edit=EditSpec(kind="auto", cross_replace_steps=0.4, self_replace_steps=0.6),
+        blend=BlendSpec(),
+        sampler=sampler(model),
+        seed=0,
+    )
 
 
 def test_each_entry_is_replace_or_refine_by_word_count_with_its_blend_words(data):
@@ -95,8 +118,15 @@ def test_runner_writes_images_rows_results_and_direct_beats_ddim_on_background_p
     runs = {}
     for method in ("direct", "ddim"):
         out = tmp_path / method
-        counts = run_benchmark(model, data, out, settings=bench_settings(model, method), metrics=MetricSet(),
-                               cache_dir=tmp_path / "cache", progress=False)
+        counts = run_benchmark(
+            model,
+            data,
+            out,
+            settings=bench_settings(model, method),
+            metrics=MetricSet(),
+            cache_dir=tmp_path / "cache",
+            progress=False,
+        )
         assert counts == {"done": 6, "skipped": 0, "total": 6}
         runs[method] = {row["key"]: row for row in read_rows(out)}
     entries = read_mapping(data)
@@ -111,13 +141,22 @@ def test_runner_writes_images_rows_results_and_direct_beats_ddim_on_background_p
     direct, ddim = (np.mean([r["psnr"] for r in runs[m].values()]) for m in ("direct", "ddim"))
     assert direct > ddim, (direct, ddim)
     # a rerun does nothing; the summary has the overall row, every edit type and the published rows
-    again = run_benchmark(model, data, out, settings=bench_settings(model, "direct"), metrics=MetricSet(),
-                          cache_dir=tmp_path / "cache", progress=False)
+    again = run_benchmark(
+        model,
+        data,
+        out,
+        settings=bench_settings(model, "direct"),
+        metrics=MetricSet(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     assert again == {"done": 0, "skipped": 6, "total": 6}
     summary = write_summary(out, label="direct + P2P")[1].read_text()
     assert "| direct + P2P | all | 6 |" in summary and "Direct Inversion + P2P (published)" in summary
-    assert all(f"| {t} " in summary for t in ("6 change color", "1 change object", "8 change background",
-                                              "2 add object", "3 delete object"))
+    assert all(
+        f"| {t} " in summary
+        for t in ("6 change color", "1 change object", "8 change background", "2 add object", "3 delete object")
+    )
 
 
 def script(*args):
@@ -162,14 +201,22 @@ def test_a_killed_run_resumes_without_redoing_or_losing_an_entry(data, resumed):
 
 def test_three_submitit_shards_give_exactly_the_unsharded_run(data, resumed, tmp_path):
     sweep = tmp_path / "sweep"
-    args = script("-m", "hydra/launcher=submitit_local", *common(data, tmp_path / "cache"), "shard=range(3)",
-                  "n_shards=3", f"hydra.sweep.dir={sweep}")
+    args = script(
+        "-m",
+        "hydra/launcher=submitit_local",
+        *common(data, tmp_path / "cache"),
+        "shard=range(3)",
+        "n_shards=3",
+        f"hydra.sweep.dir={sweep}",
+    )
     result = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (sharded,) = [p.parent for p in sweep.glob("*/settings.json")]  # the three shards shared one folder
     unsharded, _, _ = resumed
-    assert read_rows(sharded) == [{**r, "seconds": s["seconds"], "inversion_seconds": s["inversion_seconds"]}
-                                  for r, s in zip(read_rows(unsharded), read_rows(sharded))]
+    assert read_rows(sharded) == [
+        {**r, "seconds": s["seconds"], "inversion_seconds": s["inversion_seconds"]}
+        for r, s in zip(read_rows(unsharded), read_rows(sharded))
+    ]
     for image in (unsharded / "annotation_images").rglob("*.png"):
         assert image.read_bytes() == (sharded / image.relative_to(unsharded)).read_bytes()
     assert (sharded / "results.csv").read_text().count("\n") == 7  # header + every entry

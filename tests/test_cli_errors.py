@@ -1,5 +1,6 @@
 """A user's mistake is one line on stderr (`error: …`) and exit status 2, for every entry point; a bug keeps its
 traceback; an interrupted write leaves nothing that looks finished (issue 24)."""
+
 import pickle
 import re
 import subprocess
@@ -13,13 +14,25 @@ from models.files import atomic_path, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 TWO = 'prompts=["a red circle on a black background","a blue circle on a black background"]'
-HYDRA_SCRIPTS = ("generate", "edit", "edit_image", "figure", "ablate", "bench", "app", "train_tiny", "eval_tiny",
-                 "eval_edits", "eval_inversion")
+HYDRA_SCRIPTS = (
+    "generate",
+    "edit",
+    "edit_image",
+    "figure",
+    "ablate",
+    "bench",
+    "app",
+    "train_tiny",
+    "eval_tiny",
+    "eval_edits",
+    "eval_inversion",
+)
 
 
 def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=1200
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> str:
@@ -47,10 +60,15 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 # The ten mistakes of issue 24, each with the words its one line must hold.
 MISTAKES = {
     "replace with different word counts": (
-        "edit.py", ['prompts=["a red circle","a big blue circle"]', "edit=replace"], ["same number of words"]),
+        "edit.py",
+        ['prompts=["a red circle","a big blue circle"]', "edit=replace"],
+        ["same number of words"],
+    ),
     "reweight word not in the prompt": (
-        "edit.py", ['prompts=["a red circle","a red circle"]', "edit=reweight", "edit.reweight={dog: 2}"],
-        ["'dog'", "not in prompt"]),
+        "edit.py",
+        ['prompts=["a red circle","a red circle"]', "edit=reweight", "edit.reweight={dog: 2}"],
+        ["'dog'", "not in prompt"],
+    ),
     "prompt over the token limit": ("generate.py", ['prompts=["' + " ".join(["red"] * 80) + '"]'], ["at most"]),
     "height not a multiple": ("generate.py", ["height=30"], ["height=30", "multiple of 4"]),
     "steps=0": ("generate.py", ["steps=0"], ["steps=0"]),
@@ -79,8 +97,9 @@ def test_every_entry_point_names_a_misspelt_setting(script, tmp_path):
 def test_hydra_errors_name_the_choices_the_closest_one_and_the_nested_key(tmp_path):
     assert_one_line_error(run("generate.py", "model=sd99", cwd=tmp_path), "model=sd99 is not a choice", "sd15, sd21")
     assert_one_line_error(run("edit.py", "edit=replce", cwd=tmp_path), "did you mean edit=replace?", "refine")
-    assert_one_line_error(run("edit.py", "edit.cross_replace_step=1", cwd=tmp_path),
-                          "did you mean edit.cross_replace_steps?")
+    assert_one_line_error(
+        run("edit.py", "edit.cross_replace_step=1", cwd=tmp_path), "did you mean edit.cross_replace_steps?"
+    )
     assert_one_line_error(run("edit.py", "prompts=[a", cwd=tmp_path), "[a")
 
 
@@ -116,8 +135,13 @@ main()
 
 
 def _toy(script: Path, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), f"negative_prompt={mode}", f"hydra.run.dir={script.parent}/r"],
-                          capture_output=True, text=True, timeout=600, cwd=script.parent)
+    return subprocess.run(
+        [sys.executable, str(script), f"negative_prompt={mode}", f"hydra.run.dir={script.parent}/r"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=script.parent,
+    )
 
 
 def test_a_user_error_raised_anywhere_in_a_job_is_one_line(toy_script):
@@ -142,6 +166,7 @@ def test_a_finished_job_exits_0(toy_script):
 
 # --- files are written completely or not at all ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("interruption", [RuntimeError("a bug halfway"), KeyboardInterrupt()])
 def test_an_interrupted_write_leaves_no_file(tmp_path, interruption):
     target = tmp_path / "grid.png"
@@ -163,6 +188,7 @@ def test_a_finished_write_appears_whole_and_is_never_overwritten(tmp_path):
 
 def test_the_temporary_file_keeps_the_suffix_so_writers_infer_the_format(tmp_path):
     from PIL import Image
+
     with atomic_path(tmp_path / "tile.png") as partial:
         assert partial.suffix == ".png" and partial.name.startswith(".")
         Image.new("RGB", (4, 4)).save(partial)
@@ -171,6 +197,7 @@ def test_the_temporary_file_keeps_the_suffix_so_writers_infer_the_format(tmp_pat
 
 def test_user_errors_are_value_errors_and_the_file_kinds_keep_their_builtin_types():
     from models.errors import MissingFileError, WrongTypeError
+
     assert issubclass(UserError, ValueError)
     assert issubclass(MissingFileError, FileNotFoundError) and issubclass(OutputExistsError, FileExistsError)
     assert issubclass(WrongTypeError, TypeError)

@@ -3,6 +3,7 @@
 Batch layout at the hook: rows `[uncond × P, cond × P]`, source first in each half (P2P_SPEC §1). Expected
 values are written out per column from P2P_SPEC §4–§6, independently of the batched formulas.
 """
+
 import logging
 
 import pytest
@@ -48,6 +49,7 @@ def _run(controller, probs, site, *, step):
 
 # --- wants: the fused path wherever nothing is edited -----------------------------------------------------
 
+
 def test_attention_edit_wants_only_inside_its_windows_and_below_the_self_threshold():
     # cross steps [0, 2); self steps [1, 3) in layers with ≤ (8/4)² = 4 queries
     controller = _edit(EditSpec(kind="replace", cross_replace_steps=0.5, self_replace_steps=(0.25, 0.75)))
@@ -64,8 +66,9 @@ def test_attention_edit_wants_only_inside_its_windows_and_below_the_self_thresho
 
 
 def test_a_window_with_no_injected_token_is_not_wanted():
-    controller = _edit(EditSpec(kind="replace", cross_replace_steps={"default_": 0.0, "dog": (0.5, 0.75)},
-                                self_replace_steps=0.0))
+    controller = _edit(
+        EditSpec(kind="replace", cross_replace_steps={"default_": 0.0, "dog": (0.5, 0.75)}, self_replace_steps=0.0)
+    )
     assert [controller.begin_step(s) or controller.wants(CROSS_8) for s in range(STEPS)] == [False, False, True, False]
 
 
@@ -116,6 +119,7 @@ def test_unwanted_sites_keep_the_fused_path_bit_for_bit(kind):
 
 # --- what an edit changes ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("site", [CROSS_8, SELF_2, HYBRID_2], ids=lambda s: f"{s.kind} {s.query_hw}")
 def test_only_the_conditional_targets_change_and_the_input_is_not_edited_in_place(site):
     controller = _edit(EditSpec(kind="replace", cross_replace_steps=1.0, self_replace_steps=1.0))
@@ -151,15 +155,23 @@ def test_refine_takes_aligned_columns_from_the_source_and_keeps_new_tokens_own()
     probs = _probs(CROSS_8)
     out = _run(controller, probs, CROSS_8, step=0)
     source, target = probs[2], probs[3]
-    expected = {0: source[..., 0], 1: source[..., 1], 2: target[..., 2], 3: source[..., 2], 4: source[..., 3],
-                5: source[..., 5], TEXT - 1: source[..., TEXT - 1]}  # padding keeps its position
+    expected = {
+        0: source[..., 0],
+        1: source[..., 1],
+        2: target[..., 2],
+        3: source[..., 2],
+        4: source[..., 3],
+        5: source[..., 5],
+        TEXT - 1: source[..., TEXT - 1],
+    }  # padding keeps its position
     for j, column in expected.items():
         assert torch.equal(out[3][..., j], column), j
 
 
 def test_tokens_outside_their_window_keep_the_target_column():
-    controller = _edit(EditSpec(kind="replace", cross_replace_steps={"default_": 0.0, "dog": 1.0},
-                                self_replace_steps=0.0))
+    controller = _edit(
+        EditSpec(kind="replace", cross_replace_steps={"default_": 0.0, "dog": 1.0}, self_replace_steps=0.0)
+    )
     probs = _probs(CROSS_8)
     out = _run(controller, probs, CROSS_8, step=0)
     dog = 2  # SOT a dog …
@@ -170,8 +182,10 @@ def test_tokens_outside_their_window_keep_the_target_column():
 
 def test_reweight_multiplies_one_word_per_target_including_negative_scales():
     prompts = ["a cat on a mat"] * 3
-    controller = _edit(EditSpec(kind="reweight", cross_replace_steps=1.0, self_replace_steps=0.0,
-                                reweight={"cat": [2.5, -1.0]}), prompts)
+    controller = _edit(
+        EditSpec(kind="reweight", cross_replace_steps=1.0, self_replace_steps=0.0, reweight={"cat": [2.5, -1.0]}),
+        prompts,
+    )
     probs = _probs(CROSS_8, num_prompts=3)
     out = _run(controller, probs, CROSS_8, step=0)
     source, cat = probs[3], 2
@@ -192,8 +206,10 @@ def test_self_layers_take_the_whole_source_map_inside_the_window_only():
 def test_hybrid_layers_edit_only_their_text_columns():
     text, pixels = slice(0, TEXT), slice(TEXT, None)
     # cross steps [0, 2), self steps [1, 3); self rule up to 2×2
-    controller = _edit(EditSpec(kind="reweight", cross_replace_steps=0.5, self_replace_steps=(0.25, 0.75),
-                                reweight={"cat": 3.0}), ["a cat", "a cat"])
+    controller = _edit(
+        EditSpec(kind="reweight", cross_replace_steps=0.5, self_replace_steps=(0.25, 0.75), reweight={"cat": 3.0}),
+        ["a cat", "a cat"],
+    )
     scaled = torch.ones(TEXT)
     scaled[2] = 3.0  # SOT a cat
     probs = _probs(HYBRID_2)
@@ -227,6 +243,7 @@ def test_self_threshold_follows_the_unet_levels_for_odd_latents():
 
 
 # --- the attention store --------------------------------------------------------------------------------
+
 
 def test_store_records_unedited_head_averaged_maps_before_the_edit():
     store = AttentionStore(num_prompts=2, layers=LayerFilter(kinds=("cross",)))
@@ -265,6 +282,7 @@ def test_store_keeps_hybrid_layers_whole_text_first_and_filters_layers():
 
 # --- LocalBlend on hand-made maps --------------------------------------------------------------------------
 
+
 def _word_maps(prompts, hot):
     """Cross maps at 4×4 that are zero except one pixel per prompt in all of its text columns."""
     probs = torch.zeros(2 * len(prompts), 2, 16, TEXT)
@@ -275,8 +293,9 @@ def _word_maps(prompts, hot):
 
 def test_local_blend_mask_is_pooled_upsampled_and_united_with_the_source():
     site = AttentionSite("input_blocks.1.1.transformer_blocks.0.attn2", "cross", (4, 4), TEXT)
-    blend = LocalBlend(prompts=CAT, words=[["cat"], ["dog"]], latent_hw=(8, 8), num_steps=2, threshold=0.3,
-                       resolution_downsamplings=1)  # maps at 4×4, latents at 8×8
+    blend = LocalBlend(
+        prompts=CAT, words=[["cat"], ["dog"]], latent_hw=(8, 8), num_steps=2, threshold=0.3, resolution_downsamplings=1
+    )  # maps at 4×4, latents at 8×8
     blend.begin_step(0)
     assert blend.wants(site)
     blend(_word_maps(CAT, hot=[(3, 3), (1, 1)]), site)
@@ -294,8 +313,9 @@ def test_local_blend_mask_is_pooled_upsampled_and_united_with_the_source():
 def test_local_blend_with_an_empty_mask_warns_and_leaves_that_target_alone(caplog):
     prompts = ["a cat riding a bicycle", "a dog riding a bicycle", "a cat riding a horse"]
     site = AttentionSite("input_blocks.1.1.transformer_blocks.0.attn2", "cross", (8, 8), TEXT)
-    blend = LocalBlend(prompts=prompts, words=[[], ["dog"], []], latent_hw=(8, 8), num_steps=2,
-                       resolution_downsamplings=0)
+    blend = LocalBlend(
+        prompts=prompts, words=[[], ["dog"], []], latent_hw=(8, 8), num_steps=2, resolution_downsamplings=0
+    )
     blend.begin_step(0)
     blend(_probs(site, num_prompts=3), site)
     latents = torch.randn(3, 4, 8, 8)
@@ -308,8 +328,9 @@ def test_local_blend_with_an_empty_mask_warns_and_leaves_that_target_alone(caplo
 
 def test_local_blend_waits_for_its_start_step():
     site = AttentionSite("input_blocks.1.1.transformer_blocks.0.attn2", "cross", (8, 8), TEXT)
-    blend = LocalBlend(prompts=CAT, words=[["cat"], ["dog"]], latent_hw=(8, 8), num_steps=4, start_step=2,
-                       resolution_downsamplings=0)
+    blend = LocalBlend(
+        prompts=CAT, words=[["cat"], ["dog"]], latent_hw=(8, 8), num_steps=4, start_step=2, resolution_downsamplings=0
+    )
     latents = torch.randn(2, 4, 8, 8)
     for step in range(2):
         blend.begin_step(step)

@@ -1,5 +1,6 @@
 """models/ddim.py against diffusers' DDIMScheduler as SD pipelines configure it, for step counts that divide 1000
 and ones that do not, 1 and 999 steps, both offsets, η = 0 and η > 0, ε and v; the inverse step; seeded η > 0."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,9 +23,15 @@ STEP_COUNTS = [1, 2, 3, 7, 50, 333, 501, 999]
 
 
 def diffusers_ddim(*, offset: int, prediction: str = "epsilon") -> DDIMScheduler:
-    return DDIMScheduler(beta_start=SD_BETA_START, beta_end=SD_BETA_END, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=offset,
-                         prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[prediction])
+    return DDIMScheduler(
+        beta_start=SD_BETA_START,
+        beta_end=SD_BETA_END,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=offset,
+        prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[prediction],
+    )
 
 
 @pytest.mark.parametrize("offset", [0, 1])
@@ -37,8 +44,11 @@ def test_timesteps_equal_diffusers(steps, offset):
 
 def test_a_thousand_steps():
     assert ddim_timesteps(1000, offset=0) == list(range(999, -1, -1))
-    with pytest.raises(ValueError, match=r"would start at timestep 1000, past the schedule's last \(999\); "
-                                         r"use at most 999 steps or offset 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"would start at timestep 1000, past the schedule's last \(999\); "
+        r"use at most 999 steps or offset 0",
+    ):
         ddim_timesteps(1000, offset=1)  # diffusers returns 1000 here, and then fails indexing ᾱ
 
 
@@ -69,8 +79,16 @@ def test_steps_equal_diffusers(steps, offset, eta, prediction):
     for t in timesteps:
         output, noise = torch.randn(2, 1, 4, 4, 4, generator=generator, dtype=torch.float64)
         theirs = scheduler.step(output, t, theirs, eta=eta, variance_noise=noise).prev_sample
-        ours = ddim_step(output, ours, t=t, t_prev=previous_timestep(t, num_steps=steps), schedule=schedule,
-                         prediction=prediction, eta=eta, noise=noise)
+        ours = ddim_step(
+            output,
+            ours,
+            t=t,
+            t_prev=previous_timestep(t, num_steps=steps),
+            schedule=schedule,
+            prediction=prediction,
+            eta=eta,
+            noise=noise,
+        )
         assert (ours - theirs).abs().max() <= 1e-5, t
 
 
@@ -86,8 +104,9 @@ def test_inverse_step_undoes_a_step_for_the_same_epsilon(steps):
 
 def test_stochastic_sampling_is_reproducible_by_seed(random_model):
     model = random_model(lambda: StableDiffusion(preset("tiny")), seed=2)
-    run = lambda seed, eta: generate(model, ["a red circle"], seed=seed, settings=SamplerSettings(
-        steps=3, guidance=5.0, eta=eta), progress=False)
+    run = lambda seed, eta: generate(
+        model, ["a red circle"], seed=seed, settings=SamplerSettings(steps=3, guidance=5.0, eta=eta), progress=False
+    )
     first = run(4, 1.0)
     assert (first == run(4, 1.0)).all()
     assert not (first == run(5, 1.0)).all() and not (first == run(4, 0.0)).all()

@@ -4,6 +4,7 @@ P2P_SPEC §3–§5 says or raises an error that names the bad value (P2P_SPEC §
 
 Controllers are built without a model (`build_edit`, `build_blend`), so these tests take milliseconds.
 """
+
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ def _edit(spec, prompts=THREE, *, context_length=TEXT):
 
 
 # --- several targets, each with its own word ------------------------------------------------------------
+
 
 def test_a_per_word_window_acts_in_the_targets_that_have_the_word():
     # the reference skips targets without the word; 'dog' is only in target 0, 'horse' only in target 1
@@ -61,12 +63,22 @@ def test_reweight_alone_without_words_raises_instead_of_doing_nothing():
 LONG = "a " + " ".join(["red"] * 19)  # 20 tokens: fits CLIP's 77, not a 16-position model
 
 
-@pytest.mark.parametrize("build", [
-    lambda: cross_alphas({"red": 0.5}, targets=[LONG], num_steps=STEPS, context_length=16),
-    lambda: build_blend(BlendSpec(words=["red"]), [LONG, LONG], num_steps=STEPS, latent_hw=LATENT, downsamplings=0,
-                        context_length=16),
-    lambda: _edit(EditSpec(kind="reweight", reweight={"red": 2.0}), [LONG, LONG], context_length=16),
-], ids=["window", "blend", "reweight"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: cross_alphas({"red": 0.5}, targets=[LONG], num_steps=STEPS, context_length=16),
+        lambda: build_blend(
+            BlendSpec(words=["red"]),
+            [LONG, LONG],
+            num_steps=STEPS,
+            latent_hw=LATENT,
+            downsamplings=0,
+            context_length=16,
+        ),
+        lambda: _edit(EditSpec(kind="reweight", reweight={"red": 2.0}), [LONG, LONG], context_length=16),
+    ],
+    ids=["window", "blend", "reweight"],
+)
 def test_a_prompt_over_the_models_text_length_raises_naming_it(build):
     # word positions were looked up against CLIP's 77 and indexed past the model's 16 (IndexError)
     with pytest.raises(ValueError, match=r"'a red red .*' has 20 tokens, but at most 14 fit \(16"):
@@ -82,42 +94,52 @@ def test_prompts_must_be_a_list_of_strings():
 
 # --- settings outside their range ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec,message", [
-    (EditSpec(self_replace_steps=1.5), "self_replace_steps: window 1.5 must satisfy 0 ≤ start ≤ end ≤ 1"),
-    (EditSpec(self_replace_steps=(0.6, 0.2)), "self_replace_steps: window"),
-    (EditSpec(self_replace_steps=True), "self_replace_steps: window True must be a fraction"),
-    (EditSpec(cross_replace_steps=-0.1), "cross_replace_steps: window -0.1"),
-    (EditSpec(cross_replace_steps=(0.2, 0.5, 0.9)), "cross_replace_steps: window"),
-    (EditSpec(cross_replace_steps={"default_": 0.8, "dog": (0, 1.2)}), r"cross_replace_steps\['dog'\]: window"),
-    (EditSpec(self_max_side=-8), "self_max_side=-8 must be a positive int"),
-    (EditSpec(self_max_side=0), "self_max_side=0 must be a positive int"),
-    (EditSpec(self_max_fraction=0), "resolution fraction 0 must be in"),
-], ids=["self>1", "self reversed", "self bool", "cross<0", "cross triple", "word>1", "side<0", "side 0", "fraction 0"])
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (EditSpec(self_replace_steps=1.5), "self_replace_steps: window 1.5 must satisfy 0 ≤ start ≤ end ≤ 1"),
+        (EditSpec(self_replace_steps=(0.6, 0.2)), "self_replace_steps: window"),
+        (EditSpec(self_replace_steps=True), "self_replace_steps: window True must be a fraction"),
+        (EditSpec(cross_replace_steps=-0.1), "cross_replace_steps: window -0.1"),
+        (EditSpec(cross_replace_steps=(0.2, 0.5, 0.9)), "cross_replace_steps: window"),
+        (EditSpec(cross_replace_steps={"default_": 0.8, "dog": (0, 1.2)}), r"cross_replace_steps\['dog'\]: window"),
+        (EditSpec(self_max_side=-8), "self_max_side=-8 must be a positive int"),
+        (EditSpec(self_max_side=0), "self_max_side=0 must be a positive int"),
+        (EditSpec(self_max_fraction=0), "resolution fraction 0 must be in"),
+    ],
+    ids=["self>1", "self reversed", "self bool", "cross<0", "cross triple", "word>1", "side<0", "side 0", "fraction 0"],
+)
 def test_out_of_range_settings_raise_naming_the_setting(spec, message):
     with pytest.raises(ValueError, match=message):
         _edit(spec)
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(threshold=1.0), "threshold 1.0 must be in"),
-    (dict(threshold=-0.1), "threshold -0.1 must be in"),
-    (dict(subtract_words=["riding"], subtract_threshold=1.5), "subtract_threshold 1.5 must be in"),
-    (dict(dilation=-1), "dilation -1 must be an int"),
-    (dict(start=1.2), "blend start: window 1.2"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(threshold=1.0), "threshold 1.0 must be in"),
+        (dict(threshold=-0.1), "threshold -0.1 must be in"),
+        (dict(subtract_words=["riding"], subtract_threshold=1.5), "subtract_threshold 1.5 must be in"),
+        (dict(dilation=-1), "dilation -1 must be an int"),
+        (dict(start=1.2), "blend start: window 1.2"),
+    ],
+)
 def test_out_of_range_blend_settings_raise_naming_the_setting(changes, message):
     with pytest.raises(ValueError, match=message):
         build_blend(BlendSpec(words=["riding"], **changes), THREE, num_steps=STEPS, latent_hw=LATENT, downsamplings=0)
 
 
 def test_blend_threshold_zero_is_allowed_and_keeps_every_attended_pixel():
-    blend = build_blend(BlendSpec(words=["riding"], threshold=0.0), THREE, num_steps=STEPS, latent_hw=LATENT,
-                        downsamplings=0)
+    blend = build_blend(
+        BlendSpec(words=["riding"], threshold=0.0), THREE, num_steps=STEPS, latent_hw=LATENT, downsamplings=0
+    )
     blend.summed = torch.rand(3, TEXT, *LATENT) + 0.01  # every pixel attends a little
     assert bool(blend.mask()[1:].all())
 
 
 # --- scripts/edit.py: the config as Hydra composes it, checked before the model is loaded ---------------
+
 
 def _compose(*overrides):
     from pathlib import Path
@@ -128,13 +150,16 @@ def _compose(*overrides):
         return compose(config_name="edit", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["prompts=a red circle"], "prompts must be a list of strings"),  # was split into 12 one-letter prompts
-    (["prompts=[1,2]"], "prompts must be a list of strings"),
-    (['prompts=["a red circle"]'], "needs a source and at least one target prompt"),
-    (["edit.kind=swap"], "edit.kind='swap' is not supported"),
-    (["blend=local"], "LocalBlend needs its words"),  # was: no blend at all, silently
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["prompts=a red circle"], "prompts must be a list of strings"),  # was split into 12 one-letter prompts
+        (["prompts=[1,2]"], "prompts must be a list of strings"),
+        (['prompts=["a red circle"]'], "needs a source and at least one target prompt"),
+        (["edit.kind=swap"], "edit.kind='swap' is not supported"),
+        (["blend=local"], "LocalBlend needs its words"),  # was: no blend at all, silently
+    ],
+)
 def test_edit_script_refuses_bad_inputs_before_loading_the_model(overrides, message):
     from scripts._common import edit_inputs
 
@@ -177,11 +202,19 @@ def test_edit_with_kind_none_refuses_settings_it_would_ignore():
 
     model = SimpleNamespace(context_length=TEXT)  # refused before the model is used
     with pytest.raises(ValueError, match="edit kind 'none' edits nothing"):  # edit() builds through this
-        build_controllers(model, ["a cat", "a cat"], spec=EditSpec(kind="none", reweight={"cat": 2.0}), blend=None,
-                          store=None, num_steps=2, latent_hw=(8, 8))
+        build_controllers(
+            model,
+            ["a cat", "a cat"],
+            spec=EditSpec(kind="none", reweight={"cat": 2.0}),
+            blend=None,
+            store=None,
+            num_steps=2,
+            latent_hw=(8, 8),
+        )
 
 
 # --- stored maps, as the views read them ----------------------------------------------------------------
+
 
 def test_stored_maps_are_distributions_over_the_keys_and_views_over_the_tokens():
     import dataclasses
@@ -196,34 +229,48 @@ def test_stored_maps_are_distributions_over_the_keys_and_views_over_the_tokens()
     config.unet = dataclasses.replace(config.unet, attention_kinds=("cross", "cross", "cross"))  # SD's layer kinds
     model = StableDiffusion(config).eval()
     prompts = ["a cat eating pizza", "a cat eating lasagne", "a dog eating pizza"]
-    result = edit(model, prompts, seed=0, settings=SamplerSettings(steps=2, guidance=5.0), progress=False,
-                  spec=EditSpec(kind="replace", cross_replace_steps=1.0, reweight={"eating": [3.0, 1.0]}),
-                  store=StoreSpec(kinds=("cross", "self"), max_fraction=1.0, per_step=True))
+    result = edit(
+        model,
+        prompts,
+        seed=0,
+        settings=SamplerSettings(steps=2, guidance=5.0),
+        progress=False,
+        spec=EditSpec(kind="replace", cross_replace_steps=1.0, reweight={"eating": [3.0, 1.0]}),
+        store=StoreSpec(kinds=("cross", "self"), max_fraction=1.0, per_step=True),
+    )
     assert {site.kind for site in result.store.sites.values()} == {"cross", "self"}
     for name in result.store.maps:  # recorded before the edit (the fader would break the sum)
-        torch.testing.assert_close(result.store.average(name).sum(dim=-1), torch.ones(3, *result.store.maps[name].shape[1:2]))
+        torch.testing.assert_close(
+            result.store.average(name).sum(dim=-1), torch.ones(3, *result.store.maps[name].shape[1:2])
+        )
     for prompt_index, prompt in enumerate(prompts):
         for step in (None, 1):
             per_token = views.token_maps(result.store, prompt_index, step=step)
             assert per_token.shape == (TEXT, 8, 8)
             torch.testing.assert_close(per_token.sum(dim=0), torch.ones(8, 8))
-        assert len(views.cross_attention_tiles(result.store, prompt, prompt_index)) == len(views.decode_tokens(prompt)) + 2
+        assert (
+            len(views.cross_attention_tiles(result.store, prompt, prompt_index)) == len(views.decode_tokens(prompt)) + 2
+        )
 
 
 def test_a_flat_blend_word_list_missing_from_a_prompt_points_to_per_prompt_lists():
     # the reference's LocalBlend(prompts, ("cat", "dog")) is one word per prompt; ours is one list for every prompt
-    with pytest.raises(ValueError, match=r"blend.words: word 'cat' is not in prompt 'a dog riding a bicycle'.*\[\['cat'\], \['dog'\]\]"):
+    with pytest.raises(
+        ValueError, match=r"blend.words: word 'cat' is not in prompt 'a dog riding a bicycle'.*\[\['cat'\], \['dog'\]\]"
+    ):
         build_blend(BlendSpec(words=["cat", "dog"]), THREE[:2], num_steps=STEPS, latent_hw=LATENT, downsamplings=0)
-    blend = build_blend(BlendSpec(words=[["cat"], ["dog"]]), THREE[:2], num_steps=STEPS, latent_hw=LATENT,
-                        downsamplings=0)
+    blend = build_blend(
+        BlendSpec(words=[["cat"], ["dog"]]), THREE[:2], num_steps=STEPS, latent_hw=LATENT, downsamplings=0
+    )
     assert blend.weights[:, 2].tolist() == [1.0, 1.0]  # 'cat' in the source, 'dog' in the target: position 2
 
 
 def test_a_blend_built_for_another_text_length_is_refused_by_name():
     from models.attention import AttentionSite
 
-    blend = build_blend(BlendSpec(words=["cat"]), ["a cat", "a cat"], num_steps=STEPS, latent_hw=LATENT,
-                        downsamplings=0)  # 77 positions, the SD default
+    blend = build_blend(
+        BlendSpec(words=["cat"]), ["a cat", "a cat"], num_steps=STEPS, latent_hw=LATENT, downsamplings=0
+    )  # 77 positions, the SD default
     site = AttentionSite("input_blocks.1.1.transformer_blocks.0.attn2", "cross", LATENT, 16)
     blend.begin_step(0)
     with pytest.raises(ValueError, match="attends to 16 text tokens but the blend was built for 77"):
@@ -233,9 +280,20 @@ def test_a_blend_built_for_another_text_length_is_refused_by_name():
 def test_reweight_alone_accepts_prompts_that_differ_only_in_case():
     # CLIP lowercases: "A red circle" and "a red circle" are the same tokens, so token-by-token maps line up
     from p2p.edit import build_edit
-    controller = build_edit(EditSpec(kind="reweight", reweight={"red": 2.0}), ["A red circle", "a red circle"],
-                            num_steps=2, latent_hw=(8, 8), context_length=TEXT)
+
+    controller = build_edit(
+        EditSpec(kind="reweight", reweight={"red": 2.0}),
+        ["A red circle", "a red circle"],
+        num_steps=2,
+        latent_hw=(8, 8),
+        context_length=TEXT,
+    )
     assert controller is not None
     with pytest.raises(ValueError, match="needs targets equal to the source"):
-        build_edit(EditSpec(kind="reweight", reweight={"red": 2.0}), ["a red circle", "a red square"],
-                   num_steps=2, latent_hw=(8, 8), context_length=TEXT)
+        build_edit(
+            EditSpec(kind="reweight", reweight={"red": 2.0}),
+            ["a red circle", "a red square"],
+            num_steps=2,
+            latent_hw=(8, 8),
+            context_length=TEXT,
+        )

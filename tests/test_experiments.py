@@ -6,6 +6,7 @@ with its shapes prompts and with its paper prompts (on the tiny model, to prove 
 prompt shapes are valid before anyone spends SD time on them). Then a 2-job `ablate.py -m` multirun and
 `aggregate.py` run end to end.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,12 @@ def expected_layout(kind: str, params: dict) -> list[int]:
     if kind == "rows":
         return [1 + len(row.get("targets", params.get("targets", []))) for row in params["rows"]]
     if kind == "attention":
-        shown = len({round(i * (STEPS - 1) / max(min(params["steps_shown"], STEPS) - 1, 1))
-                     for i in range(min(params["steps_shown"], STEPS))})
+        shown = len(
+            {
+                round(i * (STEPS - 1) / max(min(params["steps_shown"], STEPS) - 1, 1))
+                for i in range(min(params["steps_shown"], STEPS))
+            }
+        )
         return [1 + len(words(params["prompt"]))] + [shown] * len(params["words_over_steps"])
     if kind == "injection_sweep":
         return [1] + [len(params["fractions"])] * len(params["targets"])
@@ -75,8 +80,14 @@ def expected_layout(kind: str, params: dict) -> list[int]:
 @pytest.mark.parametrize("prompt_set", ["shapes", "paper"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_makes_its_figure(experiment, prompt_set, checkpoint, tmp_path):
-    overrides = [f"experiment={experiment}", f"prompt_set={prompt_set}", f"steps={STEPS}",
-                 f"model.checkpoint={checkpoint}", "cache_dir=null", "tile_size=64"]
+    overrides = [
+        f"experiment={experiment}",
+        f"prompt_set={prompt_set}",
+        f"steps={STEPS}",
+        f"model.checkpoint={checkpoint}",
+        "cache_dir=null",
+        "tile_size=64",
+    ]
     if prompt_set == "paper":  # the paper's prompts on the tiny model: proves the words exist, not the pictures
         overrides.append("check_model=false")
         cfg_probe = compose_figure(overrides)
@@ -123,14 +134,25 @@ def test_figure_never_overwrites(tmp_path):
 
 def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(REPO / "scripts" / "ablate.py"), "-m", "edit.cross_replace_steps=0,1",
-               "edit.self_replace_steps=0.4", "seed=0", f"steps={STEPS}", f"model.checkpoint={checkpoint}",
-               "pairs=[['a red circle on a black background','a blue circle on a black background'],"
-               "['a red circle','a red square']]", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "ablate.py"),
+        "-m",
+        "edit.cross_replace_steps=0,1",
+        "edit.self_replace_steps=0.4",
+        "seed=0",
+        f"steps={STEPS}",
+        f"model.checkpoint={checkpoint}",
+        "pairs=[['a red circle on a black background','a blue circle on a black background'],"
+        "['a red circle','a red square']]",
+        f"hydra.sweep.dir={sweep}",
+    ]
     subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["edit.cross_replace_steps=0,edit.self_replace_steps=0.4,seed=0,steps=2",
-                    "edit.cross_replace_steps=1,edit.self_replace_steps=0.4,seed=0,steps=2"]  # folders name settings
+    assert jobs == [
+        "edit.cross_replace_steps=0,edit.self_replace_steps=0.4,seed=0,steps=2",
+        "edit.cross_replace_steps=1,edit.self_replace_steps=0.4,seed=0,steps=2",
+    ]  # folders name settings
 
     result = ablation_report.aggregate(sweep)
     assert result.skipped == []
@@ -138,13 +160,26 @@ def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
         summary = list(csv.DictReader(f))
     assert tuple(summary[0]) == ablation_report.SUMMARY_COLUMNS
     settings = {(r["setting"], r["cross_replace_steps"], r["group"]) for r in summary}
-    assert {("p2p", "0.0", "all"), ("p2p", "1.0", "all"), ("none", "none", "all"),
-            ("p2p", "0.0", "color"), ("p2p", "0.0", "shape")} <= settings
+    assert {
+        ("p2p", "0.0", "all"),
+        ("p2p", "1.0", "all"),
+        ("none", "none", "all"),
+        ("p2p", "0.0", "color"),
+        ("p2p", "0.0", "shape"),
+    } <= settings
     with result["rows"].open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2  # jobs × pairs
-    assert {"cross_replace_steps", "self_replace_steps", "seed", "swap", "edit_target_correct", "edit_iou",
-            "edit_centroid_shift", "baseline_iou"} <= set(rows[0])
+    assert {
+        "cross_replace_steps",
+        "self_replace_steps",
+        "seed",
+        "swap",
+        "edit_target_correct",
+        "edit_iou",
+        "edit_centroid_shift",
+        "baseline_iou",
+    } <= set(rows[0])
     assert {r["swap"] for r in rows} == {"color", "shape"}
     assert Image.open(result["plot"]).format == "PNG"
 
@@ -154,22 +189,64 @@ def test_ablation_sweep_and_aggregate(checkpoint, tmp_path):
 # milliseconds and can hold what a real sweep leaves behind when a job fails or is killed.
 
 
-def fake_job(sweep: Path, name: str, *, cross=0.8, self_=0.4, seed=0, steps=2, self_max_side=None,
-             rows: str | list | None = None, config: bool = True) -> Path:
+def fake_job(
+    sweep: Path,
+    name: str,
+    *,
+    cross=0.8,
+    self_=0.4,
+    seed=0,
+    steps=2,
+    self_max_side=None,
+    rows: str | list | None = None,
+    config: bool = True,
+) -> Path:
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     if config:
-        OmegaConf.save(OmegaConf.create({
-            "edit": {"kind": "replace", "cross_replace_steps": cross, "self_replace_steps": self_,
-                     "self_max_fraction": 0.25, "self_max_side": self_max_side},
-            "model": {"name": "tiny"}, "seed": seed, "steps": steps, "guidance": None, "threads": 1,
-            "pairs": [["a red circle", "a blue circle"], ["a red circle", "a red square"]]}), job / "config.yaml")
+        OmegaConf.save(
+            OmegaConf.create(
+                {
+                    "edit": {
+                        "kind": "replace",
+                        "cross_replace_steps": cross,
+                        "self_replace_steps": self_,
+                        "self_max_fraction": 0.25,
+                        "self_max_side": self_max_side,
+                    },
+                    "model": {"name": "tiny"},
+                    "seed": seed,
+                    "steps": steps,
+                    "guidance": None,
+                    "threads": 1,
+                    "pairs": [["a red circle", "a blue circle"], ["a red circle", "a red square"]],
+                }
+            ),
+            job / "config.yaml",
+        )
     if rows is None:
-        rows = [{"seed": seed, "steps": steps, "model": "tiny", "guidance": 5.0, "swap": swap, "source": "a red circle",
-                 "target": target, **{f"{prefix}_{k}": v for prefix in ("edit", "baseline") for k, v in
-                                      {"source_correct": True, "target_correct": True, "iou": 0.5,
-                                       "centroid_shift": 1.0}.items()}}
-                for swap, target in (("color", "a blue circle"), ("shape", "a red square"))]
+        rows = [
+            {
+                "seed": seed,
+                "steps": steps,
+                "model": "tiny",
+                "guidance": 5.0,
+                "swap": swap,
+                "source": "a red circle",
+                "target": target,
+                **{
+                    f"{prefix}_{k}": v
+                    for prefix in ("edit", "baseline")
+                    for k, v in {
+                        "source_correct": True,
+                        "target_correct": True,
+                        "iou": 0.5,
+                        "centroid_shift": 1.0,
+                    }.items()
+                },
+            }
+            for swap, target in (("color", "a blue circle"), ("shape", "a red square"))
+        ]
     if rows != "absent":
         (job / "rows.json").write_text(rows if isinstance(rows, str) else json.dumps(rows))
     return job
@@ -189,18 +266,26 @@ def test_aggregate_skips_failed_and_unfinished_jobs_and_says_which(tmp_path, cap
     (fake_job(sweep, "cross=1", cross=1.0) / "config.yaml").write_text("edit: {cross: [")  # config cut short
     aggregate.main([str(sweep)])
     err = capsys.readouterr().err
-    for job, reason in (("cross=0.4", "no rows.json"), ("cross=0.2", "rows.json is unreadable"),
-                        ("cross=0", "rows.json but no config.yaml"), ("cross=1", "config.yaml is unreadable")):
+    for job, reason in (
+        ("cross=0.4", "no rows.json"),
+        ("cross=0.2", "rows.json is unreadable"),
+        ("cross=0", "rows.json but no config.yaml"),
+        ("cross=1", "config.yaml is unreadable"),
+    ):
         assert f"skipped {job}: {reason}" in err
     assert "skipped 4 job folders" in err
     summary = read_csv(sweep / "ablation_summary.csv")
     assert {r["cross_replace_steps"] for r in summary if r["setting"] == "p2p"} == {"0.8"}
 
 
-@pytest.mark.parametrize("make, message", [(lambda sweep: sweep.mkdir(), "no finished ablation job"),
-                                           (lambda sweep: None, "is not a folder"),
-                                           (lambda sweep: fake_job(sweep, "a", rows="absent"),
-                                            "none finished: a: no rows.json")])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda sweep: sweep.mkdir(), "no finished ablation job"),
+        (lambda sweep: None, "is not a folder"),
+        (lambda sweep: fake_job(sweep, "a", rows="absent"), "none finished: a: no rows.json"),
+    ],
+)
 def test_aggregate_names_a_sweep_with_nothing_to_read(make, message, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     make(sweep)
@@ -216,8 +301,14 @@ def test_aggregate_of_a_single_setting(tmp_path):
     fake_job(sweep, "only")
     result = ablation_report.aggregate(sweep)
     summary = read_csv(result["summary"])
-    assert [(r["setting"], r["group"]) for r in summary] == [("p2p", "all"), ("p2p", "color"), ("p2p", "shape"),
-                                                              ("none", "all"), ("none", "color"), ("none", "shape")]
+    assert [(r["setting"], r["group"]) for r in summary] == [
+        ("p2p", "all"),
+        ("p2p", "color"),
+        ("p2p", "shape"),
+        ("none", "all"),
+        ("none", "color"),
+        ("none", "shape"),
+    ]
     assert Image.open(result["plot"]).format == "PNG"
 
 
@@ -227,8 +318,11 @@ def test_aggregate_keeps_non_numeric_settings_apart(tmp_path):
     fake_job(sweep, "number", cross=0.8)
     fake_job(sweep, "side8", cross=0.8, self_max_side=8)
     result = ablation_report.aggregate(sweep)
-    settings = {(r["cross_replace_steps"], r["self_max_side"]) for r in result.table
-                if r["setting"] == "p2p" and r["group"] == "all"}
+    settings = {
+        (r["cross_replace_steps"], r["self_max_side"])
+        for r in result.table
+        if r["setting"] == "p2p" and r["group"] == "all"
+    }
     assert settings == {(0.8, "None"), (0.8, 8.0), ("{'default_': 0.8, 'red': 0.2}", "None")}
     assert "side ≤ 8" in ablation_report.markdown_table(result.table)
 
@@ -264,6 +358,7 @@ def compose_ablate(overrides: list[str]):
 
 def test_ablate_job_refuses_a_used_folder_before_loading_the_model(monkeypatch, tmp_path):
     from scripts import ablate
+
     (tmp_path / "rows.json").write_text("[]")
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
@@ -277,6 +372,7 @@ def test_a_failed_ablate_job_leaves_its_config_and_no_rows(monkeypatch, tmp_path
 
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory")
+
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: object())
     monkeypatch.setattr(ablation, "edit_study", fail)
@@ -294,16 +390,23 @@ def test_aggregate_counts_a_job_repeated_by_two_sweeps_once(tmp_path):
     fake_job(folder / "second", "seed=0")
     fake_job(folder / "second", "seed=1", seed=1)
     result = ablation_report.aggregate(folder)
-    assert [(s.job, s.reason) for s in result.skipped] == [("second/seed=0", "the same config and seed as first/seed=0, "
-                                                             "counted once")]
+    assert [(s.job, s.reason) for s in result.skipped] == [
+        ("second/seed=0", "the same config and seed as first/seed=0, counted once")
+    ]
     assert next(r["n"] for r in result.table if r["setting"] == "p2p" and r["group"] == "all") == 4  # 2 seeds × 2 pairs
 
 
-@pytest.mark.parametrize("pairs, message", [("[['a red circle']]", "list of \\[source, target\\] caption pairs"),
-                                            ("[['a cat', 'a dog']]", "'cat' in caption 'a cat' is not in the vocabulary"),
-                                            ("[]", "list of \\[source, target\\] caption pairs")])
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ("[['a red circle']]", "list of \\[source, target\\] caption pairs"),
+        ("[['a cat', 'a dog']]", "'cat' in caption 'a cat' is not in the vocabulary"),
+        ("[]", "list of \\[source, target\\] caption pairs"),
+    ],
+)
 def test_ablate_names_pairs_it_cannot_score_before_loading_the_model(pairs, message, monkeypatch, tmp_path):
     from scripts import ablate
+
     monkeypatch.setattr(ablate, "_MODELS", {})
     monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=message):

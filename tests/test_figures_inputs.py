@@ -1,6 +1,7 @@
 """Figures and views on inputs the shipped configs never use: long and non-ASCII captions, wrapped titles and
 labels, odd tile shapes, multi-token and missing words, overrides of scripts/figure.py (seed, size, tile size),
 bad rows that must fail before anything is sampled, and run folders that must not be overwritten."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,7 @@ def test_a_long_word_is_broken_instead_of_running_off_the_tile():
 
 
 def test_accented_letters_and_symbols_are_drawn_not_boxes():
-    missing = caption_strip(views.captioned(GRAY, "\U0010FFFD"), 96)  # a private-use character no font has
+    missing = caption_strip(views.captioned(GRAY, "\U0010fffd"), 96)  # a private-use character no font has
     for text in ("ü", "é", "—", "✓"):
         assert not np.array_equal(caption_strip(views.captioned(GRAY, text), 96), missing), f"{text!r} drew as a box"
 
@@ -116,7 +117,7 @@ def test_a_long_title_and_label_wrap_and_get_the_room_they_need():
     long_label = rendered("Fig.", "a row label long enough to need many lines in the label column " * 3)
     assert long_title.height > short.height  # the title's extra lines are drawn, not covered by the first row
     assert long_label.height > short.height  # the row grows to hold every line of its label
-    label_ink = np.flatnonzero((np.asarray(long_label.convert("L"))[:, :figures.LABEL_WIDTH] < 128).any(axis=1))
+    label_ink = np.flatnonzero((np.asarray(long_label.convert("L"))[:, : figures.LABEL_WIDTH] < 128).any(axis=1))
     assert label_ink.max() < long_label.height - 1  # and the last line is inside the figure
 
 
@@ -131,14 +132,17 @@ def test_a_figure_without_rows_is_named():
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Any sampling fails the test: the errors below must come before the model draws anything."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("sampled before the inputs were checked")
+
     monkeypatch.setattr(figures, "edit", refuse)
 
 
 def test_a_bad_last_row_fails_before_the_first_row_is_sampled(no_sampling, tmp_path):
-    cfg = compose_figure(["experiment=fig2_content", "steps=2",
-                          "+prompt_sets.shapes.rows.1.edit={cross_replace_steps: 1.5}"])
+    cfg = compose_figure(
+        ["experiment=fig2_content", "steps=2", "+prompt_sets.shapes.rows.1.edit={cross_replace_steps: 1.5}"]
+    )
     with pytest.raises(ValueError, match="cross_replace_steps"):
         figure_script.make_figure(cfg, tmp_path / "run")
 
@@ -149,10 +153,15 @@ def test_a_word_missing_from_the_attention_prompt_fails_before_sampling(no_sampl
         figure_script.make_figure(cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("override, message", [("seed=abc", "seed='abc' is not an integer"),
-                                                ("tile_size=0", "tile_size=0"),
-                                                ("height=-32", "height=-32"),
-                                                ("width=abc", "width='abc' is not an integer")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("seed=abc", "seed='abc' is not an integer"),
+        ("tile_size=0", "tile_size=0"),
+        ("height=-32", "height=-32"),
+        ("width=abc", "width='abc' is not an integer"),
+    ],
+)
 def test_bad_overrides_are_named(override, message, tmp_path):
     cfg = compose_figure(["experiment=fig2_content", "steps=2", override])
     with pytest.raises(ValueError, match=message):
@@ -168,18 +177,36 @@ def test_a_used_run_folder_is_refused_before_any_work(monkeypatch, tmp_path):
 
 
 def test_seed_and_size_overrides_reach_every_tile(tmp_path):
-    cfg = compose_figure(["experiment=fig9_fader", "steps=2", "seed=5", "height=48", "width=64", "tile_size=32",
-                          "prompt_sets.shapes.values=[0,2]",
-                          "prompt_sets.shapes.rows=[{prompt: a red circle, word: red, seed: 3}]"])
+    cfg = compose_figure(
+        [
+            "experiment=fig9_fader",
+            "steps=2",
+            "seed=5",
+            "height=48",
+            "width=64",
+            "tile_size=32",
+            "prompt_sets.shapes.values=[0,2]",
+            "prompt_sets.shapes.rows=[{prompt: a red circle, word: red, seed: 3}]",
+        ]
+    )
     figure_script.make_figure(cfg, tmp_path)
     manifest = json.loads((tmp_path / "figure.json").read_text())
     assert manifest["settings"]["seed"] == 5 and manifest["settings"]["steps"] == 2
     tiles = [np.asarray(Image.open(tmp_path / t["file"])) for row in manifest["rows"] for t in row["tiles"]]
     assert [t.shape for t in tiles] == [(48, 64, 3)] * 3
 
-    reference = compose_figure(["experiment=fig9_fader", "steps=2", "seed=5", "height=48", "width=64",
-                                "tile_size=32", "prompt_sets.shapes.values=[0,2]",
-                                "prompt_sets.shapes.rows=[{prompt: a red circle, word: red}]"])
+    reference = compose_figure(
+        [
+            "experiment=fig9_fader",
+            "steps=2",
+            "seed=5",
+            "height=48",
+            "width=64",
+            "tile_size=32",
+            "prompt_sets.shapes.values=[0,2]",
+            "prompt_sets.shapes.rows=[{prompt: a red circle, word: red}]",
+        ]
+    )
     figure_script.make_figure(reference, tmp_path / "reference")  # the row's own seed 3 gave way to seed=5
     reference_tile = np.asarray(Image.open(tmp_path / "reference" / manifest["rows"][0]["tiles"][0]["file"]))
     assert np.array_equal(tiles[0], reference_tile)
@@ -204,10 +231,22 @@ def test_the_real_image_figure_names_a_missing_photo_before_loading_the_model(mo
 def test_a_real_photo_is_loaded_at_height_and_width(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.fromarray(np.full((90, 60, 3), 200, np.uint8)).save(photo)
-    cfg = compose_figure(["experiment=fig10_12_real", "steps=2", f"image={photo}", "height=48", "width=32",
-                          "cache_dir=null", "inversion.inner_steps=1", "tile_size=32",
-                          "+prompt_sets.shapes.source=a gray background", "prompt_sets.shapes.methods=[ddim]",
-                          "prompt_sets.shapes.targets=[a white background]", "prompt_sets.shapes.blend=null"])
+    cfg = compose_figure(
+        [
+            "experiment=fig10_12_real",
+            "steps=2",
+            f"image={photo}",
+            "height=48",
+            "width=32",
+            "cache_dir=null",
+            "inversion.inner_steps=1",
+            "tile_size=32",
+            "+prompt_sets.shapes.source=a gray background",
+            "prompt_sets.shapes.methods=[ddim]",
+            "prompt_sets.shapes.targets=[a white background]",
+            "prompt_sets.shapes.blend=null",
+        ]
+    )
     figure_script.make_figure(cfg, tmp_path / "run")
     assert np.asarray(Image.open(tmp_path / "run" / "photo.png")).shape == (48, 32, 3)
     assert json.loads((tmp_path / "run" / "figure.json").read_text())["settings"]["height"] == 48
@@ -219,10 +258,17 @@ def recorded():
     from models.loader import load_checkpoint
     from p2p.edit import StoreSpec, edit
     from p2p.pipeline import SamplerSettings
+
     model = load_checkpoint(REPO / "models" / "weights" / "tiny.safetensors")
     prompt = "a red circle on a hovercraft"
-    result = edit(model, [prompt], seed=0, store=StoreSpec(max_fraction=1.0), progress=False,
-                  settings=SamplerSettings(steps=2, guidance=model.config.guidance))
+    result = edit(
+        model,
+        [prompt],
+        seed=0,
+        store=StoreSpec(max_fraction=1.0),
+        progress=False,
+        settings=SamplerSettings(steps=2, guidance=model.config.guidance),
+    )
     return prompt, result.store
 
 
@@ -237,8 +283,9 @@ def test_attention_tiles_of_a_split_word_and_wrong_inputs(recorded):
     with pytest.raises(ValueError, match="prompt_index=1 is out of range"):
         views.token_maps(store, 1)
     with pytest.raises(ValueError, match="text positions; pass the prompt the store recorded"):
-        views.cross_attention_tiles(store, "a red circle and a blue square and a green triangle on a white background",
-                                    0)
+        views.cross_attention_tiles(
+            store, "a red circle and a blue square and a green triangle on a white background", 0
+        )
 
 
 def test_a_prompt_set_missing_a_builder_argument_is_named(no_sampling, tmp_path):
@@ -259,6 +306,7 @@ def test_heat_names_a_map_with_nan():
     import torch
 
     from p2p import views
+
     with pytest.raises(ValueError, match="holds NaN or inf"):
         views.heat(torch.tensor([[0.5, float("nan")], [0.1, 0.2]]))
     assert views.heat(torch.tensor([[0.5, 1.0], [0.1, 0.2]])).shape == (96, 96, 3)

@@ -7,6 +7,7 @@ the real ones): CLIP-L + bigG + T5 + MM-DiT + 16-channel VAE for SD3, CLIP-L + T
 + VAE for FLUX. The weights reach diffusers through its own single-file converters and strict loads; the tokenizers
 are CLIP's BPE written as Hugging Face files and a SentencePiece model trained offline (`test_mmdit_t5.py`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,21 +52,62 @@ TINY_CLIP_L = dict(width=32, heads=2, layers=3, hf_layout=True, pooled_unproject
 
 def tiny_sd3_config() -> FlowModelConfig:
     return FlowModelConfig(
-        name="tiny-sd3", mmdit=MMDiTConfig(depth=2, hidden_size=64, num_heads=2, pos_embed_max_size=16,
-                                           pos_embed_base_size=8, context_dim=128, pooled_dim=32 + 64),
-        vae=TINY_VAE, clip_l=TextConfig(context_layers=2, context_norm=False, **TINY_CLIP_L),
-        clip_g=TextConfig(width=64, heads=2, layers=3, act="gelu", pad_token=0, context_layers=2, context_norm=False,
-                          projection_dim=64, hf_layout=True),
-        t5_encoder=TINY_T5, t5_length=T5_LENGTH, image_size=64, steps=STEPS, guidance=5.0)
+        name="tiny-sd3",
+        mmdit=MMDiTConfig(
+            depth=2,
+            hidden_size=64,
+            num_heads=2,
+            pos_embed_max_size=16,
+            pos_embed_base_size=8,
+            context_dim=128,
+            pooled_dim=32 + 64,
+        ),
+        vae=TINY_VAE,
+        clip_l=TextConfig(context_layers=2, context_norm=False, **TINY_CLIP_L),
+        clip_g=TextConfig(
+            width=64,
+            heads=2,
+            layers=3,
+            act="gelu",
+            pad_token=0,
+            context_layers=2,
+            context_norm=False,
+            projection_dim=64,
+            hf_layout=True,
+        ),
+        t5_encoder=TINY_T5,
+        t5_length=T5_LENGTH,
+        image_size=64,
+        steps=STEPS,
+        guidance=5.0,
+    )
 
 
 def tiny_flux_config() -> FlowModelConfig:
     return FlowModelConfig(
-        name="tiny-flux", family="flux", mmdit=None,
-        flux=FluxConfig(vec_in_dim=32, context_in_dim=128, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-                        axes_dim=(8, 12, 12)),
-        vae=TINY_VAE, clip_l=TextConfig(**TINY_CLIP_L), clip_g=None, t5_encoder=TINY_T5, t5_length=T5_LENGTH,
-        image_size=64, steps=STEPS, guidance=3.5, shift=1.0, dynamic_shift=True)
+        name="tiny-flux",
+        family="flux",
+        mmdit=None,
+        flux=FluxConfig(
+            vec_in_dim=32,
+            context_in_dim=128,
+            hidden_size=64,
+            num_heads=2,
+            depth=2,
+            depth_single_blocks=2,
+            axes_dim=(8, 12, 12),
+        ),
+        vae=TINY_VAE,
+        clip_l=TextConfig(**TINY_CLIP_L),
+        clip_g=None,
+        t5_encoder=TINY_T5,
+        t5_length=T5_LENGTH,
+        image_size=64,
+        steps=STEPS,
+        guidance=3.5,
+        shift=1.0,
+        dynamic_shift=True,
+    )
 
 
 def random_flow_model(config: FlowModelConfig, randomize, *, seed: int) -> FlowModel:
@@ -79,7 +121,7 @@ def random_flow_model(config: FlowModelConfig, randomize, *, seed: int) -> FlowM
 
 def part_state(model: FlowModel, part: str) -> dict[str, torch.Tensor]:
     prefix = FILE_PREFIXES[part]
-    return {k[len(prefix):]: v for k, v in original_state_dict(model).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in original_state_dict(model).items() if k.startswith(prefix)}
 
 
 def transformers_clip(model: FlowModel, part: str, *, kind, **config):
@@ -97,8 +139,9 @@ def transformers_clip(model: FlowModel, part: str, *, kind, **config):
 
 
 def diffusers_vae(model: FlowModel, *, scaling) -> DiffusersAutoencoderKL:
-    config = diffusers_vae_config(model.config.vae) | dict(scaling_factor=scaling.scale_factor,
-                                                          shift_factor=scaling.shift_factor)
+    config = diffusers_vae_config(model.config.vae) | dict(
+        scaling_factor=scaling.scale_factor, shift_factor=scaling.shift_factor
+    )
     checkpoint = {"first_stage_model." + k: v for k, v in model.vae.state_dict().items()}
     reference = DiffusersAutoencoderKL(**config)
     reference.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, config), strict=True)
@@ -106,15 +149,28 @@ def diffusers_vae(model: FlowModel, *, scaling) -> DiffusersAutoencoderKL:
 
 
 def run_generate(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate.py"), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def generated_image(tmp_path: Path, *overrides: str) -> np.ndarray:
     run = tmp_path / "run"
-    result = run_generate(f"prompts=[{PROMPT!r}]".replace("'", '"'), f"seed={SEED}", f"steps={STEPS}",
-                          f"height={HEIGHT}", f"width={WIDTH}", "progress=false", f"hydra.run.dir={run}", *overrides)
+    result = run_generate(
+        f"prompts=[{PROMPT!r}]".replace("'", '"'),
+        f"seed={SEED}",
+        f"steps={STEPS}",
+        f"height={HEIGHT}",
+        f"width={WIDTH}",
+        "progress=false",
+        f"hydra.run.dir={run}",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (png,) = run.glob("*.png")
     return np.asarray(Image.open(png))
@@ -132,15 +188,22 @@ def real_width(config: FlowModelConfig) -> FlowModelConfig:
     """The transformer at its released width with two blocks (SD3-medium: 1536 wide, 192² position table;
     FLUX: 3072 wide, 24 heads of 128, 1 double + 1 single block); tiny text encoders and VAE."""
     if config.family == "sd3":
-        return dataclasses.replace(config, mmdit=dataclasses.replace(sd3_medium(), depth=2, context_dim=128,
-                                                                     pooled_dim=32 + 64))
-    return dataclasses.replace(config, flux=dataclasses.replace(flux_dev(), depth=1, depth_single_blocks=1,
-                                                                vec_in_dim=32, context_in_dim=128))
+        return dataclasses.replace(
+            config, mmdit=dataclasses.replace(sd3_medium(), depth=2, context_dim=128, pooled_dim=32 + 64)
+        )
+    return dataclasses.replace(
+        config, flux=dataclasses.replace(flux_dev(), depth=1, depth_single_blocks=1, vec_in_dim=32, context_in_dim=128)
+    )
 
 
 @pytest.mark.parametrize("shapes", ["tiny", "tiny-without-t5", pytest.param("real-width", marks=pytest.mark.slow)])
-def test_sd3_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
-                                                        tmp_path):
+def test_sd3_generate_script_matches_diffusers_pipeline(
+    shapes,
+    randomize,
+    spiece_model,
+    reference_tokenizer,  # noqa: F811
+    tmp_path,
+):
     """`model.t5=false` ↔ the pipeline without `text_encoder_3` (zeros in T5's positions)."""
     config = tiny_sd3_config() if shapes != "real-width" else real_width(tiny_sd3_config())
     with_t5 = shapes != "tiny-without-t5"
@@ -157,51 +220,92 @@ def test_sd3_generate_script_matches_diffusers_pipeline(shapes, randomize, spiec
         text_encoder_2=transformers_clip(model, "clip_g", kind=CLIPTextModelWithProjection, projection_dim=64),
         tokenizer_2=hf_clip_tokenizer(files, pad_token="!"),
         text_encoder_3=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer) if with_t5 else None,
-        tokenizer_3=reference_tokenizer if with_t5 else None)
+        tokenizer_3=reference_tokenizer if with_t5 else None,
+    )
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=5.0,
-                    max_sequence_length=T5_LENGTH, generator=torch.Generator("cpu").manual_seed(SEED),
-                    output_type="np").images[0]
+    expected = pipe(
+        PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        max_sequence_length=T5_LENGTH,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+    ).images[0]
     text = [f"model.t5_tokenizer={spiece_model}"] if with_t5 else ["model.t5=false"]
-    actual = generated_image(tmp_path, "model=sd3-medium", f"model.checkpoint={checkpoint}", *text,
-                             f"model.t5_length={T5_LENGTH}", "guidance=5.0")
+    actual = generated_image(
+        tmp_path,
+        "model=sd3-medium",
+        f"model.checkpoint={checkpoint}",
+        *text,
+        f"model.t5_length={T5_LENGTH}",
+        "guidance=5.0",
+    )
     compare(actual, expected, what=f"{shapes} SD3 generate.py")
 
 
 @pytest.mark.parametrize("shapes", ["tiny", "tiny-schnell", pytest.param("real-width", marks=pytest.mark.slow)])
-def test_flux_generate_script_matches_diffusers_pipeline(shapes, randomize, spiece_model, reference_tokenizer,  # noqa: F811
-                                                         tmp_path):
+def test_flux_generate_script_matches_diffusers_pipeline(
+    shapes,
+    randomize,
+    spiece_model,
+    reference_tokenizer,  # noqa: F811
+    tmp_path,
+):
     """FLUX's layout in separate files: BFL transformer, ae.safetensors, CLIP-L and T5 each on their own.
     dev: guidance embedded, σ shifted by resolution; schnell: neither (its scheduler: shift 1, static)."""
     config = tiny_flux_config() if shapes != "real-width" else real_width(tiny_flux_config())
     dev = shapes != "tiny-schnell"
     if not dev:
-        config = dataclasses.replace(config, flux=dataclasses.replace(config.flux, guidance_embed=False),
-                                     dynamic_shift=False, guidance=0.0)
+        config = dataclasses.replace(
+            config, flux=dataclasses.replace(config.flux, guidance_embed=False), dynamic_shift=False, guidance=0.0
+        )
     model = random_flow_model(config, randomize, seed=22)
     paths = {}
     for part in ("transformer", "vae", "clip_l", "t5xxl"):
         paths[part] = tmp_path / f"{part}.safetensors"
         metadata = {FLOW_CONFIG_METADATA_KEY: model.config.to_json()} if part == "transformer" else None
         save_file({k: v.contiguous() for k, v in part_state(model, part).items()}, str(paths[part]), metadata=metadata)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if dev else 1.0, use_dynamic_shifting=dev,
-                                                base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
-                                                max_shift=1.15)  # the scheduler configs of FLUX.1-dev / schnell
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0 if dev else 1.0,
+        use_dynamic_shifting=dev,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )  # the scheduler configs of FLUX.1-dev / schnell
     files = clip_tokenizer_files(tmp_path)
     pipe = FluxPipeline(
-        transformer=diffusers_flux_from_ours(model.transformer), scheduler=scheduler,
+        transformer=diffusers_flux_from_ours(model.transformer),
+        scheduler=scheduler,
         vae=diffusers_vae(model, scaling=model.latent_scaling),
         text_encoder=transformers_clip(model, "clip_l", kind=CLIPTextModel),
         tokenizer=hf_clip_tokenizer(files, pad_token="<|endoftext|>"),
-        text_encoder_2=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer), tokenizer_2=reference_tokenizer)
+        text_encoder_2=transformers_t5_from_ours(model.text_encoders.t5xxl.transformer),
+        tokenizer_2=reference_tokenizer,
+    )
     pipe.set_progress_bar_config(disable=True)
     guidance = 3.5 if dev else 0.0
-    expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
-                    max_sequence_length=T5_LENGTH, generator=torch.Generator("cpu").manual_seed(SEED),
-                    output_type="np").images[0]
-    actual = generated_image(tmp_path, f"model=flux-{'dev' if dev else 'schnell'}",
-                             f"model.checkpoint={paths['transformer']}",
-                             f"model.vae={paths['vae']}", f"model.text_encoders.clip_l={paths['clip_l']}",
-                             f"model.text_encoders.t5xxl={paths['t5xxl']}", f"model.t5_tokenizer={spiece_model}",
-                             f"model.t5_length={T5_LENGTH}", f"guidance={guidance}")
+    expected = pipe(
+        PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        max_sequence_length=T5_LENGTH,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+    ).images[0]
+    actual = generated_image(
+        tmp_path,
+        f"model=flux-{'dev' if dev else 'schnell'}",
+        f"model.checkpoint={paths['transformer']}",
+        f"model.vae={paths['vae']}",
+        f"model.text_encoders.clip_l={paths['clip_l']}",
+        f"model.text_encoders.t5xxl={paths['t5xxl']}",
+        f"model.t5_tokenizer={spiece_model}",
+        f"model.t5_length={T5_LENGTH}",
+        f"guidance={guidance}",
+    )
     compare(actual, expected, what=f"{shapes} FLUX generate.py")

@@ -3,6 +3,7 @@
 The numbers on the trained built-in model (null-text within 1 dB of the VAE bound, colour swaps on
 inverted renders) are measured by scripts/eval_inversion.py; the numbers are in the model card.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,14 @@ def photo():
 
 
 def reconstruct(model, inversion, settings):
-    return sample(model, [PROMPT], latent=inversion.x_T, settings=settings,
-                  uncond_embeddings=inversion.uncond_embeddings, progress=False)
+    return sample(
+        model,
+        [PROMPT],
+        latent=inversion.x_T,
+        settings=settings,
+        uncond_embeddings=inversion.uncond_embeddings,
+        progress=False,
+    )
 
 
 def test_ddim_inversion_returns_the_whole_trajectory(model, photo):
@@ -69,8 +76,15 @@ def test_null_text_reconstructs_better_than_ddim_at_guidance(model, photo):
 def test_null_text_computes_no_weight_gradients(model, photo):
     model.requires_grad_(True)  # even a trainable model must not get weight gradients
     try:
-        invert(model, photo, PROMPT, method="null_text", settings=SamplerSettings(steps=2, guidance=5.0),
-               inner_steps=2, progress=False)
+        invert(
+            model,
+            photo,
+            PROMPT,
+            method="null_text",
+            settings=SamplerSettings(steps=2, guidance=5.0),
+            inner_steps=2,
+            progress=False,
+        )
         assert all(p.grad is None for p in model.parameters())
         assert all(p.requires_grad for p in model.parameters()), "requires_grad must be restored"
     finally:
@@ -86,16 +100,18 @@ def test_null_text_stops_early_when_converged(model):
     for step in range(STEPS):  # one sampling step at a time, keeping every latent
         sub = SamplerSettings(steps=STEPS, guidance=5.0)
         trajectory.append(_one_step(model, trajectory[-1], step, sub))
-    embeddings, losses, used = null_text_optimization(model, trajectory[::-1], PROMPT, settings=settings,
-                                                      progress=False)
+    embeddings, losses, used = null_text_optimization(
+        model, trajectory[::-1], PROMPT, settings=settings, progress=False
+    )
     assert used == [0] * STEPS and max(losses) < 1e-5, (used, losses)
     empty = model.encode_prompts([""])
     assert all(torch.equal(e, empty) for e in embeddings)
     # the official schedule takes every inner step regardless (what the benchmark times)
     model.requires_grad_(True)
     try:
-        _, _, reference_used = null_text_optimization(model, trajectory[::-1], PROMPT, settings=settings,
-                                                      inner_steps=3, progress=False, reference_schedule=True)
+        _, _, reference_used = null_text_optimization(
+            model, trajectory[::-1], PROMPT, settings=settings, inner_steps=3, progress=False, reference_schedule=True
+        )
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
@@ -119,22 +135,32 @@ def test_tolerance_scale_sets_when_null_text_stops(model, photo):
     settings = SamplerSettings(steps=STEPS, guidance=5.0)
     used = {}
     for scale in (1e9, 1.0, 0.1, 0.0):
-        inversion = invert(model, photo, PROMPT, settings=settings, inner_steps=3, null_init="negative_prompt",
-                           tolerance_scale=scale, progress=False)
+        inversion = invert(
+            model,
+            photo,
+            PROMPT,
+            settings=settings,
+            inner_steps=3,
+            null_init="negative_prompt",
+            tolerance_scale=scale,
+            progress=False,
+        )
         used[scale] = inversion.inner_steps
     assert used[1e9] == [0] * STEPS and used[0.0] == [3] * STEPS, used
     assert all(a <= b for a, b in zip(used[1.0], used[0.1])), used
     caption = model.encode_prompts([PROMPT]).float()
-    huge = invert(model, photo, PROMPT, settings=settings, null_init="negative_prompt", tolerance_scale=1e9,
-                  progress=False)
+    huge = invert(
+        model, photo, PROMPT, settings=settings, null_init="negative_prompt", tolerance_scale=1e9, progress=False
+    )
     assert all(torch.equal(e, caption) for e in huge.uncond_embeddings)
 
 
 @pytest.mark.parametrize("scale", [-0.1, float("nan"), float("inf"), True, "0.1", None])
 def test_bad_tolerance_scales_are_named(model, photo, scale):
     with pytest.raises(ValueError, match=f"tolerance_scale={scale!r}.*finite number ≥ 0"):
-        invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), tolerance_scale=scale,
-               progress=False)
+        invert(
+            model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), tolerance_scale=scale, progress=False
+        )
 
 
 def test_the_fast_null_text_config_is_the_library_setting():
@@ -163,8 +189,9 @@ def test_negative_prompt_inversion_uses_the_caption_embedding(model, photo):
     assert all(torch.equal(e, cond) for e in inversion.uncond_embeddings)
     # with ∅ = c every guidance scale gives the conditional prediction: the same as DDIM at guidance 1
     ddim = invert(model, photo, PROMPT, method="ddim", settings=settings, progress=False)
-    guided_1 = sample(model, [PROMPT], latent=ddim.x_T, settings=SamplerSettings(steps=STEPS, guidance=1.0),
-                      progress=False)
+    guided_1 = sample(
+        model, [PROMPT], latent=ddim.x_T, settings=SamplerSettings(steps=STEPS, guidance=1.0), progress=False
+    )
     assert torch.allclose(reconstruct(model, inversion, settings), guided_1, atol=1e-4)
 
 
@@ -235,8 +262,15 @@ def test_ddim_inversion_guidance_is_settable_and_batches_share_the_caption(model
     guided = ddim_invert(model, z0, PROMPT, settings=settings, progress=False)
     plain = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=STEPS, guidance=1.0), progress=False)
     assert not torch.allclose(guided[-1], plain[-1]), "the guidance scale must change the trajectory"
-    inversion = invert(model, photo, PROMPT, method="ddim", settings=SamplerSettings(steps=STEPS, guidance=5.0),
-                       inversion_guidance=3.0, progress=False)
+    inversion = invert(
+        model,
+        photo,
+        PROMPT,
+        method="ddim",
+        settings=SamplerSettings(steps=STEPS, guidance=5.0),
+        inversion_guidance=3.0,
+        progress=False,
+    )
     assert all(torch.allclose(a, b) for a, b in zip(inversion.trajectory, guided))
     pair = ddim_invert(model, torch.cat([z0, z0.flip(-1)]), PROMPT, settings=settings, progress=False)
     assert len(pair) == STEPS + 1 and pair[-1].shape[0] == 2
@@ -259,17 +293,28 @@ def test_every_method_gives_one_embedding_per_step_for_any_step_count(model, pho
 
 def test_null_text_refuses_a_trajectory_that_does_not_fit(model, photo):
     settings = SamplerSettings(steps=STEPS, guidance=5.0)
-    trajectory = ddim_invert(model, model.encode_images(image_to_tensor(photo)), PROMPT,
-                             settings=SamplerSettings(steps=STEPS, guidance=1.0), progress=False)
+    trajectory = ddim_invert(
+        model,
+        model.encode_images(image_to_tensor(photo)),
+        PROMPT,
+        settings=SamplerSettings(steps=STEPS, guidance=1.0),
+        progress=False,
+    )
     # a shorter trajectory would otherwise pair step i with the wrong target (negative indices wrap around)
     with pytest.raises(ValueError, match=rf"{STEPS} latents for steps={STEPS}.*{STEPS + 1} latents"):
         null_text_optimization(model, trajectory[1:], PROMPT, settings=settings, progress=False)
     with pytest.raises(ValueError, match="batch of 2 latents.*one image"):
-        null_text_optimization(model, [torch.cat([z, z]) for z in trajectory], PROMPT, settings=settings,
-                               progress=False)
+        null_text_optimization(
+            model, [torch.cat([z, z]) for z in trajectory], PROMPT, settings=settings, progress=False
+        )
     with pytest.raises(ValueError, match=r"trajectory\[2\] has shape \(1, 4, 4, 4\) but trajectory\[0\]"):
-        null_text_optimization(model, trajectory[:2] + [trajectory[2][..., :4, :4]] + trajectory[3:], PROMPT,
-                               settings=settings, progress=False)
+        null_text_optimization(
+            model,
+            trajectory[:2] + [trajectory[2][..., :4, :4]] + trajectory[3:],
+            PROMPT,
+            settings=settings,
+            progress=False,
+        )
     with pytest.raises(TypeError, match="caption must be one string"):
         null_text_optimization(model, trajectory, [PROMPT], settings=settings, progress=False)
 
@@ -278,13 +323,13 @@ def test_null_text_works_under_no_grad_and_inference_mode(model, photo):
     settings = SamplerSettings(steps=2, guidance=5.0)
     z0 = model.encode_images(image_to_tensor(photo))
     plain_trajectory = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=2, guidance=1.0), progress=False)
-    expected = null_text_optimization(model, plain_trajectory, PROMPT, settings=settings, inner_steps=2,
-                                      progress=False)
+    expected = null_text_optimization(model, plain_trajectory, PROMPT, settings=settings, inner_steps=2, progress=False)
     with torch.inference_mode():  # a trajectory made here cannot join autograd unless copied
         trajectory = ddim_invert(model, z0, PROMPT, settings=SamplerSettings(steps=2, guidance=1.0), progress=False)
     with torch.no_grad():  # ∅ still gets its gradient
-        embeddings, losses, used = null_text_optimization(model, trajectory, PROMPT, settings=settings,
-                                                          inner_steps=2, progress=False)
+        embeddings, losses, used = null_text_optimization(
+            model, trajectory, PROMPT, settings=settings, inner_steps=2, progress=False
+        )
     assert used == expected[2] and losses == expected[1]
     assert all(torch.equal(a, b) for a, b in zip(embeddings, expected[0]))
 
@@ -302,8 +347,7 @@ def test_requires_grad_is_restored_when_null_text_fails_midway(model, photo, mon
     monkeypatch.setattr(model.unet, "forward", failing_forward)
     try:
         with pytest.raises(RuntimeError, match="interrupted"):
-            invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=5,
-                   progress=False)
+            invert(model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=5, progress=False)
         assert calls[0] == 6
         assert all(p.requires_grad for p in model.parameters()), "requires_grad must be restored"
         assert all(p.grad is None for p in model.parameters())
@@ -313,9 +357,10 @@ def test_requires_grad_is_restored_when_null_text_fails_midway(model, photo, mon
 
 @pytest.mark.parametrize("caption", ["", "circle", "a big red circle and a small blue square on a black background"])
 def test_null_text_handles_captions_of_any_length(model, photo, caption):
-    caption = " ".join(caption.split()[:model.context_length - 2])  # whatever fits the tiny model's context
-    inversion = invert(model, photo, caption, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1,
-                       progress=False)
+    caption = " ".join(caption.split()[: model.context_length - 2])  # whatever fits the tiny model's context
+    inversion = invert(
+        model, photo, caption, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=1, progress=False
+    )
     assert len(inversion.uncond_embeddings) == 2 and all(np.isfinite(inversion.losses))
 
 
@@ -323,7 +368,7 @@ def test_invert_names_bad_inputs(model, photo):
     settings = SamplerSettings(steps=2, guidance=5.0)
     factor = model.config.latent_factor
     with pytest.raises(ValueError, match=rf"height={32 - factor // 2} is not a positive multiple of {factor}"):
-        invert(model, photo[:32 - factor // 2], PROMPT, settings=settings, progress=False)
+        invert(model, photo[: 32 - factor // 2], PROMPT, settings=settings, progress=False)
     with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\).*float32"):
         invert(model, photo.astype(np.float32), PROMPT, settings=settings, progress=False)
     with pytest.raises(TypeError, match="caption must be one string"):
@@ -338,15 +383,26 @@ def test_every_edit_kind_runs_on_an_inverted_image_with_two_targets(model, photo
 
     settings = SamplerSettings(steps=STEPS, guidance=5.0)
     inversion = invert(model, photo, PROMPT, settings=settings, inner_steps=1, progress=False)
-    targets = {"replace": ["a blue circle on a black background", "a green circle on a black background"],
-               "refine": ["a big red circle on a black background", "a red circle on a white background"],
-               "reweight": [PROMPT, PROMPT], "blend": ["a blue circle on a black background",
-                                                      "a green circle on a black background"]}[kind]
-    spec = EditSpec(kind="replace" if kind == "blend" else kind,
-                    reweight={"red": [2.0, -1.0]} if kind == "reweight" else {})
+    targets = {
+        "replace": ["a blue circle on a black background", "a green circle on a black background"],
+        "refine": ["a big red circle on a black background", "a red circle on a white background"],
+        "reweight": [PROMPT, PROMPT],
+        "blend": ["a blue circle on a black background", "a green circle on a black background"],
+    }[kind]
+    spec = EditSpec(
+        kind="replace" if kind == "blend" else kind, reweight={"red": [2.0, -1.0]} if kind == "reweight" else {}
+    )
     blend = BlendSpec(words=["circle"], threshold=0.0) if kind == "blend" else None
-    result = edit(model, [PROMPT, *targets], latent=inversion.x_T, spec=spec, blend=blend, settings=settings,
-                  uncond_embeddings=inversion.uncond_embeddings, progress=False)
+    result = edit(
+        model,
+        [PROMPT, *targets],
+        latent=inversion.x_T,
+        spec=spec,
+        blend=blend,
+        settings=settings,
+        uncond_embeddings=inversion.uncond_embeddings,
+        progress=False,
+    )
     assert result.images.shape == (3, *photo.shape)
     # the source row is the inversion's own reconstruction: the edit never touches it
     assert torch.allclose(result.latents[:1], reconstruct(model, inversion, settings), atol=1e-4)
@@ -357,8 +413,14 @@ CACHE_SETTINGS = SamplerSettings(steps=2, guidance=5.0)
 
 
 def cache_kwargs(tmp_path, **changes):
-    return {"cache_dir": tmp_path, "method": "null_text", "settings": CACHE_SETTINGS, "inner_steps": 1,
-            "progress": False, **changes}
+    return {
+        "cache_dir": tmp_path,
+        "method": "null_text",
+        "settings": CACHE_SETTINGS,
+        "inner_steps": 1,
+        "progress": False,
+        **changes,
+    }
 
 
 def test_cache_key_covers_every_setting_and_the_weights(model, photo, tmp_path):
@@ -366,11 +428,16 @@ def test_cache_key_covers_every_setting_and_the_weights(model, photo, tmp_path):
     assert not hit and first.seconds > 0
     again, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
     assert hit and again.seconds == pytest.approx(first.seconds), "a hit reports what the inversion once cost"
-    for changes in ({"settings": SamplerSettings(steps=2, guidance=4.0)},
-                    {"settings": SamplerSettings(steps=2, guidance=5.0, offset=0)},
-                    {"inner_steps": 2}, {"null_init": "negative_prompt"}, {"inversion_guidance": 2.0},
-                    {"tolerance_scale": 0.5},
-                    {"method": "negative_prompt"}, {"method": "ddim"}):
+    for changes in (
+        {"settings": SamplerSettings(steps=2, guidance=4.0)},
+        {"settings": SamplerSettings(steps=2, guidance=5.0, offset=0)},
+        {"inner_steps": 2},
+        {"null_init": "negative_prompt"},
+        {"inversion_guidance": 2.0},
+        {"tolerance_scale": 0.5},
+        {"method": "negative_prompt"},
+        {"method": "ddim"},
+    ):
         _, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path, **changes))
         assert not hit, changes
     _, hit = cached_invert(model, np.ascontiguousarray(photo[:, ::-1]), PROMPT, **cache_kwargs(tmp_path))
@@ -397,8 +464,13 @@ def test_a_damaged_cache_entry_is_recomputed(model, photo, tmp_path, damage, cap
         entry.unlink()
         save_inversion(first, entry)
     else:
-        entry.write_bytes({"garbage": b"not a safetensors file" * 10, "empty": b"",
-                           "truncated": entry.read_bytes()[:len(entry.read_bytes()) // 2]}[damage])
+        entry.write_bytes(
+            {
+                "garbage": b"not a safetensors file" * 10,
+                "empty": b"",
+                "truncated": entry.read_bytes()[: len(entry.read_bytes()) // 2],
+            }[damage]
+        )
     recomputed, hit = cached_invert(model, photo, PROMPT, **cache_kwargs(tmp_path))
     assert not hit and len(recomputed.uncond_embeddings) == 2
     assert "recomputing" in caplog.text and entry.name in caplog.text
@@ -426,8 +498,9 @@ def test_cache_writes_are_atomic(model, photo, tmp_path, monkeypatch):
         cache.save_inversion(first, entry)
     assert entry.read_bytes() == before, "the old entry stays whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name], "no temporary file is left behind"
-    assert len(set(temporary_names)) == 2 and all(Path(n).parent == tmp_path for n in temporary_names), \
+    assert len(set(temporary_names)) == 2 and all(Path(n).parent == tmp_path for n in temporary_names), (
         "each writer has its own temporary file in the cache folder (so the rename is atomic)"
+    )
 
 
 def test_cache_dir_that_is_a_file_is_named(model, photo, tmp_path):
@@ -444,7 +517,7 @@ def test_psnr_and_vae_reconstruction_name_mismatched_shapes(model, photo):
         psnr(photo, photo, mask=np.ones((4, 4), bool))
     factor = model.config.latent_factor
     with pytest.raises(ValueError, match=rf"height={32 - factor // 2} is not a positive multiple"):
-        vae_reconstruction(model, photo[:32 - factor // 2])  # would silently come back smaller
+        vae_reconstruction(model, photo[: 32 - factor // 2])  # would silently come back smaller
 
 
 def test_null_text_shows_a_progress_bar_with_its_loss(model, photo, capsys):

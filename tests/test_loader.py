@@ -3,6 +3,7 @@
 Files are small synthetic ones made from the tiny model; the SD key lists (names and shapes of the public
 SD 1.5 / 2.1 checkpoints, in the shared folder) stand in for the 4 GB files.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,7 +97,7 @@ def test_load_uses_meta_device_and_assign(tiny_file, monkeypatch):
 
     monkeypatch.setattr(StableDiffusion, "load_state_dict", spy, raising=False)
     model = load_checkpoint(tiny_file)
-    (state, kwargs), = calls
+    ((state, kwargs),) = calls
     assert kwargs.get("strict") is True and kwargs.get("assign") is True
     assert not any(p.is_meta for p in model.parameters())
     for key, param in model.state_dict().items():
@@ -126,8 +127,11 @@ def test_truncated_file(tiny_file, tmp_path):
 
 def test_renamed_key_is_reported_by_name(tiny_file, tmp_path):
     key = "model.diffusion_model.out.2.weight"
-    path = rewrite(tiny_file, tmp_path / "renamed.safetensors",
-                   lambda s: {("model.diffusion_model.out.2.weights" if k == key else k): v for k, v in s.items()})
+    path = rewrite(
+        tiny_file,
+        tmp_path / "renamed.safetensors",
+        lambda s: {("model.diffusion_model.out.2.weights" if k == key else k): v for k, v in s.items()},
+    )
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     message = str(error.value)
@@ -144,12 +148,16 @@ def test_wrong_shape_is_reported_with_both_shapes(tiny_file, tmp_path):
 
 def test_ignorable_keys_are_dropped(tiny_file, tmp_path):
     """Real files carry EMA copies and schedule buffers; they are dropped by declaration, not by strict=False."""
-    path = rewrite(tiny_file, tmp_path / "extras.safetensors",
-                   lambda s: {**s, "betas": torch.zeros(1000), "model_ema.decay": torch.tensor(0.999)})
+    path = rewrite(
+        tiny_file,
+        tmp_path / "extras.safetensors",
+        lambda s: {**s, "betas": torch.zeros(1000), "model_ema.decay": torch.tensor(0.999)},
+    )
     load_checkpoint(path)
 
 
 # --- the public SD checkpoints, through their key lists -------------------------------------------------
+
 
 def read_key_list(path) -> dict[str, tuple[int, ...]]:
     """`name<TAB>[shape]` per line, as in shared/sd-keys/."""
@@ -171,11 +179,14 @@ def test_exported_keys_equal_the_real_checkpoint(name, file, sd_keys_dir):
         assert not dropped, f"{listing}: keys neither loaded nor declared ignorable: {dropped[:5]}"
 
 
-@pytest.mark.parametrize("file, filename, expected", [
-    ("keys_sd15", "v1-5-pruned-emaonly.safetensors", "sd15"),
-    ("keys_sd21", "v2-1_512-ema-pruned.safetensors", "sd21-base"),
-    ("keys_sd21", "v2-1_768-ema-pruned.safetensors", "sd21"),
-])
+@pytest.mark.parametrize(
+    "file, filename, expected",
+    [
+        ("keys_sd15", "v1-5-pruned-emaonly.safetensors", "sd15"),
+        ("keys_sd21", "v2-1_512-ema-pruned.safetensors", "sd21-base"),
+        ("keys_sd21", "v2-1_768-ema-pruned.safetensors", "sd21"),
+    ],
+)
 def test_variant_detection_from_keys(file, filename, expected, sd_keys_dir):
     assert detect_config(read_key_list(sd_keys_dir / f"{file}.txt"), path=filename) == preset(expected)
 

@@ -6,6 +6,7 @@ Small files are made from the tiny architecture (in SD 1.x naming where that mat
 stood in for by their headers (tests/data/sd-keys: every tensor name and shape), checked against a model
 built on the meta device, which is exactly what `load_checkpoint` does before it reads any tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,11 @@ from models.text import END_TOKEN, HF_PREFIX
 def tiny_sd1_config():
     """The tiny architecture with SD 1.x's text conventions: HF CLIP names in the file, quick-GELU, end-token padding."""
     config = preset("tiny")
-    return dataclasses.replace(config, name="tiny-sd1", text=dataclasses.replace(
-        config.text, hf_layout=True, act="quick_gelu", pad_token=END_TOKEN))
+    return dataclasses.replace(
+        config,
+        name="tiny-sd1",
+        text=dataclasses.replace(config.text, hf_layout=True, act="quick_gelu", pad_token=END_TOKEN),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +70,17 @@ def meta_model(name: str) -> StableDiffusion:
 
 # --- the layouts of real files ----------------------------------------------------------------------------
 
+
 def test_sd1_layout_with_the_extras_of_a_full_file(sd1_model, sd1_file, tmp_path):
     """A 'full' SD 1.x file: EMA copies and counters, DDPM buffers, HF's int64 position_ids; stored in fp16."""
-    extras = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
-              "model_ema.diffusion_modelout2bias": torch.zeros(4), "betas": torch.zeros(1000),
-              "alphas_cumprod": torch.ones(1000), HF_PREFIX + "embeddings.position_ids": torch.arange(77)[None]}
+    extras = {
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
+        "model_ema.diffusion_modelout2bias": torch.zeros(4),
+        "betas": torch.zeros(1000),
+        "alphas_cumprod": torch.ones(1000),
+        HF_PREFIX + "embeddings.position_ids": torch.arange(77)[None],
+    }
     path = rewrite(sd1_file, tmp_path / "full.safetensors", lambda s: {**{k: v.half() for k, v in s.items()}, **extras})
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         loaded = load_checkpoint(path, dtype=dtype)
@@ -106,12 +116,15 @@ def test_unused_last_text_layer_is_dropped(random_model, tmp_path):
     assert len(loaded.cond_stage_model.model.transformer.resblocks) == config.text.layers
 
 
-@pytest.mark.parametrize("name, filenames", [
-    ("sd15", ["v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors"]),
-    ("sd14", ["sd-v1-4.safetensors", "sd14-full.safetensors"]),
-    ("sd21", ["v2-1_768-ema-pruned.safetensors", "768-v-ema.safetensors", "sd21-v.safetensors"]),
-    ("sd21-base", ["v2-1_512-ema-pruned.safetensors", "512-base-ema.safetensors", "sd21-base.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "name, filenames",
+    [
+        ("sd15", ["v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors"]),
+        ("sd14", ["sd-v1-4.safetensors", "sd14-full.safetensors"]),
+        ("sd21", ["v2-1_768-ema-pruned.safetensors", "768-v-ema.safetensors", "sd21-v.safetensors"]),
+        ("sd21-base", ["v2-1_512-ema-pruned.safetensors", "512-base-ema.safetensors", "sd21-base.safetensors"]),
+    ],
+)
 def test_real_file_headers_pass_the_strict_check(name, filenames, sd_keys_dir, caplog):
     """Both published layouts (EMA-only and full with `model_ema.*`) pass, and the name picks the variant."""
     file = "keys_sd15" if name in ("sd14", "sd15") else "keys_sd21"
@@ -133,13 +146,18 @@ def test_sd2_names_without_a_clear_hint_warn(filename, sd_keys_dir, caplog):
     assert "model=sd21-base" in caplog.text
 
 
-@pytest.mark.parametrize("chosen, file, says", [
-    ("sd15", "keys_sd21", "looks like SD 2.x: pass model=sd21-base (512, ε) or model=sd21 (768, v)"),
-    ("sd21", "keys_sd15", "looks like SD 1.x: pass model=sd15"),
-])
+@pytest.mark.parametrize(
+    "chosen, file, says",
+    [
+        ("sd15", "keys_sd21", "looks like SD 2.x: pass model=sd21-base (512, ε) or model=sd21 (768, v)"),
+        ("sd21", "keys_sd15", "looks like SD 1.x: pass model=sd15"),
+    ],
+)
 def test_wrong_preset_says_what_the_file_is(chosen, file, says, sd_keys_dir):
     with pytest.raises(CheckpointError) as error:
-        check_checkpoint(read_key_list(sd_keys_dir / f"{file}.txt"), meta_model(chosen), path=f"/data/{file}.safetensors")
+        check_checkpoint(
+            read_key_list(sd_keys_dir / f"{file}.txt"), meta_model(chosen), path=f"/data/{file}.safetensors"
+        )
     message = str(error.value)
     assert message.startswith(f"/data/{file}.safetensors does not match model config {chosen!r}")
     assert "missing keys" in message and "unexpected keys" in message and says in message
@@ -150,15 +168,29 @@ def _sdxl(keys):
     return {**out, "model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}
 
 
-@pytest.mark.parametrize("file, edit, says", [
-    ("keys_sd21", _sdxl, "an SD-XL checkpoint"),
-    ("keys_sd15", lambda k: {**k, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
-    ("keys_sd15", lambda k: {**k, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}, "InstructPix2Pix"),
-    ("keys_sd21", lambda k: {**k, "model.diffusion_model.label_emb.0.0.weight": (1024, 1024)}, "label_emb"),
-    ("keys_sd15", lambda k: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320, 1, 1)}, "LoRA"),
-    ("keys_sd15", lambda k: {"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)},
-     "diffusers-format"),
-])
+@pytest.mark.parametrize(
+    "file, edit, says",
+    [
+        ("keys_sd21", _sdxl, "an SD-XL checkpoint"),
+        ("keys_sd15", lambda k: {**k, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting"),
+        (
+            "keys_sd15",
+            lambda k: {**k, "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)},
+            "InstructPix2Pix",
+        ),
+        ("keys_sd21", lambda k: {**k, "model.diffusion_model.label_emb.0.0.weight": (1024, 1024)}, "label_emb"),
+        (
+            "keys_sd15",
+            lambda k: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320, 1, 1)},
+            "LoRA",
+        ),
+        (
+            "keys_sd15",
+            lambda k: {"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)},
+            "diffusers-format",
+        ),
+    ],
+)
 def test_other_model_families_are_named(file, edit, says, sd_keys_dir):
     header = edit(read_key_list(sd_keys_dir / f"{file}.txt"))
     with pytest.raises(CheckpointError) as error:
@@ -171,6 +203,7 @@ def test_other_model_families_are_named(file, edit, says, sd_keys_dir):
 
 
 # --- broken files and bad arguments -------------------------------------------------------------------------
+
 
 def test_problems_are_found_in_the_header_before_any_tensor_is_read(sd1_file, tmp_path, monkeypatch):
     key = "first_stage_model.quant_conv.bias"

@@ -1,4 +1,5 @@
 """p2p.shapes.metrics on rendered scenes, where the right answer is known exactly (issues 5 and 7)."""
+
 import dataclasses
 
 import numpy as np
@@ -11,8 +12,9 @@ BACKGROUND = "black"
 
 
 def _scene(color="red", shape="circle", background=BACKGROUND):
-    return sample_scene(np.random.default_rng(7), objects=[(color, shape)], background=background,
-                        mention_background=True)
+    return sample_scene(
+        np.random.default_rng(7), objects=[(color, shape)], background=background, mention_background=True
+    )
 
 
 def _moved(scene, *, dy, dx):
@@ -26,8 +28,12 @@ def _moved(scene, *, dy, dx):
 def test_a_color_swap_in_place_succeeds_and_keeps_the_layout():
     scene = _scene()
     recolored = render([dataclasses.replace(scene.objects[0], color="blue")], background=BACKGROUND)
-    score = score_edit(scene.image, recolored, source_caption=scene.caption,
-                       target_caption=make_caption([("blue", "circle")], background=BACKGROUND))
+    score = score_edit(
+        scene.image,
+        recolored,
+        source_caption=scene.caption,
+        target_caption=make_caption([("blue", "circle")], background=BACKGROUND),
+    )
     assert score.source_correct and score.target_correct and score.target_colors
     assert score.iou == 1.0 and score.centroid_shift == 0.0 and score.background_changed == 0.0
 
@@ -35,19 +41,40 @@ def test_a_color_swap_in_place_succeeds_and_keeps_the_layout():
 def test_a_moved_object_loses_the_layout_and_a_wrong_color_fails():
     scene = _scene()
     moved = _moved(scene, dy=0, dx=-6)
-    score = score_edit(scene.image, moved, source_caption=scene.caption,
-                       target_caption=make_caption([("blue", "circle")], background=BACKGROUND))
+    score = score_edit(
+        scene.image,
+        moved,
+        source_caption=scene.caption,
+        target_caption=make_caption([("blue", "circle")], background=BACKGROUND),
+    )
     assert not score.target_correct and not score.target_colors  # still red
     assert score.iou < 0.8 and score.centroid_shift == pytest.approx(6.0, abs=0.5)
 
 
 def test_summarize_counts_only_edits_of_correct_sources():
-    rows = [{"edit_source_correct": True, "edit_target_correct": True, "edit_target_colors": True,
-             "edit_iou": 0.9, "edit_centroid_shift": 0.5},
-            {"edit_source_correct": True, "edit_target_correct": False, "edit_target_colors": True,
-             "edit_iou": 0.5, "edit_centroid_shift": 3.0},
-            {"edit_source_correct": False, "edit_target_correct": True, "edit_target_colors": True,
-             "edit_iou": 1.0, "edit_centroid_shift": 0.0}]
+    rows = [
+        {
+            "edit_source_correct": True,
+            "edit_target_correct": True,
+            "edit_target_colors": True,
+            "edit_iou": 0.9,
+            "edit_centroid_shift": 0.5,
+        },
+        {
+            "edit_source_correct": True,
+            "edit_target_correct": False,
+            "edit_target_colors": True,
+            "edit_iou": 0.5,
+            "edit_centroid_shift": 3.0,
+        },
+        {
+            "edit_source_correct": False,
+            "edit_target_correct": True,
+            "edit_target_colors": True,
+            "edit_iou": 1.0,
+            "edit_centroid_shift": 0.0,
+        },
+    ]
     summary = summarize(rows, prefix="edit")
     assert summary["n"] == 2 and summary["success"] == 0.5 and summary["target_colors"] == 1.0
     assert summary["kept_layout"] == 0.5 and summary["success_and_kept"] == 0.5
@@ -56,8 +83,13 @@ def test_summarize_counts_only_edits_of_correct_sources():
 
 
 def test_colors_and_kept_needs_the_target_colors_and_the_layout_in_the_same_edit():
-    row = {"edit_source_correct": True, "edit_target_correct": False, "edit_target_colors": True,
-           "edit_iou": 0.85, "edit_centroid_shift": 0.5}
+    row = {
+        "edit_source_correct": True,
+        "edit_target_correct": False,
+        "edit_target_colors": True,
+        "edit_iou": 0.85,
+        "edit_centroid_shift": 0.5,
+    }
     wrong_color = dict(row, edit_target_colors=False)
     moved = dict(row, edit_iou=0.5)
     summary = summarize([row, wrong_color, moved], prefix="edit")

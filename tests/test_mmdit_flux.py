@@ -4,6 +4,7 @@ Weights move through diffusers' `convert_flux_transformer_checkpoint_to_diffuser
 FLUX's real width (3072) for the single blocks' fused `linear1`, so the tiny test converts those few tensors
 itself (same split, at the tiny width) and the real-width test uses the converter for everything.
 """
+
 from __future__ import annotations
 
 import gc
@@ -23,9 +24,18 @@ REAL_WIDTH = 3072
 
 
 def diffusers_config(c: FluxConfig) -> dict:
-    return dict(patch_size=1, in_channels=c.in_channels, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
-                attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
-                pooled_projection_dim=c.vec_in_dim, guidance_embeds=c.guidance_embed, axes_dims_rope=c.axes_dim)
+    return dict(
+        patch_size=1,
+        in_channels=c.in_channels,
+        num_layers=c.depth,
+        num_single_layers=c.depth_single_blocks,
+        attention_head_dim=c.head_dim,
+        num_attention_heads=c.num_heads,
+        joint_attention_dim=c.context_in_dim,
+        pooled_projection_dim=c.vec_in_dim,
+        guidance_embeds=c.guidance_embed,
+        axes_dims_rope=c.axes_dim,
+    )
 
 
 def convert_single_blocks(checkpoint: dict, c: FluxConfig) -> dict:
@@ -35,8 +45,9 @@ def convert_single_blocks(checkpoint: dict, c: FluxConfig) -> dict:
         src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         sizes = [c.hidden_size] * 3 + [int(c.hidden_size * c.mlp_ratio)]
         for kind in ("weight", "bias"):
-            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-                                  checkpoint.pop(f"{src}linear1.{kind}").split(sizes)):
+            for name, part in zip(
+                ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), checkpoint.pop(f"{src}linear1.{kind}").split(sizes)
+            ):
                 converted[f"{dst}{name}.{kind}"] = part
             converted[f"{dst}proj_out.{kind}"] = checkpoint.pop(f"{src}linear2.{kind}")
             converted[f"{dst}norm.linear.{kind}"] = checkpoint.pop(f"{src}modulation.lin.{kind}")
@@ -54,8 +65,11 @@ def reference_from_ours(model: Flux) -> FluxTransformer2DModel:
         singles = convert_single_blocks(checkpoint, c)
         with torch.device("meta"):
             checkpoint |= {f"single_blocks.0.{k}": v for k, v in SingleStreamBlock(FluxConfig()).state_dict().items()}
-        converted = {k: v for k, v in convert_flux_transformer_checkpoint_to_diffusers(checkpoint).items()
-                     if not k.startswith("single_transformer_blocks.")} | singles
+        converted = {
+            k: v
+            for k, v in convert_flux_transformer_checkpoint_to_diffusers(checkpoint).items()
+            if not k.startswith("single_transformer_blocks.")
+        } | singles
     assert not checkpoint, f"converter left keys over: {sorted(checkpoint)[:4]}"
     with torch.device("meta"):
         reference = FluxTransformer2DModel(**diffusers_config(c))
@@ -68,8 +82,15 @@ def random_flux(config: FluxConfig, random_model, *, seed=0) -> Flux:
 
 
 def tiny(**changes) -> FluxConfig:
-    fields = dict(vec_in_dim=24, context_in_dim=40, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2,
-                  axes_dim=(8, 12, 12))
+    fields = dict(
+        vec_in_dim=24,
+        context_in_dim=40,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(8, 12, 12),
+    )
     return FluxConfig(**(fields | changes))
 
 
@@ -77,20 +98,34 @@ def inputs(c: FluxConfig, *, batch=2, latent_hw=(8, 12), num_text=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, c.in_channels // 4, *latent_hw, generator=g)
     grid_hw = (latent_hw[0] // 2, latent_hw[1] // 2)
-    return dict(img=pack(latents), img_ids=image_ids(batch, grid_hw),
-                txt=torch.randn(batch, num_text, c.context_in_dim, generator=g), txt_ids=torch.zeros(batch, num_text, 3),
-                timesteps=torch.tensor([1.0, 0.37])[:batch], y=torch.randn(batch, c.vec_in_dim, generator=g),
-                guidance=torch.full((batch,), 3.5) if c.guidance_embed else None)
+    return dict(
+        img=pack(latents),
+        img_ids=image_ids(batch, grid_hw),
+        txt=torch.randn(batch, num_text, c.context_in_dim, generator=g),
+        txt_ids=torch.zeros(batch, num_text, 3),
+        timesteps=torch.tensor([1.0, 0.37])[:batch],
+        y=torch.randn(batch, c.vec_in_dim, generator=g),
+        guidance=torch.full((batch,), 3.5) if c.guidance_embed else None,
+    )
 
 
 def reference_output(reference, kw):
     with torch.no_grad():
-        return reference(hidden_states=kw["img"], encoder_hidden_states=kw["txt"], pooled_projections=kw["y"],
-                         timestep=kw["timesteps"], img_ids=kw["img_ids"][0], txt_ids=kw["txt_ids"][0],
-                         guidance=kw["guidance"], return_dict=False)[0]
+        return reference(
+            hidden_states=kw["img"],
+            encoder_hidden_states=kw["txt"],
+            pooled_projections=kw["y"],
+            timestep=kw["timesteps"],
+            img_ids=kw["img_ids"][0],
+            txt_ids=kw["txt_ids"][0],
+            guidance=kw["guidance"],
+            return_dict=False,
+        )[0]
 
 
-@pytest.mark.parametrize("preset,key_file", [("flux-dev", "keys_flux_dev.txt"), ("flux-schnell", "keys_flux_schnell.txt")])
+@pytest.mark.parametrize(
+    "preset,key_file", [("flux-dev", "keys_flux_dev.txt"), ("flux-schnell", "keys_flux_schnell.txt")]
+)
 def test_state_dict_equals_the_checkpoint_key_list(preset, key_file):
     with torch.device("meta"):
         model = Flux(PRESETS[preset]())
@@ -100,6 +135,7 @@ def test_state_dict_equals_the_checkpoint_key_list(preset, key_file):
 def test_pack_and_ids_equal_the_flux_pipeline():
     """The 2×2 packing and the (0, row, col) ids are FluxPipeline's, so its seeds' noise carries over."""
     from diffusers import FluxPipeline
+
     latents = torch.randn(2, 16, 8, 12)
     assert torch.equal(pack(latents), FluxPipeline._pack_latents(latents, 2, 16, 8, 12))
     assert torch.equal(unpack(pack(latents), (4, 6)), FluxPipeline._unpack_latents(pack(latents), 64, 96, 8))

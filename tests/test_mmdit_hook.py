@@ -3,6 +3,7 @@ controller, an identity controller changes nothing, and the site says where the 
 
 Tiny SD3.5-medium-like (QK norm, image-only `attn2` in block 0, pre_only last block) and FLUX configs, random weights.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,9 +49,15 @@ def run(model, kw, controller=None):
 
 
 def test_sites_are_every_block_by_state_dict_prefix(sd3, flux):
-    assert sorted(attention_modules(sd3)) == sorted(["joint_blocks.0", "joint_blocks.1", "joint_blocks.2",
-                                                     "joint_blocks.0.x_block.attn2"])
-    assert sorted(attention_modules(flux)) == ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+    assert sorted(attention_modules(sd3)) == sorted(
+        ["joint_blocks.0", "joint_blocks.1", "joint_blocks.2", "joint_blocks.0.x_block.attn2"]
+    )
+    assert sorted(attention_modules(flux)) == [
+        "double_blocks.0",
+        "double_blocks.1",
+        "single_blocks.0",
+        "single_blocks.1",
+    ]
     state = sd3.state_dict()
     assert all(any(k.startswith(name + ".") for k in state) for name in attention_modules(sd3))
 
@@ -106,8 +113,11 @@ def test_flux_site_tells_where_t5_is(flux, num_t5, latent_hw):
 def test_text_comes_first_in_rows_and_columns(family, sd3, flux):
     """In the first block, text→text logits depend on the text alone: changing the image leaves the text rows'
     ratios over text columns unchanged (softmax ratios = logit differences) and changes the image ones."""
-    model, kw, name = ((sd3, sd3_inputs(sd3.config), "joint_blocks.0") if family == "sd3"
-                       else (flux, flux_inputs(flux.config), "double_blocks.0"))
+    model, kw, name = (
+        (sd3, sd3_inputs(sd3.config), "joint_blocks.0")
+        if family == "sd3"
+        else (flux, flux_inputs(flux.config), "double_blocks.0")
+    )
     first, second = Recorder(), Recorder()
     run(model, kw, first)
     image_key = "x" if family == "sd3" else "img"
@@ -116,7 +126,7 @@ def test_text_comes_first_in_rows_and_columns(family, sd3, flux):
     n = site.num_text_keys
     text_logits = lambda probs: probs[:, :, :n, :n].log() - probs[:, :, :n, :1].log()  # noqa: E731
     assert torch.allclose(text_logits(before), text_logits(after), atol=1e-4)
-    image_logits = lambda probs: probs[:, :, n:, n:].log() - probs[:, :, n:, n:n + 1].log()  # noqa: E731
+    image_logits = lambda probs: probs[:, :, n:, n:].log() - probs[:, :, n:, n : n + 1].log()  # noqa: E731
     assert not torch.allclose(image_logits(before), image_logits(after), atol=1e-2)
 
 

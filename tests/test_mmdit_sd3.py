@@ -5,6 +5,7 @@ and a strict load, as a real `model.diffusion_model.*` file would: equal outputs
 computation. Random weights, CPU, fp32. Full-size runs hold one model at a time (reference first, output
 saved, freed, then ours) under the shared big-memory lock's discipline.
 """
+
 from __future__ import annotations
 
 import gc
@@ -19,8 +20,11 @@ from models.errors import UserError
 from models.mmdit import CHECKPOINT_PREFIX, PRESETS, MMDiT, MMDiTConfig, sincos_pos_table
 
 TOLERANCE = 1e-4  # relative: max |ours − reference| / max |reference|
-KEY_FILES = {"sd3-medium": "keys_sd3_medium.txt", "sd35-medium": "keys_sd35_medium.txt",
-             "sd35-large": "keys_sd35_large.txt"}
+KEY_FILES = {
+    "sd3-medium": "keys_sd3_medium.txt",
+    "sd35-medium": "keys_sd35_medium.txt",
+    "sd35-large": "keys_sd35_large.txt",
+}
 KEYS_DIR = Path(__file__).parent / "data" / "sd-keys"
 
 
@@ -37,12 +41,21 @@ def read_keys(path: Path, prefix: str = "") -> dict[str, list[int]]:
 
 
 def diffusers_config(c: MMDiTConfig) -> dict:
-    return dict(sample_size=c.pos_embed_base_size * c.patch_size, patch_size=c.patch_size,
-                in_channels=c.in_channels, num_layers=c.depth, attention_head_dim=c.head_dim,
-                num_attention_heads=c.num_heads, joint_attention_dim=c.context_dim,
-                caption_projection_dim=c.hidden_size, pooled_projection_dim=c.pooled_dim,
-                out_channels=c.in_channels, pos_embed_max_size=c.pos_embed_max_size,
-                dual_attention_layers=tuple(c.x_self_attn_blocks), qk_norm="rms_norm" if c.qk_norm else None)
+    return dict(
+        sample_size=c.pos_embed_base_size * c.patch_size,
+        patch_size=c.patch_size,
+        in_channels=c.in_channels,
+        num_layers=c.depth,
+        attention_head_dim=c.head_dim,
+        num_attention_heads=c.num_heads,
+        joint_attention_dim=c.context_dim,
+        caption_projection_dim=c.hidden_size,
+        pooled_projection_dim=c.pooled_dim,
+        out_channels=c.in_channels,
+        pos_embed_max_size=c.pos_embed_max_size,
+        dual_attention_layers=tuple(c.x_self_attn_blocks),
+        qk_norm="rms_norm" if c.qk_norm else None,
+    )
 
 
 def random_mmdit(config: MMDiTConfig, randomize, *, seed: int = 0) -> MMDiT:
@@ -50,8 +63,9 @@ def random_mmdit(config: MMDiTConfig, randomize, *, seed: int = 0) -> MMDiT:
     with torch.device("meta"):
         model = MMDiT(config)
     model = model.to_empty(device="cpu")
-    model.pos_embed.copy_(sincos_pos_table(config.hidden_size, config.pos_embed_max_size,
-                                           base_size=config.pos_embed_base_size))
+    model.pos_embed.copy_(
+        sincos_pos_table(config.hidden_size, config.pos_embed_max_size, base_size=config.pos_embed_base_size)
+    )
     return randomize(model, seed=seed).eval().requires_grad_(False)
 
 
@@ -67,16 +81,23 @@ def reference_from_ours(model: MMDiT) -> SD3Transformer2DModel:
 
 def inputs(c: MMDiTConfig, *, batch=2, size=(8, 12), num_text=21, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return dict(x=torch.randn(batch, c.in_channels, *size, generator=g),
-                timesteps=torch.tensor([999.0, 312.5])[:batch],
-                context=torch.randn(batch, num_text, c.context_dim, generator=g),
-                pooled=torch.randn(batch, c.pooled_dim, generator=g))
+    return dict(
+        x=torch.randn(batch, c.in_channels, *size, generator=g),
+        timesteps=torch.tensor([999.0, 312.5])[:batch],
+        context=torch.randn(batch, num_text, c.context_dim, generator=g),
+        pooled=torch.randn(batch, c.pooled_dim, generator=g),
+    )
 
 
 def reference_output(reference, kw):
     with torch.no_grad():
-        return reference(hidden_states=kw["x"], encoder_hidden_states=kw["context"],
-                         pooled_projections=kw["pooled"], timestep=kw["timesteps"], return_dict=False)[0]
+        return reference(
+            hidden_states=kw["x"],
+            encoder_hidden_states=kw["context"],
+            pooled_projections=kw["pooled"],
+            timestep=kw["timesteps"],
+            return_dict=False,
+        )[0]
 
 
 def relative_error(actual, expected) -> float:
@@ -87,8 +108,15 @@ def relative_error(actual, expected) -> float:
 
 
 def tiny(**changes) -> MMDiTConfig:
-    fields = dict(depth=3, hidden_size=64, num_heads=2, pos_embed_max_size=16, pos_embed_base_size=8,
-                  context_dim=48, pooled_dim=40)
+    fields = dict(
+        depth=3,
+        hidden_size=64,
+        num_heads=2,
+        pos_embed_max_size=16,
+        pos_embed_base_size=8,
+        context_dim=48,
+        pooled_dim=40,
+    )
     return MMDiTConfig(**(fields | changes))
 
 
@@ -102,14 +130,18 @@ def test_state_dict_equals_the_checkpoint_key_list(preset):
 
 def test_sincos_table_equals_diffusers():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
     expected = get_2d_sincos_pos_embed(64, 12, base_size=4)
     assert torch.allclose(sincos_pos_table(64, 12, base_size=4)[0], expected.float(), atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35-large", "sd35-medium"])
 def test_tiny_matches_diffusers(variant, randomize):
-    config = {"sd3": tiny(), "sd35-large": tiny(qk_norm=True),
-              "sd35-medium": tiny(qk_norm=True, x_self_attn_blocks=(0, 1))}[variant]
+    config = {
+        "sd3": tiny(),
+        "sd35-large": tiny(qk_norm=True),
+        "sd35-medium": tiny(qk_norm=True, x_self_attn_blocks=(0, 1)),
+    }[variant]
     ours = random_mmdit(config, randomize, seed=1)
     reference = reference_from_ours(ours)
     kw = inputs(config)

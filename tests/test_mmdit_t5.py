@@ -1,5 +1,6 @@
 """The T5 v1.1 encoder equals transformers' `T5EncoderModel` (weights through diffusers' SD3 T5 converter, strict),
 and its SentencePiece tokenizer equals transformers' on a tiny SentencePiece model trained here, offline."""
+
 from __future__ import annotations
 
 import gc
@@ -31,10 +32,19 @@ a bowl of lasagne next to a glass of wine
 
 
 def hf_config(c: T5Config) -> HFT5Config:
-    return HFT5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
-                      num_heads=c.num_heads, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                      relative_attention_num_buckets=c.relative_attention_num_buckets,
-                      relative_attention_max_distance=c.relative_attention_max_distance, is_encoder_decoder=False)
+    return HFT5Config(
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        d_kv=c.d_kv,
+        d_ff=c.d_ff,
+        num_layers=c.num_layers,
+        num_heads=c.num_heads,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        relative_attention_num_buckets=c.relative_attention_num_buckets,
+        relative_attention_max_distance=c.relative_attention_max_distance,
+        is_encoder_decoder=False,
+    )
 
 
 def reference_from_ours(model: T5Encoder) -> T5EncoderModel:
@@ -95,9 +105,20 @@ def spiece_model(tmp_path_factory) -> Path:
     sentencepiece = pytest.importorskip("sentencepiece")
     buffer = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4), model_writer=buffer, vocab_size=60, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        character_coverage=1.0, minloglevel=2)
+        sentence_iterator=iter(CORPUS * 4),
+        model_writer=buffer,
+        vocab_size=60,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     path = tmp_path_factory.mktemp("t5tok") / "spiece.model"
     path.write_bytes(buffer.getvalue())
     return path
@@ -108,6 +129,7 @@ def reference_tokenizer(spiece_model):
     """transformers' T5 tokenizer read from the folder holding spiece.model (its conversion needs protobuf)."""
     pytest.importorskip("google.protobuf")
     from transformers import T5Tokenizer as HFT5Tokenizer
+
     return HFT5Tokenizer.from_pretrained(spiece_model.parent, extra_ids=0)
 
 
@@ -118,8 +140,13 @@ def tokenizer_json(spiece_model, reference_tokenizer) -> Path:
     return spiece_model.parent / "fast" / "tokenizer.json"
 
 
-PROMPTS = ["a red circle on a blue square", "photograph of a Cat, sitting on the mat.",
-           "an astronaut riding a horse on the moon " * 3, "lasagne!!  and   wine", ""]
+PROMPTS = [
+    "a red circle on a blue square",
+    "photograph of a Cat, sitting on the mat.",
+    "an astronaut riding a horse on the moon " * 3,
+    "lasagne!!  and   wine",
+    "",
+]
 
 
 @pytest.mark.parametrize("which", ["spiece", "json"])
@@ -128,8 +155,14 @@ def test_tokenizer_equals_transformers(which, spiece_model, tokenizer_json, refe
     ours = T5Tokenizer(spiece_model if which == "spiece" else tokenizer_json)
     assert (ours.pad_id, ours.eos_id) == (0, 1)
     for length in (16, 48):
-        expected = reference(PROMPTS, padding="max_length", max_length=length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt").input_ids
+        expected = reference(
+            PROMPTS,
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
         assert torch.equal(ours(PROMPTS, length=length), expected)
 
 
@@ -145,8 +178,10 @@ def test_word_positions(which, spiece_model, tokenizer_json):
 
     def decoded(positions, text=prompt):
         ids = tokenizer.encode(text)
-        return "".join(tokenizer._sp.id_to_piece(ids[p]) if which == "spiece" else tokenizer._fast.id_to_token(ids[p])
-                       for p in positions)
+        return "".join(
+            tokenizer._sp.id_to_piece(ids[p]) if which == "spiece" else tokenizer._fast.id_to_token(ids[p])
+            for p in positions
+        )
 
     cat, mat = words[3], words[-1]
     assert decoded(cat.word_positions).strip("▁") == "cat" and "," in decoded(cat.positions)

@@ -9,6 +9,7 @@ lowered so that all four finish in well under the CI budget (about 10 s each on 
 models/weights/tiny.safetensors; while that file is not trained yet, `P2P_TINY_CHECKPOINT` points it at a
 random-weight stand-in of the same architecture (the pictures are noise then, but every cell still runs).
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,12 +37,16 @@ OTHER_REPO_FOLDERS = {"scripts", "tests", "conf", "notebooks"}
 
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory) -> dict[str, str]:
-    env = {"P2P_NOTEBOOK_STEPS": str(STEPS), "P2P_NOTEBOOK_INNER_STEPS": str(INNER_STEPS),
-           "OMP_NUM_THREADS": "1",  # tiny tensors: one thread, and no contention with a neighbour's job
-           "MPLBACKEND": "agg"}
+    env = {
+        "P2P_NOTEBOOK_STEPS": str(STEPS),
+        "P2P_NOTEBOOK_INNER_STEPS": str(INNER_STEPS),
+        "OMP_NUM_THREADS": "1",  # tiny tensors: one thread, and no contention with a neighbour's job
+        "MPLBACKEND": "agg",
+    }
     if not TINY_WEIGHTS.exists():
         from models.loader import save_checkpoint
         from models.stable_diffusion import StableDiffusion, preset
+
         path = tmp_path_factory.mktemp("weights") / "tiny_random.safetensors"
         torch.manual_seed(0)
         save_checkpoint(StableDiffusion(preset("tiny")), path, dtype="fp16")
@@ -54,8 +59,12 @@ def code_cells(notebook) -> list[str]:
 
 
 def test_the_four_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_cross_attention_maps.ipynb", "02_word_swap.ipynb",
-                                           "03_refine_reweight_blend_preserve.ipynb", "04_real_images.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_cross_attention_maps.ipynb",
+        "02_word_swap.ipynb",
+        "03_refine_reweight_blend_preserve.ipynb",
+        "04_real_images.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -71,13 +80,20 @@ def test_notebook_explains_and_defines_nothing(path):
         definitions = [node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
         assert not definitions, f"{path.name} defines {definitions}; put code in p2p/ and import it"
         for node in ast.walk(tree):
-            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            modules = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for module in modules:
-                assert module.split(".")[0] not in OTHER_REPO_FOLDERS, \
+                assert module.split(".")[0] not in OTHER_REPO_FOLDERS, (
                     f"{path.name} imports {module}; notebooks import project code only from {sorted(PROJECT_PACKAGES)}"
-    assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
+                )
+    assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         f"{path.name} is committed with outputs; clear them (Jupyter: Edit → Clear Outputs of All Cells) and commit"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -88,24 +104,29 @@ def test_notebook_is_in_sync_with_its_percent_script(path):
     pair = f"`jupytext --set-formats ipynb,py:percent notebooks/{path.name}`"
     assert script_path.is_file(), f"{path.name} has no paired {script_path.name}; run {pair}"
     notebook = nbformat.read(path, as_version=4)
-    assert notebook.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", \
+    assert notebook.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", (
         f"{path.name} is not paired with {script_path.name}; run {pair}"
+    )
     script = jupytext.read(script_path)
-    assert script.metadata["jupytext"]["text_representation"]["format_name"] == "percent", \
+    assert script.metadata["jupytext"]["text_representation"]["format_name"] == "percent", (
         f"{script_path.name} is not in jupytext's percent format (cells opened by `# %%`)"
+    )
     cells = [(cell.cell_type, cell.source) for cell in notebook.cells]
     script_cells = [(cell.cell_type, cell.source) for cell in script.cells]
-    first_difference = next((i for i, pair in enumerate(zip(cells, script_cells)) if pair[0] != pair[1]),
-                            min(len(cells), len(script_cells)))
+    first_difference = next(
+        (i for i, pair in enumerate(zip(cells, script_cells)) if pair[0] != pair[1]), min(len(cells), len(script_cells))
+    )
     assert cells == script_cells, (
         f"{path.name} ({len(cells)} cells) and {script_path.name} ({len(script_cells)} cells) differ from cell "
-        f"{first_difference} on; edit the .py, run `jupytext --sync notebooks/{script_path.name}` and commit both")
+        f"{first_difference} on; edit the .py, run `jupytext --sync notebooks/{script_path.name}` and commit both"
+    )
 
 
 def test_every_percent_script_has_its_notebook():
     scripts = sorted(p for p in NOTEBOOK_DIR.glob("*.py"))
-    assert [p.stem for p in scripts] == [p.stem for p in NOTEBOOKS], \
+    assert [p.stem for p in scripts] == [p.stem for p in NOTEBOOKS], (
         "every .py in notebooks/ is one notebook's source, paired with its .ipynb"
+    )
 
 
 ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
@@ -115,8 +136,11 @@ ABSOLUTE_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/])")
 def test_notebook_has_no_absolute_paths(path):
     """A fresh clone lives anywhere: paths are built from REPO, found from the working directory."""
     for source in code_cells(nbformat.read(path, as_version=4)):
-        strings = [node.value for node in ast.walk(ast.parse(source))
-                   if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        strings = [
+            node.value
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        ]
         assert not [s for s in strings if ABSOLUTE_PATH.match(s)], f"{path.name} hard-codes a path:\n{source}"
         for local in (str(REPO), str(Path.home())):  # e.g. an output path pasted in from this machine
             assert local not in source, f"{path.name} holds this machine's path {local}:\n{source}"
@@ -132,18 +156,24 @@ def test_setup_cell_outside_the_repository_says_where_to_start(tmp_path, monkeyp
 RUNS = [(path, NOTEBOOK_DIR) for path in NOTEBOOKS] + [(NOTEBOOKS[0], REPO)]
 
 
-@pytest.mark.parametrize("path, cwd", RUNS, ids=[f"{p.stem}-from-{'notebooks' if c == NOTEBOOK_DIR else 'repo'}"
-                                                 for p, c in RUNS])
+@pytest.mark.parametrize(
+    "path, cwd", RUNS, ids=[f"{p.stem}-from-{'notebooks' if c == NOTEBOOK_DIR else 'repo'}" for p, c in RUNS]
+)
 def test_notebook_runs_top_to_bottom(path, cwd, kernel_env, monkeypatch):
     for name, value in kernel_env.items():
         monkeypatch.setenv(name, value)  # the kernel process inherits the environment
     notebook = nbformat.read(path, as_version=4)
     before = set(os.listdir(NOTEBOOK_DIR))
     start = time.perf_counter()
-    NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd)}}).execute()  # raises CellExecutionError on any error
-    images = sum("image/png" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
-                 for output in cell.outputs)
+    NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    ).execute()  # raises CellExecutionError on any error
+    images = sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
     assert images >= 2, f"{path.name} showed {images} pictures; a teaching notebook shows what it explains"
     assert set(os.listdir(NOTEBOOK_DIR)) == before, f"{path.name} left files in notebooks/"
     print(f"{path.name} from {cwd.name}/: {time.perf_counter() - start:.1f} s, {images} images")

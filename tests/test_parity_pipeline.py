@@ -6,6 +6,7 @@ same seed (`torch.Generator("cpu").manual_seed(seed)` for x_T), DDIM configured 
 and a transformers `CLIPTokenizer` built offline from the same vocabulary, so the comparison covers
 prompt → tokens → features → sampling loop → decoded pixels.
 """
+
 from __future__ import annotations
 
 import gc
@@ -30,8 +31,15 @@ SEED, STEPS, GUIDANCE, SIZE = 0, 3, 7.5, 64
 
 # text_encoder/config.json of stabilityai/stable-diffusion-2-1: OpenCLIP ViT-H/14's text tower, converted,
 # with 23 layers because SD 2.x uses the penultimate layer's output
-SD2_CLIP_TEXT_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                            hidden_act="gelu", projection_dim=512, pad_token_id=0)
+SD2_CLIP_TEXT_CONFIG = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+    pad_token_id=0,
+)
 
 
 def sd2_text_encoder_from_ours(model: StableDiffusion) -> CLIPTextModel:
@@ -39,22 +47,31 @@ def sd2_text_encoder_from_ours(model: StableDiffusion) -> CLIPTextModel:
     reference = CLIPTextModel(CLIPTextConfig(**{**SD1_CLIP_TEXT_CONFIG, **SD2_CLIP_TEXT_CONFIG})).eval()
     converted = convert_open_clip_checkpoint(reference, original_state_dict(model))
     prefix = "" if hasattr(reference, "text_model") else "text_model."  # transformers ≥ 5 has no text_model level
-    reference.load_state_dict({k[len(prefix):]: v for k, v in converted.items()}, strict=True)
+    reference.load_state_dict({k[len(prefix) :]: v for k, v in converted.items()}, strict=True)
     return reference
 
 
 def diffusers_pipeline_from_ours(model: StableDiffusion, name: str, tmp_path) -> StableDiffusionPipeline:
     sd1 = model.config.text.hf_layout
     scheduler = DDIMScheduler(
-        beta_start=SD_BETA_START, beta_end=SD_BETA_END, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=SD_TIMESTEP_OFFSET,
-        prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[model.config.prediction])
+        beta_start=SD_BETA_START,
+        beta_end=SD_BETA_END,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=SD_TIMESTEP_OFFSET,
+        prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[model.config.prediction],
+    )
     return StableDiffusionPipeline(
         vae=diffusers_vae_from_ours(model.vae),
         text_encoder=hf_clip_text_model_from_ours(model) if sd1 else sd2_text_encoder_from_ours(model),
         tokenizer=hf_clip_tokenizer(clip_tokenizer_files(tmp_path), pad_token="<|endoftext|>" if sd1 else "!"),
         unet=diffusers_unet_from_ours(model.unet, "sd15" if sd1 else "sd21"),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.mark.slow
@@ -63,11 +80,25 @@ def test_generate_matches_diffusers_pipeline(name, random_model, tmp_path):
     model = random_model(lambda: StableDiffusion(preset(name)), seed=4)
     pipe = diffusers_pipeline_from_ours(model, name, tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPT, negative_prompt="", height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                    guidance_scale=GUIDANCE, generator=torch.Generator("cpu").manual_seed(SEED),
-                    output_type="np").images  # float in [0, 1], (1, H, W, 3)
-    actual = generate(model, [PROMPT], seed=SEED, height=SIZE, width=SIZE,
-                      settings=SamplerSettings(steps=STEPS, guidance=GUIDANCE), progress=False)  # uint8
+    expected = pipe(
+        PROMPT,
+        negative_prompt="",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+    ).images  # float in [0, 1], (1, H, W, 3)
+    actual = generate(
+        model,
+        [PROMPT],
+        seed=SEED,
+        height=SIZE,
+        width=SIZE,
+        settings=SamplerSettings(steps=STEPS, guidance=GUIDANCE),
+        progress=False,
+    )  # uint8
     diff = abs(actual.astype("float64") - expected * 255).max()
     print(f"{name} pipeline: max pixel diff {diff:.3f}/255 (image std {expected.std() * 255:.1f}/255)")
     assert actual.shape == expected.shape == (1, SIZE, SIZE, 3)

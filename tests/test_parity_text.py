@@ -7,6 +7,7 @@
   then `ln_final`; tokens from `open_clip.tokenize`, padded with 0.
 The tokenizers are compared too, so the whole prompt → features path is covered.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -24,15 +25,28 @@ from models.stable_diffusion import StableDiffusion, preset
 from models.text import END_TOKEN, HF_PREFIX, OC_PREFIX, START_TOKEN
 
 TOLERANCE = 1e-4
-PROMPTS = ["a cat riding a bicycle", "A photo of a Squirrel, eating a burger!!", "",
-           "two  spaces, café and 3.14 ... the end"]
+PROMPTS = [
+    "a cat riding a bicycle",
+    "A photo of a Squirrel, eating a burger!!",
+    "",
+    "two  spaces, café and 3.14 ... the end",
+]
 # open_clip un-escapes HTML (`&amp;`) and Hugging Face does not: avoid entities in prompts compared across both.
 
 # text_encoder/config.json of runwayml/stable-diffusion-v1-5 (OpenAI CLIP ViT-L/14's text tower)
 SD1_CLIP_TEXT_CONFIG = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    bos_token_id=START_TOKEN, eos_token_id=END_TOKEN, pad_token_id=1,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=START_TOKEN,
+    eos_token_id=END_TOKEN,
+    pad_token_id=1,
 )
 
 
@@ -45,7 +59,7 @@ def clip_tokenizer_files(directory: Path) -> Path:
     renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {renamed.get(token, token): index for token, index in SimpleTokenizer().encoder.items()}
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # the merges open_clip's SimpleTokenizer uses
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the merges open_clip's SimpleTokenizer uses
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return directory
@@ -60,8 +74,8 @@ def hf_clip_text_model_from_ours(model: StableDiffusion, **config) -> CLIPTextMo
     """A transformers `CLIPTextModel` holding our text weights, loaded strictly under their checkpoint names."""
     reference = CLIPTextModel(CLIPTextConfig(**{**SD1_CLIP_TEXT_CONFIG, **config})).eval()
     # transformers ≥ 5 dropped the `text_model.` level that SD 1.x checkpoints still carry
-    prefix = HF_PREFIX if not hasattr(reference, "text_model") else HF_PREFIX[:-len("text_model.")]
-    state = {k[len(prefix):]: v for k, v in original_state_dict(model).items() if k.startswith(prefix)}
+    prefix = HF_PREFIX if not hasattr(reference, "text_model") else HF_PREFIX[: -len("text_model.")]
+    state = {k[len(prefix) :]: v for k, v in original_state_dict(model).items() if k.startswith(prefix)}
     reference.load_state_dict(state, strict=True)
     return reference
 
@@ -131,12 +145,14 @@ def test_sd2_text_matches_open_clip_penultimate(random_model):
     # its text tower. The 24th resblock stays on meta: if the reference ran it, the forward would fail.
     with torch.device("meta"):
         clip = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
-    state = {k[len(OC_PREFIX):]: v for k, v in original_state_dict(model).items() if k.startswith(OC_PREFIX)}
+    state = {k[len(OC_PREFIX) :]: v for k, v in original_state_dict(model).items() if k.startswith(OC_PREFIX)}
     missing, unexpected = clip.load_state_dict(state, strict=False, assign=True)
     assert not unexpected, unexpected
     not_loaded = {k for k in missing if not k.startswith("visual.")}
     assert not_loaded == {k for k in clip.state_dict() if k.startswith("transformer.resblocks.23.")} | {
-        "text_projection", "logit_scale"}, sorted(not_loaded)
+        "text_projection",
+        "logit_scale",
+    }, sorted(not_loaded)
     # the causal mask is a non-persistent buffer, so it was created on meta too; rebuild it as open_clip does
     clip.attn_mask = torch.empty(77, 77).fill_(float("-inf")).triu_(1)
     ids = open_clip.tokenize(PROMPTS)

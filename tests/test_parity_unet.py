@@ -4,6 +4,7 @@ The weights travel the way a real checkpoint does: our state_dict under `model.d
 diffusers' own single-file converter (`convert_ldm_unet_checkpoint`) → a strict load. So the test proves
 both that our module paths are the checkpoint's names and that the computation behind them is SD's.
 """
+
 from __future__ import annotations
 
 import gc
@@ -22,18 +23,40 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 # diffusers' configs of the public models (unet/config.json of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-2-1), written out because there is no network here.
 _COMMON = dict(
-    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    center_input_sample=False,
 )
 DIFFUSERS_UNET_CONFIGS = {
     # diffusers' `attention_head_dim` is, for these models, the number of heads (a known misnomer)
-    "sd15": dict(_COMMON, sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 use_linear_projection=False, upcast_attention=False),
-    "sd21": dict(_COMMON, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True, upcast_attention=True),
+    "sd15": dict(
+        _COMMON,
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        use_linear_projection=False,
+        upcast_attention=False,
+    ),
+    "sd21": dict(
+        _COMMON,
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
 }
 
 

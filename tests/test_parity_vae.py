@@ -3,6 +3,7 @@
 Weights go through diffusers' single-file converter (`convert_ldm_vae_checkpoint`) and a strict load,
 as a real `first_stage_model.*` checkpoint would. SD 1.x and 2.x share this VAE architecture.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,9 +19,17 @@ LDM_VAE_PREFIX = "first_stage_model."
 
 # vae/config.json of runwayml/stable-diffusion-v1-5 (stabilityai/stable-diffusion-2-1 differs only in sample_size)
 DIFFUSERS_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    act_fn="silu", norm_num_groups=32, sample_size=512, scaling_factor=SD_SCALE_FACTOR,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    act_fn="silu",
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=SD_SCALE_FACTOR,
 )
 
 
@@ -50,9 +59,11 @@ def test_vae_matches_diffusers(random_model):
         posterior = ours.encode(images)
         expected_images = reference.decode(latents).sample
         decoded = ours.decode(latents)
-    for what, actual, expected in (("encode mean", posterior.mean, expected_posterior.mean),
-                                   ("encode logvar", posterior.logvar, expected_posterior.logvar),
-                                   ("decode", decoded, expected_images)):
+    for what, actual, expected in (
+        ("encode mean", posterior.mean, expected_posterior.mean),
+        ("encode logvar", posterior.logvar, expected_posterior.logvar),
+        ("decode", decoded, expected_images),
+    ):
         diff = (actual - expected).abs().max().item()
         print(f"VAE {what}: max abs diff {diff:.2e} (std {expected.std():.2f})")
         assert actual.shape == expected.shape, what

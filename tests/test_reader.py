@@ -1,5 +1,6 @@
 """The reader recovers the world's ground truth from clean renders and from renders that
 look like diffusion samples (blurred edges, noise, slightly-off colors)."""
+
 import numpy as np
 import pytest
 import torch
@@ -20,19 +21,23 @@ from p2p.shapes.world import SHAPES, WorldConfig, held_out_scenes, rasterize, re
 CONFIG = WorldConfig()
 
 
-def _box_blur_and_noise(image: np.ndarray, rng: np.random.Generator, *, sigma: float = 8.0,
-                        color_shift: float = 0.0) -> np.ndarray:
+def _box_blur_and_noise(
+    image: np.ndarray, rng: np.random.Generator, *, sigma: float = 8.0, color_shift: float = 0.0
+) -> np.ndarray:
     """3x3 box blur (edge-padded), Gaussian noise of `sigma` uint8 levels, an optional global color shift."""
     x = image.astype(np.float64) + rng.uniform(-color_shift, color_shift, size=3)
     padded = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
     h, w, _ = x.shape
-    blurred = sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    blurred = sum(padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
     return np.clip(np.round(blurred + rng.normal(0, sigma, x.shape)), 0, 255).astype(np.uint8)
 
 
 def _accuracy(scenes, images, **tolerances) -> float:
-    return float(np.mean([compare_to_scene(read_image(image), scene, **tolerances)["all"]
-                          for scene, image in zip(scenes, images)]))
+    return float(
+        np.mean(
+            [compare_to_scene(read_image(image), scene, **tolerances)["all"] for scene, image in zip(scenes, images)]
+        )
+    )
 
 
 def test_reads_clean_renders():
@@ -95,7 +100,7 @@ def test_specks_are_noise_but_touching_objects_of_two_colors_are_two_objects():
     scene = sample_scene(np.random.default_rng(4), objects=[("red", "square")], background="black")
     speckled = scene.image.copy()
     top, left = (0, 0) if scene.objects[0].bbox[0] > 4 else (28, 28)
-    speckled[top + 1:top + 3, left + 1:left + 3] = CONFIG.colors["blue"]
+    speckled[top + 1 : top + 3, left + 1 : left + 3] = CONFIG.colors["blue"]
     assert [(o.color, o.shape) for o in read_image(speckled).objects] == [("red", "square")]
 
     left_half = rasterize("square", size=10, top=5, left=5, image_size=32)
@@ -116,8 +121,12 @@ def test_components_are_8_connected_and_per_class():
 
 
 def test_matches_caption_reports_each_attribute():
-    scene = sample_scene(np.random.default_rng(5), objects=[("red", "circle"), ("blue", "square")],
-                         background="white", mention_background=True)
+    scene = sample_scene(
+        np.random.default_rng(5),
+        objects=[("red", "circle"), ("blue", "square")],
+        background="white",
+        mention_background=True,
+    )
     reading = read_image(scene.image)
     assert matches_caption(reading, scene.caption)["all"]
     swapped = matches_caption(reading, "a green circle and a blue square on a white background")

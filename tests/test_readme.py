@@ -8,6 +8,7 @@
 - Every relative link (and image) in the README, docs/*.md, the model card and notebooks/README.md resolves to a
   file, and a `#anchor` to one of that file's headings; every docs/*.md page is linked from the README.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 LISTED_PACKAGES = ["models", "p2p", "scripts"]  # every module below these must be in the README's tree
-MARKDOWN_FILES = [README, *sorted((REPO / "docs").glob("*.md")), REPO / "models" / "weights" / "README.md",
-                  REPO / "notebooks" / "README.md"]
+MARKDOWN_FILES = [
+    README,
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "models" / "weights" / "README.md",
+    REPO / "notebooks" / "README.md",
+]
 TREE_INDENT = 4  # "├── " and "│   ": one level of the tree is four characters wide
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -54,7 +59,7 @@ def readme_tree() -> list[str]:
     """The paths of the README's tree block (the first ```text block after '## Layout'), folders ending in '/'."""
     text = README.read_text()
     assert "## Layout" in text, "the README has a '## Layout' section with the repository's file tree"
-    blocks = [lines for info, lines in fenced_blocks(text[text.index("## Layout"):]) if info == "text"]
+    blocks = [lines for info, lines in fenced_blocks(text[text.index("## Layout") :]) if info == "text"]
     assert blocks, "the README's '## Layout' section holds the tree in a ```text block"
     paths, parents = [], []
     for line in blocks[0]:
@@ -99,8 +104,10 @@ def modules_to_list() -> list[str]:
 def test_every_package_and_module_is_in_the_readme_tree():
     listed = set(readme_tree())
     unlisted = [path for path in modules_to_list() if path not in listed]
-    assert not unlisted, (f"{unlisted} exist but the README's tree does not list them; add each with a "
-                          "one-line description under '## Layout'")
+    assert not unlisted, (
+        f"{unlisted} exist but the README's tree does not list them; add each with a "
+        "one-line description under '## Layout'"
+    )
 
 
 def heading_anchor(heading: str) -> str:
@@ -113,8 +120,12 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [target for line in prose_lines(path.read_text()) for target in LINK.findall(line)
-            if not re.match(r"^[a-z]+:", target)]  # http:, https:, mailto: are not checked here
+    return [
+        target
+        for line in prose_lines(path.read_text())
+        for target in LINK.findall(line)
+        if not re.match(r"^[a-z]+:", target)
+    ]  # http:, https:, mailto: are not checked here
 
 
 @pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
@@ -124,7 +135,9 @@ def test_every_relative_link_resolves(path):
         file_part, _, anchor = target.partition("#")
         resolved = (path.parent / file_part).resolve() if file_part else path
         if not resolved.exists():
-            broken.append(f"{target} (no file {resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved})")
+            broken.append(
+                f"{target} (no file {resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved})"
+            )
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{target} (no heading '#{anchor}' in {resolved.relative_to(REPO)})")
     assert not broken, f"{path.relative_to(REPO)} links to {broken}"

@@ -1,4 +1,5 @@
 """Real-image inputs nobody drew with the shapes world: odd files, odd modes, odd sizes, bad settings (issue 4)."""
+
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from p2p.real.images import load_image
 def halves(height=40, width=60) -> np.ndarray:
     """Left half black, right half white: orientation and crops are visible in the result."""
     image = np.zeros((height, width, 3), np.uint8)
-    image[:, width // 2:] = 255
+    image[:, width // 2 :] = 255
     return image
 
 
@@ -78,8 +79,9 @@ def test_arrays_and_pil_images_are_accepted():
         load_image(np.zeros((4, 4, 3), np.int64), height=32, width=32)
 
 
-@pytest.mark.parametrize("shape, size", [((1, 1, 3), (32, 64)), ((1, 3, 3), (64, 32)), ((3, 2000, 3), (16, 16)),
-                                         ((2000, 2, 3), (8, 64))])
+@pytest.mark.parametrize(
+    "shape, size", [((1, 1, 3), (32, 64)), ((1, 3, 3), (64, 32)), ((3, 2000, 3), (16, 16)), ((2000, 2, 3), (8, 64))]
+)
 def test_tiny_and_extreme_aspect_images_fill_the_requested_size(shape, size):
     height, width = size
     assert load_image(np.full(shape, 7, np.uint8), height=height, width=width).shape == (height, width, 3)
@@ -99,8 +101,9 @@ def test_margins_are_cut_before_the_centre_crop():
     assert load_image(image, height=8, width=8, margins=[40, 0, 0, 0]).min() == 255  # any sequence
 
 
-@pytest.mark.parametrize("margins", [(-1, 0, 0, 0), (0, 0, 0), (0, 0, 0, 0, 0), (1.5, 0, 0, 0), "0000", 5,
-                                     (0, 0, True, 0), None])
+@pytest.mark.parametrize(
+    "margins", [(-1, 0, 0, 0), (0, 0, 0), (0, 0, 0, 0, 0), (1.5, 0, 0, 0), "0000", 5, (0, 0, True, 0), None]
+)
 def test_invalid_margins_are_named(margins):
     with pytest.raises(ValueError, match=r"margins=.*four whole numbers.*\(left, top, right, bottom\)"):
         load_image(halves(), height=32, width=32, margins=margins)
@@ -130,7 +133,7 @@ def test_unreadable_sources_are_named(tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
     truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(ValueError, match="cannot read .*truncated.png"):
         load_image(truncated, height=32, width=32)
     with pytest.raises(TypeError, match="file path, a PIL image or a numpy array"):
@@ -150,21 +153,29 @@ def compose_edit_image(*overrides):
         return compose(config_name="edit_image", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ([f"prompts={CAPTIONS}"], "image is required: pass image=PATH"),
-    (["image=photo.png"], "prompts is required"),
-    (["image=photo.png", "prompts=a red circle"], "prompts must be a list of strings"),  # not 12 one-letter prompts
-    (["image=photo.png", "prompts=[1,2]"], "prompts must be a list of strings"),
-    (["image=photo.png", 'prompts=["a red circle"]'], "needs a source and at least one target prompt"),
-    (["image=photo.png", "prompts=[]", "edit=store"], "prompts needs at least 1 prompt, got 0"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "negative_prompt=blurry"], "negative_prompt='blurry' has no effect"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "restore_unedited=true"], "restore_unedited=true needs a mask"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "blend=local"], "LocalBlend needs its words"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "edit.kind=swap"], "edit.kind='swap' is not supported"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=fast"],
-     "inversion.tolerance_scale='fast' is not a number"),
-    (["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=-1"], "tolerance_scale=-1.0: .*≥ 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([f"prompts={CAPTIONS}"], "image is required: pass image=PATH"),
+        (["image=photo.png"], "prompts is required"),
+        (["image=photo.png", "prompts=a red circle"], "prompts must be a list of strings"),  # not 12 one-letter prompts
+        (["image=photo.png", "prompts=[1,2]"], "prompts must be a list of strings"),
+        (["image=photo.png", 'prompts=["a red circle"]'], "needs a source and at least one target prompt"),
+        (["image=photo.png", "prompts=[]", "edit=store"], "prompts needs at least 1 prompt, got 0"),
+        (
+            ["image=photo.png", f"prompts={CAPTIONS}", "negative_prompt=blurry"],
+            "negative_prompt='blurry' has no effect",
+        ),
+        (["image=photo.png", f"prompts={CAPTIONS}", "restore_unedited=true"], "restore_unedited=true needs a mask"),
+        (["image=photo.png", f"prompts={CAPTIONS}", "blend=local"], "LocalBlend needs its words"),
+        (["image=photo.png", f"prompts={CAPTIONS}", "edit.kind=swap"], "edit.kind='swap' is not supported"),
+        (
+            ["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=fast"],
+            "inversion.tolerance_scale='fast' is not a number",
+        ),
+        (["image=photo.png", f"prompts={CAPTIONS}", "inversion.tolerance_scale=-1"], "tolerance_scale=-1.0: .*≥ 0"),
+    ],
+)
 def test_edit_image_refuses_bad_overrides_before_loading_the_model(overrides, message):
     from scripts.edit_image import check_request
 
@@ -175,13 +186,18 @@ def test_edit_image_refuses_bad_overrides_before_loading_the_model(overrides, me
 def test_edit_image_accepts_every_inversion_and_a_caption_alone_without_an_edit():
     from scripts.edit_image import check_request
 
-    for name, method in (("ddim", "ddim"), ("negative_prompt", "negative_prompt"), ("null_text", "null_text"),
-                         ("null_text_fast", "null_text")):
+    for name, method in (
+        ("ddim", "ddim"),
+        ("negative_prompt", "negative_prompt"),
+        ("null_text", "null_text"),
+        ("null_text_fast", "null_text"),
+    ):
         cfg = compose_edit_image("image=photo.png", f"prompts={CAPTIONS}", f"inversion={name}")
         assert cfg.inversion.method == method and cfg.inversion.guidance == 1.0
         assert check_request(cfg)[0] == json.loads(CAPTIONS)
-    prompts, spec, blend, _ = check_request(compose_edit_image("image=photo.png", 'prompts=["a red circle"]',
-                                                            "edit=store"))
+    prompts, spec, blend, _ = check_request(
+        compose_edit_image("image=photo.png", 'prompts=["a red circle"]', "edit=store")
+    )
     assert prompts == ["a red circle"] and spec.kind == "none" and blend is None
     from hydra.errors import MissingConfigException
 
@@ -193,16 +209,37 @@ def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
     photo = tmp_path / "photo.png"
     Image.fromarray(halves(48, 40)).save(photo)
     prompts = CAPTIONS[:-1] + ',"a green circle on a black background"]'
-    overrides = [f"image={photo}", f"prompts={prompts}", "steps=3", "inversion.inner_steps=1", "progress=false",
-                 f"cache_dir={tmp_path / 'cache'}", "blend=local", "blend.words=[circle]", "restore_unedited=true",
-                 f"hydra.run.dir={tmp_path / 'run'}"]
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    overrides = [
+        f"image={photo}",
+        f"prompts={prompts}",
+        "steps=3",
+        "inversion.inner_steps=1",
+        "progress=false",
+        f"cache_dir={tmp_path / 'cache'}",
+        "blend=local",
+        "blend.words=[circle]",
+        "restore_unedited=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "run"
-    for name in ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png",
-                 "00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
-                 "02_a_green_circle_on_a_black_background.png"):
+    for name in (
+        "original.png",
+        "vae_reconstruction.png",
+        "inversion_reconstruction.png",
+        "grid.png",
+        "00_a_red_circle_on_a_black_background.png",
+        "01_a_blue_circle_on_a_black_background.png",
+        "02_a_green_circle_on_a_black_background.png",
+    ):
         assert np.asarray(Image.open(out / name)).shape == (32, 32, 3) or name == "grid.png", name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["inversion_seconds"] > 0 and np.isfinite(metrics["psnr_vae_reconstruction"])
@@ -210,12 +247,19 @@ def test_edit_image_writes_everything_and_never_overwrites_a_run(tmp_path):
     config = (out / "config.yaml").read_text()
     assert "method: null_text" in config and str(photo) in config and "kind: replace" in config
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    again = subprocess.run([sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "edit_image.py"), *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     assert "previous run's" in again.stderr and "metrics.json" in again.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == \
-        {name: data for name, data in before.items() if not name.endswith(".log")}
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".log"} == {
+        name: data for name, data in before.items() if not name.endswith(".log")
+    }
 
 
 def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The Hydra entry points as a user runs them: files written, config saved, nothing overwritten, errors named."""
+
 import json
 import subprocess
 import sys
@@ -26,8 +27,13 @@ def checkpoint(tmp_path_factory):
 
 
 def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=1200)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
 
 
 def only_run_dir(root: Path) -> Path:
@@ -37,8 +43,18 @@ def only_run_dir(root: Path) -> Path:
 
 
 def test_edit_script_writes_images_grid_baseline_attention_and_config(checkpoint, tmp_path):
-    common = (f"model.checkpoint={checkpoint}", f"prompts={PROMPTS}", "steps=2", "seed=5", "progress=false",
-              f"hydra.run.dir={tmp_path}/run", "baseline=true", "attention=true", "blend=local", "blend.words=[circle]")
+    common = (
+        f"model.checkpoint={checkpoint}",
+        f"prompts={PROMPTS}",
+        "steps=2",
+        "seed=5",
+        "progress=false",
+        f"hydra.run.dir={tmp_path}/run",
+        "baseline=true",
+        "attention=true",
+        "blend=local",
+        "blend.words=[circle]",
+    )
     result = run("edit.py", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "run"
@@ -58,11 +74,25 @@ def test_edit_script_writes_images_grid_baseline_attention_and_config(checkpoint
 
 
 def test_edit_script_names_bad_input(checkpoint, tmp_path):
-    result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "height=30",
-                 f"hydra.run.dir={tmp_path}/bad", cwd=tmp_path)
+    result = run(
+        "edit.py",
+        f"model.checkpoint={checkpoint}",
+        "steps=2",
+        "progress=false",
+        "height=30",
+        f"hydra.run.dir={tmp_path}/bad",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "height=30" in result.stderr
-    result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "edit.reweight={dog: 2}",
-                 f"hydra.run.dir={tmp_path}/bad2", cwd=tmp_path)
+    result = run(
+        "edit.py",
+        f"model.checkpoint={checkpoint}",
+        "steps=2",
+        "progress=false",
+        "edit.reweight={dog: 2}",
+        f"hydra.run.dir={tmp_path}/bad2",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "word 'dog' is not in prompt" in result.stderr
     result = run("edit.py", "model=sd15", "steps=2", f"hydra.run.dir={tmp_path}/bad3", cwd=tmp_path)
     assert result.returncode != 0 and "model.checkpoint" in result.stderr
@@ -71,14 +101,27 @@ def test_edit_script_names_bad_input(checkpoint, tmp_path):
 def test_edit_image_script_inverts_reconstructs_edits_and_reports(checkpoint, tmp_path):
     photo = tmp_path / "photo.png"
     Image.fromarray(sample_scene(np.random.default_rng(0), num_objects=1).image).save(photo)
-    overrides = (f"model.checkpoint={checkpoint}", f"image={photo}", f"prompts={PROMPTS}", "steps=2",
-                 "inversion.inner_steps=2", "progress=false", f"cache_dir={tmp_path}/cache")
+    overrides = (
+        f"model.checkpoint={checkpoint}",
+        f"image={photo}",
+        f"prompts={PROMPTS}",
+        "steps=2",
+        "inversion.inner_steps=2",
+        "progress=false",
+        f"cache_dir={tmp_path}/cache",
+    )
     first = run("edit_image.py", *overrides, f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     out = tmp_path / "a"
-    for name in ("original.png", "vae_reconstruction.png", "inversion_reconstruction.png", "grid.png",
-                 "00_a_red_circle_on_a_black_background.png", "01_a_blue_circle_on_a_black_background.png",
-                 "config.yaml"):
+    for name in (
+        "original.png",
+        "vae_reconstruction.png",
+        "inversion_reconstruction.png",
+        "grid.png",
+        "00_a_red_circle_on_a_black_background.png",
+        "01_a_blue_circle_on_a_black_background.png",
+        "config.yaml",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "null_text" and not metrics["from_cache"]
@@ -88,21 +131,42 @@ def test_edit_image_script_inverts_reconstructs_edits_and_reports(checkpoint, tm
 
 
 def test_eval_inversion_script_reports_every_method_the_reference_and_the_edits(checkpoint, tmp_path):
-    done = run("eval_inversion.py", f"model.checkpoint={checkpoint}", "n=2", "reference_n=1", "steps=2",
-               f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    done = run(
+        "eval_inversion.py",
+        f"model.checkpoint={checkpoint}",
+        "n=2",
+        "reference_n=1",
+        "steps=2",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "inversion.json").read_text())
     summary, rows = report["summary"], report["rows"]
     assert len(rows) == 2 and "seconds_null_text_reference" in rows[0] and "seconds_null_text_reference" not in rows[1]
-    for method in ("vae", "ddim", "negative_prompt", "null_text", "null_text_from_negative", "null_text_fast",
-                   "null_text_reference"):
+    for method in (
+        "vae",
+        "ddim",
+        "negative_prompt",
+        "null_text",
+        "null_text_from_negative",
+        "null_text_fast",
+        "null_text_reference",
+    ):
         assert np.isfinite(summary[f"psnr_{method}"]), method
     for prefix in ("edit", "edit_from_negative", "edit_fast", "edit_fig12"):
-        assert {f"{prefix}_target_correct", f"{prefix}_color_correct", f"{prefix}_background_psnr",
-                f"{prefix}_far_background_psnr"} <= summary.keys()
+        assert {
+            f"{prefix}_target_correct",
+            f"{prefix}_color_correct",
+            f"{prefix}_background_psnr",
+            f"{prefix}_far_background_psnr",
+        } <= summary.keys()
     for row in rows:  # PSNRs of uint8 images against the render: positive, inf where every pixel was kept
-        assert all(row[f"{prefix}_{kind}_psnr"] > 0 for prefix in ("edit", "edit_fig12")
-                   for kind in ("background", "far_background"))
+        assert all(
+            row[f"{prefix}_{kind}_psnr"] > 0
+            for prefix in ("edit", "edit_fig12")
+            for kind in ("background", "far_background")
+        )
     for method in ("null_text", "null_text_from_negative", "null_text_fast"):
         assert summary[f"{method}_speedup_vs_reference"] > 0 and f"psnr_{method}_on_reference_images" in summary
         assert summary[f"{method}_adam_steps"] >= 0
@@ -137,9 +201,18 @@ def test_eval_edits_script_reports_swaps_baselines_and_local_blend(tmp_path):
 def test_edit_script_takes_dict_overrides_as_the_readme_writes_them(checkpoint, tmp_path):
     # Hydra refuses new keys in an existing {} node, so the configs declare these dicts as null. The fader acts
     # only inside its word's window (P2P_SPEC §3): red 0.5 of 2 steps = step 0.
-    result = run("edit.py", f"model.checkpoint={checkpoint}", "steps=2", "progress=false", "edit=reweight",
-                 'prompts=["a red circle","a red circle"]', "edit.reweight={red: 3}",
-                 "edit.cross_replace_steps={default_: 0.8, red: 0.5}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = run(
+        "edit.py",
+        f"model.checkpoint={checkpoint}",
+        "steps=2",
+        "progress=false",
+        "edit=reweight",
+        'prompts=["a red circle","a red circle"]',
+        "edit.reweight={red: 3}",
+        "edit.cross_replace_steps={default_: 0.8, red: 0.5}",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "red: 3" in saved and "default_: 0.8" in saved and "red: 0.5" in saved
@@ -152,9 +225,16 @@ def test_edit_image_checks_the_edit_before_the_inversion(checkpoint, tmp_path):
     # a replace between captions of different word counts: named before minutes of null-text inversion
     photo = tmp_path / "photo.png"
     Image.fromarray(sample_scene(np.random.default_rng(0), num_objects=1).image).save(photo)
-    result = run("edit_image.py", f"model.checkpoint={checkpoint}", f"image={photo}", "steps=2",
-                 """prompts=["a red circle on a black background","a blue square"]""", f"cache_dir={tmp_path}/cache",
-                 f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = run(
+        "edit_image.py",
+        f"model.checkpoint={checkpoint}",
+        f"image={photo}",
+        "steps=2",
+        """prompts=["a red circle on a black background","a blue square"]""",
+        f"cache_dir={tmp_path}/cache",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "replace needs prompts with the same number of words" in result.stderr
     assert "inversion" not in result.stderr.split("Traceback")[0] and not (tmp_path / "cache").exists()
 

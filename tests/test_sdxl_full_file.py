@@ -6,6 +6,7 @@ raw bytes), so writing it never holds the model either. The load and one forward
 process whose anonymous memory (RssAnon: the file's mmapped pages aside) is sampled every 20 ms; its peak
 total RSS (VmHWM, file pages included) shows there is one copy of the weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ PARAMETERS = 3_468_000_000  # ~3.47 B tensor elements in sd_xl_base_1.0.safetens
 
 
 # real files store these two extras as int64 (an arange) and fp32; every weight is fp16
-EXTRA_DTYPES = {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": ("I64", torch.int64),
-                "denoiser.sigmas": ("F32", torch.float32)}
+EXTRA_DTYPES = {
+    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": ("I64", torch.int64),
+    "denoiser.sigmas": ("F32", torch.float32),
+}
 
 
 def write_random_fp16_file(path, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -86,15 +89,23 @@ def test_full_sdxl_file_loads_in_fp16_and_runs_in_fp32_with_one_copy(sd_keys_dir
     path = tmp_path / "sd_xl_base_1.0.safetensors"
     elements = write_random_fp16_file(path, shapes)
     assert abs(elements - PARAMETERS) < 0.01 * PARAMETERS, elements
-    result = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=False,
-                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     file_bytes = path.stat().st_size
     gib = lambda key: f"{report[key] / 2**30:.2f}"
-    print(f"SDXL fp16 file {file_bytes / 2**30:.2f} GiB. Peak RssAnon {gib('loaded')} GiB after loading, {gib('ran')} "
-          f"GiB after a text + UNet + VAE forward; peak RSS (file pages included) {gib('loaded_total')} / "
-          f"{gib('ran_total')} GiB")
+    print(
+        f"SDXL fp16 file {file_bytes / 2**30:.2f} GiB. Peak RssAnon {gib('loaded')} GiB after loading, {gib('ran')} "
+        f"GiB after a text + UNet + VAE forward; peak RSS (file pages included) {gib('loaded_total')} / "
+        f"{gib('ran_total')} GiB"
+    )
     assert report["model"] == "sdxl" and report["weights"] == "torch.float16" and report["compute"] == "torch.float32"
     assert report["shapes"] == [[2, 77, 2048], [2, 1280], [2, 2816], [1, 3, 64, 64]] and report["finite"]
     # one copy of the weights (safetensors maps fp16 tensors from the file: they show as file pages, not RssAnon)

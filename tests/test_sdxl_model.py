@@ -2,6 +2,7 @@
 micro-conditioning `y`, the sizes it takes, weights stored in half precision and computed in fp32, and a VAE
 decode that never returns NaN silently. Fast tests on `tiny_sdxl_config()`; the real file through its key list.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ def tiny_sdxl_file(tiny_sdxl, tmp_path_factory):
 
 # --- the checkpoint ------------------------------------------------------------------------------------------
 
+
 def test_state_dict_equals_the_real_sdxl_file(sd_keys_dir):
     """Every name and shape of sd_xl_base_1.0.safetensors, and nothing else (CLIP-L in its HF names: our module
     holds it in open_clip's layout, `original_state_dict` maps it back by rule, as for SD 1.x)."""
@@ -77,17 +79,26 @@ def test_sdxl_file_under_another_preset_says_pass_model_sdxl(sd_keys_dir):
 
 def test_bad_sdxl_files_are_refused_with_the_names(sd_keys_dir):
     keys = read_key_list(sd_keys_dir / "keys_sdxl.txt")
-    label, text_layer = "model.diffusion_model.label_emb.0.2.weight", (
-        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.bias")
+    label, text_layer = (
+        "model.diffusion_model.label_emb.0.2.weight",
+        ("conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.bias"),
+    )
     bad = {k: v for k, v in keys.items() if k != text_layer}  # missing
-    bad["conditioner.embedders.1.model.ln_final.weight_renamed"] = bad.pop("conditioner.embedders.1.model.ln_final.weight")
+    bad["conditioner.embedders.1.model.ln_final.weight_renamed"] = bad.pop(
+        "conditioner.embedders.1.model.ln_final.weight"
+    )
     bad[label] = (1280, 1281)  # mis-shaped
     bad["model.diffusion_model.extra.weight"] = (4,)  # unexpected
     with pytest.raises(CheckpointError) as error:
         check_checkpoint(bad, meta_model(preset("sdxl")), path="bad.safetensors")
     message = str(error.value)
-    for name in (text_layer, "conditioner.embedders.1.model.ln_final.weight", "ln_final.weight_renamed",
-                 f"{label}: file (1280, 1281), model (1280, 1280)", "model.diffusion_model.extra.weight"):
+    for name in (
+        text_layer,
+        "conditioner.embedders.1.model.ln_final.weight",
+        "ln_final.weight_renamed",
+        f"{label}: file (1280, 1281), model (1280, 1280)",
+        "model.diffusion_model.extra.weight",
+    ):
         assert name in message
     assert isinstance(error.value, UserError)
 
@@ -110,14 +121,15 @@ def test_both_tokenizers_put_words_at_the_same_positions(tmp_path):
     clip_l, big_g = meta_model(preset("sdxl")).conditioner.embedders
     files = clip_tokenizer_files(tmp_path)
     for ours, pad in ((clip_l, "<|endoftext|>"), (big_g, "!")):
-        expected = hf_clip_tokenizer(files, pad_token=pad)(PROMPTS, padding="max_length", max_length=77,
-                                                           return_tensors="pt").input_ids
+        expected = hf_clip_tokenizer(files, pad_token=pad)(
+            PROMPTS, padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         assert torch.equal(ours.tokenize(PROMPTS), expected), pad
     ids_l, ids_g = clip_l.tokenize(PROMPTS), big_g.tokenize(PROMPTS)
     for row_l, row_g in zip(ids_l.tolist(), ids_g.tolist()):
         end = row_l.index(END_TOKEN)
-        assert row_l[:end + 1] == row_g[:end + 1] and row_l[0] == START_TOKEN
-        assert set(row_l[end + 1:]) == {END_TOKEN} and set(row_g[end + 1:]) == {0}
+        assert row_l[: end + 1] == row_g[: end + 1] and row_l[0] == START_TOKEN
+        assert set(row_l[end + 1 :]) == {END_TOKEN} and set(row_g[end + 1 :]) == {0}
 
 
 def test_text_conditioning_shapes_and_pooled(tiny_sdxl):
@@ -144,6 +156,7 @@ def test_empty_prompt_gives_zeros_unless_turned_off(tiny_sdxl):
 
 # --- micro-conditioning y ---------------------------------------------------------------------------------------
 
+
 def test_size_conditioning_equals_diffusers_add_time_proj():
     """y = [pooled | emb(original h, w) | emb(crop top, left) | emb(target h, w)], 256 each, embedded like
     diffusers' `add_time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`."""
@@ -159,8 +172,9 @@ def test_added_conditioning_defaults_and_settings(tiny_sdxl):
     pooled = tiny_sdxl.encode_text(["a cat"]).pooled
     k = tiny_sdxl.config.size_embedding_dim
     y = tiny_sdxl.added_conditioning(pooled, height=64, width=96)
-    assert torch.equal(y, size_conditioning(pooled, original_size=(64, 96), crop=(0, 0), target_size=(64, 96),
-                                            embedding_dim=k))
+    assert torch.equal(
+        y, size_conditioning(pooled, original_size=(64, 96), crop=(0, 0), target_size=(64, 96), embedding_dim=k)
+    )
     settings = dict(original_size=(1024, 1024), crop=(8, 0), target_size=(64, 64))
     changed = tiny_sdxl.config.with_settings(**{k: list(v) for k, v in settings.items()})  # lists, as from YAML
     assert changed.original_size == (1024, 1024)
@@ -207,6 +221,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl):
 
 # --- sizes ---------------------------------------------------------------------------------------------------
 
+
 def test_size_multiple_per_model():
     assert preset("sdxl").size_multiple == 32  # VAE 8 × 2**(3 levels - 1)
     assert preset("sd15").size_multiple == preset("sd21").size_multiple == 8  # their UNet takes any latent size
@@ -214,12 +229,19 @@ def test_size_multiple_per_model():
     preset("sdxl").check_image_size(height=832, width=1216)  # non-square SDXL sizes are fine
 
 
-@pytest.mark.parametrize("height, width, says", [
-    (1000, 1024, "height=1000 is not a positive multiple of 32 for model 'sdxl'"),
-    (1024, 1016, "width=1016 is not a positive multiple of 32 for model 'sdxl' (the VAE's downsampling factor 8 × "
-                 "the UNet's latent multiple 4); try 1024"),
-    (0, 1024, "height=0 is not a positive multiple of 32"),
-])
+@pytest.mark.parametrize(
+    "height, width, says",
+    [
+        (1000, 1024, "height=1000 is not a positive multiple of 32 for model 'sdxl'"),
+        (
+            1024,
+            1016,
+            "width=1016 is not a positive multiple of 32 for model 'sdxl' (the VAE's downsampling factor 8 × "
+            "the UNet's latent multiple 4); try 1024",
+        ),
+        (0, 1024, "height=0 is not a positive multiple of 32"),
+    ],
+)
 def test_sizes_sdxl_cannot_take_are_named(height, width, says):
     with pytest.raises(UserError) as error:
         preset("sdxl").check_image_size(height=height, width=width)
@@ -235,6 +257,7 @@ def test_unet_refuses_a_latent_it_cannot_take(tiny_sdxl):
 
 # --- weights dtype and the VAE's precision -------------------------------------------------------------------
 
+
 def rounded_copy(model: StableDiffusion, dtype: torch.dtype) -> StableDiffusion:
     """An fp32 model whose weights were rounded to `dtype`."""
     copy = StableDiffusion(model.config)
@@ -248,8 +271,13 @@ def sdxl_outputs(model: StableDiffusion) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         text = model.encode_text(["a cat", "a dog"])
         y = model.added_conditioning(text.pooled, height=64, width=64)
-        return {"context": text.context, "pooled": text.pooled, "eps": model.unet(x, 981, text.context, y=y),
-                "decoded": model.decode_latents(x), "encoded": model.encode_images(image)}
+        return {
+            "context": text.context,
+            "pooled": text.pooled,
+            "eps": model.unet(x, 981, text.context, y=y),
+            "decoded": model.decode_latents(x),
+            "encoded": model.encode_images(image),
+        }
 
 
 @pytest.mark.parametrize("weights_dtype, torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -276,12 +304,15 @@ def test_fp16_file_keeps_fp16_weights(tiny_sdxl, tmp_path):
 def test_half_weights_fp32_compute_gives_the_same_image_on_the_tiny_model(random_model, tmp_path):
     """Every layer type of the SD-style tiny model (hybrid attention, open_clip MHA) through the whole pipeline."""
     from p2p.pipeline import SamplerSettings, generate
+
     tiny = random_model(lambda: StableDiffusion(preset("tiny")), seed=4)
     path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
     stored = load_checkpoint(path, weights_dtype="bf16", dtype="fp32")
     settings = SamplerSettings(steps=3, guidance=5.0)
-    images = [generate(m, ["a red circle"], seed=0, settings=settings, progress=False)
-              for m in (stored, rounded_copy(tiny, torch.bfloat16))]
+    images = [
+        generate(m, ["a red circle"], seed=0, settings=settings, progress=False)
+        for m in (stored, rounded_copy(tiny, torch.bfloat16))
+    ]
     assert (images[0] == images[1]).all()
 
 
@@ -294,11 +325,16 @@ def test_vae_decodes_in_fp32_and_never_returns_nan_silently(tiny_sdxl, tiny_sdxl
         decoded = half.decode_latents(latents)  # default: decoded in fp32
         assert decoded.dtype == torch.float32 and torch.isfinite(decoded).all()
         half.config.vae_decode_fp32 = False
-        with pytest.raises(UserError, match=r"the VAE's decoded images: \d+ of 3072 values are NaN/inf \(computed in "
-                                            r"torch.float16\); half precision overflowed"):
+        with pytest.raises(
+            UserError,
+            match=r"the VAE's decoded images: \d+ of 3072 values are NaN/inf \(computed in "
+            r"torch.float16\); half precision overflowed",
+        ):
             half.decode_latents(latents)
         with pytest.raises(UserError, match="the latents to decode: 1 of 64 values are NaN/inf"):
-            tiny_sdxl.decode_latents(torch.zeros(1, 4, 4, 4).index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"))))
+            tiny_sdxl.decode_latents(
+                torch.zeros(1, 4, 4, 4).index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan")))
+            )
 
 
 def test_half_precision_compute_on_a_slow_cpu_warns(tiny_sdxl_file, monkeypatch, caplog):
@@ -316,6 +352,7 @@ def test_safetensors_whose_first_byte_looks_like_a_pickle_loads(tiny_sdxl_file, 
     """The header length's lowest byte is 0x80 (a pickle's first byte) for 1 file in 256, real SDXL files too."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
     with safe_open(str(tiny_sdxl_file), framework="pt") as f:
         metadata = f.metadata()
     state = load_file(str(tiny_sdxl_file))

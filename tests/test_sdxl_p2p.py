@@ -1,6 +1,7 @@
 """Prompt-to-Prompt and real-image editing on SDXL's architecture (tiny widths), through the same code paths as
 SD 1.x (issue 31): the edit identities, LocalBlend's level, null-text inversion, and the scripts end to end —
 `generate.py` on an SDXL-layout file gives the image of diffusers' StableDiffusionXLPipeline."""
+
 from __future__ import annotations
 
 import subprocess
@@ -64,9 +65,17 @@ def test_local_blend_reads_the_latent_over_4_layers_as_sdxl_at_1024_does():
     assert default_blend_downsamplings(sdxl, (32, 32)) == 2 and grid_at((32, 32), 2) == (8, 8)
     assert default_blend_downsamplings(sdxl, (128, 128)) == 2 and grid_at((128, 128), 2) == (32, 32)
     prompts = ["a cat riding a bicycle", "a dog riding a bicycle"]
-    result = edit(sdxl, prompts, seed=4, height=256, width=256, spec=EditSpec(kind="replace"),
-                  blend=BlendSpec(words=[["cat"], ["dog"]], threshold=0.8, dilation=0), settings=SETTINGS,
-                  progress=False)
+    result = edit(
+        sdxl,
+        prompts,
+        seed=4,
+        height=256,
+        width=256,
+        spec=EditSpec(kind="replace"),
+        blend=BlendSpec(words=[["cat"], ["dog"]], threshold=0.8, dilation=0),
+        settings=SETTINGS,
+        progress=False,
+    )
     assert result.blend.last_mask.shape == (2, 1, 32, 32)  # upsampled to the latent
     assert result.blend.grid == (8, 8)
     outside = result.blend.last_mask[1, 0] == 0
@@ -82,8 +91,14 @@ def test_null_text_inversion_reconstructs_better_than_ddim_inversion(sdxl):
     errors, settings = {}, SamplerSettings(steps=4, guidance=5.0)
     for method in ("ddim", "null_text"):
         inversion = invert(sdxl, image, caption, method=method, settings=settings, progress=False)
-        latents = sample(sdxl, [caption], latent=inversion.x_T, settings=settings,
-                         uncond_embeddings=inversion.uncond_embeddings, progress=False)
+        latents = sample(
+            sdxl,
+            [caption],
+            latent=inversion.x_T,
+            settings=settings,
+            uncond_embeddings=inversion.uncond_embeddings,
+            progress=False,
+        )
         errors[method] = (latents - target).pow(2).mean().item()
     # measured 1.29 vs 1.73 (random weights: large ε, so 10 Adam steps of lr 1e-2 close only part of the gap)
     assert errors["null_text"] < 0.85 * errors["ddim"], errors
@@ -95,16 +110,41 @@ def test_generate_script_on_an_sdxl_layout_file_gives_diffusers_image(tmp_path):
     model = randomize_(StableDiffusion(tiny_sdxl_config()), seed=11).eval().requires_grad_(False)
     checkpoint = save_checkpoint(model, tmp_path / "tiny_sdxl.safetensors")  # the config travels in the metadata
     width = 96  # non-square
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), f"model.checkpoint={checkpoint}",
-                           f'prompts=["{PROMPT}"]', f"seed={SEED}", f"steps={STEPS}", f"guidance={GUIDANCE}",
-                           f"height={HEIGHT}", f"width={width}", "progress=false", f"hydra.run.dir={tmp_path}/run"],
-                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "generate.py"),
+            f"model.checkpoint={checkpoint}",
+            f'prompts=["{PROMPT}"]',
+            f"seed={SEED}",
+            f"steps={STEPS}",
+            f"guidance={GUIDANCE}",
+            f"height={HEIGHT}",
+            f"width={width}",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     ours = np.asarray(Image.open(next((tmp_path / "run").glob("00_*.png"))), dtype=np.float64)
     pipe = diffusers_sdxl_pipeline_from_ours(model, tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPT, height=HEIGHT, width=width, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                    generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0] * 255
+    expected = (
+        pipe(
+            PROMPT,
+            height=HEIGHT,
+            width=width,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np",
+        ).images[0]
+        * 255
+    )
     assert ours.shape == expected.shape == (HEIGHT, width, 3)
     assert expected.std() > 5, "degenerate reference image: the comparison would prove little"
     assert np.abs(ours - expected).max() <= MAX_PIXEL_DIFF

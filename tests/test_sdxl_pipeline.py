@@ -6,6 +6,7 @@ base configures it, classifier-free guidance with the empty negative prompt (zer
 diffusers' default for SDXL base), a non-square size. The loop below is the one p2p/pipeline.py runs, plus `y`:
 it is the integration recipe for SDXL.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,21 +43,40 @@ def generate_with_models_api(model: StableDiffusion, prompt: str, *, negative_pr
 def diffusers_sdxl_pipeline_from_ours(model: StableDiffusion, tmp_path) -> StableDiffusionXLPipeline:
     clip_l, big_g = transformers_text_encoders_from_ours(model)
     files = clip_tokenizer_files(tmp_path)
-    scheduler = DDIMScheduler(beta_start=SD_BETA_START, beta_end=SD_BETA_END, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=SD_TIMESTEP_OFFSET)
+    scheduler = DDIMScheduler(
+        beta_start=SD_BETA_START,
+        beta_end=SD_BETA_END,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=SD_TIMESTEP_OFFSET,
+    )
     return StableDiffusionXLPipeline(
-        vae=diffusers_vae_from_ours(model.vae, model.config), text_encoder=clip_l, text_encoder_2=big_g,
-        tokenizer=hf_clip_tokenizer(files, pad_token="<|endoftext|>"), tokenizer_2=hf_clip_tokenizer(files, pad_token="!"),
-        unet=diffusers_unet_from_ours(model.unet, model.config), scheduler=scheduler,
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
+        vae=diffusers_vae_from_ours(model.vae, model.config),
+        text_encoder=clip_l,
+        text_encoder_2=big_g,
+        tokenizer=hf_clip_tokenizer(files, pad_token="<|endoftext|>"),
+        tokenizer_2=hf_clip_tokenizer(files, pad_token="!"),
+        unet=diffusers_unet_from_ours(model.unet, model.config),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def test_tiny_sdxl_generation_matches_diffusers_pipeline(random_model, tmp_path):
     model = random_model(lambda: StableDiffusion(tiny_sdxl_config()), seed=11)
     pipe = diffusers_sdxl_pipeline_from_ours(model, tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                    generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]  # [0, 1]
+    expected = pipe(
+        PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+    ).images[0]  # [0, 1]
     actual = generate_with_models_api(model, PROMPT)
     diff = abs(actual.astype("float64") - expected * 255).max()
     print(f"tiny SDXL pipeline: max pixel diff {diff:.3f}/255 (image std {expected.std() * 255:.1f}/255)")

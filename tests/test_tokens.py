@@ -2,6 +2,7 @@
 
 Prompt pairs come from the paper and the official notebooks; expected mappers are written out by hand.
 """
+
 import open_clip
 import pytest
 import torch
@@ -49,6 +50,7 @@ def expected_mapper(pairs):
 
 # --- tokenize -------------------------------------------------------------------------------------
 
+
 def test_special_tokens_and_context_length_are_clips():
     tokenizer = clip_tokenizer()
     assert (START_TOKEN, END_TOKEN) == (tokenizer.sot_token_id, tokenizer.eot_token_id) == (49406, 49407)
@@ -62,7 +64,7 @@ def test_tokenize_layout_and_padding_per_model():
     sd2 = tokenize("a cat riding a bicycle", pad_id=SD2_PAD)
     assert len(sd1) == len(sd2) == 77
     assert sd1[: len(ids) + 2] == sd2[: len(ids) + 2] == [START_TOKEN, *ids, END_TOKEN]
-    assert set(sd1[len(ids) + 2:]) == {49407} and set(sd2[len(ids) + 2:]) == {0}
+    assert set(sd1[len(ids) + 2 :]) == {49407} and set(sd2[len(ids) + 2 :]) == {0}
 
 
 def test_tokenize_equals_open_clip_with_zero_padding():
@@ -73,8 +75,12 @@ def test_tokenize_equals_open_clip_with_zero_padding():
 def test_over_long_prompt_raises_instead_of_truncating():
     fits, too_long = " ".join(["cat"] * 75), " ".join(["cat"] * 76)
     assert tokenize(fits, pad_id=0)[-1] == END_TOKEN
-    for fail in (lambda: tokenize(too_long, pad_id=0), lambda: word_token_positions(too_long, "cat"),
-                 lambda: replace_mapper(too_long, too_long), lambda: refine_alignment(fits, too_long)):
+    for fail in (
+        lambda: tokenize(too_long, pad_id=0),
+        lambda: word_token_positions(too_long, "cat"),
+        lambda: replace_mapper(too_long, too_long),
+        lambda: refine_alignment(fits, too_long),
+    ):
         with pytest.raises(ValueError, match="has 76 tokens, but at most 75 fit"):
             fail()
 
@@ -93,14 +99,17 @@ def test_a_shorter_context_sizes_every_map_and_keeps_its_limit():
     assert mapper.shape == alphas.shape == (16,) and mapper[15] == 15 and alphas.sum() == 15  # one new token
     assert token_scales(source, {"pizza": 2.0}, context_length=16).shape == (16,)
     too_long = " ".join(["cat"] * 15)
-    for fail in (lambda: replace_mapper(too_long, too_long, context_length=16),
-                 lambda: refine_alignment("a cat", too_long, context_length=16),
-                 lambda: token_scales(too_long, {"cat": 2.0}, context_length=16)):
+    for fail in (
+        lambda: replace_mapper(too_long, too_long, context_length=16),
+        lambda: refine_alignment("a cat", too_long, context_length=16),
+        lambda: token_scales(too_long, {"cat": 2.0}, context_length=16),
+    ):
         with pytest.raises(ValueError, match="has 15 tokens, but at most 14 fit"):
             fail()
 
 
 # --- words and their positions ---------------------------------------------------------------------
+
 
 def test_words_split_on_any_whitespace():
     assert words("a  cat\triding \n a bicycle ") == ["a", "cat", "riding", "a", "bicycle"]
@@ -172,7 +181,8 @@ def test_missing_word_raises_with_the_words_that_exist():
         word_token_positions("a cat riding a bicycle", "dog")
     assert str(error.value) == (
         "word 'dog' is not in prompt 'a cat riding a bicycle'; words are matched case-insensitively "
-        "without surrounding punctuation: ['a', 'cat', 'riding', 'a', 'bicycle']")
+        "without surrounding punctuation: ['a', 'cat', 'riding', 'a', 'bicycle']"
+    )
     with pytest.raises(ValueError, match="word index 5 is out of range"):
         word_token_positions("a cat riding a bicycle", 5)
     with pytest.raises(ValueError, match="word ',' is not in prompt"):
@@ -186,16 +196,28 @@ def test_missing_word_raises_with_the_words_that_exist():
 
 def test_decode_tokens_names_every_content_token():
     assert decode_tokens("A painting of a squirrel eating a burger") == [
-        "a", "painting", "of", "a", "squirrel", "eating", "a", "burger"]
+        "a",
+        "painting",
+        "of",
+        "a",
+        "squirrel",
+        "eating",
+        "a",
+        "burger",
+    ]
 
 
 # --- replace (word swap) ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source, target", [
-    ("a cat riding a bicycle", "a cat riding a car"),
-    ("A painting of a squirrel eating a burger", "A painting of a lion eating a burger"),
-    ("a cat riding a bicycle", "A  Cat riding a bicycle"),  # same tokens: nothing swapped
-])
+
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("a cat riding a bicycle", "a cat riding a car"),
+        ("A painting of a squirrel eating a burger", "A painting of a lion eating a burger"),
+        ("a cat riding a bicycle", "A  Cat riding a bicycle"),  # same tokens: nothing swapped
+    ],
+)
 def test_one_token_swaps_give_the_identity(source, target):
     assert torch.equal(replace_mapper(source, target), torch.eye(77))
 
@@ -216,26 +238,48 @@ def test_tail_after_a_multi_token_swap_is_shifted_not_dropped():
     source, target = "a cat sitting on a car", "a rhinoceros sitting on a car"
     assert decode_tokens(target)[1:4] == ["rhino", "cer", "os"]
     # source: SOT0 a1 cat2 sitting3 on4 a5 car6 EOT7 | target: SOT0 a1 rhino2 cer3 os4 sitting5 on6 a7 car8 EOT9
-    pairs = {(0, 0): 1.0, (1, 1): 1.0, (2, 2): 1 / 3, (2, 3): 1 / 3, (2, 4): 1 / 3,
-             (3, 5): 1.0, (4, 6): 1.0, (5, 7): 1.0, (6, 8): 1.0, (7, 9): 1.0}
+    pairs = {
+        (0, 0): 1.0,
+        (1, 1): 1.0,
+        (2, 2): 1 / 3,
+        (2, 3): 1 / 3,
+        (2, 4): 1 / 3,
+        (3, 5): 1.0,
+        (4, 6): 1.0,
+        (5, 7): 1.0,
+        (6, 8): 1.0,
+        (7, 9): 1.0,
+    }
     pairs |= {(column, column): 1.0 for column in range(10, 77)}  # padding keeps its position
     assert torch.equal(replace_mapper(source, target), expected_mapper(pairs))
 
 
 def test_swap_to_a_shorter_word_sums_its_tokens_and_pulls_the_tail_back():
     source, target = "a rhinoceros on a table", "a cat on a table"
-    pairs = {(0, 0): 1.0, (1, 1): 1.0, (2, 2): 1.0, (3, 2): 1.0, (4, 2): 1.0,
-             (5, 3): 1.0, (6, 4): 1.0, (7, 5): 1.0, (8, 6): 1.0}
+    pairs = {
+        (0, 0): 1.0,
+        (1, 1): 1.0,
+        (2, 2): 1.0,
+        (3, 2): 1.0,
+        (4, 2): 1.0,
+        (5, 3): 1.0,
+        (6, 4): 1.0,
+        (7, 5): 1.0,
+        (8, 6): 1.0,
+    }
     # the end token moves from 8 to 6; target padding 7 and 8 lie on source words: they read nothing
     pairs |= {(column, column): 1.0 for column in range(9, 77)}
     assert torch.equal(replace_mapper(source, target), expected_mapper(pairs))
 
 
-@pytest.mark.parametrize("source, target", [
-    ("a cat sitting on a car", "a rhinoceros sitting on a lasagne"),
-    ("a rhinoceros, eating lasagne at home", "a cat. eating pizza at home"),
-    ("A painting of a squirrel eating a burger", "A painting of a rhinoceros eating a lasagne"),
-])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("a cat sitting on a car", "a rhinoceros sitting on a lasagne"),
+        ("a rhinoceros, eating lasagne at home", "a cat. eating pizza at home"),
+        ("A painting of a squirrel eating a burger", "A painting of a rhinoceros eating a lasagne"),
+    ],
+)
 def test_mapper_columns_are_well_formed_and_attention_mass_is_kept(source, target):
     mapper = replace_mapper(source, target)
     swapped_columns = set()
@@ -255,7 +299,7 @@ def test_mapper_columns_are_well_formed_and_attention_mass_is_kept(source, targe
     # word at its padding position
     sent = mapper.sum(dim=1)
     assert torch.allclose(sent[: source_end + 1], torch.ones(source_end + 1))
-    assert torch.allclose(sent[max(source_end, target_end) + 1:], torch.ones(76 - max(source_end, target_end)))
+    assert torch.allclose(sent[max(source_end, target_end) + 1 :], torch.ones(76 - max(source_end, target_end)))
     # so an edited softmax map keeps the source's per-pixel mass over the words and the end token
     source_maps = torch.randn(2, 8, 64, 77).softmax(dim=-1)
     edited = torch.einsum("bhpw,wn->bhpn", source_maps, mapper)
@@ -283,6 +327,7 @@ def test_replace_mappers_stack_one_mapper_per_target():
 
 # --- refine (adding a phrase) ----------------------------------------------------------------------
 
+
 def test_the_last_padding_columns_keep_their_mass_when_the_target_is_longer():
     """A model may put much of its attention on the last padding positions (the built-in model: over a quarter on
     position 15 of 16): a longer target must not drop them, or the edited rows sum to far less than 1."""
@@ -295,8 +340,7 @@ def test_the_last_padding_columns_keep_their_mass_when_the_target_is_longer():
 
 
 def test_refine_adding_words_at_the_end():
-    mapper, alphas = refine_alignment("a photo of a house on a mountain",
-                                      "a photo of a house on a mountain at winter")
+    mapper, alphas = refine_alignment("a photo of a house on a mountain", "a photo of a house on a mountain at winter")
     # target: SOT0 a photo of a house on a mountain(8) at9 winter10 EOT11; source EOT is 9
     assert mapper.dtype == torch.long and alphas.dtype == torch.float32
     assert mapper[:9].tolist() == list(range(9)) and mapper[11] == 9
@@ -316,8 +360,7 @@ def test_refine_ties_mark_the_later_duplicate_as_new_like_the_reference():
 
 
 def test_refine_removing_words_maps_padding_to_padding():
-    mapper, alphas = refine_alignment("a photo of a house on a mountain at winter",
-                                      "a photo of a house on a mountain")
+    mapper, alphas = refine_alignment("a photo of a house on a mountain at winter", "a photo of a house on a mountain")
     assert mapper[:10].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 11] and alphas[:10].eq(1).all()
     # target padding 10 and 11 lie on the source's 'winter' and end token: their own columns, like new tokens
     assert alphas[10:12].tolist() == [0.0, 0.0] and mapper[10:12].tolist() == [10, 11]
@@ -341,12 +384,15 @@ def lcs_length(a, b):
     return previous[-1]
 
 
-@pytest.mark.parametrize("source, target", [
-    ("a photo of a house on a mountain", "a photo of a house on a snowy mountain at winter"),
-    ("a bunny doll", "a smiling bunny doll made of lasagne"),
-    ("a cat riding a bicycle", "a fluffy cat, riding a rusty old bicycle in a park"),
-    ("a cat on a mat", "a cat on a cat on a mat on a cat"),
-])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("a photo of a house on a mountain", "a photo of a house on a snowy mountain at winter"),
+        ("a bunny doll", "a smiling bunny doll made of lasagne"),
+        ("a cat riding a bicycle", "a fluffy cat, riding a rusty old bicycle in a park"),
+        ("a cat on a mat", "a cat on a cat on a mat on a cat"),
+    ],
+)
 def test_refine_aligns_equal_tokens_in_order_and_as_many_as_possible(source, target):
     source_ids = tokenize(source, pad_id=SD2_PAD)
     target_ids = tokenize(target, pad_id=SD2_PAD)
@@ -369,6 +415,7 @@ def test_refine_alignments_batch_targets():
 
 
 # --- re-weighting ----------------------------------------------------------------------------------
+
 
 def test_token_scales_one_value_per_word():
     scales = token_scales("a smiling bunny doll, with lasagne", {"Smiling": 5.0, "lasagne": -1, 3: 0.5})

@@ -4,6 +4,7 @@ seed, a resumed run equals an uninterrupted one, and the shipped file loads with
 Runs on a reduced model (16 px world, 2-level VAE and UNet, 1-layer text encoder): every test is CPU-fast.
 Bitwise reproducibility is promised for a fixed thread count; conftest runs these tests on one thread.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,11 +46,20 @@ def small_config() -> ModelConfig:
     """The tiny model's structure (cross + hybrid attention, KL VAE, open_clip text), shrunk to 16 px."""
     return ModelConfig(
         name="tiny-test",
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-                        attention_kinds=("cross", "hybrid"), num_head_channels=32, context_dim=32),
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(1, 2),
+            attention_kinds=("cross", "hybrid"),
+            num_head_channels=32,
+            context_dim=32,
+        ),
         vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
         text=TextConfig(width=32, heads=2, layers=1, act="gelu", pad_token=0),
-        image_size=16, scale_factor=1.0)
+        image_size=16,
+        scale_factor=1.0,
+    )
 
 
 def small_model(seed: int = 0) -> StableDiffusion:
@@ -59,9 +69,17 @@ def small_model(seed: int = 0) -> StableDiffusion:
 
 def small_train_config(run_dir: Path, *, seed: int = 0, resume: bool = False, steps: int = 4) -> TrainConfig:
     phase = dict(steps=steps, batch_size=4, warmup_steps=2, lr=1e-3)
-    return TrainConfig(seed=seed, run_dir=str(run_dir), resume=resume, checkpoint_every=100, log_every=1,
-                       scale_samples=16, world=SMALL_WORLD,
-                       vae=PhaseConfig(**phase, ema_decay=0.0), unet=PhaseConfig(**phase, ema_decay=0.9))
+    return TrainConfig(
+        seed=seed,
+        run_dir=str(run_dir),
+        resume=resume,
+        checkpoint_every=100,
+        log_every=1,
+        scale_samples=16,
+        world=SMALL_WORLD,
+        vae=PhaseConfig(**phase, ema_decay=0.0),
+        unet=PhaseConfig(**phase, ema_decay=0.9),
+    )
 
 
 def assert_same_weights(a: StableDiffusion, b: StableDiffusion) -> None:
@@ -79,9 +97,18 @@ def fixed_batch(model: StableDiffusion):
 def overfit(model, *, phase: str, loss_fn, steps: int, tmp_path: Path) -> tuple[float, float]:
     """Loss on one fixed batch (and fixed noise) before and after `steps` steps on that batch."""
     before = loss_fn().item()
-    train_phase(model, phase=phase, cfg=PhaseConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=1, ema_decay=0),
-                loss_at_step=lambda step, rng: (loss_fn(), {}), seed=0, run_dir=tmp_path, resume=False,
-                checkpoint_every=1000, log_every=1000, progress=False)
+    train_phase(
+        model,
+        phase=phase,
+        cfg=PhaseConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=1, ema_decay=0),
+        loss_at_step=lambda step, rng: (loss_fn(), {}),
+        seed=0,
+        run_dir=tmp_path,
+        resume=False,
+        checkpoint_every=1000,
+        log_every=1000,
+        progress=False,
+    )
     with torch.no_grad():
         return before, loss_fn().item()
 
@@ -127,8 +154,15 @@ def test_vae_training_with_coverage_writes_coverage_into_channel_0(tmp_path):
     model = small_model()
     images, _, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
     coverage = cell_coverage(scenes, model.config.latent_factor)
-    loss = lambda: vae_loss(model, images, kl_weight=1e-6, generator=torch.Generator().manual_seed(0),
-                            coverage=coverage, coverage_weight=1.0, coverage_ratio=4.0)
+    loss = lambda: vae_loss(
+        model,
+        images,
+        kl_weight=1e-6,
+        generator=torch.Generator().manual_seed(0),
+        coverage=coverage,
+        coverage_weight=1.0,
+        coverage_ratio=4.0,
+    )
     before = loss()[1]["coverage"]
     overfit(model, phase="vae", loss_fn=lambda: loss()[0], steps=25, tmp_path=tmp_path)
     assert loss()[1]["coverage"] < 0.2 * before
@@ -157,8 +191,9 @@ def test_min_snr_weights_follow_the_formula_and_reweight_the_loss():
     images, token_ids = fixed_batch(model)
     latents = model.encode_images(images).detach()
     plain, plain_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))
-    weighted, weighted_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
-                                            snr_gamma=5.0)
+    weighted, weighted_log = diffusion_loss(
+        model, latents, token_ids, generator=torch.Generator().manual_seed(0), snr_gamma=5.0
+    )
     assert plain_log["mse"] == weighted_log["mse"] == pytest.approx(plain.item())  # the log stays the plain MSE
     assert weighted.item() < plain.item()  # every weight is ≤ 1 and some are < 1
     with pytest.raises(ValueError, match="snr_gamma"):
@@ -168,24 +203,32 @@ def test_min_snr_weights_follow_the_formula_and_reweight_the_loss():
 def two_scenes(seed: int, world: WorldConfig):
     """A two-object scene whose caption names the background, and a one-object scene whose caption does not."""
     rng = np.random.default_rng(seed)
-    two = sample_scene(rng, config=world, objects=[("purple", "triangle"), ("red", "circle")], background="gray",
-                       mention_background=True)
+    two = sample_scene(
+        rng,
+        config=world,
+        objects=[("purple", "triangle"), ("red", "circle")],
+        background="gray",
+        mention_background=True,
+    )
     return two, sample_scene(rng, config=world, objects=[("yellow", "square")], mention_background=False)
 
 
 def test_grounding_rows_name_each_objects_color_and_shape_tokens_and_skip_dropped_captions():
     two, one = two_scenes(3, WorldConfig(**SMALL_WORLD))
     rows = GroundingCache(16)([two, one, two], [two.caption, one.caption, ""])  # the third caption was dropped
-    expected = [(0, word_token_positions(two.caption, "purple", context_length=16), two.objects[0].mask),
-                (0, word_token_positions(two.caption, "triangle", context_length=16), two.objects[0].mask),
-                (0, word_token_positions(two.caption, "red", context_length=16), two.objects[1].mask),
-                (0, word_token_positions(two.caption, "circle", context_length=16), two.objects[1].mask),
-                (1, word_token_positions(one.caption, "yellow", context_length=16), one.objects[0].mask),
-                (1, word_token_positions(one.caption, "square", context_length=16), one.objects[0].mask)]
+    expected = [
+        (0, word_token_positions(two.caption, "purple", context_length=16), two.objects[0].mask),
+        (0, word_token_positions(two.caption, "triangle", context_length=16), two.objects[0].mask),
+        (0, word_token_positions(two.caption, "red", context_length=16), two.objects[1].mask),
+        (0, word_token_positions(two.caption, "circle", context_length=16), two.objects[1].mask),
+        (1, word_token_positions(one.caption, "yellow", context_length=16), one.objects[0].mask),
+        (1, word_token_positions(one.caption, "square", context_length=16), one.objects[0].mask),
+    ]
     assert rows.sample.tolist() == [i for i, positions, _ in expected for _ in positions]
     assert rows.token.tolist() == [k for _, positions, _ in expected for k in positions]
-    assert torch.equal(rows.mask[:, 0].bool(), torch.from_numpy(np.stack(
-        [m for _, positions, m in expected for _ in positions])))
+    assert torch.equal(
+        rows.mask[:, 0].bool(), torch.from_numpy(np.stack([m for _, positions, m in expected for _ in positions]))
+    )
     empty = GroundingCache(16)([one], [""])
     assert len(empty.sample) == 0
 
@@ -199,7 +242,7 @@ def test_grounding_loss_is_zero_inside_the_mask_and_one_minus_the_area_squared_w
     assert grounding_loss([inside], rows).item() == pytest.approx(0.0)
     uniform = torch.full((1, 2, 4, 4, 5), 0.2, requires_grad=True)
     loss = grounding_loss([uniform, inside], rows)  # layers averaged: ((1 − 1/4)² + 0) / 2
-    assert loss.item() == pytest.approx(0.75 ** 2 / 2)
+    assert loss.item() == pytest.approx(0.75**2 / 2)
     loss.backward()
     assert uniform.grad[0, :, 1:3, 1:3, 2].lt(0).all() and uniform.grad[0, :, 0, 0, 2].gt(0).all()
     assert uniform.grad[..., [0, 1, 3, 4]].eq(0).all()  # only the grounded token's column is asked to move
@@ -211,16 +254,18 @@ def test_diffusion_loss_adds_the_weighted_grounding_term_and_logs_it():
     latents, token_ids = model.encode_images(images).detach(), TokenCache(model.text_encoder)(captions)
     rows = GroundingCache(model.context_length)(scenes, captions)
     plain, plain_log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))
-    grounded, log = diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
-                                   grounding=rows, grounding_weight=0.5)
+    grounded, log = diffusion_loss(
+        model, latents, token_ids, generator=torch.Generator().manual_seed(0), grounding=rows, grounding_weight=0.5
+    )
     # recording the maps computes those layers' softmax explicitly instead of the fused kernel: the same ε-MSE
     # up to rounding (bit-equal on some CPUs, 1e-7 apart on others)
     assert log["mse"] == pytest.approx(plain_log["mse"], rel=1e-6)
     assert 0 < log["grounding"] < 1 and "grounding" not in plain_log
     assert grounded.item() == pytest.approx(plain.item() + 0.5 * log["grounding"], rel=1e-5)
     with pytest.raises(ValueError, match="grounding_weight"):
-        diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0), grounding=rows,
-                       grounding_weight=-1)
+        diffusion_loss(
+            model, latents, token_ids, generator=torch.Generator().manual_seed(0), grounding=rows, grounding_weight=-1
+        )
     with pytest.raises(ValueError, match="grounding=-0.1"):
         PhaseConfig(grounding=-0.1)
 
@@ -230,8 +275,9 @@ def test_training_with_grounding_moves_the_tokens_attention_onto_their_objects(t
     images, captions, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
     latents, token_ids = model.encode_images(images).detach(), TokenCache(model.text_encoder)(captions)
     rows = GroundingCache(model.context_length)(scenes, captions)
-    grounding = lambda: diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0),
-                                       grounding=rows, grounding_weight=1.0)
+    grounding = lambda: diffusion_loss(
+        model, latents, token_ids, generator=torch.Generator().manual_seed(0), grounding=rows, grounding_weight=1.0
+    )
     before = grounding()[1]["grounding"]
     overfit(model, phase="unet", loss_fn=lambda: grounding()[0], steps=25, tmp_path=tmp_path)
     assert grounding()[1]["grounding"] < 0.5 * before
@@ -264,8 +310,9 @@ def test_diffusion_loss_reads_the_mixed_features():
     images, captions, scenes = sample_batch(np.random.default_rng(0), 8, config=WorldConfig(**SMALL_WORLD))
     latents, tokens = model.encode_images(images).detach(), TokenCache(model.text_encoder)
     mixer = ColorMixer(WorldConfig(**SMALL_WORLD), tokens, model.context_length)
-    loss = lambda mix: diffusion_loss(model, latents, tokens(captions), generator=torch.Generator().manual_seed(0),
-                                      mix=mix)[0].item()
+    loss = lambda mix: diffusion_loss(
+        model, latents, tokens(captions), generator=torch.Generator().manual_seed(0), mix=mix
+    )[0].item()
     plain = loss(None)
     assert loss(mixer(scenes, captions, p=0.0, rng=np.random.default_rng(0))) == pytest.approx(plain, abs=1e-6)
     assert loss(mixer(scenes, captions, p=1.0, rng=np.random.default_rng(0))) != pytest.approx(plain, abs=1e-6)
@@ -274,13 +321,15 @@ def test_diffusion_loss_reads_the_mixed_features():
 def test_training_with_color_mix_is_deterministic_and_mixes(tmp_path, monkeypatch):
     mixes = []
     loss = training.diffusion_loss
-    monkeypatch.setattr(training, "diffusion_loss",
-                        lambda *a, mix=None, **k: (mixes.append(mix), loss(*a, mix=mix, **k))[1])
+    monkeypatch.setattr(
+        training, "diffusion_loss", lambda *a, mix=None, **k: (mixes.append(mix), loss(*a, mix=mix, **k))[1]
+    )
 
     def config(name):
         cfg = small_train_config(tmp_path / name)
         cfg.unet.color_mix = 0.5
         return cfg
+
     runs = [train(small_model(), config(name), progress=False) for name in ("a", "b")]
     assert_same_weights(runs[0], runs[1])
     assert mixes and any((~mix.keep).any() for mix in mixes)  # the training steps did get mixed features
@@ -292,15 +341,22 @@ def test_unet_phase_trains_unet_and_text_but_not_the_vae(tmp_path):
     text_before = model.text_encoder.model.transformer.resblocks[0].attn.in_proj_weight.clone()
     images, token_ids = fixed_batch(model)
     latents = model.encode_images(images).detach()
-    overfit(model, phase="unet", steps=2, tmp_path=tmp_path, loss_fn=lambda: diffusion_loss(
-        model, latents, token_ids, generator=torch.Generator().manual_seed(0))[0])
+    overfit(
+        model,
+        phase="unet",
+        steps=2,
+        tmp_path=tmp_path,
+        loss_fn=lambda: diffusion_loss(model, latents, token_ids, generator=torch.Generator().manual_seed(0))[0],
+    )
     assert all(torch.equal(v, model.vae.state_dict()[k]) for k, v in vae_before.items())
     assert not torch.equal(text_before, model.text_encoder.model.transformer.resblocks[0].attn.in_proj_weight)
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
-    runs = [train(small_model(), small_train_config(tmp_path / name, seed=seed), progress=False)
-            for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    runs = [
+        train(small_model(), small_train_config(tmp_path / name, seed=seed), progress=False)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
     assert_same_weights(runs[0], runs[1])
     assert runs[0].config.scale_factor == runs[1].config.scale_factor != 1.0
     state_a, state_c = runs[0].state_dict(), runs[2].state_dict()
@@ -326,8 +382,9 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     monkeypatch.setattr(training, "diffusion_loss", real_loss)
     assert torch.load(tmp_path / "cut" / "unet-last.pt", weights_only=True)["step"] == 3
 
-    resumed = train(small_model(seed=123), small_train_config(tmp_path / "cut", steps=6, resume=True),
-                    progress=False)  # a different init: everything must come from the checkpoints
+    resumed = train(
+        small_model(seed=123), small_train_config(tmp_path / "cut", steps=6, resume=True), progress=False
+    )  # a different init: everything must come from the checkpoints
     assert_same_weights(uninterrupted, resumed)
     assert resumed.config.scale_factor == uninterrupted.config.scale_factor
 
@@ -362,7 +419,7 @@ def test_caption_dropout_rate_and_empty_prompt():
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="models/weights/tiny.safetensors not trained yet")
 def test_shipped_model_loads_and_is_small():
-    assert SHIPPED.stat().st_size <= 30 * 2 ** 20
+    assert SHIPPED.stat().st_size <= 30 * 2**20
     model = load_checkpoint(SHIPPED)
     assert model.config.name == "tiny" and model.config.image_size == 32
     assert model.config.scale_factor != 1.0  # set from the trained VAE's latent statistics
@@ -378,30 +435,47 @@ def test_shipped_model_loads_and_is_small():
 def test_train_script_writes_a_loadable_file_with_its_context_length(tmp_path):
     import subprocess
     import sys
+
     out = tmp_path / "tiny.safetensors"
-    common = [sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
-              "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
-              f"output={out}", "log_every=1"]
+    common = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "train_tiny.py"),
+        f"run_dir={tmp_path}/run",
+        "vae.steps=1",
+        "vae.batch_size=2",
+        "unet.steps=1",
+        "unet.batch_size=2",
+        "scale_samples=8",
+        f"output={out}",
+        "log_every=1",
+    ]
     done = subprocess.run([*common, "context_length=16"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     model = load_checkpoint(out)
     assert model.context_length == 16 and model.encode_prompts(["a red circle"]).shape[1] == 16
-    refused = subprocess.run([*common, "context_length=12", f"run_dir={tmp_path}/refused"], capture_output=True,
-                             text=True, timeout=1200, cwd=tmp_path)
+    refused = subprocess.run(
+        [*common, "context_length=12", f"run_dir={tmp_path}/refused"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
     assert refused.returncode != 0 and "context_length=12" in refused.stderr and "choose 13..77" in refused.stderr
     assert not list((tmp_path / "refused").glob("*.pt")) and not (tmp_path / "refused" / "config.yaml").exists()
 
     # nothing is overwritten: the same run folder without resume, or the same output without overwrite=true,
     # is refused before any training; resume + overwrite finishes and keeps the first run's config
     weights = out.read_bytes()
-    again = subprocess.run([*common, f"output={tmp_path}/other.safetensors"], capture_output=True, text=True,
-                           timeout=1200, cwd=tmp_path)
+    again = subprocess.run(
+        [*common, f"output={tmp_path}/other.safetensors"], capture_output=True, text=True, timeout=1200, cwd=tmp_path
+    )
     assert again.returncode != 0 and "already holds a training run" in again.stderr and "resume=true" in again.stderr
     again = subprocess.run([*common, "resume=true"], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert again.returncode != 0 and f"output={out} exists; pass overwrite=true" in again.stderr
     assert out.read_bytes() == weights
-    resumed = subprocess.run([*common, "resume=true", "overwrite=true"], capture_output=True, text=True, timeout=1200,
-                             cwd=tmp_path)
+    resumed = subprocess.run(
+        [*common, "resume=true", "overwrite=true"], capture_output=True, text=True, timeout=1200, cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "config-resume-1.yaml").exists()
 
@@ -410,18 +484,38 @@ def test_train_script_trains_another_architecture_at_the_worlds_size(tmp_path):
     # an f = 2 VAE (16×16 latents at 32 px) and a narrower UNet through the same script
     import subprocess
     import sys
+
     out = tmp_path / "f2.safetensors"
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_tiny.py"), f"run_dir={tmp_path}/run",
-                           "vae.steps=1", "vae.batch_size=2", "unet.steps=1", "unet.batch_size=2", "scale_samples=8",
-                           f"output={out}", "architecture={vae: {ch_mult: [1,2]}, unet: {model_channels: 32}}"],
-                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "train_tiny.py"),
+            f"run_dir={tmp_path}/run",
+            "vae.steps=1",
+            "vae.batch_size=2",
+            "unet.steps=1",
+            "unet.batch_size=2",
+            "scale_samples=8",
+            f"output={out}",
+            "architecture={vae: {ch_mult: [1,2]}, unet: {model_channels: 32}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     model = load_checkpoint(out)
     assert model.config.latent_factor == 2 and model.config.unet.model_channels == 32
     assert model.config.vae.ch_mult == (1, 2) and model.config.image_size == 32
     from p2p.pipeline import SamplerSettings, generate
-    assert generate(model, ["a red circle"], seed=0, settings=SamplerSettings(steps=2), progress=False).shape == \
-        (1, 32, 32, 3)
+
+    assert generate(model, ["a red circle"], seed=0, settings=SamplerSettings(steps=2), progress=False).shape == (
+        1,
+        32,
+        32,
+        3,
+    )
 
 
 def test_architecture_overrides_are_checked_before_training():
@@ -447,16 +541,19 @@ def test_architecture_overrides_are_checked_before_training():
         config({"vae": {"ch_mult": [1, 2, 2, 2]}}, size=36)
 
 
-@pytest.mark.parametrize("phase, message", [
-    (dict(steps=-1), "steps=-1 is out of range; use a value ≥ 1"),
-    (dict(batch_size=0), "batch_size=0 is out of range"),
-    (dict(caption_dropout=1.0), "caption_dropout=1.0 is out of range; use a value in [0, 1)"),
-    (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
-    (dict(reconstruction="l2"), "reconstruction='l2' is not one of ('l1', 'mse', 'l1+mse')"),
-    (dict(color_mix=1.5), "color_mix=1.5 is out of range; use a value in [0, 1] (0 = off)"),
-    (dict(coverage=-0.1), "coverage=-0.1 is out of range; use a value ≥ 0 (0 = off)"),
-    (dict(coverage_ratio=0.0), "coverage_ratio=0.0 is out of range; use a value > 0"),
-])
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        (dict(steps=-1), "steps=-1 is out of range; use a value ≥ 1"),
+        (dict(batch_size=0), "batch_size=0 is out of range"),
+        (dict(caption_dropout=1.0), "caption_dropout=1.0 is out of range; use a value in [0, 1)"),
+        (dict(ema_decay=1.0), "ema_decay=1.0 is out of range"),
+        (dict(reconstruction="l2"), "reconstruction='l2' is not one of ('l1', 'mse', 'l1+mse')"),
+        (dict(color_mix=1.5), "color_mix=1.5 is out of range; use a value in [0, 1] (0 = off)"),
+        (dict(coverage=-0.1), "coverage=-0.1 is out of range; use a value ≥ 0 (0 = off)"),
+        (dict(coverage_ratio=0.0), "coverage_ratio=0.0 is out of range; use a value > 0"),
+    ],
+)
 def test_bad_phase_settings_are_named(phase, message):
     with pytest.raises(ValueError) as err:
         PhaseConfig(**phase)

@@ -1,4 +1,5 @@
 """The shapes world: determinism, geometry, layout rules and the caption grammar."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,7 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     out = np.zeros_like(mask)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            out |= padded[radius + dy:radius + dy + h, radius + dx:radius + dx + w]
+            out |= padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
     return out
 
 
@@ -73,7 +74,7 @@ def test_every_shape_fills_its_box_and_triangles_point_up():
             if shape == "square":
                 assert mask.sum() == size * size
     big_circle = rasterize("circle", size=60, top=0, left=0, image_size=64)
-    assert abs(big_circle.sum() / 60 ** 2 - np.pi / 4) < 0.01
+    assert abs(big_circle.sum() / 60**2 - np.pi / 4) < 0.01
 
 
 def test_truth_records_what_was_drawn():
@@ -93,20 +94,28 @@ def test_captions_parse_back_to_the_scene():
         assert spec.objects == [(obj.color, obj.shape) for obj in scene.objects]
         assert spec.background in (None, scene.background)
     assert parse_caption("An orange triangle and a red circle on a gray background.").objects == [
-        ("orange", "triangle"), ("red", "circle")]
+        ("orange", "triangle"),
+        ("red", "circle"),
+    ]
 
 
 def test_captions_follow_the_templates():
     assert make_caption([("red", "circle")]) == "a red circle"
-    assert make_caption([("red", "circle"), ("blue", "square")], background="white") == \
-        "a red circle and a blue square on a white background"
+    assert (
+        make_caption([("red", "circle"), ("blue", "square")], background="white")
+        == "a red circle and a blue square on a white background"
+    )
     # Swapping a color word changes exactly one word, as word-swap edits require.
     assert make_caption([("orange", "circle")]).split()[0] == "a"
 
 
 def test_layout_is_random_and_not_in_the_caption():
-    scenes = [sample_scene(np.random.default_rng(seed), objects=[("red", "circle")], background="black",
-                           mention_background=True) for seed in range(20)]
+    scenes = [
+        sample_scene(
+            np.random.default_rng(seed), objects=[("red", "circle")], background="black", mention_background=True
+        )
+        for seed in range(20)
+    ]
     assert {scene.caption for scene in scenes} == {"a red circle on a black background"}
     assert len({scene.objects[0].centroid for scene in scenes}) >= 15
     assert len({scene.objects[0].size for scene in scenes}) >= 4

@@ -3,6 +3,7 @@
 An inversion goes through the on-disk cache of p2p/real/cache.py (a restarted server reuses it) and is kept in
 memory under its cache key, the page's "photo id"; every edit of the photo starts from its x_T and null embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,17 +52,24 @@ class Photo:
     @property
     def start(self) -> Start:
         embeddings = self.inversion.uncond_embeddings
-        return Start(photo_key=self.key, x_T=self.inversion.x_T,
-                     uncond_embeddings=tuple(embeddings) if embeddings is not None else None)
+        return Start(
+            photo_key=self.key,
+            x_T=self.inversion.x_T,
+            uncond_embeddings=tuple(embeddings) if embeddings is not None else None,
+        )
 
     def check(self, source: str, settings: SamplerSettings) -> None:
         """An inversion is valid for its caption, steps and guidance only."""
         if source != self.caption:
-            raise UserError(f"the photo was inverted with the caption {self.caption!r}, but the source prompt is "
-                            f"{source!r}; the source must be the caption (or clear the photo id to use seeds)")
+            raise UserError(
+                f"the photo was inverted with the caption {self.caption!r}, but the source prompt is "
+                f"{source!r}; the source must be the caption (or clear the photo id to use seeds)"
+            )
         if (settings.steps, settings.guidance) != (self.settings.steps, self.settings.guidance):
-            raise UserError(f"the photo was inverted for steps={self.settings.steps} guidance={self.settings.guidance}, "
-                            f"not steps={settings.steps} guidance={settings.guidance}; set those or invert again")
+            raise UserError(
+                f"the photo was inverted for steps={self.settings.steps} guidance={self.settings.guidance}, "
+                f"not steps={settings.steps} guidance={settings.guidance}; set those or invert again"
+            )
 
 
 class Photos:
@@ -85,23 +93,59 @@ class Photos:
             raise UserError(f"inversion {method!r} is not one of {list(INVERSIONS)}")
         height, width = image_size(self.model, None, None)
         original = load_image(image_path, height=height, width=width)
-        settings = SamplerSettings(steps=number(steps, name="steps", kind=int), guidance=number(guidance, name="guidance"))
+        settings = SamplerSettings(
+            steps=number(steps, name="steps", kind=int), guidance=number(guidance, name="guidance")
+        )
         chosen = INVERSIONS[method]
-        key = inversion_key(image=original, prompt=caption, fingerprint=self.fingerprint(), method=chosen.method,
-                            settings=settings, inner_steps=chosen.inner_steps, null_init=chosen.init,
-                            tolerance_scale=chosen.tolerance_scale, inversion_guidance=chosen.guidance)
+        key = inversion_key(
+            image=original,
+            prompt=caption,
+            fingerprint=self.fingerprint(),
+            method=chosen.method,
+            settings=settings,
+            inner_steps=chosen.inner_steps,
+            null_init=chosen.init,
+            tolerance_scale=chosen.tolerance_scale,
+            inversion_guidance=chosen.guidance,
+        )
         if key in self.kept:
             return dataclasses.replace(self.kept[key], from_cache=True)
         started = time.perf_counter()
-        inversion, from_cache = cached_invert(self.model, original, caption, cache_dir=self.cache_dir,
-                                              method=chosen.method, settings=settings, inner_steps=chosen.inner_steps,
-                                              null_init=chosen.init, tolerance_scale=chosen.tolerance_scale,
-                                              inversion_guidance=chosen.guidance, progress=True)
-        reconstruction = decode(self.model, sample(self.model, [caption], latent=inversion.x_T, settings=settings,
-                                                   uncond_embeddings=inversion.uncond_embeddings, progress=False))[0]
-        photo = Photo(key=key, caption=caption, method=method, settings=settings, original=original,
-                      reconstruction=reconstruction, inversion=inversion, from_cache=from_cache,
-                      seconds=inversion.seconds if inversion.seconds is not None else time.perf_counter() - started)
+        inversion, from_cache = cached_invert(
+            self.model,
+            original,
+            caption,
+            cache_dir=self.cache_dir,
+            method=chosen.method,
+            settings=settings,
+            inner_steps=chosen.inner_steps,
+            null_init=chosen.init,
+            tolerance_scale=chosen.tolerance_scale,
+            inversion_guidance=chosen.guidance,
+            progress=True,
+        )
+        reconstruction = decode(
+            self.model,
+            sample(
+                self.model,
+                [caption],
+                latent=inversion.x_T,
+                settings=settings,
+                uncond_embeddings=inversion.uncond_embeddings,
+                progress=False,
+            ),
+        )[0]
+        photo = Photo(
+            key=key,
+            caption=caption,
+            method=method,
+            settings=settings,
+            original=original,
+            reconstruction=reconstruction,
+            inversion=inversion,
+            from_cache=from_cache,
+            seconds=inversion.seconds if inversion.seconds is not None else time.perf_counter() - started,
+        )
         self.kept[key] = photo
         while len(self.kept) > KEPT_PHOTOS:
             self.kept.popitem(last=False)
@@ -109,6 +153,8 @@ class Photos:
 
     def get(self, key: str) -> Photo:
         if key not in self.kept:
-            raise UserError(f"photo id {key!r} is unknown to this server; invert the photo first (known ids: "
-                            f"{list(self.kept) or 'none'})")
+            raise UserError(
+                f"photo id {key!r} is unknown to this server; invert the photo first (known ids: "
+                f"{list(self.kept) or 'none'})"
+            )
         return self.kept[key]

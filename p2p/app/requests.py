@@ -4,6 +4,7 @@ Every check raises `UserError` naming the bad value, so the page shows one line 
 The edit kind is chosen from the prompts as the paper does (§3.2): same number of words → replace (word swap),
 otherwise refine (token alignment); identical prompts → the fader alone (reweight).
 """
+
 from __future__ import annotations
 
 import re
@@ -46,13 +47,31 @@ class EditRequest:
         spec["self_replace_steps"] = _plain(spec["self_replace_steps"])
         spec["reweight"] = spec["reweight"] or None
         blend = asdict(self.blend) if self.blend is not None else {"words": []}
-        common = {"model": dict(model_config), "edit": spec, "blend": blend, "prompts": list(self.prompts),
-                  "steps": self.settings.steps, "guidance": self.settings.guidance, "negative_prompt": "",
-                  "height": None, "width": None, "dtype": "fp32", "device": "cpu"}
+        common = {
+            "model": dict(model_config),
+            "edit": spec,
+            "blend": blend,
+            "prompts": list(self.prompts),
+            "steps": self.settings.steps,
+            "guidance": self.settings.guidance,
+            "negative_prompt": "",
+            "height": None,
+            "width": None,
+            "dtype": "fp32",
+            "device": "cpu",
+        }
         if inversion is None:
             return {**common, "seed": self.seed, "baseline": True, "attention": True, "progress": False}
-        return {**common, "inversion": dict(inversion), "image": image, "margins": [0, 0, 0, 0],
-                "cache_dir": ".cache/inversions", "restore_unedited": False, "attention": True, "progress": False}
+        return {
+            **common,
+            "inversion": dict(inversion),
+            "image": image,
+            "margins": [0, 0, 0, 0],
+            "cache_dir": ".cache/inversions",
+            "restore_unedited": False,
+            "attention": True,
+            "progress": False,
+        }
 
 
 def _plain(value):
@@ -66,7 +85,9 @@ def target_prompts(text: str) -> list[str]:
     """One target prompt per line; blank lines are ignored."""
     targets = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not targets:
-        raise UserError("no target prompt: type at least one (one per line), e.g. 'a blue circle on a black background'")
+        raise UserError(
+            "no target prompt: type at least one (one per line), e.g. 'a blue circle on a black background'"
+        )
     return targets
 
 
@@ -86,8 +107,10 @@ def choose_kind(source: str, targets: list[str], kind: str) -> tuple[str, str]:
         return kind, f"replace ({why}same number of words; swapped: {', '.join(swaps) or 'nothing'})"
     changed = [t for t, same in zip(targets, same_count) if not same]
     added = [w for t in targets for w in words(t) if not has_word(source, w)]
-    reason = (f"refine ({'chosen: ' if changed else ''}"
-              f"{'the words differ in number' if changed else 'tokens aligned'}; new words: {', '.join(added) or 'none'})")
+    reason = (
+        f"refine ({'chosen: ' if changed else ''}"
+        f"{'the words differ in number' if changed else 'tokens aligned'}; new words: {', '.join(added) or 'none'})"
+    )
     return kind, reason
 
 
@@ -99,10 +122,14 @@ def word_windows(text: str) -> dict[str, tuple[float, float]]:
             continue
         match = _WINDOW_LINE.fullmatch(line)
         if match is None:
-            raise UserError(f"per-word window {line.strip()!r} is not 'word: start-end' with fractions of the run, "
-                            "e.g. 'blue: 0-0.5'")
-        windows[match["word"]] = (number(match["start"], name=f"start of {match['word']!r}"),
-                                  number(match["end"], name=f"end of {match['word']!r}"))
+            raise UserError(
+                f"per-word window {line.strip()!r} is not 'word: start-end' with fractions of the run, "
+                "e.g. 'blue: 0-0.5'"
+            )
+        windows[match["word"]] = (
+            number(match["start"], name=f"start of {match['word']!r}"),
+            number(match["end"], name=f"end of {match['word']!r}"),
+        )
     return windows
 
 
@@ -116,8 +143,10 @@ def blend_words(text: str, num_prompts: int) -> list | None:
         return split(text)
     groups = [split(part) for part in text.split("|")]
     if len(groups) != num_prompts:
-        raise UserError(f"blend words {text!r} give {len(groups)} groups for {num_prompts} prompts; separate one "
-                        "group per prompt (source first) with '|', e.g. 'red | blue', or give words for all")
+        raise UserError(
+            f"blend words {text!r} give {len(groups)} groups for {num_prompts} prompts; separate one "
+            "group per prompt (source first) with '|', e.g. 'red | blue', or give words for all"
+        )
     return groups
 
 
@@ -134,9 +163,24 @@ def reweight(word: str, scale: float, targets: list[str]) -> dict:
     return {word: [float(scale) if has_word(t, word) else 1.0 for t in targets]}
 
 
-def edit_request(*, source: str, targets: str, kind: str, reweight_word: str, reweight_scale: float,
-                 cross_start: float, cross_end: float, self_fraction: float, windows: str, blend: str,
-                 blend_threshold: float, restore_pixels: bool, seed, steps, guidance) -> EditRequest:
+def edit_request(
+    *,
+    source: str,
+    targets: str,
+    kind: str,
+    reweight_word: str,
+    reweight_scale: float,
+    cross_start: float,
+    cross_end: float,
+    self_fraction: float,
+    windows: str,
+    blend: str,
+    blend_threshold: float,
+    restore_pixels: bool,
+    seed,
+    steps,
+    guidance,
+) -> EditRequest:
     source = (source or "").strip()
     if not source:
         raise UserError("the source prompt is empty; type the prompt of the image to edit")
@@ -151,11 +195,27 @@ def edit_request(*, source: str, targets: str, kind: str, reweight_word: str, re
         kind, reason = "none", reason + "; pick a word and move the fader"
     cross = (number(cross_start, name="cross start"), number(cross_end, name="cross end"))
     per_word = word_windows(windows)
-    spec = EditSpec(kind=kind, cross_replace_steps={DEFAULT_KEY: cross, **per_word} if per_word else cross,
-                    self_replace_steps=number(self_fraction, name="self fraction"), reweight=scales)
+    spec = EditSpec(
+        kind=kind,
+        cross_replace_steps={DEFAULT_KEY: cross, **per_word} if per_word else cross,
+        self_replace_steps=number(self_fraction, name="self fraction"),
+        reweight=scales,
+    )
     words_per_prompt = blend_words(blend, len(prompts))
-    blend_spec = BlendSpec(words=words_per_prompt, threshold=number(blend_threshold, name="blend threshold"),
-                           restore_pixels=bool(restore_pixels)) if words_per_prompt else None
-    return EditRequest(prompts=prompts, spec=spec, blend=blend_spec,
-                       settings=SamplerSettings(steps=steps, guidance=number(guidance, name="guidance")),
-                       seed=number(seed, name="seed", kind=int), kind_reason=reason)
+    blend_spec = (
+        BlendSpec(
+            words=words_per_prompt,
+            threshold=number(blend_threshold, name="blend threshold"),
+            restore_pixels=bool(restore_pixels),
+        )
+        if words_per_prompt
+        else None
+    )
+    return EditRequest(
+        prompts=prompts,
+        spec=spec,
+        blend=blend_spec,
+        settings=SamplerSettings(steps=steps, guidance=number(guidance, name="guidance")),
+        seed=number(seed, name="seed", kind=int),
+        kind_reason=reason,
+    )

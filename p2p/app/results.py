@@ -1,4 +1,5 @@
 """The pictures of one edit (all from p2p/views.py) and its files, named as scripts/edit.py names them."""
+
 from __future__ import annotations
 
 import re
@@ -38,8 +39,12 @@ def grid(shown: Shown) -> Image.Image:
     prompts = shown.request.prompts
     rows = []
     if shown.photo is not None:
-        rows.append([views.captioned(shown.photo.original, "photo"),
-                     views.captioned(shown.photo.reconstruction, f"{shown.photo.method} reconstruction")])
+        rows.append(
+            [
+                views.captioned(shown.photo.original, "photo"),
+                views.captioned(shown.photo.reconstruction, f"{shown.photo.method} reconstruction"),
+            ]
+        )
     rows.append([views.captioned(im, c) for im, c in zip(shown.result.images, labels(prompts))])
     rows.append([views.captioned(im, f"same start, no injection: {p}") for im, p in zip(shown.baseline, prompts)])
     return views.grid(rows)
@@ -48,8 +53,12 @@ def grid(shown: Shown) -> Image.Image:
 def cross_attention(shown: Shown) -> Image.Image:
     """Per-token cross-attention maps of every prompt of the current edit (paper Fig. 4), one row per prompt."""
     prompts = shown.request.prompts
-    return views.grid([views.cross_attention_tiles(shown.result.store, p, i, grids=_cross_grids(shown))
-                       for i, p in enumerate(prompts)])
+    return views.grid(
+        [
+            views.cross_attention_tiles(shown.result.store, p, i, grids=_cross_grids(shown))
+            for i, p in enumerate(prompts)
+        ]
+    )
 
 
 def _cross_grids(shown: Shown) -> list[tuple[int, int]]:
@@ -68,9 +77,13 @@ def self_attention(shown: Shown) -> Image.Image:
     """Top SVD components of each prompt's self-attention at the finest recorded grid."""
     store = shown.result.store
     grid_hw = max({s.query_hw for s in store.sites.values() if s.kind == "self"}, key=lambda hw: hw[0] * hw[1])
-    return views.grid([[views.captioned(image, label)]
-                       + views.self_attention_components(store, i, grid_hw=grid_hw, count=SELF_COMPONENTS)
-                       for i, (image, label) in enumerate(zip(shown.result.images, labels(shown.request.prompts)))])
+    return views.grid(
+        [
+            [views.captioned(image, label)]
+            + views.self_attention_components(store, i, grid_hw=grid_hw, count=SELF_COMPONENTS)
+            for i, (image, label) in enumerate(zip(shown.result.images, labels(shown.request.prompts)))
+        ]
+    )
 
 
 def save(shown: Shown, out: Path, *, model_config: dict) -> list[Path]:
@@ -80,9 +93,10 @@ def save(shown: Shown, out: Path, *, model_config: dict) -> list[Path]:
     for i, (image, baseline, prompt) in enumerate(zip(shown.result.images, shown.baseline, prompts)):
         views.save_png(Image.fromarray(image), out / f"{i:02d}_{views_slug(prompt)}.png")
         views.save_png(Image.fromarray(baseline), out / "baseline" / f"{i:02d}_{views_slug(prompt)}.png")
-        views.save_png(views.grid([views.cross_attention_tiles(shown.result.store, prompt, i,
-                                                               grids=_cross_grids(shown))]),
-                       out / "attention" / f"{i:02d}_{views_slug(prompt)}.png")
+        views.save_png(
+            views.grid([views.cross_attention_tiles(shown.result.store, prompt, i, grids=_cross_grids(shown))]),
+            out / "attention" / f"{i:02d}_{views_slug(prompt)}.png",
+        )
     mask = blend_mask(shown)
     if mask is not None:
         views.save_png(mask, out / "blend_mask.png")
@@ -90,8 +104,9 @@ def save(shown: Shown, out: Path, *, model_config: dict) -> list[Path]:
     if shown.photo is not None:  # as scripts/edit_image.py: the photo and its inversion's settings
         views.save_png(Image.fromarray(shown.photo.original), out / "original.png")
         views.save_png(Image.fromarray(shown.photo.reconstruction), out / "inversion_reconstruction.png")
-        config = shown.request.config(model_config, inversion=asdict(INVERSIONS[shown.photo.method]),
-                                      image=str((out / "original.png").resolve()))
+        config = shown.request.config(
+            model_config, inversion=asdict(INVERSIONS[shown.photo.method]), image=str((out / "original.png").resolve())
+        )
     views.save_png(grid(shown), out / "grid.png")
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     archive = Path(shutil.make_archive(str(out), "zip", root_dir=out))

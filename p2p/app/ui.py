@@ -8,6 +8,7 @@ Three API endpoints, callable with `gradio_client` (`client.predict(..., api_nam
 error (gr.Error); anything else is logged with its traceback and shown as "internal error". The queue runs one
 request at a time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,9 @@ def shown_errors(fn):
             raise gr.Error(html.escape(str(err), quote=False), print_exception=False) from None
         except Exception as err:
             log.exception("internal error while serving %s", fn.__name__)
-            raise gr.Error(f"internal error ({type(err).__name__}); the server's log has the details",
-                           print_exception=False) from None
+            raise gr.Error(
+                f"internal error ({type(err).__name__}); the server's log has the details", print_exception=False
+            ) from None
 
     return wrapped
 
@@ -103,8 +105,14 @@ class Editor:
                 return self.kept[key]
         key = (request.key, photo_id, maps)
         start, photo = self.start(request, photo_id)
-        result = self.live.edit(request.prompts, start=start, spec=request.spec, blend=request.blend,
-                                store=self.store if maps else None, settings=request.settings)
+        result = self.live.edit(
+            request.prompts,
+            start=start,
+            spec=request.spec,
+            blend=request.blend,
+            store=self.store if maps else None,
+            settings=request.settings,
+        )
         baseline = self.live.baseline(request.prompts, start=start, settings=request.settings)
         self.kept[key] = results.Shown(request=request, result=result, baseline=baseline, photo=photo)
         while len(self.kept) > KEPT_RESULTS:
@@ -135,13 +143,14 @@ class Editor:
         return [str(p) for p in results.save(shown, out, model_config=self.settings.model_config)]
 
     @shown_errors
-    def invert(self, image_path, caption, method, steps, guidance,
-               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio finds its progress bar by this default)
+    def invert(self, image_path, caption, method, steps, guidance, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio finds its progress bar by this default)
         """The inversion's tqdm bars (p2p/real/inversion.py) become the page's progress bar."""
         photo = self.photos.invert(image_path, caption, method=method, steps=steps, guidance=guidance)
-        status = (f"{photo.method}: {photo.seconds:.1f} s{' (from the cache)' if photo.from_cache else ''}; "
-                  f"reconstruction PSNR {photo.psnr:.1f} dB. Edits now start from this photo; clear the photo id "
-                  "to go back to seeds.")
+        status = (
+            f"{photo.method}: {photo.seconds:.1f} s{' (from the cache)' if photo.from_cache else ''}; "
+            f"reconstruction PSNR {photo.psnr:.1f} dB. Edits now start from this photo; clear the photo id "
+            "to go back to seeds."
+        )
         return photo.key, photo.reconstruction, status, photo.caption
 
     @staticmethod
@@ -154,38 +163,57 @@ def word_choices(targets: str) -> list[str]:
     return [""] + sorted({w for line in (targets or "").splitlines() for w in words(line)}, key=str.lower)
 
 
-EDIT_CONTROLS = ("source", "targets", "kind", "reweight_word", "reweight_scale", "cross_start", "cross_end",
-                 "self_fraction", "windows", "blend", "blend_threshold", "restore_pixels", "seed", "steps", "guidance")
+EDIT_CONTROLS = (
+    "source",
+    "targets",
+    "kind",
+    "reweight_word",
+    "reweight_scale",
+    "cross_start",
+    "cross_end",
+    "self_fraction",
+    "windows",
+    "blend",
+    "blend_threshold",
+    "restore_pixels",
+    "seed",
+    "steps",
+    "guidance",
+)
 
 
 def build_app(model: StableDiffusion, settings: AppSettings) -> gr.Blocks:
     editor = Editor(model, settings)
     with gr.Blocks(title="Prompt-to-Prompt, live") as app:
-        gr.Markdown("## Prompt-to-Prompt, live\nType a source and a target prompt; every slider re-renders the edit. "
-                    "The source branch is cached, so a slider move recomputes the targets only.")
+        gr.Markdown(
+            "## Prompt-to-Prompt, live\nType a source and a target prompt; every slider re-renders the edit. "
+            "The source branch is cached, so a slider move recomputes the targets only."
+        )
         with gr.Row():
             with gr.Column(scale=1):
                 source = gr.Textbox(settings.source, label="source prompt", elem_id="source")
-                targets = gr.Textbox(settings.target, label="target prompts (one per line)", lines=2,
-                                     elem_id="targets")
+                targets = gr.Textbox(settings.target, label="target prompts (one per line)", lines=2, elem_id="targets")
                 kind = gr.Radio(list(KINDS), value="auto", label="edit kind")
                 reason = gr.Textbox(label="why this kind", interactive=False, elem_id="reason")
-                cross_start = gr.Slider(0, 1, 0.0, step=0.02, label="cross-attention injection: start",
-                                        elem_id="cross_start")
-                cross_end = gr.Slider(0, 1, 0.8, step=0.02, label="cross-attention injection: end",
-                                      elem_id="cross_end")
+                cross_start = gr.Slider(
+                    0, 1, 0.0, step=0.02, label="cross-attention injection: start", elem_id="cross_start"
+                )
+                cross_end = gr.Slider(0, 1, 0.8, step=0.02, label="cross-attention injection: end", elem_id="cross_end")
                 self_fraction = gr.Slider(0, 1, 0.4, step=0.02, label="self-attention injection (fraction)")
                 with gr.Row():
-                    reweight_word = gr.Dropdown(word_choices(settings.target), value="",
-                                                label="reweight word", allow_custom_value=True)
+                    reweight_word = gr.Dropdown(
+                        word_choices(settings.target), value="", label="reweight word", allow_custom_value=True
+                    )
                     reweight_scale = gr.Slider(*REWEIGHT_RANGE, 1.0, step=0.1, label="fader (reweight scale)")
-                windows = gr.Textbox(label="per-word windows, one 'word: start-end' per line", lines=2,
-                                     placeholder="blue: 0-0.5")
+                windows = gr.Textbox(
+                    label="per-word windows, one 'word: start-end' per line", lines=2, placeholder="blue: 0-0.5"
+                )
                 with gr.Group():
                     with gr.Row():
                         blend = gr.Textbox(label="LocalBlend words ('circle', or 'red | blue' per prompt)")
-                        blend_threshold = gr.Slider(0, 0.95, settings.blend_threshold, step=0.05,
-                                                    label="LocalBlend threshold")
+                        blend_threshold = gr.Slider(
+                            0, 0.95, settings.blend_threshold, step=0.05, label="LocalBlend threshold"
+                        )
                     restore_pixels = gr.Checkbox(True, label="keep the source's pixels outside the mask")
                 with gr.Row():
                     seed = gr.Number(settings.seed, label="seed", precision=0)
@@ -193,8 +221,13 @@ def build_app(model: StableDiffusion, settings: AppSettings) -> gr.Blocks:
                     guidance = gr.Number(settings.guidance, label="guidance")
                 run = gr.Button("render", variant="primary")
             with gr.Column(scale=2):
-                grid = gr.Image(label="source, edits and the same-seed baseline", format="png", type="pil",
-                                elem_id="grid", interactive=False)
+                grid = gr.Image(
+                    label="source, edits and the same-seed baseline",
+                    format="png",
+                    type="pil",
+                    elem_id="grid",
+                    interactive=False,
+                )
                 with gr.Accordion("photo: upload, caption, invert", open=False):
                     # a File, not an Image: gr.Image decodes uploads itself and fails on a non-image with a traceback;
                     # here p2p.real.images.load_image reads it and names what is wrong in one line
@@ -203,30 +236,60 @@ def build_app(model: StableDiffusion, settings: AppSettings) -> gr.Blocks:
                     method = gr.Radio(list(INVERSIONS), value="null_text_fast", label="inversion")
                     invert = gr.Button("invert")
                     photo_id = gr.Textbox(label="photo id (empty: start from the seed)", elem_id="photo_id")
-                    reconstruction = gr.Image(label="reconstruction", format="png", type="numpy",
-                                              interactive=False)
+                    reconstruction = gr.Image(label="reconstruction", format="png", type="numpy", interactive=False)
                     status = gr.Textbox(label="inversion", interactive=False)
-                cross_maps = gr.Image(label="cross-attention per token (paper Fig. 4)", format="png", type="pil",
-                                      interactive=False)
+                cross_maps = gr.Image(
+                    label="cross-attention per token (paper Fig. 4)", format="png", type="pil", interactive=False
+                )
                 mask = gr.Image(label="LocalBlend mask", format="png", type="pil", interactive=False)
-                self_maps = gr.Image(label="self-attention components", format="png", type="pil",
-                                     interactive=False)
+                self_maps = gr.Image(label="self-attention components", format="png", type="pil", interactive=False)
                 save = gr.Button("download this result with its config")
                 files = gr.File(label="files (as scripts/edit.py writes them)", file_count="multiple")
 
-        inputs = [source, targets, kind, reweight_word, reweight_scale, cross_start, cross_end, self_fraction,
-                  windows, blend, blend_threshold, restore_pixels, seed, steps, guidance, photo_id]
-        triggers = [run.click, source.submit, targets.submit, kind.input, reweight_word.input, windows.submit,
-                    blend.submit, restore_pixels.input, seed.submit, steps.submit, guidance.submit, photo_id.submit,
-                    app.load] + [s.release for s in (cross_start, cross_end, self_fraction, reweight_scale,
-                                                     blend_threshold)]
+        inputs = [
+            source,
+            targets,
+            kind,
+            reweight_word,
+            reweight_scale,
+            cross_start,
+            cross_end,
+            self_fraction,
+            windows,
+            blend,
+            blend_threshold,
+            restore_pixels,
+            seed,
+            steps,
+            guidance,
+            photo_id,
+        ]
+        triggers = [
+            run.click,
+            source.submit,
+            targets.submit,
+            kind.input,
+            reweight_word.input,
+            windows.submit,
+            blend.submit,
+            restore_pixels.input,
+            seed.submit,
+            steps.submit,
+            guidance.submit,
+            photo_id.submit,
+            app.load,
+        ] + [s.release for s in (cross_start, cross_end, self_fraction, reweight_scale, blend_threshold)]
         gr.on(triggers, editor.edit, inputs, [grid, reason], api_name="edit", trigger_mode="always_last").then(
-            editor.attention, inputs, [cross_maps, mask, self_maps], api_name="attention",
-            trigger_mode="always_last")
+            editor.attention, inputs, [cross_maps, mask, self_maps], api_name="attention", trigger_mode="always_last"
+        )
         targets.change(editor.reweight_words, targets, reweight_word, api_visibility="private")
-        invert.click(editor.invert, [photo, caption, method, steps, guidance],
-                     [photo_id, reconstruction, status, source], api_name="invert").success(
-            editor.edit, inputs, [grid, reason], api_visibility="private").then(
-            editor.attention, inputs, [cross_maps, mask, self_maps], api_visibility="private")
+        invert.click(
+            editor.invert,
+            [photo, caption, method, steps, guidance],
+            [photo_id, reconstruction, status, source],
+            api_name="invert",
+        ).success(editor.edit, inputs, [grid, reason], api_visibility="private").then(
+            editor.attention, inputs, [cross_maps, mask, self_maps], api_visibility="private"
+        )
         save.click(editor.download, inputs, files, api_name="download")
     return app

@@ -16,6 +16,7 @@ A setting is the job's `edit` fields (SETTINGS) plus any other config field that
 still running job) are skipped and listed on stderr; an empty or missing folder, or outputs of an earlier
 aggregation in the way, end it with a one-line error.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,17 @@ from p2p.shapes.metrics import summarize  # noqa: E402
 
 # A job's setting = these fields of its config.yaml's `edit` (any of them may be swept); seeds are pooled.
 SETTINGS = ("cross_replace_steps", "self_replace_steps", "self_max_fraction", "self_max_side")
-RATES = ("n", "success", "success_se", "mean_iou", "mean_iou_se", "mean_iou_if_success", "kept_layout", "success_and_kept",
-         "median_centroid_shift")
+RATES = (
+    "n",
+    "success",
+    "success_se",
+    "mean_iou",
+    "mean_iou_se",
+    "mean_iou_if_success",
+    "kept_layout",
+    "success_and_kept",
+    "median_centroid_shift",
+)
 SUMMARY_COLUMNS = ("setting", *SETTINGS, "other_settings", "group", "seeds", *RATES)
 GROUPS = {"all": lambda swap: True, "color": lambda swap: swap == "color", "shape": lambda swap: swap == "shape"}
 BASELINE = "none"  # the setting column of same-seed sampling without injection
@@ -100,8 +110,9 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     returned with the reason."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MissingFileError(f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m "
-                                "(multirun/ablate/DATE/TIME)")
+        raise MissingFileError(
+            f"{folder} is not a folder; pass the sweep folder of scripts/ablate.py -m (multirun/ablate/DATE/TIME)"
+        )
     jobs, skipped, seen = {}, [], {}
     for job in _job_folders(folder):
         name = str(job.relative_to(folder))
@@ -120,22 +131,30 @@ def load_jobs(folder: Path) -> tuple[list[dict], list[Skipped]]:
     if not jobs:
         found = ""
         if skipped:
-            found = f"; {len(skipped)} job folders, none finished: " + "; ".join(f"{s.job}: {s.reason}"
-                                                                                for s in skipped[:5])
-        raise MissingFileError(f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
-                                "(each job writes rows.json and config.yaml into its own folder)")
+            found = f"; {len(skipped)} job folders, none finished: " + "; ".join(
+                f"{s.job}: {s.reason}" for s in skipped[:5]
+            )
+        raise MissingFileError(
+            f"no finished ablation job under {folder}{found}. Run scripts/ablate.py -m … first "
+            "(each job writes rows.json and config.yaml into its own folder)"
+        )
     configs = [config for _, config in jobs.values()]
     edit_fields = {f"edit.{k}" for k in SETTINGS}
-    others = sorted(k for k in set().union(*configs) if k not in edit_fields and k not in POOLED
-                    and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+    others = sorted(
+        k
+        for k in set().union(*configs)
+        if k not in edit_fields and k not in POOLED and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
+    )
     rows = []
     for job_rows, config in jobs.values():
-        setting = {**{k: config.get(f"edit.{k}") for k in SETTINGS}, "other_settings": _describe(config, others),
-                   # what the no-injection baseline depends on: the other settings outside `edit`
-                   "baseline_settings": _describe(config, [k for k in others if not k.startswith("edit.")])}
+        setting = {
+            **{k: config.get(f"edit.{k}") for k in SETTINGS},
+            "other_settings": _describe(config, others),
+            # what the no-injection baseline depends on: the other settings outside `edit`
+            "baseline_settings": _describe(config, [k for k in others if not k.startswith("edit.")]),
+        }
         rows += [{**row, **setting} for row in job_rows]
     return rows, skipped
-
 
 
 def _describe(config: dict, keys: list[str]) -> str:
@@ -155,8 +174,15 @@ def rates(rows: list[dict], *, prefix: str) -> dict:
         if r[f"{prefix}_source_correct"]:
             per_seed[r["seed"]].append(r[f"{prefix}_iou"])
     seed_means = [sum(v) / len(v) for v in per_seed.values()]
-    out["mean_iou_se"] = (math.sqrt(sum((m - sum(seed_means) / len(seed_means)) ** 2 for m in seed_means)
-                                    / (len(seed_means) - 1) / len(seed_means)) if len(seed_means) > 1 else math.nan)
+    out["mean_iou_se"] = (
+        math.sqrt(
+            sum((m - sum(seed_means) / len(seed_means)) ** 2 for m in seed_means)
+            / (len(seed_means) - 1)
+            / len(seed_means)
+        )
+        if len(seed_means) > 1
+        else math.nan
+    )
     succeeded = [r[f"{prefix}_iou"] for r in rows if r[f"{prefix}_source_correct"] and r[f"{prefix}_target_correct"]]
     out["mean_iou_if_success"] = sum(succeeded) / len(succeeded) if succeeded else math.nan
     return out
@@ -188,8 +214,15 @@ def summary_table(rows: list[dict]) -> list[dict]:
         for group, keep in GROUPS.items():
             chosen = [r for r in group_rows if keep(r["swap"])]
             if chosen:
-                table.append({"setting": "p2p", **dict(zip((*SETTINGS, "other_settings"), setting)), "group": group,
-                              "seeds": len({r["seed"] for r in chosen}), **rates(chosen, prefix="edit")})
+                table.append(
+                    {
+                        "setting": "p2p",
+                        **dict(zip((*SETTINGS, "other_settings"), setting)),
+                        "group": group,
+                        "seeds": len({r["seed"] for r in chosen}),
+                        **rates(chosen, prefix="edit"),
+                    }
+                )
     # The baseline does not depend on the edit: every job of a seed repeats it, count it once per other setting
     # that is not an edit field (steps=10 and steps=20 have their own baselines).
     baselines = defaultdict(dict)
@@ -201,9 +234,16 @@ def summary_table(rows: list[dict]) -> list[dict]:
         for group, keep in GROUPS.items():
             chosen = [r for r in unique.values() if keep(r["swap"])]
             if chosen:
-                table.append({"setting": BASELINE, **{k: BASELINE for k in SETTINGS}, "other_settings": other,
-                              "group": group, "seeds": len({r["seed"] for r in chosen}),
-                              **rates(chosen, prefix="baseline")})
+                table.append(
+                    {
+                        "setting": BASELINE,
+                        **{k: BASELINE for k in SETTINGS},
+                        "other_settings": other,
+                        "group": group,
+                        "seeds": len({r["seed"] for r in chosen}),
+                        **rates(chosen, prefix="baseline"),
+                    }
+                )
     return table
 
 
@@ -223,10 +263,12 @@ def _self_layers(row: dict) -> str:
 
 
 LINESTYLES = ("-", "--", ":", "-.")  # one per set of self-injected layers (and other setting); colors: self fraction
-PANELS = (("all", "mean_iou", "mean_iou_se", "layout kept: mean object-mask IoU"),
-          ("all", "success", "success_se", "edit success: the target reads as its caption"),
-          ("color", "mean_iou", "mean_iou_se", "color swaps: mean IoU"),
-          ("shape", "mean_iou", "mean_iou_se", "shape swaps: mean IoU"))
+PANELS = (
+    ("all", "mean_iou", "mean_iou_se", "layout kept: mean object-mask IoU"),
+    ("all", "success", "success_se", "edit success: the target reads as its caption"),
+    ("color", "mean_iou", "mean_iou_se", "color swaps: mean IoU"),
+    ("shape", "mean_iou", "mean_iou_se", "shape swaps: mean IoU"),
+)
 
 
 def _x_positions(table: list[dict]) -> tuple[dict, list, list]:
@@ -258,13 +300,26 @@ def _panel(ax, table: list[dict], *, group: str, y: str, error: str, ylabel: str
         points.sort(key=lambda r: _order(r["cross_replace_steps"]))
         color = plt.cm.viridis(selfs.index(self_) / max(len(selfs) - 1, 1) * 0.9)
         label = f"self {_label(self_)}" + (f" ({layers}{', ' + other if other else ''})" if len(styles) > 1 else "")
-        ax.errorbar([position[p["cross_replace_steps"]] for p in points], [p[y] for p in points],
-                    yerr=[p.get(error, math.nan) for p in points], marker="o", markersize=4, capsize=2,
-                    color=color, linestyle=LINESTYLES[styles.index((layers, other)) % len(LINESTYLES)], label=label)
+        ax.errorbar(
+            [position[p["cross_replace_steps"]] for p in points],
+            [p[y] for p in points],
+            yerr=[p.get(error, math.nan) for p in points],
+            marker="o",
+            markersize=4,
+            capsize=2,
+            color=color,
+            linestyle=LINESTYLES[styles.index((layers, other)) % len(LINESTYLES)],
+            label=label,
+        )
         shown += [p[y] + sign * p.get(error, 0.0) for p in points for sign in (-1, 1)]
     for row in (row for row in table if row["group"] == group and row["setting"] == BASELINE):
-        ax.axhline(row[y], color="red", linestyle="--", linewidth=1,
-                   label="no injection (same seed)" + (f", {row['other_settings']}" if row["other_settings"] else ""))
+        ax.axhline(
+            row[y],
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label="no injection (same seed)" + (f", {row['other_settings']}" if row["other_settings"] else ""),
+        )
         shown.append(row[y])
     _zoomed(ax, shown)
     ax.set_ylabel(ylabel, fontsize=9)
@@ -284,11 +339,14 @@ def finding(table: list[dict]) -> str:
     crosses = sorted(by_cross, key=_order)
     first, last = (sum(r["mean_iou"] for r in by_cross[c]) / len(by_cross[c]) for c in (crosses[0], crosses[-1]))
     success = [r["success"] for r in rows]
-    self_spread = max(max(r["mean_iou"] for r in group) - min(r["mean_iou"] for r in group)
-                      for group in by_cross.values())
-    return (f"layout IoU {first:.2f} → {last:.2f} from cross {_label(crosses[0])} to {_label(crosses[-1])}, "
-            f"edit success {min(success):.2f}–{max(success):.2f} throughout; "
-            f"the self fraction moves IoU by ≤ {self_spread:.2f}")
+    self_spread = max(
+        max(r["mean_iou"] for r in group) - min(r["mean_iou"] for r in group) for group in by_cross.values()
+    )
+    return (
+        f"layout IoU {first:.2f} → {last:.2f} from cross {_label(crosses[0])} to {_label(crosses[-1])}, "
+        f"edit success {min(success):.2f}–{max(success):.2f} throughout; "
+        f"the self fraction moves IoU by ≤ {self_spread:.2f}"
+    )
 
 
 def plot(table: list[dict], path: Path, *, title: str) -> Path:
@@ -300,8 +358,11 @@ def plot(table: list[dict], path: Path, *, title: str) -> Path:
         _panel(ax, table, group=group, y=y, error=error, ylabel=ylabel, position=position)
         ax.set_xticks(ticks, tick_labels)
         n = next((r["n"] for r in table if r["group"] == group and r["setting"] == BASELINE), None)
-        ax.set_title({"all": "all pairs", "color": "color swaps", "shape": "shape swaps"}[group]
-                     + (f" (n = {int(n)} per point)" if n is not None else ""), fontsize=10)
+        ax.set_title(
+            {"all": "all pairs", "color": "color swaps", "shape": "shape swaps"}[group]
+            + (f" (n = {int(n)} per point)" if n is not None else ""),
+            fontsize=10,
+        )
     for ax in axes[1]:
         ax.set_xlabel("cross-attention injection fraction (cross_replace_steps)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
@@ -333,18 +394,24 @@ def aggregate(folder: Path, out: Path | None = None) -> Aggregated:
     rows, skipped = load_jobs(folder)
     existing = [str(out / name) for name in OUTPUTS.values() if (out / name).exists()]
     if existing:
-        raise OutputExistsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; refusing to overwrite "
-                              "an earlier aggregation (pass --out DIR, or move them away)")
+        raise OutputExistsError(
+            f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; refusing to overwrite "
+            "an earlier aggregation (pass --out DIR, or move them away)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(rows)
     row_columns = list(dict.fromkeys(k for r in rows for k in r))
     steps = ", ".join(str(v) for v in sorted({r["steps"] for r in rows}))
-    title = (f"P2P word swaps on the shapes world ({', '.join(sorted({str(r['model']) for r in rows}))} model, "
-             f"{steps} DDIM steps, {len({(r['source'], r['target']) for r in rows})} pairs × "
-             f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} job folders skipped" if skipped else "") + ")")
-    paths = {"rows": write_csv(rows, out / OUTPUTS["rows"], row_columns),
-             "summary": write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
-             "plot": plot(table, out / OUTPUTS["plot"], title=title)}
+    title = (
+        f"P2P word swaps on the shapes world ({', '.join(sorted({str(r['model']) for r in rows}))} model, "
+        f"{steps} DDIM steps, {len({(r['source'], r['target']) for r in rows})} pairs × "
+        f"{len({r['seed'] for r in rows})} seeds" + (f"; {len(skipped)} job folders skipped" if skipped else "") + ")"
+    )
+    paths = {
+        "rows": write_csv(rows, out / OUTPUTS["rows"], row_columns),
+        "summary": write_csv(table, out / OUTPUTS["summary"], SUMMARY_COLUMNS),
+        "plot": plot(table, out / OUTPUTS["plot"], title=title),
+    }
     return Aggregated(paths, table=table, skipped=skipped)
 
 
@@ -359,20 +426,27 @@ def read_summary(path: Path) -> list[dict]:
     if not rows or missing:
         raise UserError(f"{path} is not an ablation summary: {'no rows' if not rows else f'columns {missing} missing'}")
     text = ("setting", "other_settings", "group")
-    return [{k: (v if k in text or v in ("", "none", "None") else _number(v)) for k, v in row.items()}
-            for row in rows]
+    return [{k: (v if k in text or v in ("", "none", "None") else _number(v)) for k, v in row.items()} for row in rows]
 
 
 def markdown_table(table: list[dict], *, group: str = "all") -> str:
     """The summary of one pair group as a Markdown table (for docs), rates in percent."""
-    lines = ["| cross | self | self layers | n | success | mean IoU | IoU of successes | IoU ≥ 0.8 | "
-             "success and IoU ≥ 0.8 | median shift (px) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cross | self | self layers | n | success | mean IoU | IoU of successes | IoU ≥ 0.8 | "
+        "success and IoU ≥ 0.8 | median shift (px) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table:
         if r["group"] == group:
-            cross, self_, layers = (("no injection", "", "") if r["setting"] == BASELINE else
-                                    (_label(r["cross_replace_steps"]), _label(r["self_replace_steps"]), _self_layers(r)))
+            cross, self_, layers = (
+                ("no injection", "", "")
+                if r["setting"] == BASELINE
+                else (_label(r["cross_replace_steps"]), _label(r["self_replace_steps"]), _self_layers(r))
+            )
             layers = ", ".join(part for part in (layers, r["other_settings"]) if part)
-            lines.append(f"| {cross} | {self_} | {layers} | {r['n']} | {100 * r['success']:.0f}% ± {100 * r['success_se']:.0f} | "
-                         f"{r['mean_iou']:.2f} | {r['mean_iou_if_success']:.2f} | {100 * r['kept_layout']:.0f}% | {100 * r['success_and_kept']:.0f}% | "
-                         f"{r['median_centroid_shift']:.2f} |")
+            lines.append(
+                f"| {cross} | {self_} | {layers} | {r['n']} | {100 * r['success']:.0f}% ± {100 * r['success_se']:.0f} | "
+                f"{r['mean_iou']:.2f} | {r['mean_iou_if_success']:.2f} | {100 * r['kept_layout']:.0f}% | {100 * r['success_and_kept']:.0f}% | "
+                f"{r['median_centroid_shift']:.2f} |"
+            )
     return "\n".join(lines)

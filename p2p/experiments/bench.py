@@ -5,6 +5,7 @@ cross 0.8 / self 0.4: maps materialised only where injected) and `reference` (th
 every layer explicit, every map of ≤ latent/2 side stored per step with its heads). `scripts/bench.py` runs each
 in its own process, so that peak memory is the scheme's own, and prints the ratios.
 """
+
 from __future__ import annotations
 
 import resource
@@ -47,8 +48,9 @@ class ReferenceScheme(Controller):
         return probs
 
 
-def random_model(name: str, *, device: str = "cpu", dtype: str = "fp32", weights_dtype: str | None = None
-                 ) -> StableDiffusion:
+def random_model(
+    name: str, *, device: str = "cpu", dtype: str = "fp32", weights_dtype: str | None = None
+) -> StableDiffusion:
     """A preset's architecture with random weights (scaled noise: activations stay finite), for timing only;
     parameters held in `weights_dtype` (default `dtype`) and computed in `dtype`, as the loader does."""
     compute, stored = resolve_dtype(dtype), resolve_dtype(weights_dtype or dtype)
@@ -74,18 +76,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(model: StableDiffusion, prompts: list[str], *, scheme: str, settings: SamplerSettings, seed: int,
-            height: int | None = None, width: int | None = None) -> dict:
+def measure(
+    model: StableDiffusion,
+    prompts: list[str],
+    *,
+    scheme: str,
+    settings: SamplerSettings,
+    seed: int,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict:
     """Time and peak extra memory of sampling `prompts` under one scheme (call it in a fresh process)."""
     device = str(model.device)
     height, width = image_size(model, height, width)
-    latent = initial_latent(seed, height=height, width=width, latent_factor=model.config.latent_factor,
-                            multiple=model.config.size_multiple)
+    latent = initial_latent(
+        seed, height=height, width=width, latent_factor=model.config.latent_factor, multiple=model.config.size_multiple
+    )
     latent_hw = tuple(latent.shape[-2:])
     controller = None
     if scheme != "plain":
-        controller = build_edit(BENCH_EDIT, prompts, num_steps=settings.steps, latent_hw=latent_hw,
-                                context_length=model.context_length)
+        controller = build_edit(
+            BENCH_EDIT, prompts, num_steps=settings.steps, latent_hw=latent_hw, context_length=model.context_length
+        )
     if scheme == "reference":
         store = ReferenceScheme(num_prompts=len(prompts), max_queries=(latent_hw[0] // 2) * (latent_hw[1] // 2))
         controller = Compose([store, controller])
@@ -104,8 +116,10 @@ def measure(model: StableDiffusion, prompts: list[str], *, scheme: str, settings
 def report(results: dict[str, dict], *, header: str) -> str:
     """The three schemes side by side and their ratios, with the targets of issue 3."""
     a, b, c = (results[s] for s in SCHEMES)
-    lines = [header] + [f"  {r['scheme']:<10} {r['seconds']:8.2f} s   peak extra memory "
-                        f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB" for r in (a, b, c)]
+    lines = [header] + [
+        f"  {r['scheme']:<10} {r['seconds']:8.2f} s   peak extra memory {r['peak_extra_bytes'] / 2**20:9.1f} MiB"
+        for r in (a, b, c)
+    ]
     mem = lambda x, y: x["peak_extra_bytes"] / max(y["peak_extra_bytes"], 1)  # noqa: E731
     lines.append(f"  (b)/(a) time {b['seconds'] / a['seconds']:.3f} (target <= 1.10)   memory {mem(b, a):.2f}")
     lines.append(f"  (c)/(b) time {c['seconds'] / b['seconds']:.3f} (target >= 2)      memory {mem(c, b):.2f}")

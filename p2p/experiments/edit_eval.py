@@ -20,6 +20,7 @@ Studies (one-object captions unless said otherwise; each seed draws its own capt
   group, by default `local_tiny` (`blend=local` for the reference's).
 Writes `edits.json` (summaries + per-seed rows) into the run folder and prints a table.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,9 @@ def swap_pair(rng: np.random.Generator, world: WorldConfig, *, swap: str) -> tup
     color, shape, background = rng.choice(colors), rng.choice(shapes), rng.choice(backgrounds)
     if swap == "color":
         new = rng.choice([c for c in colors if c != color])
-        return make_caption([(color, shape)], background=background), make_caption([(new, shape)], background=background)
+        return make_caption([(color, shape)], background=background), make_caption(
+            [(new, shape)], background=background
+        )
     new = rng.choice([s for s in shapes if s != shape])
     return make_caption([(color, shape)], background=background), make_caption([(color, new)], background=background)
 
@@ -75,8 +78,9 @@ def color_latents(model, world: WorldConfig, *, seed: int, n: int = 40) -> dict[
         for color in world.colors:
             offsets = []
             for _ in range(n):
-                scene = sample_scene(rng, config=world, objects=[(color, "square")], background=background,
-                                     mention_background=True)
+                scene = sample_scene(
+                    rng, config=world, objects=[(color, "square")], background=background, mention_background=True
+                )
                 latent = model.encode_images(image_to_tensor(scene.image))[0].float()  # (4, h, w)
                 mask = torch.from_numpy(scene.objects[0].mask).float()[None, None]
                 cover = F.avg_pool2d(mask, factor)[0, 0]  # (h, w): the fraction of each cell's pixels inside
@@ -90,8 +94,8 @@ def kept_by_latent_distance(rows: list[dict], codes: dict, *, groups: int = 3) -
     judged = [r for r in rows if r["edit_source_correct"]]
     distance = []
     for r in judged:
-        (source_color, _), = parse_caption(r["source"]).objects
-        (target_color, _), = parse_caption(r["target"]).objects
+        ((source_color, _),) = parse_caption(r["source"]).objects
+        ((target_color, _),) = parse_caption(r["target"]).objects
         background = parse_caption(r["source"]).background  # one-object pairs name it (swap_pair)
         distance.append(float(np.linalg.norm(codes[(source_color, background)] - codes[(target_color, background)])))
     order = np.argsort(distance, kind="stable")
@@ -100,8 +104,14 @@ def kept_by_latent_distance(rows: list[dict], codes: dict, *, groups: int = 3) -
         if len(part) == 0:
             continue
         iou = np.array([judged[i]["edit_iou"] for i in part])
-        parts.append({"n": len(part), "latent_distance": [distance[part[0]], distance[part[-1]]],
-                      "mean_iou": float(iou.mean()), "kept_layout": float((iou >= 0.8).mean())})
+        parts.append(
+            {
+                "n": len(part),
+                "latent_distance": [distance[part[0]], distance[part[-1]]],
+                "mean_iou": float(iou.mean()),
+                "kept_layout": float((iou >= 0.8).mean()),
+            }
+        )
     return parts
 
 
@@ -110,8 +120,14 @@ def commit_steps(model, captions, *, seeds, settings) -> list[int]:
     steps = []
     for caption, seed in zip(captions, seeds):
         predictions = []
-        final = generate(model, [caption], seed=seed, settings=settings, progress=False,
-                         on_prediction=lambda step, x0: predictions.append(x0))  # noqa: B023 (called now)
+        final = generate(
+            model,
+            [caption],
+            seed=seed,
+            settings=settings,
+            progress=False,
+            on_prediction=lambda step, x0: predictions.append(x0),  # noqa: B023 (called now)
+        )
         steps.append(layout_commit_step([*decode(model, torch.cat(predictions)), final[0]]))
     return steps
 
@@ -131,29 +147,45 @@ def blend_case(rng: np.random.Generator, world: WorldConfig) -> tuple[str, str, 
 def blend_study(model, cases, *, seeds, spec: EditSpec, blend: dict, settings) -> list[dict]:
     rows = []
     for (source, target, word, kept), seed in zip(cases, seeds):
-        result = edit(model, [source, target], seed=seed, spec=spec, settings=settings, progress=False,
-                      blend=BlendSpec(**{**blend, "words": [word]}))
+        result = edit(
+            model,
+            [source, target],
+            seed=seed,
+            spec=spec,
+            settings=settings,
+            progress=False,
+            blend=BlendSpec(**{**blend, "words": [word]}),
+        )
         reading = read_image(result.images[0])
         kept_objects = [o for o in reading.objects if (o.color, o.shape) == kept]
-        row = {"source": source, "target": target, "seed": seed, "source_correct": bool(matches_caption(reading, source)["all"]),
-               "target_correct": bool(matches_caption(read_image(result.images[1]), target)["all"])}
+        row = {
+            "source": source,
+            "target": target,
+            "seed": seed,
+            "source_correct": bool(matches_caption(reading, source)["all"]),
+            "target_correct": bool(matches_caption(read_image(result.images[1]), target)["all"]),
+        }
         if kept_objects:  # judged wherever the kept object was drawn, even if the other one was not
             row["kept_object_unchanged"] = unchanged_pixels(result.images[0], result.images[1], kept_objects[0].mask)
             outside = result.blend.last_mask[1, 0] == 0  # latent positions the blend kept from the source
             in_mask = mask_at(result.blend.last_mask[1], result.images.shape[1:3]) > 0
             row["kept_object_in_mask"] = float(in_mask[kept_objects[0].mask].mean())  # blend could not protect these
-            row["latent_outside_mask_equal"] = bool(torch.equal(result.latents[1][:, outside], result.latents[0][:, outside]))
+            row["latent_outside_mask_equal"] = bool(
+                torch.equal(result.latents[1][:, outside], result.latents[0][:, outside])
+            )
         rows.append(row)
     return rows
 
 
-def evaluate_edits(model: StableDiffusion, *, n: int, first_seed: int, spec: EditSpec, blend: dict,
-                   settings: SamplerSettings) -> dict:
+def evaluate_edits(
+    model: StableDiffusion, *, n: int, first_seed: int, spec: EditSpec, blend: dict, settings: SamplerSettings
+) -> dict:
     """Every study of the module docstring over seeds first_seed … first_seed + n − 1 → the report (JSON-ready)."""
     world = WorldConfig()
     seeds = list(range(first_seed, first_seed + n))
-    report = {"settings": {"steps": settings.steps, "guidance": settings.guidance, "n": n,
-                           "edit": dataclasses.asdict(spec)}}
+    report = {
+        "settings": {"steps": settings.steps, "guidance": settings.guidance, "n": n, "edit": dataclasses.asdict(spec)}
+    }
     pairs = {}
     for swap in ("color", "shape"):
         rng = np.random.default_rng([first_seed, 0 if swap == "color" else 1])
@@ -161,39 +193,57 @@ def evaluate_edits(model: StableDiffusion, *, n: int, first_seed: int, spec: Edi
         rows = []
         for pair, seed in zip(pairs[swap], seeds):
             rows += edit_study(model, [pair], seeds=[seed], spec=spec, settings=settings)
-        report[f"{swap}_swap"] = {"edit": summarize(rows, prefix="edit"), "baseline": summarize(rows, prefix="baseline"),
-                                  "rows": rows}
+        report[f"{swap}_swap"] = {
+            "edit": summarize(rows, prefix="edit"),
+            "baseline": summarize(rows, prefix="baseline"),
+            "rows": rows,
+        }
     report["color_swap"]["by_latent_distance"] = kept_by_latent_distance(
-        report["color_swap"]["rows"], color_latents(model, world, seed=first_seed))
-    most = dataclasses.replace(spec, cross_replace_steps=1.0, self_replace_steps=1.0, self_max_fraction=1.0,
-                               self_max_side=None)
+        report["color_swap"]["rows"], color_latents(model, world, seed=first_seed)
+    )
+    most = dataclasses.replace(
+        spec, cross_replace_steps=1.0, self_replace_steps=1.0, self_max_fraction=1.0, self_max_side=None
+    )
     rows = []
     for pair, seed in zip(pairs["color"], seeds):
         rows += edit_study(model, [pair], seeds=[seed], spec=most, settings=settings, baseline=False)
     report["color_swap"]["most_injection"] = {**summarize(rows, prefix="edit"), "rows": rows}
     commits = np.array(commit_steps(model, [source for source, _ in pairs["color"]], seeds=seeds, settings=settings))
     window = named_step_range(spec.self_replace_steps, settings.steps, "self_replace_steps")
-    report["layout_commit"] = {"n": len(commits), "steps": settings.steps, "self_window": [window.start, window.stop],
-                               "quartiles": [float(q) for q in np.percentile(commits, [25, 50, 75])],
-                               "p90": float(np.percentile(commits, 90)),
-                               "within_self_window": float(np.mean(commits <= window.stop)),
-                               "per_seed": commits.tolist()}
+    report["layout_commit"] = {
+        "n": len(commits),
+        "steps": settings.steps,
+        "self_window": [window.start, window.stop],
+        "quartiles": [float(q) for q in np.percentile(commits, [25, 50, 75])],
+        "p90": float(np.percentile(commits, 90)),
+        "within_self_window": float(np.mean(commits <= window.stop)),
+        "per_seed": commits.tolist(),
+    }
     perfect = [r["iou"] for r in perfect_color_swaps(model, world, seed=first_seed, n=n)]
-    report["color_swap"]["perfect_edit"] = {"n": len(perfect), "mean_iou": float(np.mean(perfect)),
-                                            "kept_layout": float(np.mean(np.array(perfect) >= 0.8))}
+    report["color_swap"]["perfect_edit"] = {
+        "n": len(perfect),
+        "mean_iou": float(np.mean(perfect)),
+        "kept_layout": float(np.mean(np.array(perfect) >= 0.8)),
+    }
     rng = np.random.default_rng([first_seed, 2])
     cases = [blend_case(rng, world) for _ in seeds]
-    rows = blend_study(model, cases, seeds=seeds, spec=spec, blend=blend,
-                       settings=settings)
+    rows = blend_study(model, cases, seeds=seeds, spec=spec, blend=blend, settings=settings)
     judged = [r for r in rows if "kept_object_unchanged" in r]
     report["local_blend"] = {
         "n": len(judged),
-        "kept_object_fully_unchanged": float(np.mean([r["kept_object_unchanged"] == 1.0 for r in judged])) if judged else None,
-        "kept_object_unchanged_pixels": float(np.mean([r["kept_object_unchanged"] for r in judged])) if judged else None,
+        "kept_object_fully_unchanged": float(np.mean([r["kept_object_unchanged"] == 1.0 for r in judged]))
+        if judged
+        else None,
+        "kept_object_unchanged_pixels": float(np.mean([r["kept_object_unchanged"] for r in judged]))
+        if judged
+        else None,
         "target_correct": float(np.mean([r["target_correct"] for r in judged])) if judged else None,
-        "latent_outside_mask_equal": float(np.mean([r["latent_outside_mask_equal"] for r in judged])) if judged else None,
+        "latent_outside_mask_equal": float(np.mean([r["latent_outside_mask_equal"] for r in judged]))
+        if judged
+        else None,
         "kept_object_in_mask": float(np.mean([r["kept_object_in_mask"] for r in judged])) if judged else None,
-        "rows": rows}
+        "rows": rows,
+    }
     return report
 
 
@@ -203,29 +253,41 @@ def summary_lines(report: dict) -> list[str]:
     for swap in ("color", "shape"):
         for kind in ("edit", "baseline"):
             s = report[f"{swap}_swap"][kind]
-            lines.append(f"{swap} swap {kind:<8} n={s.get('n')} success={s.get('success', float('nan')):.3f} "
-                  f"target colors={s.get('target_colors', float('nan')):.3f} "
-                  f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
-                  f"colors and IoU>=0.8={s.get('colors_and_kept', float('nan')):.3f} "
-                  f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px")
+            lines.append(
+                f"{swap} swap {kind:<8} n={s.get('n')} success={s.get('success', float('nan')):.3f} "
+                f"target colors={s.get('target_colors', float('nan')):.3f} "
+                f"mean IoU={s.get('mean_iou', float('nan')):.3f} IoU>=0.8={s.get('kept_layout', float('nan')):.3f} "
+                f"colors and IoU>=0.8={s.get('colors_and_kept', float('nan')):.3f} "
+                f"median centroid shift={s.get('median_centroid_shift', float('nan')):.2f}px"
+            )
     for part in report["color_swap"]["by_latent_distance"]:
-        lines.append(f"color swaps whose colors' latent codes are {part['latent_distance'][0]:.2f}-"
-              f"{part['latent_distance'][1]:.2f} apart: n={part['n']} mean IoU={part['mean_iou']:.3f} "
-              f"IoU>=0.8={part['kept_layout']:.3f}")
+        lines.append(
+            f"color swaps whose colors' latent codes are {part['latent_distance'][0]:.2f}-"
+            f"{part['latent_distance'][1]:.2f} apart: n={part['n']} mean IoU={part['mean_iou']:.3f} "
+            f"IoU>=0.8={part['kept_layout']:.3f}"
+        )
     s = report["color_swap"]["most_injection"]
-    lines.append(f"color swap, cross and self injected at every step in every layer: n={s.get('n')} "
-          f"target colors={s.get('target_colors', float('nan')):.3f} mean IoU={s.get('mean_iou', float('nan')):.3f} "
-          f"IoU>=0.8={s.get('kept_layout', float('nan')):.3f}")
+    lines.append(
+        f"color swap, cross and self injected at every step in every layer: n={s.get('n')} "
+        f"target colors={s.get('target_colors', float('nan')):.3f} mean IoU={s.get('mean_iou', float('nan')):.3f} "
+        f"IoU>=0.8={s.get('kept_layout', float('nan')):.3f}"
+    )
     c = report["layout_commit"]
-    lines.append(f"layout decided at step (of {c['steps']}, source x0 keeps the final mask from then on): quartiles "
-          f"{c['quartiles']} p90 {c['p90']}; by the end of the self window (step {c['self_window'][1]}): "
-          f"{c['within_self_window']:.3f}")
+    lines.append(
+        f"layout decided at step (of {c['steps']}, source x0 keeps the final mask from then on): quartiles "
+        f"{c['quartiles']} p90 {c['p90']}; by the end of the self window (step {c['self_window'][1]}): "
+        f"{c['within_self_window']:.3f}"
+    )
     p = report["color_swap"]["perfect_edit"]
-    lines.append(f"color swap perfect   n={p['n']} (the same layout recolored, through the VAE) mean IoU={p['mean_iou']:.3f} "
-          f"IoU>=0.8={p['kept_layout']:.3f}")
+    lines.append(
+        f"color swap perfect   n={p['n']} (the same layout recolored, through the VAE) mean IoU={p['mean_iou']:.3f} "
+        f"IoU>=0.8={p['kept_layout']:.3f}"
+    )
     lb = report["local_blend"]
-    lines.append(f"local blend n={lb['n']} latent outside mask == source: {lb['latent_outside_mask_equal']} "
-          f"other object fully unchanged={lb['kept_object_fully_unchanged']} "
-          f"unchanged pixels={lb['kept_object_unchanged_pixels']} edited object right={lb['target_correct']} "
-          f"other object inside the blend mask={lb['kept_object_in_mask']}")
+    lines.append(
+        f"local blend n={lb['n']} latent outside mask == source: {lb['latent_outside_mask_equal']} "
+        f"other object fully unchanged={lb['kept_object_fully_unchanged']} "
+        f"unchanged pixels={lb['kept_object_unchanged_pixels']} edited object right={lb['target_correct']} "
+        f"other object inside the blend mask={lb['kept_object_in_mask']}"
+    )
     return lines

@@ -2,6 +2,7 @@
 the tile size, the seed, the image size, and for the real-image figure its photo. Works on the resolved config as a
 plain dict (`scripts/figure.py` passes `OmegaConf.to_container(cfg, resolve=True)`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,10 @@ def prompt_set(request: dict) -> dict:
     if request["prompt_set"] not in PROMPT_SETS or request["prompt_set"] not in sets:
         raise UserError(f"prompt_set={request['prompt_set']!r}; this experiment has {sorted(sets)}")
     if request["prompt_set"] == "paper" and request["model"]["name"] == "tiny" and request["check_model"]:
-        raise UserError("prompt_set=paper needs Stable Diffusion weights: model=sd15 model.checkpoint=PATH "
-                        "(the built-in tiny model only knows the shapes world; use prompt_set=shapes)")
+        raise UserError(
+            "prompt_set=paper needs Stable Diffusion weights: model=sd15 model.checkpoint=PATH "
+            "(the built-in tiny model only knows the shapes world; use prompt_set=shapes)"
+        )
     return dict(sets[request["prompt_set"]])
 
 
@@ -62,8 +65,10 @@ def checked_overrides(request: dict, params: dict) -> dict:
         if request.get("image") is not None and params.get("source") is None:
             raise UserError("the real-image figure needs the photo's caption as `source` in the prompt set")
         if request.get("image") is None and (height is not None or width is not None):
-            raise UserError("height/width size the photo given as image=PATH; the shapes scene is rendered at "
-                            "the world's 32 px (drop height/width, or pass image=PATH)")
+            raise UserError(
+                "height/width size the photo given as image=PATH; the shapes scene is rendered at "
+                "the world's 32 px (drop height/width, or pass image=PATH)"
+            )
         check_tolerance_scale(number(request["inversion"]["tolerance_scale"], name="inversion.tolerance_scale"))
     return dict(tile_size=tile_size, height=height, width=width, seed=seed)
 

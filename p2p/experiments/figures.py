@@ -12,6 +12,7 @@ its own PNG under `images/`, and `figure.json` (captions, files, numbers such as
 
 `build(kind, model, params, ...)` picks the builder by name and checks `params` against its arguments.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,9 @@ class Figure:
             raise UserError(f"figure {self.title!r} has no rows to draw")
         strips = []
         for label, row in zip(self.row_labels, self.rows):
-            tiles = views.grid([[views.captioned(_framed(t.image, tile_size), t.caption, size=tile_size) for t in row]],
-                               gap=GAP)  # size: tile_size is honoured below views.MIN_TILE too
+            tiles = views.grid(
+                [[views.captioned(_framed(t.image, tile_size), t.caption, size=tile_size) for t in row]], gap=GAP
+            )  # size: tile_size is honoured below views.MIN_TILE too
             text = _text_block(label, width=LABEL_WIDTH - 8, size=LABEL_FONT_SIZE)
             strip = Image.new("RGB", (LABEL_WIDTH + tiles.width, max(tiles.height, text.height)), "white")
             strip.paste(text, (4, (strip.height - text.height) // 2))
@@ -89,8 +91,9 @@ class Figure:
         width = max(s.width for s in strips)
         title = _text_block(self.title, width=width - 8, size=TITLE_FONT_SIZE)
         title_height = max(TITLE_HEIGHT, title.height)
-        canvas = Image.new("RGB", (width, title_height + sum(s.height for s in strips) + GAP * (len(strips) - 1)),
-                           "white")
+        canvas = Image.new(
+            "RGB", (width, title_height + sum(s.height for s in strips) + GAP * (len(strips) - 1)), "white"
+        )
         canvas.paste(title, (4, (title_height - title.height) // 2))
         y = title_height
         for strip in strips:
@@ -104,12 +107,19 @@ class Figure:
         manifest_path = out / "figure.json"
         if manifest_path.exists():
             raise OutputExistsError(f"{manifest_path} exists; refusing to overwrite it")
-        manifest = {"title": self.title, "settings": self.settings, "metrics": self.metrics, "tile_size": tile_size,
-                    "rows": []}
+        manifest = {
+            "title": self.title,
+            "settings": self.settings,
+            "metrics": self.metrics,
+            "tile_size": tile_size,
+            "rows": [],
+        }
         for r, (label, row) in enumerate(zip(self.row_labels, self.rows)):
             entries = []
             for c, tile in enumerate(row):
-                path = views.save_png(Image.fromarray(tile.image), out / "images" / f"{r:02d}_{c:02d}_{_slug(tile.name)}.png")
+                path = views.save_png(
+                    Image.fromarray(tile.image), out / "images" / f"{r:02d}_{c:02d}_{_slug(tile.name)}.png"
+                )
                 entries.append({"caption": tile.caption, "file": str(path.relative_to(out))})
             manifest["rows"].append({"label": label, "tiles": entries})
         figure_path = views.save_png(self.render(tile_size=tile_size), out / "figure.png")
@@ -161,29 +171,49 @@ def _spec_with(spec: EditSpec, overrides: dict | str | None) -> EditSpec | None:
     overrides = dict(overrides or {})
     unknown = set(overrides) - {f.name for f in dataclasses.fields(EditSpec)}
     if unknown:
-        raise UserError(f"edit overrides {sorted(unknown)} are not EditSpec fields; "
-                         f"accepted: {[f.name for f in dataclasses.fields(EditSpec)]}")
+        raise UserError(
+            f"edit overrides {sorted(unknown)} are not EditSpec fields; "
+            f"accepted: {[f.name for f in dataclasses.fields(EditSpec)]}"
+        )
     return dataclasses.replace(spec, **overrides)
 
 
 # ----------------------------------------------------------------------------- builders
 
 
-def _check_edits(model: StableDiffusion, runs: Sequence[dict], *, settings: SamplerSettings,
-                 height: int | None, width: int | None) -> None:
+def _check_edits(
+    model: StableDiffusion, runs: Sequence[dict], *, settings: SamplerSettings, height: int | None, width: int | None
+) -> None:
     """Build (and drop) each run's controllers before any sampling: a bad prompt, word or window in the last
     row of a figure then fails in a second, not after every earlier row was drawn (minutes on SD)."""
     size = image_size(model, height, width)
     model.config.check_image_size(height=size[0], width=size[1])
     latent_hw = (size[0] // model.config.latent_factor, size[1] // model.config.latent_factor)
     for run in runs:
-        build_controllers(model, run["prompts"], spec=run.get("spec"), blend=run.get("blend"), store=None,
-                          num_steps=settings.steps, latent_hw=latent_hw)
+        build_controllers(
+            model,
+            run["prompts"],
+            spec=run.get("spec"),
+            blend=run.get("blend"),
+            store=None,
+            num_steps=settings.steps,
+            latent_hw=latent_hw,
+        )
 
 
-def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
-                rows: Sequence[dict], source: str | None = None, targets: Sequence[str] = (),
-                height: int | None = None, width: int | None = None) -> Figure:
+def rows_figure(
+    model: StableDiffusion,
+    *,
+    title: str,
+    spec: EditSpec,
+    settings: SamplerSettings,
+    seed: int,
+    rows: Sequence[dict],
+    source: str | None = None,
+    targets: Sequence[str] = (),
+    height: int | None = None,
+    width: int | None = None,
+) -> Figure:
     """Figs. 2, 5, 7, 8: each row is one `edit` run of its source and targets (defaults: the figure's).
 
     A row is `{label, source?, targets?, seed?, edit?: {EditSpec field: value} | "none", blend?}`; `blend` is
@@ -200,24 +230,46 @@ def rows_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings:
         row_spec, blend = _spec_with(spec, row.pop("edit", None)), _blend_spec(row.pop("blend", None))
         row_seed = row.pop("seed", seed)
         if row:
-            raise UserError(f"row {label!r} has unknown keys {sorted(row)}; accepted: label, source, targets, "
-                             "seed, edit, blend")
+            raise UserError(
+                f"row {label!r} has unknown keys {sorted(row)}; accepted: label, source, targets, seed, edit, blend"
+            )
         if row_source is None or not row_targets:
             raise UserError(f"row {label!r} needs a source and at least one target prompt")
         runs.append(dict(label=label, prompts=[row_source, *row_targets], spec=row_spec, blend=blend, seed=row_seed))
     _check_edits(model, runs, settings=settings, height=height, width=width)
     figure = Figure(title)
     for run in runs:
-        result = edit(model, run["prompts"], seed=run["seed"], spec=run["spec"], blend=run["blend"],
-                      settings=settings, height=height, width=width, progress=False)
+        result = edit(
+            model,
+            run["prompts"],
+            seed=run["seed"],
+            spec=run["spec"],
+            blend=run["blend"],
+            settings=settings,
+            height=height,
+            width=width,
+            progress=False,
+        )
         figure.add_row(run["label"], _image_tiles(result.images, run["prompts"]))
     return figure
 
 
-def attention_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
-                     prompt: str, words_over_steps: Sequence[str], steps_shown: int = 6,
-                     downsamplings: Sequence[int] | None = None, store_max_fraction: float = 0.5,
-                     tile_size: int = 128, height: int | None = None, width: int | None = None) -> Figure:
+def attention_figure(
+    model: StableDiffusion,
+    *,
+    title: str,
+    spec: EditSpec,
+    settings: SamplerSettings,
+    seed: int,
+    prompt: str,
+    words_over_steps: Sequence[str],
+    steps_shown: int = 6,
+    downsamplings: Sequence[int] | None = None,
+    store_max_fraction: float = 0.5,
+    tile_size: int = 128,
+    height: int | None = None,
+    width: int | None = None,
+) -> Figure:
     """Fig. 4: the image and every word's cross-attention map averaged over steps, then chosen words' maps at
     `steps_shown` evenly spaced steps. A word split into several tokens shows their summed maps; a word that
     occurs twice gets a tile per occurrence. `downsamplings` = which layers to average, as latent side / 2^d (SD at
@@ -229,85 +281,159 @@ def attention_figure(model: StableDiffusion, *, title: str, spec: EditSpec, sett
     if not isinstance(steps_shown, int) or steps_shown < 1:
         raise UserError(f"steps_shown={steps_shown!r}; show at least 1 step")
     store = StoreSpec(kinds=("cross", "hybrid"), max_fraction=store_max_fraction, per_step=True)
-    result = edit(model, [prompt], seed=seed, store=store, settings=settings, height=height, width=width,
-                  progress=False)
+    result = edit(
+        model, [prompt], seed=seed, store=store, settings=settings, height=height, width=width, progress=False
+    )
     latent_hw = tuple(result.latents.shape[-2:])
     grids = [grid_at(latent_hw, d) for d in downsamplings] if downsamplings is not None else None
     average = views.token_maps(result.store, 0, grids=grids)
     figure = Figure(title)
     tiles = [Tile(result.images[0], prompt, prompt)]
-    tiles += [Tile(views.heat(views.word_map(average, prompt, index), size=tile_size), w, f"average_{w}")
-              for index, w in enumerate(words(prompt))]  # by index: each 'a' of 'a cat and a dog' its own map
+    tiles += [
+        Tile(views.heat(views.word_map(average, prompt, index), size=tile_size), w, f"average_{w}")
+        for index, w in enumerate(words(prompt))
+    ]  # by index: each 'a' of 'a cat and a dog' its own map
     figure.add_row("image; each word's map averaged over all steps", tiles)
     count = min(steps_shown, settings.steps)
     shown = sorted({round(i * (settings.steps - 1) / max(count - 1, 1)) for i in range(count)})
     per_step = {s: views.token_maps(result.store, 0, grids=grids, step=s) for s in shown}
     for w in words_over_steps:
-        figure.add_row(f"'{w}' over the steps (first to last)",
-                       [Tile(views.heat(views.word_map(per_step[s], prompt, w), size=tile_size),
-                             f"step {s + 1}/{settings.steps}", f"{w}_step{s + 1:03d}") for s in shown])
+        figure.add_row(
+            f"'{w}' over the steps (first to last)",
+            [
+                Tile(
+                    views.heat(views.word_map(per_step[s], prompt, w), size=tile_size),
+                    f"step {s + 1}/{settings.steps}",
+                    f"{w}_step{s + 1:03d}",
+                )
+                for s in shown
+            ],
+        )
     return figure
 
 
-def injection_sweep_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings,
-                           seed: int, source: str, targets: Sequence[str], fractions: Sequence[float],
-                           height: int | None = None, width: int | None = None) -> Figure:
+def injection_sweep_figure(
+    model: StableDiffusion,
+    *,
+    title: str,
+    spec: EditSpec,
+    settings: SamplerSettings,
+    seed: int,
+    source: str,
+    targets: Sequence[str],
+    fractions: Sequence[float],
+    height: int | None = None,
+    width: int | None = None,
+) -> Figure:
     """Fig. 6: columns inject the source's cross-attention maps during the first f of the steps (0: none)."""
     if not fractions or not targets:
-        raise UserError(f"an injection sweep needs fractions and targets; got fractions={list(fractions)}, "
-                         f"targets={list(targets)}")
+        raise UserError(
+            f"an injection sweep needs fractions and targets; got fractions={list(fractions)}, targets={list(targets)}"
+        )
     prompts = [source, *targets]
     specs = [dataclasses.replace(spec, cross_replace_steps=float(f)) for f in fractions]
     _check_edits(model, [dict(prompts=prompts, spec=s) for s in specs], settings=settings, height=height, width=width)
-    columns = [edit(model, prompts, seed=seed, spec=s, settings=settings, height=height, width=width,
-                    progress=False).images for s in specs]
+    columns = [
+        edit(model, prompts, seed=seed, spec=s, settings=settings, height=height, width=width, progress=False).images
+        for s in specs
+    ]
     figure = Figure(title)
     figure.add_row("source", [Tile(columns[0][0], source, source)])
     for t, target in enumerate(targets, start=1):
-        figure.add_row(target, [Tile(images[t], f"cross {f:.0%}", f"{target}_cross{f:.2f}")
-                                for f, images in zip(fractions, columns)])
+        figure.add_row(
+            target,
+            [Tile(images[t], f"cross {f:.0%}", f"{target}_cross{f:.2f}") for f, images in zip(fractions, columns)],
+        )
     return figure
 
 
-def fader_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings, seed: int,
-                 rows: Sequence[dict], values: Sequence[float], height: int | None = None,
-                 width: int | None = None) -> Figure:
+def fader_figure(
+    model: StableDiffusion,
+    *,
+    title: str,
+    spec: EditSpec,
+    settings: SamplerSettings,
+    seed: int,
+    rows: Sequence[dict],
+    values: Sequence[float],
+    height: int | None = None,
+    width: int | None = None,
+) -> Figure:
     """Fig. 9: per row `{prompt, word, seed?}`, the prompt regenerated with the word's attention scaled by each c."""
     if not rows or not values:
-        raise UserError(f"a fader figure needs rows ({{prompt, word}}) and values of c; got rows={list(rows)}, "
-                         f"values={list(values)}")
+        raise UserError(
+            f"a fader figure needs rows ({{prompt, word}}) and values of c; got rows={list(rows)}, "
+            f"values={list(values)}"
+        )
     runs = []
     for row in rows:
         row = dict(row)
         prompt, word, row_seed = row.pop("prompt", None), row.pop("word", None), row.pop("seed", seed)
         if not isinstance(prompt, str) or not isinstance(word, str) or row:
-            raise UserError(f"a fader row is {{prompt: text, word: one of its words, seed?: int}}; got "
-                             f"{dict(prompt=prompt, word=word, **row)}")
-        runs.append(dict(prompt=prompt, word=word, seed=row_seed, prompts=[prompt] * (1 + len(values)),
-                         spec=dataclasses.replace(spec, reweight={word: [float(c) for c in values]})))
+            raise UserError(
+                f"a fader row is {{prompt: text, word: one of its words, seed?: int}}; got "
+                f"{dict(prompt=prompt, word=word, **row)}"
+            )
+        runs.append(
+            dict(
+                prompt=prompt,
+                word=word,
+                seed=row_seed,
+                prompts=[prompt] * (1 + len(values)),
+                spec=dataclasses.replace(spec, reweight={word: [float(c) for c in values]}),
+            )
+        )
     _check_edits(model, runs, settings=settings, height=height, width=width)
     figure = Figure(title)
     for run in runs:
         prompt, word = run["prompt"], run["word"]
-        result = edit(model, run["prompts"], seed=run["seed"], spec=run["spec"], settings=settings, height=height,
-                      width=width, progress=False)
+        result = edit(
+            model,
+            run["prompts"],
+            seed=run["seed"],
+            spec=run["spec"],
+            settings=settings,
+            height=height,
+            width=width,
+            progress=False,
+        )
         tiles = [Tile(result.images[0], "source", f"{prompt}_source")]
-        tiles += [Tile(image, f"{word}: c = {c:g}", f"{prompt}_{word}_c{c:g}") for image, c in zip(result.images[1:], values)]
+        tiles += [
+            Tile(image, f"{word}: c = {c:g}", f"{prompt}_{word}_c{c:g}") for image, c in zip(result.images[1:], values)
+        ]
         figure.add_row(f"{prompt}: reweight '{word}'", tiles)
     return figure
 
 
 def render_scene(*, seed: int, objects: Sequence[Sequence[str]], background: str) -> tuple[np.ndarray, str]:
     """A shapes-world 'photo' with a random layout and its caption (the background always named)."""
-    scene = sample_scene(np.random.default_rng(seed), objects=[tuple(o) for o in objects], background=background,
-                         mention_background=True, config=WorldConfig())
+    scene = sample_scene(
+        np.random.default_rng(seed),
+        objects=[tuple(o) for o in objects],
+        background=background,
+        mention_background=True,
+        config=WorldConfig(),
+    )
     return scene.image, scene.caption
 
 
-def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, settings: SamplerSettings,
-                      photo: np.ndarray, source: str, targets: Sequence[str], methods: Sequence[str] = ("null_text", "ddim"),
-                      blend: Sequence | dict | None = None, inner_steps: int = 10, null_init: str = "empty",
-                      tolerance_scale: float = 1.0, cache_dir: str | None = None, tile_size: int = 128) -> Figure:
+def real_image_figure(
+    model: StableDiffusion,
+    *,
+    title: str,
+    spec: EditSpec,
+    settings: SamplerSettings,
+    photo: np.ndarray,
+    source: str,
+    targets: Sequence[str],
+    methods: Sequence[str] = ("null_text", "ddim"),
+    blend: Sequence | dict | None = None,
+    inner_steps: int = 10,
+    null_init: str = "empty",
+    tolerance_scale: float = 1.0,
+    cache_dir: str | None = None,
+    tile_size: int = 128,
+) -> Figure:
     """Figs. 10-12: invert the photo with each method, reconstruct it, edit it; with `blend` words, the Fig. 12
     path: the LocalBlend mask of the first method's edit and the photo restored outside that mask. `blend` takes
     the forms of a `rows_figure` row's."""
@@ -316,43 +442,91 @@ def real_image_figure(model: StableDiffusion, *, title: str, spec: EditSpec, set
     if not methods or unknown:
         raise UserError(f"methods={list(methods)}; choose one or more of {INVERSION_METHODS}")
     # the edits' prompts, words and windows are checked before the inversions, which take the time
-    _check_edits(model, [dict(prompts=prompts, spec=spec, blend=_blend_spec(blend))], settings=settings,
-                 height=photo.shape[0], width=photo.shape[1])
+    _check_edits(
+        model,
+        [dict(prompts=prompts, spec=spec, blend=_blend_spec(blend))],
+        settings=settings,
+        height=photo.shape[0],
+        width=photo.shape[1],
+    )
     figure = Figure(title)
     vae = vae_reconstruction(model, photo)
-    reconstruction_tiles = [Tile(photo, "photo", "photo"),
-                            Tile(vae, f"VAE only: {psnr(vae, photo):.1f} dB", "vae_reconstruction")]
+    reconstruction_tiles = [
+        Tile(photo, "photo", "photo"),
+        Tile(vae, f"VAE only: {psnr(vae, photo):.1f} dB", "vae_reconstruction"),
+    ]
     figure.metrics["psnr_vae"] = round(psnr(vae, photo), 3)
     inversions = {}
     for method in methods:
-        inversion, _ = cached_invert(model, photo, source, cache_dir=cache_dir, method=method, settings=settings,
-                                     inner_steps=inner_steps, null_init=null_init,
-                                     tolerance_scale=tolerance_scale, progress=False)
+        inversion, _ = cached_invert(
+            model,
+            photo,
+            source,
+            cache_dir=cache_dir,
+            method=method,
+            settings=settings,
+            inner_steps=inner_steps,
+            null_init=null_init,
+            tolerance_scale=tolerance_scale,
+            progress=False,
+        )
         inversions[method] = inversion
         trajectory = inversion.source_trajectory  # Direct Inversion: the source rides the inversion trajectory
-        image = decode(model, sample(model, [source], latent=inversion.x_T, settings=settings,
-                                     uncond_embeddings=inversion.uncond_embeddings, progress=False,
-                                     latent_callback=source_on_trajectory(trajectory) if trajectory else None))[0]
+        image = decode(
+            model,
+            sample(
+                model,
+                [source],
+                latent=inversion.x_T,
+                settings=settings,
+                uncond_embeddings=inversion.uncond_embeddings,
+                progress=False,
+                latent_callback=source_on_trajectory(trajectory) if trajectory else None,
+            ),
+        )[0]
         figure.metrics[f"psnr_{method}"] = round(psnr(image, photo), 3)
         reconstruction_tiles.append(Tile(image, f"{method}: {psnr(image, photo):.1f} dB", f"{method}_reconstruction"))
     figure.add_row("reconstruction (PSNR to the photo)", reconstruction_tiles)
     for method, inversion in inversions.items():
-        result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings,
-                      uncond_embeddings=inversion.uncond_embeddings, source_trajectory=inversion.source_trajectory,
-                      progress=False)
+        result = edit(
+            model,
+            prompts,
+            latent=inversion.x_T,
+            spec=spec,
+            settings=settings,
+            uncond_embeddings=inversion.uncond_embeddings,
+            source_trajectory=inversion.source_trajectory,
+            progress=False,
+        )
         figure.add_row(f"{method} inversion + P2P", _image_tiles(result.images, prompts))
     if blend:
         inversion = inversions[methods[0]]
-        result = edit(model, prompts, latent=inversion.x_T, spec=spec, settings=settings, blend=_blend_spec(blend),
-                      uncond_embeddings=inversion.uncond_embeddings, source_trajectory=inversion.source_trajectory,
-                      progress=False)
+        result = edit(
+            model,
+            prompts,
+            latent=inversion.x_T,
+            spec=spec,
+            settings=settings,
+            blend=_blend_spec(blend),
+            uncond_embeddings=inversion.uncond_embeddings,
+            source_trajectory=inversion.source_trajectory,
+            progress=False,
+        )
         masks = result.blend.last_mask  # (P, 1, h, w); row 0 (the source) is unused
-        figure.add_row("LocalBlend mask: the edited words' attention",
-                       [Tile(views.heat(masks[t, 0], size=tile_size), f"mask: {target}", f"mask_{target}")
-                        for t, target in enumerate(targets, start=1)])
-        figure.add_row("edit inside the mask, photo restored outside (Fig. 12)",
-                       [Tile(restore_outside_mask(result.images[t], photo, masks[t]), target, f"restored_{target}")
-                        for t, target in enumerate(targets, start=1)])
+        figure.add_row(
+            "LocalBlend mask: the edited words' attention",
+            [
+                Tile(views.heat(masks[t, 0], size=tile_size), f"mask: {target}", f"mask_{target}")
+                for t, target in enumerate(targets, start=1)
+            ],
+        )
+        figure.add_row(
+            "edit inside the mask, photo restored outside (Fig. 12)",
+            [
+                Tile(restore_outside_mask(result.images[t], photo, masks[t]), target, f"restored_{target}")
+                for t, target in enumerate(targets, start=1)
+            ],
+        )
     return figure
 
 
@@ -378,8 +552,11 @@ def build(kind: str, model: StableDiffusion, params: dict[str, Any], **common) -
     if unknown:
         raise UserError(f"figure {kind!r} does not take {unknown}; it takes {accepted}")
     passed = {k: v for k, v in common.items() if k in accepted}
-    required = [name for name, parameter in inspect.signature(builder).parameters.items()
-                if name != "model" and parameter.default is inspect.Parameter.empty]
+    required = [
+        name
+        for name, parameter in inspect.signature(builder).parameters.items()
+        if name != "model" and parameter.default is inspect.Parameter.empty
+    ]
     missing = [name for name in required if name not in params and name not in passed]
     if missing:
         raise UserError(f"figure {kind!r} needs {missing} in its prompt set; it takes {accepted}")

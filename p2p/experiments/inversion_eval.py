@@ -16,6 +16,7 @@ speed ratio (and its PSNR: "equal PSNR"). Null-text runs three times: from the "
 the caption's embedding (`init=negative_prompt`), and from there with a tenth of the tolerance
 (`inversion=null_text_fast`). `scripts/eval_inversion.py` writes `inversion.json` and prints a table.
 """
+
 from __future__ import annotations
 
 import time
@@ -40,23 +41,29 @@ from p2p.shapes.world import WorldConfig, parse_caption, sample_scene
 
 # name → `invert` arguments; null_text_from_negative = null-text started from the caption's embedding,
 # null_text_fast = that with a tenth of the reference's tolerance (`inversion=null_text_fast`)
-METHODS = {"ddim": dict(method="ddim"), "negative_prompt": dict(method="negative_prompt"),
-           "null_text": dict(method="null_text"),
-           "null_text_from_negative": dict(method="null_text", null_init="negative_prompt"),
-           "null_text_fast": dict(method="null_text", **FAST_NULL_TEXT)}
+METHODS = {
+    "ddim": dict(method="ddim"),
+    "negative_prompt": dict(method="negative_prompt"),
+    "null_text": dict(method="null_text"),
+    "null_text_from_negative": dict(method="null_text", null_init="negative_prompt"),
+    "null_text_fast": dict(method="null_text", **FAST_NULL_TEXT),
+}
 NULL_TEXT_METHODS = [name for name, arguments in METHODS.items() if arguments["method"] == "null_text"]
 # null-text variant → prefix of its edit's row keys
 EDIT_PREFIXES = {"null_text": "edit", "null_text_from_negative": "edit_from_negative", "null_text_fast": "edit_fast"}
 
 
-def edit_scores(edited: np.ndarray, image: np.ndarray, target: str, *, object_mask: np.ndarray,
-                far_margin: int) -> dict:
+def edit_scores(
+    edited: np.ndarray, image: np.ndarray, target: str, *, object_mask: np.ndarray, far_margin: int
+) -> dict:
     """How a color swap of a render reads, and how much of the render's background it kept."""
     scores = one_object_scores(edited, target)
-    return {"target_correct": scores["all"],  # count, shape, color and background all read right
-            "color_correct": scores["color"],  # the largest object has the target color
-            "background_psnr": psnr(edited, image, mask=~object_mask),
-            "far_background_psnr": psnr(edited, image, mask=far_from(object_mask, pixels=far_margin))}
+    return {
+        "target_correct": scores["all"],  # count, shape, color and background all read right
+        "color_correct": scores["color"],  # the largest object has the target color
+        "background_psnr": psnr(edited, image, mask=~object_mask),
+        "far_background_psnr": psnr(edited, image, mask=far_from(object_mask, pixels=far_margin)),
+    }
 
 
 def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
@@ -66,19 +73,42 @@ def reference_null_text(model, image, prompt, settings) -> tuple[float, float]:
     model.requires_grad_(True)
     try:
         start = time.perf_counter()
-        inversion = invert(model, image, prompt, method="null_text", settings=settings,
-                           inner_steps=NULL_TEXT_INNER_STEPS, progress=False, reference_schedule=True)
+        inversion = invert(
+            model,
+            image,
+            prompt,
+            method="null_text",
+            settings=settings,
+            inner_steps=NULL_TEXT_INNER_STEPS,
+            progress=False,
+            reference_schedule=True,
+        )
         seconds = time.perf_counter() - start
-        latents = sample(model, [prompt], latent=inversion.x_T, settings=settings,
-                         uncond_embeddings=inversion.uncond_embeddings, progress=False)
+        latents = sample(
+            model,
+            [prompt],
+            latent=inversion.x_T,
+            settings=settings,
+            uncond_embeddings=inversion.uncond_embeddings,
+            progress=False,
+        )
         return seconds, psnr(decode(model, latents)[0], image)
     finally:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
 
 
-def evaluate_inversion(model: StableDiffusion, *, n: int, first_seed: int, reference_n: int, far_margin: int,
-                       spec: EditSpec, blend: dict, settings: SamplerSettings) -> dict:
+def evaluate_inversion(
+    model: StableDiffusion,
+    *,
+    n: int,
+    first_seed: int,
+    reference_n: int,
+    far_margin: int,
+    spec: EditSpec,
+    blend: dict,
+    settings: SamplerSettings,
+) -> dict:
     """Every measurement of the module docstring on n renders → {"settings", "summary", "rows"} (JSON-ready)."""
     world = WorldConfig()
     blend = {**blend, "restore_pixels": False}  # the photo is restored below
@@ -87,36 +117,58 @@ def evaluate_inversion(model: StableDiffusion, *, n: int, first_seed: int, refer
     for index in range(n):
         source, target = swap_pair(rng, world, swap="color")
         spec_source = parse_caption(source)
-        scene = sample_scene(rng, objects=spec_source.objects, background=spec_source.background,
-                             mention_background=True)
+        scene = sample_scene(
+            rng, objects=spec_source.objects, background=spec_source.background, mention_background=True
+        )
         image, object_mask = scene.image, scene.objects[0].mask
-        row = {"source": source, "target": target,
-               "psnr_vae": psnr(vae_reconstruction(model, image), image)}
+        row = {"source": source, "target": target, "psnr_vae": psnr(vae_reconstruction(model, image), image)}
         inversions = {}
         for method, arguments in METHODS.items():
             start = time.perf_counter()
             inversions[method] = invert(model, image, source, settings=settings, progress=False, **arguments)
             row[f"seconds_{method}"] = time.perf_counter() - start
-            latents = sample(model, [source], latent=inversions[method].x_T, settings=settings,
-                             uncond_embeddings=inversions[method].uncond_embeddings, progress=False)
+            latents = sample(
+                model,
+                [source],
+                latent=inversions[method].x_T,
+                settings=settings,
+                uncond_embeddings=inversions[method].uncond_embeddings,
+                progress=False,
+            )
             row[f"psnr_{method}"] = psnr(decode(model, latents)[0], image)
         for method in NULL_TEXT_METHODS:
             row[f"{method}_adam_steps"] = sum(inversions[method].inner_steps)
         for method, prefix in EDIT_PREFIXES.items():
             inversion = inversions[method]
-            edited = edit(model, [source, target], latent=inversion.x_T, spec=spec, settings=settings,
-                          uncond_embeddings=inversion.uncond_embeddings, progress=False).images
+            edited = edit(
+                model,
+                [source, target],
+                latent=inversion.x_T,
+                spec=spec,
+                settings=settings,
+                uncond_embeddings=inversion.uncond_embeddings,
+                progress=False,
+            ).images
             scores = edit_scores(edited[1], image, target, object_mask=object_mask, far_margin=far_margin)
             row.update({f"{prefix}_{key}": value for key, value in scores.items()})
         inversion, shape_word = inversions["null_text"], spec_source.objects[0][1]
-        result = edit(model, [source, target], latent=inversion.x_T, spec=spec, settings=settings, progress=False,
-                      uncond_embeddings=inversion.uncond_embeddings, blend=BlendSpec(**{**blend, "words": [shape_word]}))
+        result = edit(
+            model,
+            [source, target],
+            latent=inversion.x_T,
+            spec=spec,
+            settings=settings,
+            progress=False,
+            uncond_embeddings=inversion.uncond_embeddings,
+            blend=BlendSpec(**{**blend, "words": [shape_word]}),
+        )
         fig12 = restore_outside_mask(result.images[1], image, result.blend.last_mask[1])
         scores = edit_scores(fig12, image, target, object_mask=object_mask, far_margin=far_margin)
         row.update({f"edit_fig12_{key}": value for key, value in scores.items()})
         if index < reference_n:
             row["seconds_null_text_reference"], row["psnr_null_text_reference"] = reference_null_text(
-                model, image, source, settings)
+                model, image, source, settings
+            )
         rows.append(row)
     mean = lambda key: float(np.mean([r[key] for r in rows if key in r]))
     summary = {k: mean(k) for k in rows[0] if k.startswith(("psnr", "seconds", "edit_", "null_text"))}
@@ -125,8 +177,12 @@ def evaluate_inversion(model: StableDiffusion, *, n: int, first_seed: int, refer
         for method in NULL_TEXT_METHODS:
             ours = float(np.mean([r[f"seconds_{method}"] for r in rows[:reference_n]]))
             summary[f"{method}_speedup_vs_reference"] = summary["seconds_null_text_reference"] / ours
-            summary[f"psnr_{method}_on_reference_images"] = float(np.mean([r[f"psnr_{method}"]
-                                                                       for r in rows[:reference_n]]))
-    report = {"settings": {"n": n, "steps": settings.steps, "guidance": settings.guidance}, "summary": summary,
-              "rows": rows}
+            summary[f"psnr_{method}_on_reference_images"] = float(
+                np.mean([r[f"psnr_{method}"] for r in rows[:reference_n]])
+            )
+    report = {
+        "settings": {"n": n, "steps": settings.steps, "guidance": settings.guidance},
+        "summary": summary,
+        "rows": rows,
+    }
     return report

@@ -10,6 +10,7 @@ The edit per entry (PIE-Bench's P2P protocol, its run_editing_p2p.py): replace w
 have as many words, refine otherwise; LocalBlend on `blended_word` ("source_word target_word"), each word used in
 the prompt that has it (an added object's word is only in the target), no blend when neither is there.
 """
+
 from __future__ import annotations
 
 import csv
@@ -74,7 +75,9 @@ def shard_keys(keys: Sequence[str], *, shard: int, n_shards: int) -> list[str]:
     return sorted(keys)[shard::n_shards]
 
 
-def entry_edit(entry: PieEntry, *, spec: EditSpec, blend: BlendSpec | None) -> tuple[list[str], EditSpec, BlendSpec | None]:
+def entry_edit(
+    entry: PieEntry, *, spec: EditSpec, blend: BlendSpec | None
+) -> tuple[list[str], EditSpec, BlendSpec | None]:
     """The prompts, the edit (auto → replace / refine by word counts) and the blend words of one entry."""
     source, target = entry.source, entry.target
     kind = spec.kind
@@ -106,8 +109,16 @@ def edit_success(edited: np.ndarray, target: str) -> float | None:
     return float(matches_caption(read_image(edited), spec)["all"])
 
 
-def run_entry(model: StableDiffusion, entry: PieEntry, *, data_dir: Path, settings: BenchSettings,
-              metrics: MetricSet, cache_dir: str | Path | None, progress: bool = False) -> tuple[dict, np.ndarray]:
+def run_entry(
+    model: StableDiffusion,
+    entry: PieEntry,
+    *,
+    data_dir: Path,
+    settings: BenchSettings,
+    metrics: MetricSet,
+    cache_dir: str | Path | None,
+    progress: bool = False,
+) -> tuple[dict, np.ndarray]:
     """One entry: (its row, the edited image uint8 (H, W, 3) at the model's size)."""
     start = time.perf_counter()
     torch.manual_seed(settings.seed)  # nothing here draws noise (η = 0); fixed anyway so a row never depends on order
@@ -115,8 +126,18 @@ def run_entry(model: StableDiffusion, entry: PieEntry, *, data_dir: Path, settin
     path = data_dir / IMAGES_DIR / entry.image_path
     source_image = load_image(path, height=size, width=size)
     prompts, spec, blend = entry_edit(entry, spec=settings.edit, blend=settings.blend)
-    photo = edit_photo(model, source_image, prompts, spec=spec, blend=blend, settings=settings.sampler,
-                       inversion=settings.inversion, cache_dir=cache_dir, progress=progress, reconstruct=False)
+    photo = edit_photo(
+        model,
+        source_image,
+        prompts,
+        spec=spec,
+        blend=blend,
+        settings=settings.sampler,
+        inversion=settings.inversion,
+        cache_dir=cache_dir,
+        progress=progress,
+        reconstruct=False,
+    )
     edited = photo.edited[1]
     with Image.open(path) as original:  # the mask has the dataset image's size (512 for PIE-Bench proper)
         mask_hw = original.size[::-1]
@@ -141,8 +162,10 @@ def check_settings(out: Path, settings: BenchSettings, data_dir: Path) -> None:
         held = json.loads(path.read_text())
         if held != wanted:
             changed = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
-            raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); resume "
-                                    "it with its own settings, or use a new folder")
+            raise OutputExistsError(
+                f"{out} holds a run with other settings ({', '.join(changed)} differ); resume "
+                "it with its own settings, or use a new folder"
+            )
         return
     try:
         write_text(path, json.dumps(wanted, indent=1))
@@ -150,9 +173,19 @@ def check_settings(out: Path, settings: BenchSettings, data_dir: Path) -> None:
         check_settings(out, settings, data_dir)
 
 
-def run_benchmark(model: StableDiffusion, data_dir: str | Path, out: str | Path, *, settings: BenchSettings,
-                  metrics: MetricSet, shard: int = 0, n_shards: int = 1, cache_dir: str | Path | None = None,
-                  limit: int | None = None, progress: bool = True) -> dict:
+def run_benchmark(
+    model: StableDiffusion,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    settings: BenchSettings,
+    metrics: MetricSet,
+    shard: int = 0,
+    n_shards: int = 1,
+    cache_dir: str | Path | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Run this shard's incomplete entries into `out`; returns counts {done, skipped, total}."""
     data_dir, out = Path(data_dir), Path(out)
     entries = read_mapping(data_dir)
@@ -166,8 +199,9 @@ def run_benchmark(model: StableDiffusion, data_dir: str | Path, out: str | Path,
         log.warning("metrics skipped (no weights given): %s", metrics.skipped_line())
     for key in tqdm(todo, desc=f"shard {shard}/{n_shards}", position=shard, disable=not progress):
         entry = entries[key]
-        row, edited = run_entry(model, entry, data_dir=data_dir, settings=settings, metrics=metrics,
-                                cache_dir=cache_dir)
+        row, edited = run_entry(
+            model, entry, data_dir=data_dir, settings=settings, metrics=metrics, cache_dir=cache_dir
+        )
         with atomic_path(out / IMAGES_DIR / entry.image_path, overwrite=True) as partial:  # a killed run's leftover
             Image.fromarray(edited).save(partial)
         write_text(rows_dir / f"{key}.json", json.dumps(row))  # last: its presence means the entry is complete

@@ -14,6 +14,7 @@ Every metric compares the source photo with the edited image:
 LPIPS, DINO and CLIP need pretrained weights, which are not downloaded here: `NetworkPaths` names the local files,
 and a metric whose file is not given is skipped (`MetricSet.skipped` says which file each needs).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,10 +46,12 @@ class NetworkPaths:
     dino_arch: str = DINO_ARCH  # timm architecture the DINO weights fit
 
 
-NEEDS = {"lpips": "metrics.lpips=PATH/squeezenet1_1-b8a52dc0.pth (torchvision's SqueezeNet 1.1 weights)",
-         "structure_distance": "metrics.dino=PATH/dino_vitb8_pretrain.pth (DINO ViT-B/8, facebookresearch/dino)",
-         "clip_whole": "metrics.clip=PATH/clip-vit-large-patch14/ (a Hugging Face CLIP folder)",
-         "clip_edited": "metrics.clip=PATH/clip-vit-large-patch14/ (a Hugging Face CLIP folder)"}
+NEEDS = {
+    "lpips": "metrics.lpips=PATH/squeezenet1_1-b8a52dc0.pth (torchvision's SqueezeNet 1.1 weights)",
+    "structure_distance": "metrics.dino=PATH/dino_vitb8_pretrain.pth (DINO ViT-B/8, facebookresearch/dino)",
+    "clip_whole": "metrics.clip=PATH/clip-vit-large-patch14/ (a Hugging Face CLIP folder)",
+    "clip_edited": "metrics.clip=PATH/clip-vit-large-patch14/ (a Hugging Face CLIP folder)",
+}
 
 
 def _to_unit(image: np.ndarray) -> torch.Tensor:
@@ -129,15 +132,19 @@ def dino_input(image: np.ndarray, *, size: int = DINO_SIZE) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
     height, width = x.shape[-2:]
     scale = size / min(height, width)
-    x = F.interpolate(x, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False,
-                      antialias=True)
+    x = F.interpolate(
+        x, size=(round(height * scale), round(width * scale)), mode="bilinear", align_corners=False, antialias=True
+    )
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     return (x - mean) / std
 
 
 def structure_distance(dino: torch.nn.Module, source: np.ndarray, edited: np.ndarray) -> float:
-    return float(F.mse_loss(last_keys_self_similarity(dino, dino_input(edited)),
-                            last_keys_self_similarity(dino, dino_input(source))))
+    return float(
+        F.mse_loss(
+            last_keys_self_similarity(dino, dino_input(edited)), last_keys_self_similarity(dino, dino_input(source))
+        )
+    )
 
 
 def load_clip_score(path: str | Path):
@@ -147,8 +154,11 @@ def load_clip_score(path: str | Path):
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise MissingFileError(f"metrics.clip={str(path)!r} is not a folder; pass a Hugging Face CLIP folder "
-                               "(config.json, weights, tokenizer and preprocessor files)")
+        raise MissingFileError(
+            f"metrics.clip={str(path)!r} is not a folder; pass a Hugging Face CLIP folder "
+            "(config.json, weights, tokenizer and preprocessor files)"
+        )
+
     class FeatureCLIP(CLIPModel):
         """transformers ≥ 5 returns an output object from get_*_features (the projected embedding is its
         pooler_output); torchmetrics 1.9's CLIPScore expects the tensor."""
@@ -161,8 +171,12 @@ def load_clip_score(path: str | Path):
             out = super().get_text_features(*args, **kwargs)
             return getattr(out, "pooler_output", out)
 
-    return CLIPScore(model_name_or_path=lambda: (FeatureCLIP.from_pretrained(str(folder)).eval(),
-                                                 CLIPProcessor.from_pretrained(str(folder))))
+    return CLIPScore(
+        model_name_or_path=lambda: (
+            FeatureCLIP.from_pretrained(str(folder)).eval(),
+            CLIPProcessor.from_pretrained(str(folder)),
+        )
+    )
 
 
 def clip_similarity(scorer, image: np.ndarray, prompt: str, mask: np.ndarray | None = None) -> float:
@@ -177,10 +191,13 @@ def clip_similarity(scorer, image: np.ndarray, prompt: str, mask: np.ndarray | N
 def _load_state_dict(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise MissingFileError(f"metric weights {str(path)!r} do not exist; pass the file's path (see "
-                               "docs/benchmarks-pie.md, 'Metric weights')")
+        raise MissingFileError(
+            f"metric weights {str(path)!r} do not exist; pass the file's path (see "
+            "docs/benchmarks-pie.md, 'Metric weights')"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
@@ -193,8 +210,12 @@ class MetricSet:
         self.lpips = load_lpips(paths.lpips) if paths.lpips else None
         self.dino = load_dino(paths.dino, arch=paths.dino_arch) if paths.dino else None
         self.clip = load_clip_score(paths.clip) if paths.clip else None
-        present = {"lpips": self.lpips, "structure_distance": self.dino, "clip_whole": self.clip,
-                   "clip_edited": self.clip}
+        present = {
+            "lpips": self.lpips,
+            "structure_distance": self.dino,
+            "clip_whole": self.clip,
+            "clip_edited": self.clip,
+        }
         self.skipped = [(name, NEEDS[name]) for name, net in present.items() if net is None]
         self.columns = [m for m in METRICS if m not in dict(self.skipped)]
 

@@ -1,4 +1,5 @@
 """Loading real images for inversion (P2P_SPEC §7 "Preprocess"): RGB, crop margins, centre crop, resize."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,11 @@ def load_image(source: ImageSource, *, height: int, width: int, margins=(0, 0, 0
     left, top, right, bottom = _check_margins(margins)
     image = _to_rgb(_open(source))
     if left + right >= image.width or top + bottom >= image.height:
-        raise UserError(f"margins (left, top, right, bottom)={tuple(margins)} leave nothing of a "
-                         f"{image.width}×{image.height} image; left + right must be < {image.width} and "
-                         f"top + bottom < {image.height}")
+        raise UserError(
+            f"margins (left, top, right, bottom)={tuple(margins)} leave nothing of a "
+            f"{image.width}×{image.height} image; left + right must be < {image.width} and "
+            f"top + bottom < {image.height}"
+        )
     image = image.crop((left, top, image.width - right, image.height - bottom))
     target_ratio = width / height
     if image.width / image.height > target_ratio:  # too wide: crop the sides (at least one pixel stays)
@@ -46,8 +49,10 @@ def load_image(source: ImageSource, *, height: int, width: int, margins=(0, 0, 0
 
 
 def _check_margins(margins) -> tuple[int, int, int, int]:
-    explanation = (f"margins={margins!r} must be four whole numbers of pixels ≥ 0: (left, top, right, bottom) "
-                   "cut off before the centre crop")
+    explanation = (
+        f"margins={margins!r} must be four whole numbers of pixels ≥ 0: (left, top, right, bottom) "
+        "cut off before the centre crop"
+    )
     if isinstance(margins, (str, bytes)) or not hasattr(margins, "__len__") or len(margins) != 4:
         raise UserError(explanation)
     values = []
@@ -67,8 +72,10 @@ def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         return ImageOps.exif_transpose(source)
     if not isinstance(source, (str, Path)):
-        raise WrongTypeError(f"image source of type {type(source).__name__} is not supported; pass a file path, "
-                        f"a PIL image or a numpy array {ARRAY_LAYOUTS}")
+        raise WrongTypeError(
+            f"image source of type {type(source).__name__} is not supported; pass a file path, "
+            f"a PIL image or a numpy array {ARRAY_LAYOUTS}"
+        )
     path = Path(source).expanduser()  # `image=~/photo.png` on a command line reaches us unexpanded
     if path.is_dir():
         raise UserError(f"image {str(path)!r} is a directory; pass the path of an image file")
@@ -79,8 +86,9 @@ def _open(source: ImageSource) -> Image.Image:
             opened.load()  # reads the whole file now: a truncated file fails here, not later
             return ImageOps.exif_transpose(opened)  # a new image that outlives the file
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise UserError(f"cannot read {str(path)!r} as an image ({err}); use a PNG, JPEG or another format "
-                         "Pillow reads") from err
+        raise UserError(
+            f"cannot read {str(path)!r} as an image ({err}); use a PNG, JPEG or another format Pillow reads"
+        ) from err
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -94,8 +102,10 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = np.round(array / SIXTEEN_BIT_MAX * 255).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise UserError(f"float image array has values outside [0, 1] (min {np.nanmin(array)}, max "
-                             f"{np.nanmax(array)}); pass {ARRAY_LAYOUTS}")
+            raise UserError(
+                f"float image array has values outside [0, 1] (min {np.nanmin(array)}, max "
+                f"{np.nanmax(array)}); pass {ARRAY_LAYOUTS}"
+            )
         array = np.round(array * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise UserError(f"image array of dtype {array.dtype} is not supported; pass {ARRAY_LAYOUTS}")

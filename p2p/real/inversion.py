@@ -12,6 +12,7 @@
   (`source_on_trajectory`), so the source reconstructs exactly and the targets' attention comes from it.
 Editing then samples from z_T with ∅_i as the unconditional embedding at step i for every prompt.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,8 +82,9 @@ def _check_latent(latent: torch.Tensor, model: StableDiffusion, what: str) -> No
 
 
 @torch.no_grad()
-def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settings: SamplerSettings,
-                progress: bool = True) -> list[torch.Tensor]:
+def ddim_invert(
+    model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settings: SamplerSettings, progress: bool = True
+) -> list[torch.Tensor]:
     """z_0 → [z_0, z_1, …, z_T] along the sampling timesteps in ascending order (steps + 1 latents).
 
     `settings.guidance` = 1 (the reference's, `DDIM_INVERSION_GUIDANCE`) uses the conditional branch only;
@@ -93,21 +95,32 @@ def ddim_invert(model: StableDiffusion, z0: torch.Tensor, prompt: str, *, settin
     batch, latent_hw = z0.shape[0], tuple(z0.shape[-2:])
     cond = condition(model, [prompt], latent_hw=latent_hw).expand(batch)
     uncond = condition(model, [""], latent_hw=latent_hw).expand(batch) if settings.guidance != 1.0 else None
-    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
-                               offset=settings.offset)[::-1]
+    timesteps = ddim_timesteps(
+        settings.steps, num_train_timesteps=model.config.num_train_timesteps, offset=settings.offset
+    )[::-1]
     z, trajectory = z0.float().to(model.device), [z0.float().to(model.device)]
     for t in tqdm(timesteps, desc="DDIM inversion", disable=not progress, leave=False):
-        out = unet_output(model, z, t, cond) if uncond is None else _guided(model, z, t, uncond, cond, settings.guidance)
+        out = (
+            unet_output(model, z, t, cond) if uncond is None else _guided(model, z, t, uncond, cond, settings.guidance)
+        )
         t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
         z = ddim_inverse_step(out, z, t_prev=t_prev, t=t, schedule=model.schedule, prediction=model.config.prediction)
         trajectory.append(z)
     return trajectory
 
 
-def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Tensor], prompt: str, *,
-                           settings: SamplerSettings, inner_steps: int = NULL_TEXT_INNER_STEPS,
-                           tolerance_scale: float = 1.0, progress: bool = True, init: str = "empty",
-                           reference_schedule: bool = False) -> tuple[list[torch.Tensor], list[float], list[int]]:
+def null_text_optimization(
+    model: StableDiffusion,
+    trajectory: Sequence[torch.Tensor],
+    prompt: str,
+    *,
+    settings: SamplerSettings,
+    inner_steps: int = NULL_TEXT_INNER_STEPS,
+    tolerance_scale: float = 1.0,
+    progress: bool = True,
+    init: str = "empty",
+    reference_schedule: bool = False,
+) -> tuple[list[torch.Tensor], list[float], list[int]]:
     """Mokady et al. 2023, Algorithm 1, with the reference's schedule; returns (∅_i, final losses, Adam steps).
 
     Per step i: the loss of the current ∅ is computed first; if it is below the tolerance
@@ -146,9 +159,17 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
         for p in frozen:
             p.requires_grad_(False)
         with torch.enable_grad():  # ∅ needs a gradient even when the caller runs under torch.no_grad()
-            return _optimize_null_text(model, trajectory, prompt, settings=settings, inner_steps=inner_steps,
-                                       tolerance_scale=tolerance_scale, progress=progress, init=init,
-                                       reference_schedule=reference_schedule)
+            return _optimize_null_text(
+                model,
+                trajectory,
+                prompt,
+                settings=settings,
+                inner_steps=inner_steps,
+                tolerance_scale=tolerance_scale,
+                progress=progress,
+                init=init,
+                reference_schedule=reference_schedule,
+            )
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -157,27 +178,36 @@ def null_text_optimization(model: StableDiffusion, trajectory: Sequence[torch.Te
 def check_tolerance_scale(value) -> None:
     """A null-text tolerance scale is a finite number ≥ 0; anything else is named."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise UserError(f"tolerance_scale={value!r}: it multiplies null-text's early-stop tolerance "
-                         "1e-5 + i·2e-5; pass a finite number ≥ 0 (1 = the reference's, 0 = never stop early)")
+        raise UserError(
+            f"tolerance_scale={value!r}: it multiplies null-text's early-stop tolerance "
+            "1e-5 + i·2e-5; pass a finite number ≥ 0 (1 = the reference's, 0 = never stop early)"
+        )
 
 
 def _check_trajectory(trajectory: Sequence[torch.Tensor], model: StableDiffusion, *, steps: int) -> None:
     """Null-text targets are trajectory[-2], trajectory[-3], …: a wrong length would silently pair steps wrongly."""
     if len(trajectory) != steps + 1:
-        raise UserError(f"the trajectory has {len(trajectory)} latents for steps={steps}; null-text inversion "
-                         f"needs the DDIM inversion's z_0 … z_T, {steps + 1} latents")
+        raise UserError(
+            f"the trajectory has {len(trajectory)} latents for steps={steps}; null-text inversion "
+            f"needs the DDIM inversion's z_0 … z_T, {steps + 1} latents"
+        )
     for i, latent in enumerate(trajectory):
         _check_latent(latent, model, f"trajectory[{i}]")
         if latent.shape[0] != 1:
-            raise UserError(f"trajectory[{i}] holds a batch of {latent.shape[0]} latents; null-text inversion "
-                             "optimises one ∅ per step for one image: invert images one at a time")
+            raise UserError(
+                f"trajectory[{i}] holds a batch of {latent.shape[0]} latents; null-text inversion "
+                "optimises one ∅ per step for one image: invert images one at a time"
+            )
         if latent.shape != trajectory[0].shape:
-            raise UserError(f"trajectory[{i}] has shape {tuple(latent.shape)} but trajectory[0] "
-                             f"{tuple(trajectory[0].shape)}; every latent of a trajectory has the same shape")
+            raise UserError(
+                f"trajectory[{i}] has shape {tuple(latent.shape)} but trajectory[0] "
+                f"{tuple(trajectory[0].shape)}; every latent of a trajectory has the same shape"
+            )
 
 
-def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tolerance_scale, progress, init,
-                        reference_schedule):
+def _optimize_null_text(
+    model, trajectory, prompt, *, settings, inner_steps, tolerance_scale, progress, init, reference_schedule
+):
     """The loop of `null_text_optimization`, its inputs checked and the weights already frozen."""
     latent_hw = tuple(trajectory[-1].shape[-2:])
     with torch.no_grad():
@@ -187,13 +217,16 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
         # prompt's, as in sampling (`sample` replaces only the context with the optimised ∅_i)
         empty = condition(model, [""], latent_hw=latent_hw)
         uncond = cond.context.clone() if init == "negative_prompt" else empty.context.float()
-    timesteps = ddim_timesteps(settings.steps, num_train_timesteps=model.config.num_train_timesteps,
-                               offset=settings.offset)
+    timesteps = ddim_timesteps(
+        settings.steps, num_train_timesteps=model.config.num_train_timesteps, offset=settings.offset
+    )
     latent = trajectory[-1]
     embeddings, losses, used = [], [], []
     with tqdm(total=len(timesteps), desc="null-text inversion", disable=not progress, leave=False) as bar:
         for i, t in enumerate(timesteps):
-            t_prev = previous_timestep(t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps)
+            t_prev = previous_timestep(
+                t, num_steps=settings.steps, num_train_timesteps=model.config.num_train_timesteps
+            )
             target = trajectory[len(trajectory) - i - 2]
             uncond = uncond.detach().clone().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=NULL_TEXT_LR * (1.0 - i / 100.0))
@@ -203,8 +236,9 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
             while True:  # the guided DDIM step with the current ∅_i, its distance to the trajectory, maybe Adam
                 out_uncond = unet_output(model, latent, t, empty.with_context(uncond))
                 guided = out_uncond + settings.guidance * (out_cond - out_uncond)
-                previous = ddim_step(guided, latent, t=t, t_prev=t_prev, schedule=model.schedule,
-                                     prediction=model.config.prediction)
+                previous = ddim_step(
+                    guided, latent, t=t, t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction
+                )
                 loss = F.mse_loss(previous, target)
                 loss_value = loss.item()
                 if steps_taken == inner_steps or (not reference_schedule and loss_value < tolerance):
@@ -221,8 +255,14 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
             used.append(steps_taken)
             if reference_schedule:  # the official code's separate call to advance with the optimised ∅_i
                 with torch.no_grad():
-                    previous = ddim_step(_guided(model, latent, t, empty.with_context(uncond), cond, settings.guidance), latent, t=t,
-                                         t_prev=t_prev, schedule=model.schedule, prediction=model.config.prediction)
+                    previous = ddim_step(
+                        _guided(model, latent, t, empty.with_context(uncond), cond, settings.guidance),
+                        latent,
+                        t=t,
+                        t_prev=t_prev,
+                        schedule=model.schedule,
+                        prediction=model.config.prediction,
+                    )
             latent = previous.detach()
             bar.set_postfix(loss=f"{loss_value:.2e}", adam=steps_taken)
             bar.update()
@@ -230,11 +270,20 @@ def _optimize_null_text(model, trajectory, prompt, *, settings, inner_steps, tol
 
 
 @torch.no_grad()
-def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: str = "null_text",
-           settings: SamplerSettings | None = None, inner_steps: int = NULL_TEXT_INNER_STEPS,
-           null_init: str = "empty", tolerance_scale: float = 1.0,
-           inversion_guidance: float = DDIM_INVERSION_GUIDANCE, progress: bool = True,
-           reference_schedule: bool = False) -> Inversion:
+def invert(
+    model: StableDiffusion,
+    image: np.ndarray,
+    prompt: str,
+    *,
+    method: str = "null_text",
+    settings: SamplerSettings | None = None,
+    inner_steps: int = NULL_TEXT_INNER_STEPS,
+    null_init: str = "empty",
+    tolerance_scale: float = 1.0,
+    inversion_guidance: float = DDIM_INVERSION_GUIDANCE,
+    progress: bool = True,
+    reference_schedule: bool = False,
+) -> Inversion:
     """Invert a uint8 (H, W, 3) image with its caption by `method` (one of INVERSION_METHODS).
 
     `settings` are those the edits will sample with (steps, guidance w, offset; η must be 0: the inversion
@@ -252,19 +301,30 @@ def invert(model: StableDiffusion, image: np.ndarray, prompt: str, *, method: st
     model.config.check_image_size(height=image.shape[0], width=image.shape[1])
     start = time.perf_counter()
     z0 = model.encode_images(image_tensor)  # VAE posterior mean × scale factor
-    trajectory = ddim_invert(model, z0, prompt, settings=SamplerSettings(
-        steps=settings.steps, guidance=inversion_guidance, offset=settings.offset), progress=progress)
+    trajectory = ddim_invert(
+        model,
+        z0,
+        prompt,
+        settings=SamplerSettings(steps=settings.steps, guidance=inversion_guidance, offset=settings.offset),
+        progress=progress,
+    )
     embeddings, losses, used = None, [], []
     if method == "negative_prompt":
         cond = model.encode_prompts([prompt])
         embeddings = [cond.clone() for _ in range(settings.steps)]
     elif method == "null_text":
-        embeddings, losses, used = null_text_optimization(model, trajectory, prompt, settings=settings,
-                                                          inner_steps=inner_steps, progress=progress,
-                                                          init=null_init, tolerance_scale=tolerance_scale,
-                                                          reference_schedule=reference_schedule)
-    return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used,
-                     seconds=time.perf_counter() - start)
+        embeddings, losses, used = null_text_optimization(
+            model,
+            trajectory,
+            prompt,
+            settings=settings,
+            inner_steps=inner_steps,
+            progress=progress,
+            init=null_init,
+            tolerance_scale=tolerance_scale,
+            reference_schedule=reference_schedule,
+        )
+    return Inversion(trajectory[-1], trajectory, embeddings, method, losses, used, seconds=time.perf_counter() - start)
 
 
 def source_on_trajectory(trajectory: Sequence[torch.Tensor]):
@@ -281,8 +341,9 @@ def source_on_trajectory(trajectory: Sequence[torch.Tensor]):
 
     def put_back(step: int, latents: torch.Tensor) -> torch.Tensor:
         if not 0 <= step < steps:
-            raise UserError(f"sampling step {step} is outside the inversion's {steps} steps; edit with the "
-                             "inversion's own steps")
+            raise UserError(
+                f"sampling step {step} is outside the inversion's {steps} steps; edit with the inversion's own steps"
+            )
         latents = latents.clone()
         latents[0] = trajectory[steps - 1 - step][0].to(latents)
         return latents
@@ -293,8 +354,10 @@ def source_on_trajectory(trajectory: Sequence[torch.Tensor]):
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) → float (1, 3, H, W) in [-1, 1]."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise UserError(f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
-                         f"{getattr(image, 'shape', '')}; p2p.real.images.load_image makes one from a file")
+        raise UserError(
+            f"expected a uint8 (H, W, 3) RGB image, got {getattr(image, 'dtype', type(image).__name__)} "
+            f"{getattr(image, 'shape', '')}; p2p.real.images.load_image makes one from a file"
+        )
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
@@ -318,7 +381,7 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
             raise UserError("psnr mask selects no pixels")
         diff = diff[mask.astype(bool)]
     mse = diff.mean()
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def mask_at(mask: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

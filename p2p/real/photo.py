@@ -2,6 +2,7 @@
 invert the photo under its caption (through the cache), reconstruct it, edit it with P2P from the inverted x_T
 and null embeddings, and optionally put the photo's own pixels back outside the LocalBlend mask (Fig. 12).
 """
+
 from __future__ import annotations
 
 import time
@@ -44,46 +45,94 @@ class PhotoEdit:
     metrics: dict = field(default_factory=dict)
 
 
-def edit_photo(model: StableDiffusion, image: np.ndarray, prompts: list[str], *, spec: EditSpec | None,
-               blend: BlendSpec | None, settings: SamplerSettings, inversion: InversionSettings,
-               cache_dir: str | Path | None, restore_unedited: bool = False, store: StoreSpec | None = None,
-               progress: bool = True, reconstruct: bool = True) -> PhotoEdit:
+def edit_photo(
+    model: StableDiffusion,
+    image: np.ndarray,
+    prompts: list[str],
+    *,
+    spec: EditSpec | None,
+    blend: BlendSpec | None,
+    settings: SamplerSettings,
+    inversion: InversionSettings,
+    cache_dir: str | Path | None,
+    restore_unedited: bool = False,
+    store: StoreSpec | None = None,
+    progress: bool = True,
+    reconstruct: bool = True,
+) -> PhotoEdit:
     """Invert `image` under `prompts[0]`, reconstruct it (unless `reconstruct=False`: a benchmark needs only the
     edit, and saves a third of the sampling), and edit it into `prompts[1:]` (if any)."""
     start = time.perf_counter()
-    inverted, from_cache = cached_invert(model, image, prompts[0], cache_dir=cache_dir, method=inversion.method,
-                                         settings=settings, inner_steps=inversion.inner_steps,
-                                         null_init=inversion.init, tolerance_scale=inversion.tolerance_scale,
-                                         inversion_guidance=inversion.guidance, progress=progress)
+    inverted, from_cache = cached_invert(
+        model,
+        image,
+        prompts[0],
+        cache_dir=cache_dir,
+        method=inversion.method,
+        settings=settings,
+        inner_steps=inversion.inner_steps,
+        null_init=inversion.init,
+        tolerance_scale=inversion.tolerance_scale,
+        inversion_guidance=inversion.guidance,
+        progress=progress,
+    )
     wait_seconds = time.perf_counter() - start
     vae_only = vae_reconstruction(model, image)
     # Direct Inversion: the source branch rides the trajectory, so its reconstruction is z_0 (the VAE's) exactly
     trajectory = inverted.source_trajectory
-    reconstruction = decode(model, sample(model, prompts[:1], latent=inverted.x_T, settings=settings,
-                                          uncond_embeddings=inverted.uncond_embeddings, progress=progress,
-                                          latent_callback=source_on_trajectory(trajectory) if trajectory else None)
-                            )[0] if reconstruct else None
+    reconstruction = (
+        decode(
+            model,
+            sample(
+                model,
+                prompts[:1],
+                latent=inverted.x_T,
+                settings=settings,
+                uncond_embeddings=inverted.uncond_embeddings,
+                progress=progress,
+                latent_callback=source_on_trajectory(trajectory) if trajectory else None,
+            ),
+        )[0]
+        if reconstruct
+        else None
+    )
     out = PhotoEdit(original=image, vae_reconstruction=vae_only, reconstruction=reconstruction, inversion=inverted)
     if len(prompts) > 1:
-        out.result = edit(model, prompts, latent=inverted.x_T, spec=spec, blend=blend, store=store,
-                          settings=settings, uncond_embeddings=inverted.uncond_embeddings,
-                          source_trajectory=trajectory, progress=progress)
+        out.result = edit(
+            model,
+            prompts,
+            latent=inverted.x_T,
+            spec=spec,
+            blend=blend,
+            store=store,
+            settings=settings,
+            uncond_embeddings=inverted.uncond_embeddings,
+            source_trajectory=trajectory,
+            progress=progress,
+        )
         out.edited = out.result.images
         if restore_unedited:
             mask = out.result.blend.last_mask if out.result.blend is not None else None
             if mask is None:
-                raise UserError(f"restore_unedited=true: the blend never ran (blend.start={blend.start if blend else None}"
-                                f" of {settings.steps} steps), so there is no mask; lower blend.start")
-            out.edited = np.stack([out.edited[0]] + [restore_outside_mask(im, image, mask[i])
-                                                     for i, im in enumerate(out.edited) if i > 0])
+                raise UserError(
+                    f"restore_unedited=true: the blend never ran (blend.start={blend.start if blend else None}"
+                    f" of {settings.steps} steps), so there is no mask; lower blend.start"
+                )
+            out.edited = np.stack(
+                [out.edited[0]] + [restore_outside_mask(im, image, mask[i]) for i, im in enumerate(out.edited) if i > 0]
+            )
     out.metrics = {
-        "method": inverted.method, "from_cache": from_cache,
+        "method": inverted.method,
+        "from_cache": from_cache,
         # what computing the inversion took (on a cache hit: when it was computed), and this run's wait for it
         "inversion_seconds": round(inverted.seconds if inverted.seconds is not None else wait_seconds, 3),
         "inversion_wait_seconds": round(wait_seconds, 3),
         "psnr_vae_reconstruction": round(psnr(vae_only, image), 3),
         "psnr_inversion_reconstruction": round(psnr(reconstruction, image), 3) if reconstruct else None,
-        "null_text_final_losses": inverted.losses, "null_text_adam_steps": inverted.inner_steps,
-        "steps": settings.steps, "guidance": settings.guidance, "inversion_guidance": inversion.guidance,
+        "null_text_final_losses": inverted.losses,
+        "null_text_adam_steps": inverted.inner_steps,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "inversion_guidance": inversion.guidance,
     }
     return out

@@ -13,6 +13,7 @@ color word reaches the target's color in 2% of 53 swaps), so a color word swap c
 caption. Mixed samples take their text features from the caption with *other* object colors everywhere but at
 the color words themselves, so the color can only be read from its own word.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from p2p.tokens import word_token_positions, words
 @dataclass
 class Grounding:
     """Which token of which sample should attend from which pixels: one row per (sample, token position)."""
+
     sample: torch.Tensor  # (R,) long: the batch index
     token: torch.Tensor  # (R,) long: the text position (SOT = 0)
     mask: torch.Tensor  # (R, 1, H, W) float: the object's pixel mask at image resolution
@@ -54,19 +56,29 @@ class GroundingCache:
                 for k in positions:
                     samples.append(i), tokens.append(k), masks.append(obj.mask)
         if not samples:
-            return Grounding(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 1, 1))
-        return Grounding(torch.tensor(samples), torch.tensor(tokens),
-                         torch.from_numpy(np.stack(masks)).float()[:, None])
+            return Grounding(
+                torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 1, 1)
+            )
+        return Grounding(
+            torch.tensor(samples), torch.tensor(tokens), torch.from_numpy(np.stack(masks)).float()[:, None]
+        )
 
     def _object_positions(self, caption: str, num_objects: int) -> list[list[int]]:
         caption_words = words(caption)
         positions = []
-        for j in range(num_objects):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.shapes.world.make_caption)
+        for j in range(
+            num_objects
+        ):  # object j's color and shape are words 4j+1 and 4j+2 (p2p.shapes.world.make_caption)
             color, shape = 4 * j + 1, 4 * j + 2
             if shape >= len(caption_words):
                 raise UserError(f"caption {caption!r} does not name object {j + 1} as 'a <color> <shape>'")
-            positions.append([k for w in (color, shape)
-                              for k in word_token_positions(caption, w, context_length=self.context_length)])
+            positions.append(
+                [
+                    k
+                    for w in (color, shape)
+                    for k in word_token_positions(caption, w, context_length=self.context_length)
+                ]
+            )
         return positions
 
 
@@ -105,6 +117,7 @@ def grounding_loss(maps: list[torch.Tensor], grounding: Grounding) -> torch.Tens
 class ColorMix:
     """Per sample: the caption whose features fill every position but the kept ones (the sample's own caption where
     it is not mixed), and which positions keep the sample's own features."""
+
     decoy_ids: torch.Tensor  # (b, context_length) token ids
     keep: torch.Tensor  # (b, context_length) bool: True = the sample's own caption's features
 
@@ -121,8 +134,10 @@ class ColorMixer:
     def color_positions(self, caption: str, num_objects: int) -> list[int]:
         if caption not in self.positions:  # object j's color is word 4j+1 (p2p.shapes.world.make_caption)
             self.positions[caption] = [
-                k for j in range(num_objects)
-                for k in word_token_positions(caption, 4 * j + 1, context_length=self.context_length)]
+                k
+                for j in range(num_objects)
+                for k in word_token_positions(caption, 4 * j + 1, context_length=self.context_length)
+            ]
         return self.positions[caption]
 
     def __call__(self, scenes: list[Scene], captions: list[str], *, p: float, rng: np.random.Generator) -> ColorMix:
@@ -135,8 +150,10 @@ class ColorMixer:
                 continue
             spec = parse_caption(caption, config=self.world)
             others = [[c for c in self.colors if c != color] for color, _ in spec.objects]
-            decoy = make_caption([(choices[rng.integers(len(choices))], shape)
-                                  for choices, (_, shape) in zip(others, spec.objects)], background=spec.background)
+            decoy = make_caption(
+                [(choices[rng.integers(len(choices))], shape) for choices, (_, shape) in zip(others, spec.objects)],
+                background=spec.background,
+            )
             positions = self.color_positions(caption, len(spec.objects))
             if positions != self.color_positions(decoy, len(spec.objects)):
                 continue  # a decoy color of another token length would shift every later position

@@ -5,6 +5,7 @@
 - `diffusion_loss`: ε-prediction MSE at a uniform t (DDPM Eq. 14), optionally min-SNR-γ weighted
   (`min_snr_weights`) and plus the token-grounding term of p2p/shapes/grounding.py.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,9 +42,17 @@ def coverage_loss(means: torch.Tensor, coverage: torch.Tensor, *, ratio: float) 
     return (means[:, 0] / scale - ratio * coverage.to(means)).pow(2).mean()
 
 
-def vae_loss(model: StableDiffusion, images: torch.Tensor, *, kl_weight: float, generator: torch.Generator,
-             reconstruction: str = "l1", coverage: torch.Tensor | None = None, coverage_weight: float = 0.0,
-             coverage_ratio: float = 4.0) -> tuple[torch.Tensor, dict[str, float]]:
+def vae_loss(
+    model: StableDiffusion,
+    images: torch.Tensor,
+    *,
+    kl_weight: float,
+    generator: torch.Generator,
+    reconstruction: str = "l1",
+    coverage: torch.Tensor | None = None,
+    coverage_weight: float = 0.0,
+    coverage_ratio: float = 4.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction of x from z ~ q(z|x), plus kl_weight × KL(q(z|x) ‖ N(0, I)) summed per image (LDM §3.1),
     plus coverage_weight × coverage_loss when `coverage` (cell_coverage of the batch) is given.
 
@@ -75,10 +84,17 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float)
     return (snr.clamp(max=gamma) / snr).to(t.device, torch.float32)
 
 
-def diffusion_loss(model: StableDiffusion, latents: torch.Tensor, token_ids: torch.Tensor, *,
-                   generator: torch.Generator, snr_gamma: float = 0.0, grounding: Grounding | None = None,
-                   grounding_weight: float = 0.0,
-                   mix: ColorMix | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def diffusion_loss(
+    model: StableDiffusion,
+    latents: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    snr_gamma: float = 0.0,
+    grounding: Grounding | None = None,
+    grounding_weight: float = 0.0,
+    mix: ColorMix | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """‖ε − ε_θ(sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε, t, c)‖², t ~ U{0, …, T−1} (DDPM Eq. 14, 'simple' loss),
     optionally weighted per sample by min-SNR-γ (snr_gamma > 0), plus grounding_weight × grounding_loss when
     `grounding` rows are given. `mix`: the text features come from `mix.decoy_ids` except where `mix.keep`.

@@ -4,6 +4,7 @@ A word-swap edit succeeds when the target image reads as the target caption; it 
 when the objects stay where they were: IoU of the source's and the target's object masks, and the
 shift of their centroids. Same-seed sampling without injection is the baseline that loses the layout.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -40,7 +41,9 @@ def score_edit(source: np.ndarray, target: np.ndarray, *, source_caption: str, t
     src_mask, tgt_mask = _objects_mask(src, source.shape[:2]), _objects_mask(tgt, target.shape[:2])
     if src.objects and len(src.objects) == len(tgt.objects):
         pairs = zip(sorted(src.objects, key=lambda o: o.centroid), sorted(tgt.objects, key=lambda o: o.centroid))
-        shift = float(np.mean([np.hypot(a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]) for a, b in pairs]))
+        shift = float(
+            np.mean([np.hypot(a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]) for a, b in pairs])
+        )
     else:
         shift = float("nan")
     outside = ~(src_mask | tgt_mask)
@@ -66,7 +69,7 @@ def far_from(mask: np.ndarray, *, pixels: int) -> np.ndarray:
     near = np.zeros((h, w), dtype=bool)
     for dy in range(2 * pixels + 1):
         for dx in range(2 * pixels + 1):
-            near |= padded[dy:dy + h, dx:dx + w]
+            near |= padded[dy : dy + h, dx : dx + w]
     return ~near
 
 
@@ -78,22 +81,42 @@ def unchanged_pixels(source: np.ndarray, target: np.ndarray, mask: np.ndarray, *
     return float((diff[mask] <= tolerance).mean())
 
 
-def edit_study(model: StableDiffusion, cases: Iterable[tuple[str, str]], *, seeds: Sequence[int],
-               spec: EditSpec, settings: SamplerSettings, blend: BlendSpec | None = None,
-               baseline: bool = True) -> list[dict]:
+def edit_study(
+    model: StableDiffusion,
+    cases: Iterable[tuple[str, str]],
+    *,
+    seeds: Sequence[int],
+    spec: EditSpec,
+    settings: SamplerSettings,
+    blend: BlendSpec | None = None,
+    baseline: bool = True,
+) -> list[dict]:
     """For each (source, target) caption pair and seed: scores of the edit and of same-seed sampling."""
     rows = []
     for source, target in cases:
         for seed in seeds:
             result = edit(model, [source, target], seed=seed, spec=spec, blend=blend, settings=settings, progress=False)
-            row = {"source": source, "target": target, "seed": seed,
-                   **{f"edit_{k}": v for k, v in asdict(score_edit(result.images[0], result.images[1],
-                                                                   source_caption=source,
-                                                                   target_caption=target)).items()}}
+            row = {
+                "source": source,
+                "target": target,
+                "seed": seed,
+                **{
+                    f"edit_{k}": v
+                    for k, v in asdict(
+                        score_edit(result.images[0], result.images[1], source_caption=source, target_caption=target)
+                    ).items()
+                },
+            }
             if baseline:
                 plain = edit(model, [source, target], seed=seed, spec=None, settings=settings, progress=False)
-                row.update({f"baseline_{k}": v for k, v in asdict(score_edit(
-                    plain.images[0], plain.images[1], source_caption=source, target_caption=target)).items()})
+                row.update(
+                    {
+                        f"baseline_{k}": v
+                        for k, v in asdict(
+                            score_edit(plain.images[0], plain.images[1], source_caption=source, target_caption=target)
+                        ).items()
+                    }
+                )
             rows.append(row)
     return rows
 
@@ -127,7 +150,13 @@ def summarize(rows: Sequence[dict], *, prefix: str, iou_threshold: float = 0.8) 
     shift = np.array([r[f"{prefix}_centroid_shift"] for r in ok], dtype=float)
     colors = np.array([r.get(f"{prefix}_target_colors", False) for r in ok])
     kept = iou >= iou_threshold
-    return {"n": len(ok), "success": float(success.mean()), "target_colors": float(colors.mean()),
-            "mean_iou": float(iou.mean()), "kept_layout": float(kept.mean()),
-            "success_and_kept": float((success & kept).mean()), "colors_and_kept": float((colors & kept).mean()),
-            "median_centroid_shift": float(np.nanmedian(shift)) if np.isfinite(shift).any() else float("nan")}
+    return {
+        "n": len(ok),
+        "success": float(success.mean()),
+        "target_colors": float(colors.mean()),
+        "mean_iou": float(iou.mean()),
+        "kept_layout": float(kept.mean()),
+        "success_and_kept": float((success & kept).mean()),
+        "colors_and_kept": float((colors & kept).mean()),
+        "median_centroid_shift": float(np.nanmedian(shift)) if np.isfinite(shift).any() else float("nan"),
+    }

@@ -18,6 +18,7 @@ the edited object (for a shape swap: the old shape ∪ the new one drawn in the 
 the objects), the deleted object; for an added object, where it can go: everything farther than the world's gap
 from the existing object (the model, not the data, decides the place, as with PIE-Bench's hand-drawn regions).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,18 @@ from p2p.shapes.metrics import far_from
 from p2p.shapes.world import WorldConfig, make_caption, rasterize, sample_scene
 
 # PIE-Bench's ten edit types (the paper's Table 1 order; `editing_type_id` is the index as a string)
-EDIT_TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
-              "4": "change content", "5": "change pose", "6": "change color", "7": "change material",
-              "8": "change background", "9": "change style"}
+EDIT_TYPES = {
+    "0": "random",
+    "1": "change object",
+    "2": "add object",
+    "3": "delete object",
+    "4": "change content",
+    "5": "change pose",
+    "6": "change color",
+    "7": "change material",
+    "8": "change background",
+    "9": "change style",
+}
 SHAPES_PIE_TYPES = ("6", "1", "8", "2", "3")  # what the shapes world can do, cycled in this order
 MAPPING_FILE = "mapping_file.json"
 IMAGES_DIR = "annotation_images"
@@ -62,9 +72,15 @@ class PieEntry:
         return strip_brackets(self.editing_prompt)
 
     def to_json(self) -> dict:
-        return {"image_path": self.image_path, "original_prompt": self.original_prompt,
-                "editing_prompt": self.editing_prompt, "editing_instruction": self.editing_instruction,
-                "editing_type_id": self.editing_type_id, "blended_word": self.blended_word, "mask": self.mask}
+        return {
+            "image_path": self.image_path,
+            "original_prompt": self.original_prompt,
+            "editing_prompt": self.editing_prompt,
+            "editing_instruction": self.editing_instruction,
+            "editing_type_id": self.editing_type_id,
+            "blended_word": self.blended_word,
+            "mask": self.mask,
+        }
 
 
 def strip_brackets(prompt: str) -> str:
@@ -93,7 +109,7 @@ def decode_mask(runs, shape: tuple[int, int], *, border: bool = True) -> np.ndar
     for start, length in zip(runs[0::2], runs[1::2]):
         if start < 0 or length < 0:
             raise UserError(f"mask run ({start}, {length}) is negative; runs are [start, length] with both ≥ 0")
-        flat[start:start + length] = 1
+        flat[start : start + length] = 1
     mask = flat.reshape(height, width)
     if border:
         mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
@@ -105,8 +121,10 @@ def read_mapping(data_dir: str | Path) -> dict[str, PieEntry]:
     data_dir = Path(data_dir)
     path = data_dir / MAPPING_FILE
     if not path.is_file():
-        raise UserError(f"data={str(data_dir)!r} has no {MAPPING_FILE}; pass a PIE-Bench folder (mapping_file.json "
-                        "and annotation_images/), or make one: python scripts/make_shapes_pie.py out=DIR")
+        raise UserError(
+            f"data={str(data_dir)!r} has no {MAPPING_FILE}; pass a PIE-Bench folder (mapping_file.json "
+            "and annotation_images/), or make one: python scripts/make_shapes_pie.py out=DIR"
+        )
     raw = json.loads(path.read_text())
     fields = PieEntry.__dataclass_fields__
     entries = {}
@@ -120,10 +138,13 @@ def read_mapping(data_dir: str | Path) -> dict[str, PieEntry]:
 
 # ----------------------------------------------------------------------------- generating shapes-PIE
 
+
 def _bracket(words: list[str], chosen: set[int]) -> str:
     """Words with runs of the `chosen` positions in [brackets]: "a red circle [and a blue square] on …"."""
-    marked = [("[" if i in chosen and i - 1 not in chosen else "") + w + ("]" if i in chosen and i + 1 not in chosen else "")
-              for i, w in enumerate(words)]
+    marked = [
+        ("[" if i in chosen and i - 1 not in chosen else "") + w + ("]" if i in chosen and i + 1 not in chosen else "")
+        for i, w in enumerate(words)
+    ]
     return " ".join(marked)
 
 
@@ -138,8 +159,9 @@ def make_entry(index: int, *, seed: int, config: WorldConfig = WorldConfig()) ->
     num_objects = {"2": 1, "3": 2}.get(type_id, int(rng.integers(1, 3)))
     shapes = rng.choice(config.shapes, size=num_objects, replace=False)  # distinct shapes: a blend word is one object
     colors = rng.choice(list(config.colors), size=num_objects, replace=False)
-    scene = sample_scene(rng, config=config, objects=list(zip(colors, shapes)),
-                         background=str(rng.choice(list(config.backgrounds))))
+    scene = sample_scene(
+        rng, config=config, objects=list(zip(colors, shapes)), background=str(rng.choice(list(config.backgrounds)))
+    )
     objects = [(o.color, o.shape) for o in scene.objects]
     source = make_caption(objects, background=scene.background).split()
     k = int(rng.integers(len(objects)))  # the edited object
@@ -183,9 +205,16 @@ def make_entry(index: int, *, seed: int, config: WorldConfig = WorldConfig()) ->
         mask = scene.objects[k].mask
     key = f"{type_id}{index:0{KEY_DIGITS - 1}d}"
     image_path = f"{type_id}_{EDIT_TYPES[type_id].replace(' ', '_')}/{key}.png"
-    entry = PieEntry(key=key, image_path=image_path, original_prompt=original, editing_prompt=editing,
-                     editing_instruction=instruction, editing_type_id=type_id, blended_word=blended,
-                     mask=encode_mask(mask))
+    entry = PieEntry(
+        key=key,
+        image_path=image_path,
+        original_prompt=original,
+        editing_prompt=editing,
+        editing_instruction=instruction,
+        editing_type_id=type_id,
+        blended_word=blended,
+        mask=encode_mask(mask),
+    )
     return entry, scene.image
 
 

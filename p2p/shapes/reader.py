@@ -14,6 +14,7 @@ model -- so it must survive blurry edges, noise and slightly-off colors:
 4. 8-connected components of equal color are objects; tiny ones are noise;
 5. the shape follows from the component's geometry (taper, then fill ratio).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -100,8 +101,8 @@ def label_components(classes: np.ndarray) -> np.ndarray:
         padded = np.pad(labels, 1, constant_values=big)
         new = labels.copy()
         for dy, dx in _NEIGHBORS_8:
-            neighbor = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-            same = padded_classes[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] == classes
+            neighbor = padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+            same = padded_classes[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] == classes
             new = np.where(same & (classes >= 0), np.minimum(new, neighbor), new)
         # Pointer jumping: a label is a pixel of the same component, so adopt that pixel's label.
         flat = np.append(new.ravel(), big)
@@ -118,7 +119,7 @@ def _majority_filter(mask: np.ndarray) -> np.ndarray:
     """3x3 majority vote: drops single stray pixels and fills single holes (noise)."""
     h, w = mask.shape
     padded = np.pad(mask, 1).astype(np.int64)
-    votes = sum(padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    votes = sum(padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     return votes >= 5
 
 
@@ -130,14 +131,15 @@ def classify_shape(mask: np.ndarray) -> str:
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2 or not mask.any():
-        raise UserError(f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} "
-                         f"with {int(mask.sum())} pixels set")
+        raise UserError(
+            f"classify_shape needs a non-empty 2-D mask, got shape {mask.shape} with {int(mask.sum())} pixels set"
+        )
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if min(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= FILTER_MIN_SIDE:
         filtered = _majority_filter(mask)
         mask = filtered if filtered.any() else mask
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     widths = crop.sum(axis=1)
     third = max(1, len(widths) // 3)
     taper = widths[:third].mean() / max(widths[-third:].mean(), 1e-6)
@@ -156,7 +158,7 @@ def _explain_pixels(pixels: np.ndarray, background: np.ndarray, palette: np.ndar
     """Per pixel: index of the best-fitting palette color and its alpha (step 2)."""
     directions = palette - background  # (K, 3)
     offsets = pixels - background  # (H, W, 3)
-    alpha = offsets @ directions.T / (directions ** 2).sum(axis=1)  # (H, W, K)
+    alpha = offsets @ directions.T / (directions**2).sum(axis=1)  # (H, W, K)
     on_line = np.clip(alpha, 0.0, 1.0)[..., None] * directions  # (H, W, K, 3)
     residual = np.linalg.norm(offsets[:, :, None, :] - on_line, axis=-1)  # (H, W, K)
     best = residual.argmin(axis=-1)
@@ -191,11 +193,21 @@ def read_image(image, *, config: WorldConfig = WorldConfig()) -> Reading:
             continue
         ys, xs = np.nonzero(mask)
         size = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
-        objects.append(ObjectReading(color=palette_names[color_ids[mask][0]], shape=classify_shape(mask), mask=mask,
-                                     centroid=(float(ys.mean()), float(xs.mean())), size=int(size)))
+        objects.append(
+            ObjectReading(
+                color=palette_names[color_ids[mask][0]],
+                shape=classify_shape(mask),
+                mask=mask,
+                centroid=(float(ys.mean()), float(xs.mean())),
+                size=int(size),
+            )
+        )
     objects.sort(key=lambda obj: obj.centroid)
-    return Reading(background=_nearest_name(background_rgb, config.backgrounds),
-                   background_rgb=tuple(float(v) for v in background_rgb), objects=objects)
+    return Reading(
+        background=_nearest_name(background_rgb, config.backgrounds),
+        background_rgb=tuple(float(v) for v in background_rgb),
+        objects=objects,
+    )
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -204,8 +216,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def matches_caption(reading: Reading, caption: str | CaptionSpec, *,
-                    config: WorldConfig = WorldConfig()) -> dict:
+def matches_caption(reading: Reading, caption: str | CaptionSpec, *, config: WorldConfig = WorldConfig()) -> dict:
     """Per-attribute agreement of a reading with a caption.
 
     Returns count (as many objects as named), colors / shapes (the multisets agree),
@@ -231,21 +242,32 @@ def matches_caption(reading: Reading, caption: str | CaptionSpec, *,
     return result
 
 
-def compare_to_scene(reading: Reading, scene: Scene, *, centroid_tolerance_px: float = CENTROID_TOLERANCE_PX,
-                     min_mask_iou: float = MIN_MASK_IOU) -> dict:
+def compare_to_scene(
+    reading: Reading,
+    scene: Scene,
+    *,
+    centroid_tolerance_px: float = CENTROID_TOLERANCE_PX,
+    min_mask_iou: float = MIN_MASK_IOU,
+) -> dict:
     """Agreement of a reading with a scene's full ground truth, layout included.
 
     Each true object is paired with the read object of the same color and shape; located
     means its centroid is within the tolerance and its mask IoU at least min_mask_iou.
     Returns count, objects (all named attributes found), background, located, all.
     """
-    attributes = matches_caption(reading, CaptionSpec(objects=[(o.color, o.shape) for o in scene.objects],
-                                                      background=scene.background))
+    attributes = matches_caption(
+        reading, CaptionSpec(objects=[(o.color, o.shape) for o in scene.objects], background=scene.background)
+    )
     located = attributes["objects"]
     if located:
         for truth in scene.objects:
             read = next(o for o in reading.objects if (o.color, o.shape) == (truth.color, truth.shape))
             error = np.hypot(read.centroid[0] - truth.centroid[0], read.centroid[1] - truth.centroid[1])
             located = located and error <= centroid_tolerance_px and mask_iou(read.mask, truth.mask) >= min_mask_iou
-    return {"count": attributes["count"], "objects": attributes["objects"], "background": attributes["background"],
-            "located": bool(located), "all": bool(located and attributes["background"])}
+    return {
+        "count": attributes["count"],
+        "objects": attributes["objects"],
+        "background": attributes["background"],
+        "located": bool(located),
+        "all": bool(located and attributes["background"]),
+    }

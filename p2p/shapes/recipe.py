@@ -2,6 +2,7 @@
 `p2p.shapes.training`, the model's architecture (`tiny_config()` with the run's overrides) — each checked before
 any training, naming the setting a user typed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,9 @@ def model_config(overrides: dict | None, world: WorldConfig, *, guidance: float,
     try:
         result = ModelConfig.from_dict(config)
         if result.image_size % result.latent_factor:
-            raise UserError(f"the world's {result.image_size} px images do not divide by the VAE's factor "
-                             f"{result.latent_factor}")
+            raise UserError(
+                f"the world's {result.image_size} px images do not divide by the VAE's factor {result.latent_factor}"
+            )
         with torch.no_grad():  # one forward through every part at the world's size
             model = StableDiffusion(result)
             latents = model.encode_images(torch.zeros(1, 3, world.image_size, world.image_size))
@@ -67,14 +69,19 @@ def model_config(overrides: dict | None, world: WorldConfig, *, guidance: float,
 
 def check_context_length(context_length: int, world: WorldConfig) -> None:
     """Refuse, before any training, a text context too short for the world's longest caption."""
+
     def longest(words):
         return max(words, key=lambda w: len(clip_tokenizer().encode(w)))
-    caption = make_caption([(longest(world.colors), longest(world.shapes))] * MAX_OBJECTS,
-                           background=longest(world.backgrounds))
+
+    caption = make_caption(
+        [(longest(world.colors), longest(world.shapes))] * MAX_OBJECTS, background=longest(world.backgrounds)
+    )
     needed = len(clip_tokenizer().encode(caption)) + 2  # + start and end tokens
     if not needed <= context_length <= 77:
-        raise UserError(f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
-                         f"positions with the start and end tokens; choose {needed}..77 (CLIP's maximum)")
+        raise UserError(
+            f"context_length={context_length}: the world's longest caption ({caption!r}) needs {needed} "
+            f"positions with the start and end tokens; choose {needed}..77 (CLIP's maximum)"
+        )
 
 
 def check_output(output: Path, *, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ Every batch comes from `np.random.default_rng([seed, phase, step])`: the data, t
 timesteps and the dropped captions of step k are a function of (seed, k) alone, so a run resumed
 from a checkpoint sees exactly the stream an uninterrupted run would. No RNG state is saved.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,17 +64,40 @@ class PhaseConfig:
     coverage_ratio: float = 4.0  # VAE only: channel 0 of a fully covered cell, in stds of the other channels
 
     def __post_init__(self):
-        checks = {"steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-                  "warmup_steps": self.warmup_steps >= 0, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-                  "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip > 0,
-                  "kl_weight": self.kl_weight >= 0, "caption_dropout": 0 <= self.caption_dropout < 1,
-                  "snr_gamma": self.snr_gamma >= 0, "ema_decay": 0 <= self.ema_decay < 1,
-                  "grounding": self.grounding >= 0, "color_mix": 0 <= self.color_mix <= 1,
-                  "coverage": self.coverage >= 0, "coverage_ratio": self.coverage_ratio > 0}
-        accepted = {"steps": "≥ 1", "batch_size": "≥ 1", "lr": "> 0", "warmup_steps": "≥ 0", "min_lr_ratio": "in [0, 1]",
-                    "weight_decay": "≥ 0", "grad_clip": "> 0", "kl_weight": "≥ 0", "caption_dropout": "in [0, 1)",
-                    "snr_gamma": "≥ 0 (0 = off)", "ema_decay": "in [0, 1) (0 = no EMA)", "grounding": "≥ 0 (0 = off)",
-                    "color_mix": "in [0, 1] (0 = off)", "coverage": "≥ 0 (0 = off)", "coverage_ratio": "> 0"}
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip > 0,
+            "kl_weight": self.kl_weight >= 0,
+            "caption_dropout": 0 <= self.caption_dropout < 1,
+            "snr_gamma": self.snr_gamma >= 0,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "grounding": self.grounding >= 0,
+            "color_mix": 0 <= self.color_mix <= 1,
+            "coverage": self.coverage >= 0,
+            "coverage_ratio": self.coverage_ratio > 0,
+        }
+        accepted = {
+            "steps": "≥ 1",
+            "batch_size": "≥ 1",
+            "lr": "> 0",
+            "warmup_steps": "≥ 0",
+            "min_lr_ratio": "in [0, 1]",
+            "weight_decay": "≥ 0",
+            "grad_clip": "> 0",
+            "kl_weight": "≥ 0",
+            "caption_dropout": "in [0, 1)",
+            "snr_gamma": "≥ 0 (0 = off)",
+            "ema_decay": "in [0, 1) (0 = no EMA)",
+            "grounding": "≥ 0 (0 = off)",
+            "color_mix": "in [0, 1] (0 = off)",
+            "coverage": "≥ 0 (0 = off)",
+            "coverage_ratio": "> 0",
+        }
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"{name}={getattr(self, name)!r} is out of range; use a value {accepted[name]}")
@@ -91,10 +115,12 @@ class TrainConfig:
     checkpoint_every: int = 250  # steps between checkpoints (also written on SIGTERM / Ctrl-C and at the end)
     log_every: int = 10  # steps between lines of the loss log
     scale_samples: int = 4096  # renders whose latent-mean std gives scale_factor
-    vae: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=1500, batch_size=32, lr=1e-3,
-                                                                 warmup_steps=50, ema_decay=0.0))
-    unet: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=4000, batch_size=64, lr=4e-4,
-                                                                  warmup_steps=200, weight_decay=0.01))
+    vae: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.0)
+    )
+    unet: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=4000, batch_size=64, lr=4e-4, warmup_steps=200, weight_decay=0.01)
+    )
     world: dict = field(default_factory=dict)  # WorldConfig overrides (empty = the default world)
 
     def __post_init__(self):
@@ -111,11 +137,14 @@ def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
     """A fresh run never writes over an earlier run's checkpoints and logs: it must resume it or go elsewhere."""
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found and not resume:
-        raise OutputExistsError(f"{run_dir} already holds a training run ({', '.join(found)}); continue it with "
-                              "resume=true, or start a new one elsewhere (name=... or run_dir=...)")
+        raise OutputExistsError(
+            f"{run_dir} already holds a training run ({', '.join(found)}); continue it with "
+            "resume=true, or start a new one elsewhere (name=... or run_dir=...)"
+        )
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def step_rng(seed: int, phase: str, step: int) -> np.random.Generator:
     """The generator of one step's batch: a pure function of (seed, phase, step)."""
@@ -124,7 +153,7 @@ def step_rng(seed: int, phase: str, step: int) -> np.random.Generator:
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
     """A CPU torch generator seeded from `rng`, for noise and timesteps (drawn on the CPU, then moved)."""
-    return torch.Generator("cpu").manual_seed(int(rng.integers(2 ** 62)))
+    return torch.Generator("cpu").manual_seed(int(rng.integers(2**62)))
 
 
 class TokenCache:
@@ -148,19 +177,21 @@ def drop_captions(captions: list[str], *, p: float, rng: np.random.Generator) ->
 
 # ----------------------------------------------------------------------------- scale
 
+
 @torch.no_grad()
-def latent_std(model: StableDiffusion, *, samples: int, seed: int, batch_size: int = 256,
-               world: WorldConfig = WorldConfig()) -> float:
+def latent_std(
+    model: StableDiffusion, *, samples: int, seed: int, batch_size: int = 256, world: WorldConfig = WorldConfig()
+) -> float:
     """Std of the VAE's posterior means (unscaled) over `samples` renders: scale_factor = 1 / this."""
     means = []
     for i in range(math.ceil(samples / batch_size)):
-        images, _, _ = sample_batch(step_rng(seed, "scale", i), min(batch_size, samples - i * batch_size),
-                                    config=world)
+        images, _, _ = sample_batch(step_rng(seed, "scale", i), min(batch_size, samples - i * batch_size), config=world)
         means.append(model.vae.encode(images.to(model.device)).mean.float().cpu())
     return torch.cat(means).std().item()
 
 
 # ----------------------------------------------------------------------------- optimisation
+
 
 def learning_rate(step: int, cfg: PhaseConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.lr × min_lr_ratio at cfg.steps."""
@@ -202,6 +233,7 @@ class EMA:
 
 # ----------------------------------------------------------------------------- the loop
 
+
 class StopRequested(Exception):
     """Raised by the loop after SIGTERM or Ctrl-C, once the checkpoint is written."""
 
@@ -227,9 +259,19 @@ def trainable_parameters(model: StableDiffusion, phase: str) -> list[tuple[str, 
 StepLoss = Callable[[int, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
-def train_phase(model: StableDiffusion, *, phase: str, cfg: PhaseConfig, loss_at_step: StepLoss, seed: int,
-                run_dir: str | Path, resume: bool, checkpoint_every: int, log_every: int,
-                progress: bool = True) -> EMA | None:
+def train_phase(
+    model: StableDiffusion,
+    *,
+    phase: str,
+    cfg: PhaseConfig,
+    loss_at_step: StepLoss,
+    seed: int,
+    run_dir: str | Path,
+    resume: bool,
+    checkpoint_every: int,
+    log_every: int,
+    progress: bool = True,
+) -> EMA | None:
     """Optimise `trainable_parameters(model, phase)` for cfg.steps steps of `loss_at_step(step, rng)`.
 
     Resumable: with resume=True the phase checkpoint (model, optimizer, EMA, step) is loaded and the loop
@@ -256,9 +298,17 @@ def train_phase(model: StableDiffusion, *, phase: str, cfg: PhaseConfig, loss_at
         log.info("resuming %s at step %d from %s", phase, start, path)
 
     def save(step: int) -> None:
-        save_state(path, {"step": step, "phase": phase, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
-                          "config": asdict(cfg)})
+        save_state(
+            path,
+            {
+                "step": step,
+                "phase": phase,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "config": asdict(cfg),
+            },
+        )
 
     stop = {"signal": None}
 
@@ -270,8 +320,10 @@ def train_phase(model: StableDiffusion, *, phase: str, cfg: PhaseConfig, loss_at
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     log_file = open(run_dir / f"{phase}-log.jsonl", "a")
     model.train()
-    step, bar = start, tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=phase,
-                            disable=not progress, mininterval=5)
+    step, bar = (
+        start,
+        tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=phase, disable=not progress, mininterval=5),
+    )
     began = time.time()
     try:
         for step in bar:
@@ -286,16 +338,28 @@ def train_phase(model: StableDiffusion, *, phase: str, cfg: PhaseConfig, loss_at
                 ema.update(named)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if step % log_every == 0 or step == cfg.steps - 1:
-                log_file.write(json.dumps({"step": step, "loss": loss.item(), **metrics,
-                                           "grad_norm": grad_norm.item(), "lr": learning_rate(step, cfg),
-                                           "elapsed_s": round(time.time() - began, 1)}) + "\n")
+                log_file.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": loss.item(),
+                            **metrics,
+                            "grad_norm": grad_norm.item(),
+                            "lr": learning_rate(step, cfg),
+                            "elapsed_s": round(time.time() - began, 1),
+                        }
+                    )
+                    + "\n"
+                )
                 log_file.flush()
             if (step + 1) % checkpoint_every == 0:
                 save(step + 1)
             if stop["signal"] is not None:
                 save(step + 1)
-                raise StopRequested(f"{phase}: stopped by signal {stop['signal']} after step {step + 1}; "
-                                    f"checkpoint {path}; continue with resume=true")
+                raise StopRequested(
+                    f"{phase}: stopped by signal {stop['signal']} after step {step + 1}; "
+                    f"checkpoint {path}; continue with resume=true"
+                )
         save(cfg.steps)
     finally:
         for s, handler in previous_handlers.items():
@@ -308,18 +372,36 @@ def train_phase(model: StableDiffusion, *, phase: str, cfg: PhaseConfig, loss_at
 
 # ----------------------------------------------------------------------------- the two phases
 
+
 def train_vae(model: StableDiffusion, cfg: TrainConfig, **loop) -> None:
     world = WorldConfig(**cfg.world)
 
     def loss_at_step(step: int, rng: np.random.Generator):
         images, _, scenes = sample_batch(rng, cfg.vae.batch_size, config=world)
         coverage = cell_coverage(scenes, model.config.latent_factor) if cfg.vae.coverage > 0 else None
-        return vae_loss(model, images.to(model.device), kl_weight=cfg.vae.kl_weight, generator=torch_generator(rng),
-                        reconstruction=cfg.vae.reconstruction, coverage=coverage, coverage_weight=cfg.vae.coverage,
-                        coverage_ratio=cfg.vae.coverage_ratio)
+        return vae_loss(
+            model,
+            images.to(model.device),
+            kl_weight=cfg.vae.kl_weight,
+            generator=torch_generator(rng),
+            reconstruction=cfg.vae.reconstruction,
+            coverage=coverage,
+            coverage_weight=cfg.vae.coverage,
+            coverage_ratio=cfg.vae.coverage_ratio,
+        )
 
-    train_phase(model, phase="vae", cfg=cfg.vae, loss_at_step=loss_at_step, seed=cfg.seed, run_dir=cfg.run_dir,
-                resume=cfg.resume, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, **loop)
+    train_phase(
+        model,
+        phase="vae",
+        cfg=cfg.vae,
+        loss_at_step=loss_at_step,
+        seed=cfg.seed,
+        run_dir=cfg.run_dir,
+        resume=cfg.resume,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        **loop,
+    )
 
 
 def train_unet(model: StableDiffusion, cfg: TrainConfig, **loop) -> EMA | None:
@@ -334,13 +416,29 @@ def train_unet(model: StableDiffusion, cfg: TrainConfig, **loop) -> EMA | None:
             latents = model.encode_images(images)  # posterior mean × scale_factor; the VAE is frozen
         captions = drop_captions(captions, p=cfg.unet.caption_dropout, rng=rng)
         mix = mixer(scenes, captions, p=cfg.unet.color_mix, rng=rng) if mixer is not None else None
-        return diffusion_loss(model, latents, tokens(captions), generator=torch_generator(rng),
-                              snr_gamma=cfg.unet.snr_gamma, grounding_weight=cfg.unet.grounding,
-                              grounding=grounding(scenes, captions) if grounding is not None else None, mix=mix)
+        return diffusion_loss(
+            model,
+            latents,
+            tokens(captions),
+            generator=torch_generator(rng),
+            snr_gamma=cfg.unet.snr_gamma,
+            grounding_weight=cfg.unet.grounding,
+            grounding=grounding(scenes, captions) if grounding is not None else None,
+            mix=mix,
+        )
 
-    return train_phase(model, phase="unet", cfg=cfg.unet, loss_at_step=loss_at_step, seed=cfg.seed,
-                       run_dir=cfg.run_dir, resume=cfg.resume, checkpoint_every=cfg.checkpoint_every,
-                       log_every=cfg.log_every, **loop)
+    return train_phase(
+        model,
+        phase="unet",
+        cfg=cfg.unet,
+        loss_at_step=loss_at_step,
+        seed=cfg.seed,
+        run_dir=cfg.run_dir,
+        resume=cfg.resume,
+        checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every,
+        **loop,
+    )
 
 
 def train(model: StableDiffusion, cfg: TrainConfig, *, progress: bool = True) -> StableDiffusion:
@@ -356,8 +454,9 @@ def train(model: StableDiffusion, cfg: TrainConfig, *, progress: bool = True) ->
         train_vae(model, cfg, progress=progress)
     else:
         model.load_state_dict(torch.load(vae_state, map_location=model.device, weights_only=True)["model"])
-    model.config.scale_factor = 1.0 / latent_std(model, samples=cfg.scale_samples, seed=cfg.seed,
-                                                 world=WorldConfig(**cfg.world))
+    model.config.scale_factor = 1.0 / latent_std(
+        model, samples=cfg.scale_samples, seed=cfg.seed, world=WorldConfig(**cfg.world)
+    )
     log.info("scale_factor = %.5f", model.config.scale_factor)
     ema = train_unet(model, cfg, progress=progress)
     if ema is not None:

@@ -11,6 +11,7 @@ Coordinates are (y, x) = (row, column) pixel indices: centroids and bboxes count
 whole pixels, and a shape covers the pixels whose centers fall inside it.
 `p2p/shapes/reader.py` recovers the same attributes from any image.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -85,11 +86,13 @@ class WorldConfig:
         if not 1 <= lo <= hi or 2 * self.margin + hi > self.image_size:
             raise UserError(
                 f"object_size {(lo, hi)} does not fit image_size {self.image_size} with margin {self.margin}; "
-                f"need 1 <= min <= max and max + 2*margin <= image_size")
+                f"need 1 <= min <= max and max + 2*margin <= image_size"
+            )
         if self.p_two_objects > 0 and 2 * self.margin + 2 * lo + self.min_gap > self.image_size:
             raise UserError(
                 f"two objects of min size {lo} with gap {self.min_gap} and margin {self.margin} "
-                f"do not fit image_size {self.image_size}; shrink object_size or set p_two_objects=0")
+                f"do not fit image_size {self.image_size}; shrink object_size or set p_two_objects=0"
+            )
 
     @property
     def size_range(self) -> tuple[int, int]:
@@ -131,6 +134,7 @@ class CaptionSpec:
 
 # ----------------------------------------------------------------------------- captions
 
+
 def make_caption(objects: Sequence[tuple[str, str]], *, background: str | None = None) -> str:
     """'a red circle and a blue square on a white background'.
 
@@ -150,7 +154,8 @@ def parse_caption(caption: str, *, config: WorldConfig = WorldConfig()) -> Capti
             raise UserError(
                 f"word {word!r} in caption {caption!r} is not in the vocabulary; colors: {list(config.colors)}, "
                 f"shapes: {list(config.shapes)}, backgrounds: {list(config.backgrounds)}; "
-                f"captions read 'a <color> <shape> [and a <color> <shape>] [on a <background> background]'")
+                f"captions read 'a <color> <shape> [and a <color> <shape>] [on a <background> background]'"
+            )
 
     def expect(position: int, accepted, what: str) -> str:
         found = words[position] if position < len(words) else "<end>"
@@ -176,23 +181,27 @@ def parse_caption(caption: str, *, config: WorldConfig = WorldConfig()) -> Capti
         background = expect(i + 2, config.backgrounds, f"a background {list(config.backgrounds)}")
         expect(i + 3, ("background",), "'background'")
         if i + 4 != len(words):
-            raise UserError(f"caption {caption!r}: unexpected words after 'background': {words[i + 4:]}")
+            raise UserError(f"caption {caption!r}: unexpected words after 'background': {words[i + 4 :]}")
     return CaptionSpec(objects=objects, background=background)
 
 
-def all_captions(*, num_objects: int, config: WorldConfig = WorldConfig(),
-                 mention_background: bool | None = None) -> list[str]:
+def all_captions(
+    *, num_objects: int, config: WorldConfig = WorldConfig(), mention_background: bool | None = None
+) -> list[str]:
     """Every caption with `num_objects` distinct objects, in a fixed order."""
     if num_objects not in range(1, MAX_OBJECTS + 1):
         raise UserError(f"num_objects={num_objects!r}; scenes have 1..{MAX_OBJECTS} objects")
-    backgrounds = {None: [None, *config.backgrounds], True: list(config.backgrounds),
-                   False: [None]}[mention_background]
-    return [make_caption(objects, background=bg)
-            for objects in itertools.permutations(config.pairs, num_objects) for bg in backgrounds]
+    backgrounds = {None: [None, *config.backgrounds], True: list(config.backgrounds), False: [None]}[mention_background]
+    return [
+        make_caption(objects, background=bg)
+        for objects in itertools.permutations(config.pairs, num_objects)
+        for bg in backgrounds
+    ]
 
 
-def caption_set(*, num_objects: int, seed: int, n: int, config: WorldConfig = WorldConfig(),
-                mention_background: bool | None = None) -> list[str]:
+def caption_set(
+    *, num_objects: int, seed: int, n: int, config: WorldConfig = WorldConfig(), mention_background: bool | None = None
+) -> list[str]:
     """`n` distinct captions drawn without replacement; the same for the same arguments."""
     captions = all_captions(num_objects=num_objects, config=config, mention_background=mention_background)
     if n > len(captions):
@@ -203,8 +212,10 @@ def caption_set(*, num_objects: int, seed: int, n: int, config: WorldConfig = Wo
 
 # ----------------------------------------------------------------------------- geometry
 
-def _rasterize_many(shape_ids: np.ndarray, sizes: np.ndarray, tops: np.ndarray, lefts: np.ndarray,
-                    *, image_size: int) -> np.ndarray:
+
+def _rasterize_many(
+    shape_ids: np.ndarray, sizes: np.ndarray, tops: np.ndarray, lefts: np.ndarray, *, image_size: int
+) -> np.ndarray:
     """Masks (M, H, W) for M objects; shape_ids index SHAPES. Each object fills a size x size box."""
     s, top, left = (np.asarray(a, dtype=np.float64)[:, None, None] for a in (sizes, tops, lefts))
     ys = np.arange(image_size, dtype=np.float64)[None, :, None]
@@ -212,7 +223,7 @@ def _rasterize_many(shape_ids: np.ndarray, sizes: np.ndarray, tops: np.ndarray, 
     in_box = (ys >= top) & (ys < top + s) & (xs >= left) & (xs < left + s)
     # Offsets of the pixel center from the box center.
     dy, dx = ys + 0.5 - (top + s / 2), xs + 0.5 - (left + s / 2)
-    circle = dy ** 2 + dx ** 2 <= (s / 2) ** 2
+    circle = dy**2 + dx**2 <= (s / 2) ** 2
     # Row r below the apex (r = 0 at the top) spans half-width (r + 1) / 2, so the
     # triangle is exactly s tall and s wide at its base for odd and even s alike.
     triangle = in_box & (np.abs(dx) <= (ys - top + 1) / 2)
@@ -224,8 +235,9 @@ def rasterize(shape: str, *, size: int, top: int, left: int, image_size: int) ->
     """Bool (H, W) mask of one shape drawn in the size x size box at (top, left)."""
     if shape not in SHAPES:
         raise UserError(f"shape {shape!r} is not one of {SHAPES}")
-    return _rasterize_many(np.array([SHAPES.index(shape)]), np.array([size]), np.array([top]),
-                           np.array([left]), image_size=image_size)[0]
+    return _rasterize_many(
+        np.array([SHAPES.index(shape)]), np.array([size]), np.array([top]), np.array([left]), image_size=image_size
+    )[0]
 
 
 def render(objects: Sequence[ObjectTruth], *, background: str, config: WorldConfig = WorldConfig()) -> np.ndarray:
@@ -261,8 +273,9 @@ def _sample_boxes(rng: np.random.Generator, counts: np.ndarray, config: WorldCon
         proposed_sizes = rng.integers(lo, hi + 1, size=shape)
         proposed_tops = rng.integers(config.margin, limit - proposed_sizes + 1)
         proposed_lefts = rng.integers(config.margin, limit - proposed_sizes + 1)
-        valid = (counts[todo, None] == 1) | _boxes_apart(proposed_sizes, proposed_tops, proposed_lefts,
-                                                         config.min_gap)  # (k, proposals)
+        valid = (counts[todo, None] == 1) | _boxes_apart(
+            proposed_sizes, proposed_tops, proposed_lefts, config.min_gap
+        )  # (k, proposals)
         found, first = valid.any(axis=1), valid.argmax(axis=1)
         for out, proposed in ((sizes, proposed_sizes), (tops, proposed_tops), (lefts, proposed_lefts)):
             out[todo[found]] = proposed[found, first[found]]
@@ -272,8 +285,14 @@ def _sample_boxes(rng: np.random.Generator, counts: np.ndarray, config: WorldCon
     raise RuntimeError(f"no valid layout after {MAX_LAYOUT_ROUNDS} rounds; config {config} is too tight")
 
 
-def _choose_objects(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects: int | None,
-                    objects: Sequence[tuple[str, str]] | None) -> tuple[np.ndarray, np.ndarray]:
+def _choose_objects(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    config: WorldConfig,
+    num_objects: int | None,
+    objects: Sequence[tuple[str, str]] | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Object counts (N,) and indices into config.pairs (N, MAX_OBJECTS); unused slots hold 0."""
     pairs = config.pairs
     if objects is not None:
@@ -282,8 +301,10 @@ def _choose_objects(rng: np.random.Generator, n: int, *, config: WorldConfig, nu
             raise UserError(f"num_objects={num_objects} contradicts the {len(objects)} objects {objects!r}")
         for obj in objects:
             if obj not in pairs:
-                raise UserError(f"object {obj!r} is not a (color, shape) of this world; colors: "
-                                 f"{list(config.colors)}, shapes: {list(config.shapes)}")
+                raise UserError(
+                    f"object {obj!r} is not a (color, shape) of this world; colors: "
+                    f"{list(config.colors)}, shapes: {list(config.shapes)}"
+                )
         if not 1 <= len(objects) <= MAX_OBJECTS or len(set(objects)) != len(objects):
             raise UserError(f"objects {objects!r} must be 1..{MAX_OBJECTS} distinct (color, shape) pairs")
         ids = [pairs.index(obj) for obj in objects] + [0] * (MAX_OBJECTS - len(objects))
@@ -306,29 +327,43 @@ def _centroids_and_boxes(masks: np.ndarray):
     rows, cols = masks.any(axis=-1), masks.any(axis=-2)  # (..., H), (..., W)
     cy = masks.sum(axis=-1) @ np.arange(size) / area
     cx = masks.sum(axis=-2) @ np.arange(size) / area
-    box = np.stack([rows.argmax(-1), cols.argmax(-1), size - rows[..., ::-1].argmax(-1),
-                    size - cols[..., ::-1].argmax(-1)], axis=-1)
+    box = np.stack(
+        [rows.argmax(-1), cols.argmax(-1), size - rows[..., ::-1].argmax(-1), size - cols[..., ::-1].argmax(-1)],
+        axis=-1,
+    )
     return cy, cx, box
 
 
-def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects: int | None,
-          mention_background: bool | None, objects: Sequence[tuple[str, str]] | None,
-          background: str | None) -> tuple[np.ndarray, list[Scene]]:
+def _draw(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    config: WorldConfig,
+    num_objects: int | None,
+    mention_background: bool | None,
+    objects: Sequence[tuple[str, str]] | None,
+    background: str | None,
+) -> tuple[np.ndarray, list[Scene]]:
     """The shared sampler behind sample_scene and sample_batch: uint8 images (N, H, W, 3) and scenes."""
     pairs, backgrounds = config.pairs, list(config.backgrounds)
     counts, pair_ids = _choose_objects(rng, n, config=config, num_objects=num_objects, objects=objects)
     if background is not None and background not in backgrounds:
         raise UserError(f"background {background!r} is not one of {backgrounds}")
-    bg_ids = (np.full(n, backgrounds.index(background)) if background is not None
-              else rng.integers(len(backgrounds), size=n))
-    mention = (np.full(n, mention_background) if mention_background is not None
-               else rng.random(n) < config.p_mention_background)
+    bg_ids = (
+        np.full(n, backgrounds.index(background)) if background is not None else rng.integers(len(backgrounds), size=n)
+    )
+    mention = (
+        np.full(n, mention_background)
+        if mention_background is not None
+        else rng.random(n) < config.p_mention_background
+    )
     sizes, tops, lefts = _sample_boxes(rng, counts, config)
 
     shape_ids = np.array([SHAPES.index(shape) for _, shape in pairs])[pair_ids]  # (N, 2)
     size = config.image_size
-    masks = _rasterize_many(shape_ids.ravel(), sizes.ravel(), tops.ravel(), lefts.ravel(),
-                            image_size=size).reshape(n, MAX_OBJECTS, size, size)
+    masks = _rasterize_many(shape_ids.ravel(), sizes.ravel(), tops.ravel(), lefts.ravel(), image_size=size).reshape(
+        n, MAX_OBJECTS, size, size
+    )
     masks &= (np.arange(MAX_OBJECTS) < counts[:, None])[:, :, None, None]  # unused slots draw nothing
 
     # Paint by lookup: each pixel indexes its scene's table [background, object 1, object 2].
@@ -342,40 +377,83 @@ def _draw(rng: np.random.Generator, n: int, *, config: WorldConfig, num_objects:
     cy, cx, box = _centroids_and_boxes(masks)
     scenes = []
     for i in range(n):
-        truths = [ObjectTruth(shape=pairs[pair_ids[i, j]][1], color=pairs[pair_ids[i, j]][0], mask=masks[i, j],
-                              centroid=(float(cy[i, j]), float(cx[i, j])), size=int(sizes[i, j]),
-                              bbox=tuple(int(v) for v in box[i, j])) for j in range(counts[i])]
+        truths = [
+            ObjectTruth(
+                shape=pairs[pair_ids[i, j]][1],
+                color=pairs[pair_ids[i, j]][0],
+                mask=masks[i, j],
+                centroid=(float(cy[i, j]), float(cx[i, j])),
+                size=int(sizes[i, j]),
+                bbox=tuple(int(v) for v in box[i, j]),
+            )
+            for j in range(counts[i])
+        ]
         bg = backgrounds[bg_ids[i]]
         caption = make_caption([(t.color, t.shape) for t in truths], background=bg if mention[i] else None)
         scenes.append(Scene(objects=truths, background=bg, caption=caption, image=images[i]))
     return images, scenes
 
 
-def sample_scene(rng: np.random.Generator, *, config: WorldConfig = WorldConfig(), num_objects: int | None = None,
-                 mention_background: bool | None = None, objects: Sequence[tuple[str, str]] | None = None,
-                 background: str | None = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator,
+    *,
+    config: WorldConfig = WorldConfig(),
+    num_objects: int | None = None,
+    mention_background: bool | None = None,
+    objects: Sequence[tuple[str, str]] | None = None,
+    background: str | None = None,
+) -> Scene:
     """One random scene. Any of num_objects, mention_background, objects (a list of
     (color, shape)) and background may be fixed; the layout is always random."""
-    return _draw(rng, 1, config=config, num_objects=num_objects, mention_background=mention_background,
-                 objects=objects, background=background)[1][0]
+    return _draw(
+        rng,
+        1,
+        config=config,
+        num_objects=num_objects,
+        mention_background=mention_background,
+        objects=objects,
+        background=background,
+    )[1][0]
 
 
-def sample_batch(rng: np.random.Generator, n: int, *, config: WorldConfig = WorldConfig(),
-                 num_objects: int | None = None,
-                 mention_background: bool | None = None) -> tuple[torch.Tensor, list[str], list[Scene]]:
+def sample_batch(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    config: WorldConfig = WorldConfig(),
+    num_objects: int | None = None,
+    mention_background: bool | None = None,
+) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """A training batch: float32 images (N, 3, H, W) in [-1, 1], captions, scenes.
 
     Vectorised over the batch (no per-pixel Python), since it runs every training step.
     """
-    images, scenes = _draw(rng, n, config=config, num_objects=num_objects,
-                           mention_background=mention_background, objects=None, background=None)
+    images, scenes = _draw(
+        rng,
+        n,
+        config=config,
+        num_objects=num_objects,
+        mention_background=mention_background,
+        objects=None,
+        background=None,
+    )
     # Converted in numpy: no torch intra-op threads contend with the training step.
-    pixels = images.transpose(0, 3, 1, 2).astype(np.float32, order="C") / np.float32(127.5) - np.float32(1.0)  # (N, 3, H, W)
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32, order="C") / np.float32(127.5) - np.float32(
+        1.0
+    )  # (N, 3, H, W)
     return torch.from_numpy(pixels), [scene.caption for scene in scenes], scenes
 
 
-def held_out_scenes(*, seed: int, n: int, config: WorldConfig = WorldConfig(),
-                    num_objects: int | None = None) -> list[Scene]:
+def held_out_scenes(
+    *, seed: int, n: int, config: WorldConfig = WorldConfig(), num_objects: int | None = None
+) -> list[Scene]:
     """A fixed evaluation set: the same `n` scenes for the same seed and config."""
-    return _draw(np.random.default_rng(seed), n, config=config, num_objects=num_objects,
-                 mention_background=None, objects=None, background=None)[1]
+    return _draw(
+        np.random.default_rng(seed),
+        n,
+        config=config,
+        num_objects=num_objects,
+        mention_background=None,
+        objects=None,
+        background=None,
+    )[1]
