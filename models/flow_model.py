@@ -34,7 +34,7 @@ from models.flux import Flux, FluxConfig, flux_dev, flux_schnell, image_ids, pac
 from models.mmdit import MMDiT, MMDiTConfig, sd3_medium, sd35_large, sd35_medium
 from models.precision import cast_weights_in_forward
 from models.t5 import T5Config, T5Encoder, T5Tokenizer, WordTokens, t5_xxl
-from models.text import TextConfig, TextEncoder, clip_tokenizer
+from models.text import TextConfig, TextEncoder, clip_tokenizer, openclip_bigg
 from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, VAEConfig, flow_vae
 
 CLIP_LENGTH = 77  # CLIP positions per prompt in SD3's context (start + 75 + end), and FLUX's CLIP-L input
@@ -149,17 +149,7 @@ def sd3_clip_l() -> TextConfig:
 
 def sd3_clip_g() -> TextConfig:
     """OpenCLIP bigG/14 (in the SD3 files under HF names): penultimate states, projected pooled EOT; pads with 0."""
-    return TextConfig(
-        width=1280,
-        heads=20,
-        layers=32,
-        act="gelu",
-        pad_token=0,
-        context_layers=31,
-        context_norm=False,
-        projection_dim=1280,
-        hf_layout=True,
-    )
+    return openclip_bigg(hf_layout=True)
 
 
 def flux_clip_l() -> TextConfig:

@@ -25,7 +25,7 @@ from models.conditioner import CLIP_L_HF_PREFIX, CLIP_L_PREFIX, SIZE_EMBEDDING_D
 from models.ddim import NUM_TRAIN_TIMESTEPS, PREDICTIONS, SD_BETA_END, SD_BETA_START, Schedule, scaled_linear_schedule
 from models.errors import UserError
 from models.precision import cast_weights_in_forward
-from models.text import HF_PREFIX, OC_PREFIX, TextConditioning, TextConfig, TextEncoder
+from models.text import HF_PREFIX, OC_PREFIX, TextConditioning, TextConfig, TextEncoder, openclip_bigg
 from models.unet import UNetConfig, UNetModel
 from models.vae import AutoencoderKL, VAEConfig
 
@@ -327,16 +327,7 @@ def _sdxl() -> ModelConfig:
         ),
         # the file holds all 12 CLIP-L layers and its final norm; layer 11's output, un-normed, is the context
         text=TextConfig(hf_layout=True, context_layers=11, context_norm=False),
-        text_2=TextConfig(
-            width=1280,
-            heads=20,
-            layers=32,
-            act="gelu",
-            pad_token=0,
-            context_layers=31,
-            context_norm=False,
-            projection_dim=1280,
-        ),
+        text_2=openclip_bigg(),
         scale_factor=SDXL_SCALE_FACTOR,
         image_size=1024,
         guidance=5.0,

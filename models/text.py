@@ -49,6 +49,22 @@ class TextConfig:
     pooled_unprojected: bool = False  # CLIP-L in SD3 / FLUX: pooled = ln_final(last layer)[EOT], no projection
 
 
+def openclip_bigg(*, hf_layout: bool = False) -> TextConfig:
+    """OpenCLIP ViT-bigG/14 as SDXL and SD3 use it: penultimate states without the final norm, the projected
+    pooled EOT embedding, padding with 0. `hf_layout`: stored under HF names (SD3 files) or open_clip's (SDXL)."""
+    return TextConfig(
+        width=1280,
+        heads=20,
+        layers=32,
+        act="gelu",
+        pad_token=0,
+        context_layers=31,
+        context_norm=False,
+        projection_dim=1280,
+        hf_layout=hf_layout,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer() -> SimpleTokenizer:
     """CLIP's BPE tokenizer; its vocabulary ships inside open_clip_torch. Built once (it is slow)."""
