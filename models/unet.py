@@ -19,7 +19,9 @@ conditioning, Eq. 3), Saharia et al. 2022 (Imagen, hybrid attention), Podell et 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -312,6 +314,15 @@ class UNetModel(nn.Module):
         # inside during backward: activation memory of one block instead of all, for ~1 more forward in time.
         # The recompute runs attention again, so a controller attached then sees each site twice per step.
         self.gradient_checkpointing = False
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool = True) -> Iterator[None]:
+        """Set `gradient_checkpointing` for the duration of a `with` block (null-text inversion), then restore it."""
+        before, self.gradient_checkpointing = self.gradient_checkpointing, bool(enabled)
+        try:
+            yield
+        finally:
+            self.gradient_checkpointing = before
 
     @property
     def has_vector_conditioning(self) -> bool:

@@ -67,6 +67,7 @@ def check_request(cfg: DictConfig) -> tuple[list[str], EditSpec, BlendSpec | Non
         init=cfg.inversion.init,
         guidance=float(cfg.inversion.guidance),
         tolerance_scale=number(cfg.inversion.tolerance_scale, name="inversion.tolerance_scale"),
+        gradient_checkpointing=bool(cfg.inversion.get("gradient_checkpointing", True)),
     )
     check_tolerance_scale(inversion.tolerance_scale)
     return prompts, spec, blend, inversion

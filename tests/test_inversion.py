@@ -538,3 +538,36 @@ def test_null_text_restores_a_partly_trainable_model_as_it_was(model, photo):
         assert all(p.grad is None for p in parameters)
     finally:
         model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_edit_photo_checkpoints_the_unet_during_null_text_only(model, photo, checkpointing):
+    """The setting reaches every UNet call that needs gradients, gives the same ∅ either way, and is restored."""
+    from p2p.real.photo import InversionSettings, edit_photo
+
+    seen = []
+    hook = model.unet.register_forward_pre_hook(
+        lambda unet, args: seen.append(unet.gradient_checkpointing) if torch.is_grad_enabled() else None
+    )
+    try:
+        result = edit_photo(
+            model,
+            photo,
+            [PROMPT],
+            spec=None,
+            blend=None,
+            settings=SamplerSettings(steps=2, guidance=5.0),
+            inversion=InversionSettings(inner_steps=2, tolerance_scale=0.0, gradient_checkpointing=checkpointing),
+            cache_dir=None,
+            progress=False,
+            reconstruct=False,
+        )
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {checkpointing}
+    assert model.unet.gradient_checkpointing is False
+    reference = invert(
+        model, photo, PROMPT, settings=SamplerSettings(steps=2, guidance=5.0), inner_steps=2, tolerance_scale=0.0
+    )
+    for ours, theirs in zip(result.inversion.uncond_embeddings, reference.uncond_embeddings):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -32,6 +32,9 @@ class InversionSettings:
     init: str = "empty"  # null-text: start ∅ from "" ("empty", the paper) or from the caption ("negative_prompt")
     tolerance_scale: float = 1.0  # null-text: early-stop tolerance relative to the paper's
     guidance: float = 1.0  # the DDIM inversion's own guidance (the reference's: 1)
+    # null-text: recompute each UNet block's inside during backward instead of keeping it (models/unet.py): the
+    # same gradients; SDXL at 1024² needs it to fit 20 GB, for ~1 more forward per Adam step (docs/benchmarks.md)
+    gradient_checkpointing: bool = True
 
 
 @dataclass
@@ -63,19 +66,20 @@ def edit_photo(
     """Invert `image` under `prompts[0]`, reconstruct it (unless `reconstruct=False`: a benchmark needs only the
     edit, and saves a third of the sampling), and edit it into `prompts[1:]` (if any)."""
     start = time.perf_counter()
-    inverted, from_cache = cached_invert(
-        model,
-        image,
-        prompts[0],
-        cache_dir=cache_dir,
-        method=inversion.method,
-        settings=settings,
-        inner_steps=inversion.inner_steps,
-        null_init=inversion.init,
-        tolerance_scale=inversion.tolerance_scale,
-        inversion_guidance=inversion.guidance,
-        progress=progress,
-    )
+    with model.unet.checkpointing(inversion.gradient_checkpointing):
+        inverted, from_cache = cached_invert(
+            model,
+            image,
+            prompts[0],
+            cache_dir=cache_dir,
+            method=inversion.method,
+            settings=settings,
+            inner_steps=inversion.inner_steps,
+            null_init=inversion.init,
+            tolerance_scale=inversion.tolerance_scale,
+            inversion_guidance=inversion.guidance,
+            progress=progress,
+        )
     wait_seconds = time.perf_counter() - start
     vae_only = vae_reconstruction(model, image)
     # Direct Inversion: the source branch rides the trajectory, so its reconstruction is z_0 (the VAE's) exactly
