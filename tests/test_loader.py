@@ -6,7 +6,6 @@ SD 1.5 / 2.1 checkpoints, in the shared folder) stand in for the 4 GB files.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -25,6 +24,7 @@ from models.loader import (
     save_checkpoint,
 )
 from models.stable_diffusion import PRESETS, ModelConfig, StableDiffusion, preset
+from p2p.experiments.random_files import read_key_list
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +157,6 @@ def test_ignorable_keys_are_dropped(tiny_file, tmp_path):
 
 
 # --- the public SD checkpoints, through their key lists -------------------------------------------------
-
-
-def read_key_list(path) -> dict[str, tuple[int, ...]]:
-    """`name<TAB>[shape]` per line, as in shared/sd-keys/."""
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip())
-    return {name: tuple(json.loads(shape)) for name, shape in rows}
 
 
 @pytest.mark.parametrize("name, file", [("sd15", "keys_sd15"), ("sd21", "keys_sd21")])

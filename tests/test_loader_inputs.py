@@ -10,7 +10,6 @@ built on the meta device, which is exactly what `load_checkpoint` does before it
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import pytest
@@ -29,6 +28,7 @@ from models.loader import (
 )
 from models.stable_diffusion import StableDiffusion, preset
 from models.text import END_TOKEN, HF_PREFIX
+from p2p.experiments.random_files import read_key_list
 
 
 def tiny_sd1_config():
@@ -56,11 +56,6 @@ def rewrite(path, out, edit, metadata=True):
         kept = f.metadata() if metadata else None
     save_file(edit(load_file(str(path))), str(out), metadata=kept)
     return out
-
-
-def read_key_list(path) -> dict[str, tuple[int, ...]]:
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip())
-    return {name: tuple(json.loads(shape)) for name, shape in rows}
 
 
 def meta_model(name: str) -> StableDiffusion:

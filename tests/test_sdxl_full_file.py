@@ -1,9 +1,8 @@
 """A full-size SDXL base 1.0 file (every name and shape of keys_sdxl.txt + extras, random fp16 values, 6.5 GiB)
 loads strictly into fp16 storage and runs in fp32 without ever holding a second copy of the weights.
 
-The file is written tensor by tensor (safetensors' layout by hand: an 8-byte header length, a JSON header, the
-raw bytes), so writing it never holds the model either. The load and one forward of every part run in a child
-process whose anonymous memory (RssAnon: the file's mmapped pages aside) is sampled every 20 ms; its peak
+The file is written tensor by tensor (p2p.experiments.random_files), so writing it never holds the model either.
+The load and one forward of every part run in a child process whose anonymous memory (RssAnon: the file's mmapped pages aside) is sampled every 20 ms; its peak
 total RSS (VmHWM, file pages included) shows there is one copy of the weights.
 """
 
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import textwrap
@@ -19,37 +17,10 @@ import textwrap
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_sdxl_model import read_key_list
+
+from p2p.experiments.random_files import read_key_list, write_random_file
 
 PARAMETERS = 3_468_000_000  # ~3.47 B tensor elements in sd_xl_base_1.0.safetensors (checked below)
-
-
-# real files store these two extras as int64 (an arange) and fp32; every weight is fp16
-EXTRA_DTYPES = {
-    "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": ("I64", torch.int64),
-    "denoiser.sigmas": ("F32", torch.float32),
-}
-
-
-def write_random_fp16_file(path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """safetensors file of N(0, 0.02²) fp16 tensors, written one tensor at a time; returns the fp16 element count."""
-    header, offset, elements = {}, 0, 0
-    for name, shape in shapes.items():
-        code, dtype = EXTRA_DTYPES.get(name, ("F16", torch.float16))
-        size = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-        elements += int(torch.Size(shape).numel()) if code == "F16" else 0
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
-    generator = torch.Generator().manual_seed(0)
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in shapes.items():
-            dtype = EXTRA_DTYPES.get(name, ("F16", torch.float16))[1]
-            tensor = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
-            file.write(tensor.numpy().tobytes())
-    return elements
 
 
 CHILD = textwrap.dedent("""
@@ -87,7 +58,7 @@ CHILD = textwrap.dedent("""
 def test_full_sdxl_file_loads_in_fp16_and_runs_in_fp32_with_one_copy(sd_keys_dir, tmp_path):
     shapes = {**read_key_list(sd_keys_dir / "keys_sdxl.txt"), **read_key_list(sd_keys_dir / "keys_sdxl_extras.txt")}
     path = tmp_path / "sd_xl_base_1.0.safetensors"
-    elements = write_random_fp16_file(path, shapes)
+    elements = write_random_file(path, shapes, dtype=torch.float16)
     assert abs(elements - PARAMETERS) < 0.01 * PARAMETERS, elements
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(path)],

@@ -5,7 +5,6 @@ decode that never returns NaN silently. Fast tests on `tiny_sdxl_config()`; the 
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -27,12 +26,7 @@ from models.loader import (
 )
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset, tiny_sdxl_config
 from models.text import END_TOKEN, START_TOKEN
-
-
-def read_key_list(path) -> dict[str, tuple[int, ...]]:
-    """`name<TAB>[shape]` per line, as in shared/sd-keys/; a line starting with '#' is the list's header."""
-    rows = (line.split("\t") for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
-    return {name: tuple(json.loads(shape)) for name, shape in rows}
+from p2p.experiments.random_files import read_key_list
 
 
 def meta_model(config: ModelConfig) -> StableDiffusion:
