@@ -18,7 +18,7 @@ import torch
 from models.errors import MissingFileError, UserError
 from models.files import atomic_path
 
-STD = 0.02  # N(0, 0.02²): the usual init scale, keeps activations finite through deep stacks
+NORM_SPREAD = 0.1  # norm scales 1 + 0.1·N(0, 1), biases 0.1·N(0, 1): a dropped or swapped one shows in outputs
 SAFETENSORS_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
 # extras that real files store in another dtype (an arange and fp32 schedule buffers)
 INTEGER_KEYS = ("position_ids",)
@@ -48,10 +48,20 @@ def _dtype_of(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(FLOAT32_KEYS) else dtype
 
 
+def random_tensor(name: str, shape: tuple[int, ...], *, generator: torch.Generator) -> torch.Tensor:
+    """fp32 values for one tensor: matrices and kernels U(±1/√fan_in) (PyTorch's Linear/Conv scale, so activations
+    stay O(1) through full-depth networks and images are not saturated), norm scales near 1, biases near 0."""
+    if len(shape) >= 2:
+        bound = torch.Size(shape[1:]).numel() ** -0.5
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    spread = torch.randn(shape, generator=generator) * NORM_SPREAD
+    return spread + 1.0 if name.endswith("weight") else spread
+
+
 def write_random_file(
     path: str | Path, shapes: dict[str, tuple[int, ...]], *, dtype: torch.dtype = torch.float16, seed: int = 0
 ) -> int:
-    """Write N(0, STD²) tensors of `shapes` to a safetensors file at `path`; returns the weight element count."""
+    """Write `random_tensor`s of `shapes` to a safetensors file at `path`; returns the weight element count."""
     header, offset, elements = {}, 0, 0
     for name, shape in shapes.items():
         kind = _dtype_of(name, dtype)
@@ -69,6 +79,6 @@ def write_random_file(
             if kind == torch.int64:  # position ids: an arange over the last axis, as real files hold
                 tensor = torch.arange(shape[-1]).expand(shape).contiguous()
             else:
-                tensor = (torch.randn(shape, generator=generator) * STD).to(kind)
+                tensor = random_tensor(name, shape, generator=generator).to(kind)
             file.write(tensor.view(torch.uint8).numpy().tobytes())
     return elements
