@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from models.loader import save_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion, preset  # noqa: E402
 from p2p.experiments import ablation_report  # noqa: E402
-from p2p.experiments.figures import Figure, Tile  # noqa: E402
+from p2p.experiments.figure_canvas import Figure, Tile  # noqa: E402
 from p2p.shapes.world import render  # noqa: E402
 from p2p.tokens import words  # noqa: E402
 from scripts import aggregate  # noqa: E402

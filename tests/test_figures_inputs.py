@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2p import views
-from p2p.experiments import figures  # noqa: E402
-from p2p.experiments.figures import Figure, Tile  # noqa: E402
+from p2p.experiments import figure_canvas, figures  # noqa: E402
+from p2p.experiments.figure_canvas import Figure, Tile  # noqa: E402
 from scripts import figure as figure_script  # noqa: E402
 
 GRAY = np.full((32, 32, 3), 128, np.uint8)
@@ -117,7 +117,7 @@ def test_a_long_title_and_label_wrap_and_get_the_room_they_need():
     long_label = rendered("Fig.", "a row label long enough to need many lines in the label column " * 3)
     assert long_title.height > short.height  # the title's extra lines are drawn, not covered by the first row
     assert long_label.height > short.height  # the row grows to hold every line of its label
-    label_ink = np.flatnonzero((np.asarray(long_label.convert("L"))[:, : figures.LABEL_WIDTH] < 128).any(axis=1))
+    label_ink = np.flatnonzero((np.asarray(long_label.convert("L"))[:, : figure_canvas.LABEL_WIDTH] < 128).any(axis=1))
     assert label_ink.max() < long_label.height - 1  # and the last line is inside the figure
 
 
@@ -299,7 +299,7 @@ def test_tiles_are_drawn_at_tile_size(tile_size):
     figure = Figure("t")
     figure.add_row("row", [Tile(GRAY, "one", "one"), Tile(np.zeros((16, 32, 3), np.uint8), "two", "two")])
     rendered = figure.render(tile_size=tile_size)
-    assert rendered.width == figures.LABEL_WIDTH + 2 * tile_size + figures.GAP
+    assert rendered.width == figure_canvas.LABEL_WIDTH + 2 * tile_size + figure_canvas.GAP
 
 
 def test_heat_names_a_map_with_nan():
