@@ -22,6 +22,7 @@ References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,10 +47,32 @@ class AttentionSite:
     num_text_queries: int = 0  # how many query rows come first and are text (joint: == num_text_keys)
     text_segments: tuple[tuple[str, int, int], ...] = ()  # (encoder, start, stop) ranges of the text columns,
     #   e.g. (("clip", 0, 77), ("t5", 77, 333)) for SD3, (("t5", 0, 512),) for FLUX-dev
+    query_rows: tuple[int, int] | None = None  # joint sites handed over in slices (`JointRequest`): the query rows
+    #   [start, stop) of this call; None in `wants` and when the whole map comes at once
 
     @property
     def num_queries(self) -> int:
         return self.query_hw[0] * self.query_hw[1] + self.num_text_queries
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The query rows this call's map holds: `query_rows`, or all of them."""
+        return self.query_rows if self.query_rows is not None else (0, self.num_queries)
+
+
+@dataclass(frozen=True)
+class JointRequest:
+    """How a controller wants a joint site's map handed over: its optional `joint_request(site)` returns one
+    (a controller without that method gets the whole map of probabilities in one call).
+
+    A joint map of SD3 at 1024 px is (batch, 24 heads, 4429, 4429): 7.5 GB in float32 for one prompt pair.
+    Every P2P edit works row by row, so a controller can take it in slices of query rows and the full map is
+    never held. `scores=True` hands over the logits `q kᵀ · scale` instead (float32), for edits that copy
+    logits and re-normalise; the controller then returns probabilities.
+    """
+
+    query_chunk: int | None = None  # query rows per call; None: all rows in one call
+    scores: bool = False  # hand over logits instead of probabilities (the controller returns probabilities)
 
 
 class AttentionController(Protocol):
@@ -199,13 +222,26 @@ class JointAttention(nn.Module):
                 self.site_name, self.kind, query_hw, num_text, num_text_queries=num_text, text_segments=text_segments
             )
         if site is not None and controller.wants(site):
-            scale = q.shape[-1] ** -0.5
-            scores = torch.einsum("b h i d, b h j d -> b h i j", q.float(), k.float()) * scale
-            probs = controller(scores.softmax(dim=-1), site)  # the one hook
-            out = torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v)
+            out = _controlled_joint(q, k, v, controller=controller, site=site)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return rearrange(out, "b h n d -> b n (h d)")
+
+
+def _controlled_joint(q, k, v, *, controller: AttentionController, site: AttentionSite) -> torch.Tensor:
+    """The hook of a joint site: the map in slices of query rows if the controller asks (`JointRequest`)."""
+    request = controller.joint_request(site) if hasattr(controller, "joint_request") else JointRequest()
+    num_queries = q.shape[2]
+    chunk = request.query_chunk or num_queries
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for start in range(0, num_queries, chunk):
+        stop = min(num_queries, start + chunk)
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q[:, :, start:stop].float(), k.float()) * scale
+        part = dataclasses.replace(site, query_rows=(start, stop))
+        probs = controller(scores if request.scores else scores.softmax(dim=-1), part)  # the one hook
+        outs.append(torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v))
+    return torch.cat(outs, dim=2)
 
 
 def attention_modules(unet: nn.Module) -> dict[str, _Attention | JointAttention]:
