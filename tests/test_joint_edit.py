@@ -12,7 +12,7 @@ import torch
 from joint_models import FAMILIES, HEIGHT, STEPS, WIDTH, tiny_model
 from test_mmdit_t5 import spiece_model  # noqa: F401 (fixture)
 
-from models.attention import AttentionSite, JointRequest, attach_controller
+from models.attention import AttentionSite, JointRequest
 from p2p.controllers import Compose
 from p2p.edit import BlendSpec, EditSpec, StoreSpec
 from p2p.flow import FlowSamplerSettings, conditioning, initial_noise, sample
