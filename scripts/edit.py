@@ -25,11 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from models.errors import UserError  # noqa: E402
-from models.flow_model import flow_preset  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import StoreSpec, edit  # noqa: E402
 from p2p.joint_edit import JointSpec, edit_flow  # noqa: E402
+from p2p.joint_tokens import JointWords  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
 from scripts._common import (  # noqa: E402
     check_fresh,
@@ -49,11 +48,6 @@ def main(cfg: DictConfig) -> None:
     out = check_fresh(run_dir())
     prompts, spec, blend = edit_inputs(cfg)
     joint = JointSpec(**OmegaConf.to_container(cfg.joint, resolve=True)) if is_flow(cfg) else None
-    if joint is not None and cfg.attention and flow_preset(cfg.model.name).family == "flux":
-        raise UserError(
-            "attention=true draws the maps of CLIP's tokens; FLUX's joint attention has T5 columns only, "
-            "which the views do not read yet — run without attention=true"
-        )
     model = load_model(cfg, flow=True)
     # cross-attention maps of every resolution (cheap: a few dozen text keys), as the reference shows them; not the
     # hybrid layers' text columns, which are coarse (4×4, 2×2 on the tiny model) and flatten the word's map
@@ -61,11 +55,12 @@ def main(cfg: DictConfig) -> None:
     common = dict(
         seed=cfg.seed, settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width, progress=cfg.progress
     )
-    run = edit
+    run, lookup = edit, None
     if joint is not None:  # SD3 / SD3.5 / FLUX: the edit on joint attention (p2p/joint_edit.py)
         store = StoreSpec(kinds=("joint",)) if cfg.attention else None
         common |= dict(negative_prompt=cfg.negative_prompt or "")
         run = functools.partial(edit_flow, joint=joint)
+        lookup = JointWords(model)  # words in CLIP's and T5's columns: the views show one tile per word
     result = run(model, prompts, spec=spec if spec.kind != "none" else None, blend=blend, store=store, **common)
     baseline = run(model, prompts, spec=None, **common) if cfg.baseline else None
 
@@ -78,12 +73,14 @@ def main(cfg: DictConfig) -> None:
     if baseline is not None:
         rows.append([views.captioned(im, f"same seed, no injection: {p}") for im, p in zip(baseline.images, prompts)])
     if cfg.attention:
-        rows.append(views.attention_row(result.store, prompts, views.changed_words(prompts)))
+        rows.append(views.attention_row(result.store, prompts, views.changed_words(prompts), lookup=lookup))
         for i, p in enumerate(prompts):
-            views.save_png(
-                views.grid([views.cross_attention_tiles(result.store, p, i)]),
-                out / "attention" / f"{i:02d}_{slug(p)}.png",
+            tiles = (
+                views.cross_attention_tiles(result.store, p, i)
+                if lookup is None
+                else views.word_tiles(result.store, p, i, lookup=lookup)
             )
+            views.save_png(views.grid([tiles]), out / "attention" / f"{i:02d}_{slug(p)}.png")
     if result.blend is not None and result.blend.last_mask is not None:
         views.save_png(
             views.grid([views.mask_tiles(result.blend.last_mask, ["source"] + prompts[1:])]), out / "blend_mask.png"

@@ -13,11 +13,12 @@ from joint_models import FAMILIES, HEIGHT, STEPS, WIDTH, tiny_model
 from test_mmdit_t5 import spiece_model  # noqa: F401 (fixture)
 
 from models.attention import AttentionSite, JointRequest
+from models.flow_model import FlowConditioning
 from p2p.controllers import Compose
 from p2p.edit import BlendSpec, EditSpec, StoreSpec
 from p2p.flow import FlowSamplerSettings, conditioning, initial_noise, sample
 from p2p.joint import RENORM_MODES, JointEdit, model_blocks, select_blocks
-from p2p.joint_edit import JointSpec, build_flow_controllers, edit_flow
+from p2p.joint_edit import JointSpec, build_flow_controllers, edit_flow, source_pooled
 
 SOURCE, TARGET = "a red cat riding a bicycle", "a red dog riding a bicycle"
 ATOL = 2e-5  # float32 noise between batch compositions of the same computation
@@ -213,3 +214,29 @@ def test_stored_maps_are_image_rows_by_text_columns_head_averaged(model):
     for name, maps in store.maps.items():
         assert maps.shape == (2, (HEIGHT // 16) * (WIDTH // 16), num_text)
         assert (maps.sum(-1) / store.counts[name] < 1 + 1e-5).all()  # the text share of each image row
+
+
+def test_source_pooled_vector_reaches_the_targets_only_in_their_cross_window():
+    editor = random_editor("rescale")
+    editor.cross_alphas = torch.tensor([[[1.0] * 5], [[0.0] * 5]])  # step 0 inside, step 1 outside
+    cond = FlowConditioning(torch.zeros(2, 5, 4), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (("t5", 0, 5),))
+    callback = source_pooled(editor)
+    assert torch.equal(callback(0, cond).pooled, torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    assert callback(1, cond) is cond
+
+
+@pytest.mark.parametrize("option", ["text_rows", "pooled"])
+def test_text_stream_options_change_the_edit(model, option):
+    spec = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    off = latents(model, [SOURCE, TARGET], spec=spec, joint=JointSpec()).latents
+    on = latents(model, [SOURCE, TARGET], spec=spec, joint=JointSpec(**{option: True})).latents
+    assert (on[0] - off[0]).abs().max().item() <= ATOL  # the source never changes
+    assert (on[1] - off[1]).abs().max().item() > 3 * ATOL  # small on FLUX: 6 image tokens beside 24 text
+
+
+def test_reweight_alone_fades_a_word_in_both_segments(model):
+    prompts = [SOURCE, SOURCE]
+    neutral = latents(model, prompts, spec=EditSpec(kind="reweight", reweight={"cat": 1.0})).latents
+    assert (neutral[1] - neutral[0]).abs().max().item() <= ATOL
+    faded = latents(model, prompts, spec=EditSpec(kind="reweight", reweight={"cat": 4.0})).latents
+    assert (faded[1] - faded[0]).abs().max().item() > 1e-4

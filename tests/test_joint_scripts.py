@@ -59,7 +59,14 @@ def model_overrides(family: str, model, tmp_path: Path, spiece: Path) -> list[st
         ("sd3", ["edit=replace", "attention=true", "baseline=true", "joint.renorm=logits", "joint.text_rows=true"]),
         (
             "flux",
-            ["edit=replace", "blend=local", "blend.words=[[cat],[dog]]", "joint.blocks=single", "joint.pooled=true"],
+            [
+                "edit=replace",
+                "blend=local",
+                "blend.words=[[cat],[dog]]",
+                "joint.blocks=single",
+                "joint.pooled=true",
+                "attention=true",
+            ],
         ),
     ],
 )
@@ -83,8 +90,9 @@ def test_edit_script_on_a_tiny_file(family, extra, randomize, spiece_model, tmp_
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["name"] == ("sd3-medium" if family == "sd3" else "flux-dev")
     assert set(config["joint"]) >= {"renorm", "blocks", "text_rows", "pooled", "query_chunk"}
+    assert len(list((run / "attention").glob("*.png"))) == 2  # one tile per word, CLIP and T5 columns summed
     if family == "sd3":
-        assert len(list((run / "attention").glob("*.png"))) == 2 and len(list((run / "baseline").glob("*.png"))) == 2
+        assert len(list((run / "baseline").glob("*.png"))) == 2
     else:
         assert (run / "blend_mask.png").exists()
 
