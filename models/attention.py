@@ -13,7 +13,9 @@ FLUX do). Its map has four blocks: rows/columns `[0, num_text_keys)` are text, t
 
 The hook (../shared/STYLE.md, "The one hook"): when a controller is attached and `wants` the site,
 the module computes `probs = softmax(q kᵀ · scale)` in float32, shaped `(batch, heads, queries, keys)`,
-hands it to the controller and uses what comes back as the map. Every other layer keeps the fused
+hands it to the controller and uses what comes back as the map. At a joint site the controller may ask (`JointRequest`)
+for the map in slices of query rows, so that SD3's multi-GB joint map is never held whole, and for the logits
+instead of the probabilities (edits that copy logits and re-normalise). Every other layer keeps the fused
 `F.scaled_dot_product_attention`. Sites are named by their `state_dict` prefix inside the UNet.
 
 References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §3.2).
