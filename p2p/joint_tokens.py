@@ -57,7 +57,7 @@ class JointWords:
             by_encoder = self.model.word_positions(prompt)
             result = []
             for encoder, start, stop in self.layout:
-                words = by_encoder[encoder]
+                words = by_encoder.get(encoder, ())  # SD3 without T5 (model.t5=false): zeros in its columns
                 first_free = start + (encoder == "clip")  # CLIP's start token holds column 0
                 end = max((p + 1 for w in words for p in w.positions), default=first_free)
                 result.append(Segment(encoder, start, stop, words, end))
@@ -87,7 +87,7 @@ class JointWords:
             count = len(segments[0].words)
             if not -count <= word < count:
                 raise UserError(f"word index {word} is out of range for prompt {prompt!r}, which has {count} words")
-            return sorted(p for s in segments for p in s.words[word].word_positions)
+            return sorted(p for s in segments if s.words for p in s.words[word].word_positions)
         if isinstance(word, Sequence) and word and all(isinstance(p, int) and not isinstance(p, bool) for p in word):
             if not all(0 <= p < self.length for p in word):
                 raise UserError(f"text columns {list(word)} must lie in 0..{self.length - 1} ({self.layout})")

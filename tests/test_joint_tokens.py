@@ -142,3 +142,13 @@ def test_prompts_that_do_not_fit_are_refused(sd3):
         sd3.segments("an astronaut riding a horse on the moon " * 3)
     with pytest.raises(UserError, match="same number of words"):
         sd3.replace_mapper("a cat", "a fat cat")
+
+
+def test_sd3_without_t5_maps_its_zero_columns_to_themselves(spiece_model):  # noqa: F811
+    model = words_only_model("sd3", spiece_model)
+    model.config = model.config.with_settings(t5=False)
+    words = JointWords(model)
+    mapper = words.replace_mapper("a cat on the mat", "a dog on the mat")
+    assert torch.equal(mapper[:CLIP, :CLIP], tokens.replace_mapper("a cat on the mat", "a dog on the mat"))
+    assert torch.equal(mapper[CLIP:, CLIP:], torch.eye(words.length - CLIP))
+    assert words.positions("a cat on the mat", "cat") == [2] and words.positions("a cat on the mat", 1) == [2]
