@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+from models.flow_model import FlowModel  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.edit import StoreSpec, edit  # noqa: E402
 from p2p.joint_edit import JointSpec, edit_flow  # noqa: E402
@@ -33,7 +34,6 @@ from scripts._cli import entry_point  # noqa: E402
 from scripts._common import (  # noqa: E402
     check_fresh,
     edit_inputs,
-    is_flow,
     load_model,
     run_dir,
     sampler_settings,
@@ -47,7 +47,7 @@ from scripts._common import (  # noqa: E402
 def main(cfg: DictConfig) -> None:
     out = check_fresh(run_dir())
     prompts, spec, blend = edit_inputs(cfg)
-    joint = JointSpec(**OmegaConf.to_container(cfg.joint, resolve=True)) if is_flow(cfg) else None
+    joint = JointSpec(**OmegaConf.to_container(cfg.joint, resolve=True))  # used by the flow models only
     model = load_model(cfg, flow=True)
     # cross-attention maps of every resolution (cheap: a few dozen text keys), as the reference shows them; not the
     # hybrid layers' text columns, which are coarse (4×4, 2×2 on the tiny model) and flatten the word's map
@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> None:
         seed=cfg.seed, settings=sampler_settings(cfg, model), height=cfg.height, width=cfg.width, progress=cfg.progress
     )
     run, lookup = edit, None
-    if joint is not None:  # SD3 / SD3.5 / FLUX: the edit on joint attention (p2p/joint_edit.py)
+    if isinstance(model, FlowModel):  # SD3 / SD3.5 / FLUX: the edit on joint attention (p2p/joint_edit.py)
         store = StoreSpec(kinds=("joint",)) if cfg.attention else None
         common |= dict(negative_prompt=cfg.negative_prompt or "")
         run = functools.partial(edit_flow, joint=joint)
