@@ -240,3 +240,40 @@ def test_reweight_alone_fades_a_word_in_both_segments(model):
     assert (neutral[1] - neutral[0]).abs().max().item() <= ATOL
     faded = latents(model, prompts, spec=EditSpec(kind="reweight", reweight={"cat": 4.0})).latents
     assert (faded[1] - faded[0]).abs().max().item() > 1e-4
+
+
+def permutation_editor(renorm: str, *, self_steps=range(0)) -> JointEdit:
+    mapper = torch.eye(5)[[1, 0, 2, 4, 3]][None]  # source token i → target token mapper[i]: a word-order swap
+    editor = JointEdit(
+        num_prompts=2,
+        kind="replace",
+        cross_alphas=torch.ones(1, 1, 5),
+        self_steps=self_steps,
+        cross_blocks=frozenset({"joint_blocks.0"}),
+        self_blocks=frozenset({"joint_blocks.0"}),
+        renorm=renorm,
+        mapper=mapper,
+    )
+    editor.begin_step(0)
+    return editor
+
+
+def test_each_renormalisation_does_what_its_name_says():
+    """Image rows of the target, cross window only: text columns from the source through the mapper, then
+    probs: as they are; logits: softmax([source text logits | target image logits]); rescale: the copied text
+    columns exactly, the target's image columns scaled to fill the row."""
+    site = random_site()
+    scores = torch.randn(4, 2, site.num_queries, site.num_queries, generator=torch.Generator().manual_seed(2)) * 2
+    probs = scores.softmax(-1)
+    order = [1, 0, 2, 4, 3]  # target column j reads source column order[j] (the permutation is its own inverse)
+    src_text, tgt_image = probs[2, :, 5:, :5][..., order], probs[3, :, 5:, 5:]
+    out = permutation_editor("probs")(probs, site)[3, :, 5:]
+    assert torch.allclose(out, torch.cat([src_text, tgt_image], -1), atol=1e-6)
+    out = permutation_editor("logits")(scores, site)[3, :, 5:]
+    expected = torch.cat([scores[2, :, 5:, :5][..., order], scores[3, :, 5:, 5:]], -1).softmax(-1)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out = permutation_editor("rescale")(probs, site)[3, :, 5:]
+    assert torch.allclose(out[..., :5], src_text, atol=1e-6)
+    ratio = out[..., 5:] / tgt_image  # one factor per row: the image columns keep their proportions
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
+    assert torch.allclose(out.sum(-1), torch.ones(()), atol=1e-5)
