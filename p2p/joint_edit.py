@@ -209,3 +209,24 @@ def edit_flow(
         progress=progress,
     )
     return EditResult(images=decode(model, latents), latents=latents, store=recorder, blend=blender)
+
+
+def edit_as_unet(
+    model: FlowModel, prompts, *, seed, latent, uncond_embeddings, source_trajectory, **common
+) -> EditResult:
+    """`p2p.edit.edit`'s call on a flow model: the default `JointSpec`; no latent, inversion or trajectory."""
+    unsupported = [
+        name
+        for name, value in (
+            ("latent", latent),
+            ("uncond_embeddings", uncond_embeddings),
+            ("source_trajectory", source_trajectory),
+        )
+        if value is not None
+    ]
+    if unsupported or seed is None:
+        raise UserError(
+            f"editing {model.config.name} takes a seed and no {unsupported or 'latent'}: real-image inversion is "
+            "built for the DDIM models only"
+        )
+    return edit_flow(model, prompts, seed=seed, **common)

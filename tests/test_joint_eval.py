@@ -16,10 +16,11 @@ from test_mmdit_t5 import spiece_model  # noqa: F401 (fixture)
 
 from models.errors import UserError
 from models.flow_loader import save_flow_checkpoint
-from p2p.edit import EditSpec
+from p2p.edit import EditSpec, edit
 from p2p.experiments.joint_eval import VARIANTS, joint_study, table_lines, variant_settings, variants_table
 from p2p.flow import FlowSamplerSettings
-from p2p.joint_edit import JointSpec
+from p2p.joint_edit import JointSpec, edit_flow
+from p2p.shapes.metrics import edit_study
 
 REPO = Path(__file__).resolve().parents[1]
 T5_LENGTH = 48  # the test tokenizer's 60 pieces split a shapes-world caption into up to ~30
@@ -93,3 +94,17 @@ def test_eval_joint_script_writes_the_table(randomize, spiece_model, tmp_path): 
     report = json.loads((run / "joint_variants.json").read_text())
     assert [(t["swap"], t["variant"]) for t in report["table"]] == [("color", "none"), ("color", "logits")]
     assert len(report["rows"]) == 2 and (run / "joint_variants.md").read_text().startswith("| swap | variant |")
+
+
+def test_unet_studies_run_on_a_flow_model_unchanged(randomize, spiece_model):  # noqa: F811
+    """`p2p.edit.edit` hands a flow model to `edit_flow`, so `edit_study` (eval_edits, the ablation) runs as is."""
+    model = world_model(randomize, spiece_model)
+    settings = FlowSamplerSettings(steps=STEPS, guidance=model.config.guidance)
+    pair = ("a red circle on a black background", "a blue circle on a black background")
+    (row,) = edit_study(model, [pair], seeds=[3], spec=EditSpec(), settings=settings)
+    assert {"edit_iou", "baseline_iou", "edit_target_correct"} <= set(row)
+    via_edit = edit(model, list(pair), seed=3, spec=EditSpec(), settings=settings, progress=False)
+    direct = edit_flow(model, list(pair), seed=3, spec=EditSpec(), joint=JointSpec(), settings=settings, progress=False)
+    assert (via_edit.latents - direct.latents).abs().max() == 0
+    with pytest.raises(UserError, match="uncond_embeddings"):
+        edit(model, list(pair), seed=3, uncond_embeddings=[None], settings=settings)
