@@ -108,3 +108,30 @@ def test_unet_studies_run_on_a_flow_model_unchanged(randomize, spiece_model):  #
     assert (via_edit.latents - direct.latents).abs().max() == 0
     with pytest.raises(UserError, match="uncond_embeddings"):
         edit(model, list(pair), seed=3, uncond_embeddings=[None], settings=settings)
+
+
+def test_ablate_script_runs_a_flow_model(randomize, spiece_model, tmp_path):  # noqa: F811
+    model = world_model(randomize, spiece_model)
+    checkpoint = save_flow_checkpoint(model, tmp_path / "tiny-sd3.safetensors")
+    run = tmp_path / "job"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "ablate.py"),
+            "model=sd3-medium",
+            f"model.checkpoint={checkpoint}",
+            f"model.t5_tokenizer={spiece_model}",
+            f"model.t5_length={T5_LENGTH}",
+            f"steps={STEPS}",
+            "pairs=[[a red circle on a black background,a blue circle on a black background]]",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((run / "rows.json").read_text())
+    assert {"edit_iou", "baseline_iou", "swap"} <= set(row) and row["model"] == "sd3-medium"
