@@ -135,3 +135,34 @@ def test_ablate_script_runs_a_flow_model(randomize, spiece_model, tmp_path):  # 
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads((run / "rows.json").read_text())
     assert {"edit_iou", "baseline_iou", "swap"} <= set(row) and row["model"] == "sd3-medium"
+
+
+def run_figure(checkpoint, spiece, run, *overrides):
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "figure.py"),
+            "model=sd3-medium",
+            f"model.checkpoint={checkpoint}",
+            f"model.t5_tokenizer={spiece}",
+            f"model.t5_length={T5_LENGTH}",
+            f"steps={STEPS}",
+            f"hydra.run.dir={run}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_figure_script_draws_word_swaps_on_a_flow_model(randomize, spiece_model, tmp_path):  # noqa: F811
+    model = world_model(randomize, spiece_model)
+    checkpoint = save_flow_checkpoint(model, tmp_path / "tiny-sd3.safetensors")
+    result = run_figure(checkpoint, spiece_model, tmp_path / "fig2", "experiment=fig2_content")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fig2" / "figure.png").is_file()
+    refused = run_figure(checkpoint, spiece_model, tmp_path / "fig4", "experiment=fig4_attention")
+    assert refused.returncode == 2 and "UNet models only" in refused.stderr
