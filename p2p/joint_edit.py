@@ -24,6 +24,7 @@ from p2p.flow import FlowSamplerSettings, conditioning, decode, initial_noise, s
 from p2p.joint import DEFAULT_QUERY_CHUNK, JointEdit, select_blocks
 from p2p.joint_maps import JointBlend, JointStore, blend_words
 from p2p.joint_tokens import JointWords
+from p2p.real.inversion import restore_outside_mask
 from p2p.schedules import DEFAULT_KEY, cross_alphas, named_step_range
 
 
@@ -208,7 +209,10 @@ def edit_flow(
         latent_callback=blender.blend_latents if blender is not None else None,
         progress=progress,
     )
-    return EditResult(images=decode(model, latents), latents=latents, store=recorder, blend=blender)
+    images = decode(model, latents)
+    if blender is not None and blend.restore_pixels and blender.last_mask is not None:  # as p2p.edit.edit does
+        images[1:] = [restore_outside_mask(im, images[0], m) for im, m in zip(images[1:], blender.last_mask[1:])]
+    return EditResult(images=images, latents=latents, store=recorder, blend=blender)
 
 
 def edit_as_unet(

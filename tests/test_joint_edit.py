@@ -277,3 +277,48 @@ def test_each_renormalisation_does_what_its_name_says():
     ratio = out[..., 5:] / tgt_image  # one factor per row: the image columns keep their proportions
     assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4)
     assert torch.allclose(out.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_local_blend_keeps_the_source_outside_its_mask(model):
+    """x_tgt ← x_src + mask·(x_tgt − x_src) after every step: outside the last mask the latents are the source's."""
+    spec = EditSpec(kind="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    blend = BlendSpec(words=[["cat"], ["dog"]], threshold=0.97, dilation=0, restore_pixels=True)
+    result = latents(model, [SOURCE, TARGET], spec=spec, blend=blend)
+    outside = ~result.blend.last_mask[1, 0].bool()
+    assert torch.equal(result.latents[1][:, outside], result.latents[0][:, outside])
+
+
+def test_joint_blend_puts_each_image_row_on_its_patch(spiece_model):  # noqa: F811
+    """Synthetic maps where "dog" draws one patch: the mask is that patch, upsampled to the latent, whatever the
+    slices the rows came in."""
+    from joint_models import words_only_model
+
+    from p2p.joint_maps import JointBlend
+    from p2p.joint_tokens import JointWords
+
+    words = JointWords(words_only_model("sd3", spiece_model))
+    n_text, grid = words.length, (3, 2)
+    blend = JointBlend(
+        blocks=frozenset({"joint_blocks.0"}),
+        prompts=[SOURCE, TARGET],
+        words=[["cat"], ["dog"]],
+        latent_hw=(6, 4),
+        num_steps=1,
+        threshold=0.5,
+        dilation=0,
+        context_length=n_text,
+        lookup=words,
+    )
+    site = AttentionSite("joint_blocks.0", "joint", grid, n_text, num_text_queries=n_text)
+    assert blend.wants(site)
+    probs = torch.full((4, 2, site.num_queries, site.num_queries), 1e-3)
+    dog = words.positions(TARGET, "dog")
+    cat = words.positions(SOURCE, "cat")
+    probs[3, :, n_text + 4, dog] = 1.0  # the target's image row 4 = patch (2, 0) attends to "dog"
+    probs[2, :, n_text + 1, cat] = 1.0  # the source's image row 1 = patch (0, 1) attends to "cat"
+    for start, stop in [(0, n_text + 2), (n_text + 2, n_text + 5), (n_text + 5, site.num_queries)]:
+        blend(probs[:, :, start:stop], dataclasses.replace(site, query_rows=(start, stop)))
+    expected = torch.zeros(6, 4)
+    expected[4:6, 0:2] = 1  # patch (2, 0) in latent pixels
+    expected[0:2, 2:4] = 1  # the source's patch (0, 1): the mask is their union
+    assert torch.equal(blend.mask()[1, 0], expected)
