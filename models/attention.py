@@ -78,7 +78,10 @@ class JointRequest:
 
 
 class AttentionController(Protocol):
-    """What the attention modules call. Implementations live in `p2p/controllers.py`."""
+    """What the attention modules call. Implementations live in `p2p/controllers.py` and `p2p/joint.py`.
+
+    A controller may also define `joint_request(site) -> JointRequest`: how a joint site hands it the map
+    (slices of query rows, logits); without it a joint site hands over the whole map of probabilities."""
 
     def wants(self, site: AttentionSite) -> bool:
         """True if this layer's map must be materialised now (otherwise the fused path runs)."""
