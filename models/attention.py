@@ -75,6 +75,8 @@ class JointRequest:
 
     query_chunk: int | None = None  # query rows per call; None: all rows in one call
     scores: bool = False  # hand over logits instead of probabilities (the controller returns probabilities)
+    conditional_half: int | None = None  # n: a batch of 2·n rows is [uncond × n; cond × n] (classifier-free
+    #   guidance) and only its last n rows reach the controller; the first n take the fused path
 
 
 class AttentionController(Protocol):
@@ -236,6 +238,15 @@ class JointAttention(nn.Module):
 def _controlled_joint(q, k, v, *, controller: AttentionController, site: AttentionSite) -> torch.Tensor:
     """The hook of a joint site: the map in slices of query rows if the controller asks (`JointRequest`)."""
     request = controller.joint_request(site) if hasattr(controller, "joint_request") else JointRequest()
+    half = request.conditional_half
+    if half and q.shape[0] == 2 * half:  # the unconditional rows are nobody's business: fused attention
+        fused = F.scaled_dot_product_attention(q[:half], k[:half], v[:half])
+        return torch.cat([fused, _controlled_rows(q[half:], k[half:], v[half:], request, controller, site)])
+    return _controlled_rows(q, k, v, request, controller, site)
+
+
+def _controlled_rows(q, k, v, request: JointRequest, controller: AttentionController, site: AttentionSite):
+    """The explicit map of q against k, in slices of `request.query_chunk` query rows, through the controller."""
     num_queries = q.shape[2]
     chunk = request.query_chunk or num_queries
     scale = q.shape[-1] ** -0.5

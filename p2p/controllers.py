@@ -123,9 +123,11 @@ class Compose(Controller):
     def joint_request(self, site: AttentionSite) -> JointRequest:
         """Joint sites: the largest slice any member asks for, and logits if one member takes logits."""
         requests = [c.joint_request(site) for c in self.controllers if hasattr(c, "joint_request") and c.wants(site)]
-        chunks = [r.query_chunk for r in requests]
+        chunks, halves = [r.query_chunk for r in requests], {r.conditional_half for r in requests}
         return JointRequest(
-            query_chunk=None if not chunks or None in chunks else max(chunks), scores=any(r.scores for r in requests)
+            query_chunk=None if not chunks or None in chunks else max(chunks),
+            scores=any(r.scores for r in requests),
+            conditional_half=halves.pop() if len(halves) == 1 else None,  # all members must skip the same rows
         )
 
     def __call__(self, maps, site):

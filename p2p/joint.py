@@ -156,7 +156,9 @@ class JointEdit(Controller):
         chunk = self.query_chunk
         if chunk and self.text_rows:  # the text rows mix source rows: all of them in the first slice
             chunk = max(chunk, site.num_text_queries)
-        return JointRequest(query_chunk=chunk or None, scores=self.renorm == "logits")
+        return JointRequest(
+            query_chunk=chunk or None, scores=self.renorm == "logits", conditional_half=self.num_prompts
+        )
 
     def pooled_active(self, step: int) -> torch.Tensor:
         """(T,) bool: targets inside their cross window at `step` (for the source's pooled vector)."""

@@ -51,7 +51,7 @@ class JointStore(AttentionStore):
         return site.kind == "joint" and block_of(site.name) in self.blocks
 
     def joint_request(self, site: AttentionSite) -> JointRequest:
-        return JointRequest(query_chunk=self.query_chunk)
+        return JointRequest(query_chunk=self.query_chunk, conditional_half=self.num_prompts)
 
     def __call__(self, probs, site):
         part, offset = image_text_part(probs, site, self.num_prompts)
@@ -83,7 +83,7 @@ class JointBlend(LocalBlend):
         return site.query_hw == self.grid
 
     def joint_request(self, site: AttentionSite) -> JointRequest:
-        return JointRequest(query_chunk=self.query_chunk)
+        return JointRequest(query_chunk=self.query_chunk, conditional_half=self.num_prompts)
 
     def __call__(self, probs, site):
         if site.num_text_keys != self.weights.shape[1]:

@@ -95,7 +95,7 @@ class Spy:
         return self.editor.wants(site)
 
     def __call__(self, probs, site):
-        self.calls.append((site.name, site.rows))
+        self.calls.append((site.name, site.rows, probs.shape[0]))
         return probs
 
 
@@ -122,13 +122,14 @@ def test_the_editor_reaches_the_chosen_blocks_single_stream_included(model, bloc
     cond, uncond = conditioning(model, [SOURCE, TARGET], negative_prompt="", guidance=model.config.guidance)
     latent = initial_noise(model, 3, height=HEIGHT, width=WIDTH)
     sample(model, cond, uncond=uncond, latent=latent, settings=settings(model), controller=controller, progress=False)
-    reached = {".".join(name.split(".")[:2]) for name, _ in spy.calls}
+    reached = {".".join(name.split(".")[:2]) for name, _, _ in spy.calls}
     assert reached == select_blocks(model.config, blocks) and reached <= set(names)
     if blocks == "all" and model.config.family == "flux":
         assert any(n.startswith("single_blocks") for n in reached)
     if model.config.family == "sd35" and blocks == "all":  # the image-only attn2 of block 0 is injected too
-        assert any(name.endswith("attn2") for name, _ in spy.calls)
-    assert all(stop - start <= 4 for _, (start, stop) in spy.calls)  # maps came in slices, never whole
+        assert any(name.endswith("attn2") for name, _, _ in spy.calls)
+    assert all(stop - start <= 4 for _, (start, stop), _ in spy.calls)  # maps came in slices, never whole
+    assert {batch for _, _, batch in spy.calls} == {2}  # SD3's unconditional half took the fused path
 
 
 def random_site(num_text=5, hw=(2, 3), rows=None) -> AttentionSite:
