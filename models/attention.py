@@ -13,7 +13,9 @@ FLUX do). Its map has four blocks: rows/columns `[0, num_text_keys)` are text, t
 
 The hook (../shared/STYLE.md, "The one hook"): when a controller is attached and `wants` the site,
 the module computes `probs = softmax(q kᵀ · scale)` in float32, shaped `(batch, heads, queries, keys)`,
-hands it to the controller and uses what comes back as the map. Every other layer keeps the fused
+hands it to the controller and uses what comes back as the map. At a joint site the controller may ask (`JointRequest`)
+for the map in slices of query rows, so that SD3's multi-GB joint map is never held whole, and for the logits
+instead of the probabilities (edits that copy logits and re-normalise). Every other layer keeps the fused
 `F.scaled_dot_product_attention`. Sites are named by their `state_dict` prefix inside the UNet.
 
 References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §3.2).
@@ -22,6 +24,7 @@ References: Vaswani et al. 2017 (Eq. 1), Hertz et al. 2022 (Prompt-to-Prompt, §
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,14 +49,41 @@ class AttentionSite:
     num_text_queries: int = 0  # how many query rows come first and are text (joint: == num_text_keys)
     text_segments: tuple[tuple[str, int, int], ...] = ()  # (encoder, start, stop) ranges of the text columns,
     #   e.g. (("clip", 0, 77), ("t5", 77, 333)) for SD3, (("t5", 0, 512),) for FLUX-dev
+    query_rows: tuple[int, int] | None = None  # joint sites handed over in slices (`JointRequest`): the query rows
+    #   [start, stop) of this call; None in `wants` and when the whole map comes at once
 
     @property
     def num_queries(self) -> int:
         return self.query_hw[0] * self.query_hw[1] + self.num_text_queries
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The query rows this call's map holds: `query_rows`, or all of them."""
+        return self.query_rows if self.query_rows is not None else (0, self.num_queries)
+
+
+@dataclass(frozen=True)
+class JointRequest:
+    """How a controller wants a joint site's map handed over: its optional `joint_request(site)` returns one
+    (a controller without that method gets the whole map of probabilities in one call).
+
+    A joint map of SD3 at 1024 px is (batch, 24 heads, 4429, 4429): 7.5 GB in float32 for one prompt pair.
+    Every P2P edit works row by row, so a controller can take it in slices of query rows and the full map is
+    never held. `scores=True` hands over the logits `q kᵀ · scale` instead (float32), for edits that copy
+    logits and re-normalise; the controller then returns probabilities.
+    """
+
+    query_chunk: int | None = None  # query rows per call; None: all rows in one call
+    scores: bool = False  # hand over logits instead of probabilities (the controller returns probabilities)
+    conditional_half: int | None = None  # n: a batch of 2·n rows is [uncond × n; cond × n] (classifier-free
+    #   guidance) and only its last n rows reach the controller; the first n take the fused path
+
 
 class AttentionController(Protocol):
-    """What the attention modules call. Implementations live in `p2p/controllers.py`."""
+    """What the attention modules call. Implementations live in `p2p/controllers.py` and `p2p/joint.py`.
+
+    A controller may also define `joint_request(site) -> JointRequest`: how a joint site hands it the map
+    (slices of query rows, logits); without it a joint site hands over the whole map of probabilities."""
 
     def wants(self, site: AttentionSite) -> bool:
         """True if this layer's map must be materialised now (otherwise the fused path runs)."""
@@ -199,13 +229,35 @@ class JointAttention(nn.Module):
                 self.site_name, self.kind, query_hw, num_text, num_text_queries=num_text, text_segments=text_segments
             )
         if site is not None and controller.wants(site):
-            scale = q.shape[-1] ** -0.5
-            scores = torch.einsum("b h i d, b h j d -> b h i j", q.float(), k.float()) * scale
-            probs = controller(scores.softmax(dim=-1), site)  # the one hook
-            out = torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v)
+            out = _controlled_joint(q, k, v, controller=controller, site=site)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return rearrange(out, "b h n d -> b n (h d)")
+
+
+def _controlled_joint(q, k, v, *, controller: AttentionController, site: AttentionSite) -> torch.Tensor:
+    """The hook of a joint site: the map in slices of query rows if the controller asks (`JointRequest`)."""
+    request = controller.joint_request(site) if hasattr(controller, "joint_request") else JointRequest()
+    half = request.conditional_half
+    if half and q.shape[0] == 2 * half:  # the unconditional rows are nobody's business: fused attention
+        fused = F.scaled_dot_product_attention(q[:half], k[:half], v[:half])
+        return torch.cat([fused, _controlled_rows(q[half:], k[half:], v[half:], request, controller, site)])
+    return _controlled_rows(q, k, v, request, controller, site)
+
+
+def _controlled_rows(q, k, v, request: JointRequest, controller: AttentionController, site: AttentionSite):
+    """The explicit map of q against k, in slices of `request.query_chunk` query rows, through the controller."""
+    num_queries = q.shape[2]
+    chunk = request.query_chunk or num_queries
+    scale = q.shape[-1] ** -0.5
+    outs = []
+    for start in range(0, num_queries, chunk):
+        stop = min(num_queries, start + chunk)
+        scores = torch.einsum("b h i d, b h j d -> b h i j", q[:, :, start:stop].float(), k.float()) * scale
+        part = dataclasses.replace(site, query_rows=(start, stop))
+        probs = controller(scores if request.scores else scores.softmax(dim=-1), part)  # the one hook
+        outs.append(torch.einsum("b h i j, b h j d -> b h i d", probs.to(v.dtype), v))
+    return torch.cat(outs, dim=2)
 
 
 def attention_modules(unet: nn.Module) -> dict[str, _Attention | JointAttention]:

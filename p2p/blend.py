@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from models.attention import AttentionSite
 from models.errors import UserError
 from p2p.controllers import Controller, grid_at
+from p2p.schedules import WordLookup
 from p2p.tokens import CONTEXT_LENGTH, word_token_positions
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,25 @@ DEFAULT_RESOLUTION_DOWNSAMPLINGS = 2  # latent/4: the 16×16 layers of SD at 512
 
 
 def word_weights(
-    prompts: Sequence[str], words: Sequence[Sequence[str]], *, context_length: int = CONTEXT_LENGTH
+    prompts: Sequence[str],
+    words: Sequence[Sequence[str]],
+    *,
+    context_length: int = CONTEXT_LENGTH,
+    lookup: WordLookup | None = None,
 ) -> torch.Tensor:
-    """(P, context_length) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`)."""
+    """(P, context_length) with 1 at the tokens of each prompt's words (P2P's `alpha_layers`); `lookup` finds
+    them among another model's text positions (an MM-DiT's CLIP and T5 columns: `p2p.joint_tokens.JointWords`)."""
     if len(words) != len(prompts):
         raise UserError(f"blend words for {len(words)} prompts given; the batch has {len(prompts)} prompts")
     weights = torch.zeros(len(prompts), context_length)
     for p, (prompt, prompt_words) in enumerate(zip(prompts, words)):
         for word in prompt_words:
-            weights[p, word_token_positions(prompt, word, context_length=context_length)] = 1.0
+            positions = (
+                word_token_positions(prompt, word, context_length=context_length)
+                if lookup is None
+                else lookup.positions(prompt, word)
+            )
+            weights[p, positions] = 1.0
     return weights
 
 
@@ -58,6 +69,7 @@ class LocalBlend(Controller):
         subtract_threshold: float = DEFAULT_THRESHOLD,
         resolution_downsamplings: int = DEFAULT_RESOLUTION_DOWNSAMPLINGS,
         context_length: int = CONTEXT_LENGTH,
+        lookup: WordLookup | None = None,
     ):
         super().__init__(num_prompts=len(prompts))
         for name, value in (("threshold", threshold), ("subtract_threshold", subtract_threshold)):
@@ -67,9 +79,9 @@ class LocalBlend(Controller):
             raise UserError(f"blend dilation {dilation!r} must be an int ≥ 0 (max-pool kernel 2·dilation + 1)")
         if not any(words):
             raise UserError("LocalBlend needs at least one word (per prompt: the object being edited)")
-        self.weights = word_weights(prompts, words, context_length=context_length)
+        self.weights = word_weights(prompts, words, context_length=context_length, lookup=lookup)
         self.subtract = (
-            word_weights(prompts, subtract_words, context_length=context_length)
+            word_weights(prompts, subtract_words, context_length=context_length, lookup=lookup)
             if subtract_words and any(subtract_words)
             else None
         )

@@ -19,8 +19,36 @@ from dataclasses import dataclass
 
 import torch
 
-from models.attention import AttentionSite
+from models.attention import AttentionSite, JointRequest
 from models.errors import UserError
+
+MIN_LOG = -1e4  # logit of a column that reads nothing (edits on logits): its exp underflows to exactly 0
+
+
+def edit_columns(source, targets, *, kind, mapper, refine_alphas, reweight, alpha, logits: bool) -> torch.Tensor:
+    """The paper's Edit on the last axis: source/targets (T, …, L) → α·Edit·c + (1 − α)·M_tgt (P2P_SPEC §3–4).
+
+    `logits=True`: the same mappers on logits — a mixing column (a word split into several tokens) is the log of
+    the mixed exp-logits, a reweight adds log c, and α selects (it is 0 or 1)."""
+    per_target = (source.shape[0], *[1] * (source.dim() - 2), source.shape[-1])  # (T, 1, …, 1, L)
+    if kind == "replace":
+        m = mapper.to(source)
+        if logits:
+            peak = source.amax(dim=-1, keepdim=True)
+            mixed = torch.einsum("t...i,tij->t...j", (source - peak).exp(), m)
+            edited = mixed.clamp_min(1e-30).log().where(mixed > 0, torch.full_like(mixed, MIN_LOG)) + peak
+        else:
+            edited = torch.einsum("t...i,tij->t...j", source, m)
+    elif kind == "refine":
+        index = mapper.to(source.device).view(per_target).expand_as(source)
+        edited = source.gather(-1, index)  # M_src[..., a_t(j)]
+        edited = edited.where(refine_alphas.to(source).view(per_target) > 0.5, targets)
+    else:
+        edited = source
+    if reweight is not None:
+        c = reweight.to(source).view(per_target)
+        edited = edited + c.clamp_min(1e-30).log() if logits else edited * c
+    return edited.where(alpha.to(source).view(per_target) > 0.5, targets)
 
 
 def grid_at(latent_hw: tuple[int, int], downsamplings: int) -> tuple[int, int]:
@@ -92,11 +120,31 @@ class Compose(Controller):
     def wants(self, site: AttentionSite) -> bool:
         return any(c.wants(site) for c in self.controllers)
 
-    def __call__(self, probs, site):
+    def joint_request(self, site: AttentionSite) -> JointRequest:
+        """Joint sites: the largest slice any member asks for, and logits if one member takes logits."""
+        requests = [c.joint_request(site) for c in self.controllers if hasattr(c, "joint_request") and c.wants(site)]
+        chunks, halves = [r.query_chunk for r in requests], {r.conditional_half for r in requests}
+        return JointRequest(
+            query_chunk=None if not chunks or None in chunks else max(chunks),
+            scores=any(r.scores for r in requests),
+            conditional_half=halves.pop() if len(halves) == 1 else None,  # all members must skip the same rows
+        )
+
+    def __call__(self, maps, site):
+        """`maps` are probabilities, or logits at a joint site where a member takes logits (`JointRequest`): members
+        before it see their softmax (recorders: the unedited maps), it returns probabilities for the rest."""
+        logits = maps if site.query_rows is not None and self.joint_request(site).scores else None
+        probs = None if logits is not None else maps
         for c in self.controllers:
-            if c.wants(site):
-                probs = c(probs, site)
-        return probs
+            if not c.wants(site):
+                continue
+            if hasattr(c, "joint_request") and c.joint_request(site).scores:
+                if logits is None:
+                    raise RuntimeError(f"two controllers at {site.name} take logits; compose at most one such editor")
+                probs, logits = c(logits, site), None
+            else:
+                probs = c(probs if probs is not None else logits.softmax(dim=-1), site)
+        return probs if probs is not None else logits.softmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -236,15 +284,13 @@ class AttentionEdit(Controller):
 
     def _edit_cross(self, source: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """source (heads, Q, L), targets (T, heads, Q, L) → edited targets."""
-        if self.kind == "replace":
-            edited = torch.einsum("hqi,tij->thqj", source, self.mapper.to(source))
-        elif self.kind == "refine":
-            edited = source[:, :, self.mapper].permute(2, 0, 1, 3)  # (T, heads, Q, L): M_src[..., a_t(j)]
-            keep = self.refine_alphas.to(source)[:, None, None, :]
-            edited = edited * keep + targets * (1 - keep)
-        else:
-            edited = source.expand_as(targets)
-        if self.reweight is not None:
-            edited = edited * self.reweight.to(source)[:, None, None, :]
-        alpha = self.cross_alphas[self.step].to(source)[:, None, None, :]
-        return alpha * edited + (1 - alpha) * targets
+        return edit_columns(
+            source.expand_as(targets),
+            targets,
+            kind=self.kind,
+            mapper=self.mapper,
+            refine_alphas=self.refine_alphas,
+            reweight=self.reweight,
+            alpha=self.cross_alphas[self.step],
+            logits=False,
+        )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.errors import UserError
+from models.flow_model import FlowModel
 from models.stable_diffusion import StableDiffusion
 from models.text import clip_tokenizer
 from p2p.blend import DEFAULT_DILATION, DEFAULT_THRESHOLD, LocalBlend
@@ -308,7 +309,7 @@ def _chain(callbacks):
 
 
 def edit(
-    model: StableDiffusion,
+    model: StableDiffusion | FlowModel,
     prompts: Sequence[str],
     *,
     seed: int | None = None,
@@ -327,7 +328,14 @@ def edit(
 
     `source_trajectory`: a DDIM inversion's z_0 … z_T (Direct Inversion): the source branch is put back on it
     after every step, before the LocalBlend (so the targets' background is blended from the true trajectory).
+    A flow model (SD3 / SD3.5 / FLUX.1) runs `p2p.joint_edit.edit_flow` with the default `JointSpec`, so code written
+    for the UNet (the shapes-world studies, notebooks) edits joint attention unchanged.
     """
+    if isinstance(model, FlowModel):
+        from p2p.joint_edit import edit_as_unet  # here, not on top: p2p.joint_edit builds on this module
+
+        arguments = {k: v for k, v in locals().items() if k not in ("model", "prompts", "edit_as_unet")}
+        return edit_as_unet(model, prompts, **arguments)
     settings = settings or SamplerSettings(guidance=model.config.guidance)
     height, width = image_size(model, height, width)
     if latent is None:

@@ -13,7 +13,7 @@ controller which step it is (`controller.begin_step(step)`), and `attach_control
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,29 +79,37 @@ def sample(
     uncond: FlowConditioning | None = None,
     settings: FlowSamplerSettings | None = None,
     controller: StepController | None = None,
+    conditioning_callback: Callable[[int, FlowConditioning], FlowConditioning] | None = None,
+    latent_callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Integrate from noise (σ = 1) to data (σ = 0); returns the final latents (P, 16, h, w) in float32.
 
     `cond`: P prompts' conditioning; `uncond`: the negative prompt's, P rows (SD3 with guidance > 1), else None.
+    `conditioning_callback(step, cond)`: the conditional rows' conditioning at this step (an edit giving the targets
+    the source's pooled vector, `p2p.joint_edit`); `latent_callback(step, x)`: rewrites the latents after each
+    Euler step (LocalBlend).
     """
     settings = settings or FlowSamplerSettings(steps=model.config.steps, guidance=model.config.guidance)
     model.ensure_loaded("transformer")
     num_prompts = cond.context.shape[0]
     sigmas = model.sigmas(settings.steps, latent_hw=tuple(latent.shape[-2:]))
     x = latent.to(device=model.device, dtype=torch.float32).expand(num_prompts, -1, -1, -1).clone()
-    both = None if uncond is None else concat(uncond, cond)
     with attach_controller(model.transformer, controller):
         for step in tqdm(range(settings.steps), desc="sampling", disable=not progress, leave=False):
             if controller is not None:
                 controller.begin_step(step)
             sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
-            if both is None:
-                v = model.velocity(x, sigma=sigma, conditioning=cond, guidance=settings.guidance)
+            step_cond = cond if conditioning_callback is None else conditioning_callback(step, cond)
+            if uncond is None:
+                v = model.velocity(x, sigma=sigma, conditioning=step_cond, guidance=settings.guidance)
             else:
+                both = concat(uncond, step_cond)
                 v_uncond, v_cond = model.velocity(torch.cat([x, x]), sigma=sigma, conditioning=both).chunk(2)
                 v = v_uncond + settings.guidance * (v_cond - v_uncond)
             x = euler_step(x, v, sigma=sigma, sigma_next=sigma_next)
+            if latent_callback is not None:
+                x = latent_callback(step, x)
     return x
 
 

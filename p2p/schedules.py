@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import Protocol, Union
 
 import torch
 
@@ -22,6 +22,14 @@ from p2p.tokens import CONTEXT_LENGTH, has_word, word_token_positions
 Window = Union[float, Sequence[float]]
 CrossSchedule = Union[Window, Mapping[str, Window]]
 DEFAULT_KEY = "default_"  # the official code's name for "all tokens not named"
+
+
+class WordLookup(Protocol):
+    """Where a prompt's words are among a model's text positions (`p2p.joint_tokens.JointWords`)."""
+
+    def has_word(self, prompt: str, word) -> bool: ...
+
+    def positions(self, prompt: str, word) -> list[int]: ...
 
 
 def _is_number(value) -> bool:
@@ -56,14 +64,27 @@ def window_mask(window: Window, num_steps: int) -> torch.Tensor:
 
 
 def cross_alphas(
-    schedule: CrossSchedule, *, targets: Sequence[str], num_steps: int, context_length: int = CONTEXT_LENGTH
+    schedule: CrossSchedule,
+    *,
+    targets: Sequence[str],
+    num_steps: int,
+    context_length: int = CONTEXT_LENGTH,
+    words: WordLookup | None = None,
 ) -> torch.Tensor:
     """α of P2P_SPEC §3: (num_steps, num_targets, context_length) in {0, 1}.
 
     Target map = α·Edit(M_src, M_tgt) + (1 − α)·M_tgt. Words are looked up in each target prompt
     (case-insensitive, punctuation stripped); a named word's tokens get its window in every target that
     contains it (the reference skips the others too), and a word that no target contains raises.
+    `words`: where a word's tokens are (default CLIP's 77 positions; `p2p.joint_tokens.JointWords` for an
+    MM-DiT, whose words sit in CLIP's and T5's columns).
     """
+    has = has_word if words is None else words.has_word
+    positions = (
+        (lambda prompt, word: word_token_positions(prompt, word, context_length=context_length))
+        if words is None
+        else words.positions
+    )
     if not isinstance(schedule, Mapping):
         schedule = {DEFAULT_KEY: schedule}
     default = _named_window_mask(schedule.get(DEFAULT_KEY, 1.0), num_steps, "cross_replace_steps")
@@ -72,14 +93,14 @@ def cross_alphas(
         if word == DEFAULT_KEY:
             continue
         mask = _named_window_mask(window, num_steps, f"cross_replace_steps[{word!r}]")
-        containing = [t for t, target in enumerate(targets) if has_word(target, word)]
+        containing = [t for t, target in enumerate(targets) if has(target, word)]
         if not containing:  # a typo would otherwise give that word the default window silently
             raise UserError(
                 f"word {word!r} of cross_replace_steps is not in any target prompt {list(targets)}; "
                 "words are matched case-insensitively without surrounding punctuation"
             )
         for t in containing:
-            alphas[:, t, word_token_positions(targets[t], word, context_length=context_length)] = mask[:, None]
+            alphas[:, t, positions(targets[t], word)] = mask[:, None]
     return alphas
 
 

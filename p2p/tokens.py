@@ -60,7 +60,8 @@ def _core_span(text: str) -> tuple[int, int]:
     return (start, end) if start < end else (0, len(text))
 
 
-def _word_key(text: str) -> str:
+def word_key(text: str) -> str:
+    """What word lookups match: lower case (as CLIP's cleaning does), surrounding punctuation stripped."""
     cleaned = clip_tokenizer().clean_fn(text)  # ftfy, HTML unescape, lower case: as encode() does
     start, end = _core_span(cleaned)
     return cleaned[start:end]
@@ -108,7 +109,7 @@ def prompt_words(prompt: str) -> tuple[Word, ...]:
             raise UserError(f"word {text!r} of prompt {prompt!r} has no tokens; the tokenizer drops all of it")
         positions = tuple(range(position, position + len(ids)))
         word_positions = tuple(p for p, inside in zip(positions, in_word) if inside)
-        result.append(Word(text, _word_key(text), tuple(ids), positions, word_positions))
+        result.append(Word(text, word_key(text), tuple(ids), positions, word_positions))
         position += len(ids)
     if [i for word in result for i in word.ids] != whole_prompt_ids:
         raise UserError(
@@ -199,7 +200,7 @@ def has_word(prompt: str, word: WordRef) -> bool:
 
 def _find_text(prompt: str, all_words: Sequence[Word], text: str) -> list[int]:
     """Positions of every occurrence of the word(s) `text`; [] when there is none."""
-    query = [_word_key(part) for part in text.split()]
+    query = [word_key(part) for part in text.split()]
     if not query or not all(query):
         raise UserError(f"word {text!r} is empty; name a word of {prompt!r}")
     keys = [word.key for word in all_words]
@@ -321,7 +322,7 @@ def refine_alignment(
     _check_length(target, len(target_ids) - 2, context_length)
     mapper = torch.arange(context_length)
     alphas = torch.ones(context_length)
-    for target_position, source_position in enumerate(_align(source_ids, target_ids)):
+    for target_position, source_position in enumerate(align_ids(source_ids, target_ids)):
         if source_position is None:
             alphas[target_position] = 0.0
         else:
@@ -345,7 +346,7 @@ def refine_alignments(
     return torch.stack(mappers), torch.stack(alphas)
 
 
-def _align(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[int | None]:
+def align_ids(source_ids: Sequence[int], target_ids: Sequence[int]) -> list[int | None]:
     """Needleman–Wunsch: for each target index, the aligned source index, or None for an insertion."""
     rows, columns = len(source_ids), len(target_ids)
     # score[i][j]: best score aligning source_ids[:i] with target_ids[:j]; borders are all gaps

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from models.errors import UserError
 from models.files import atomic_path
 from p2p.controllers import AttentionStore
+from p2p.schedules import WordLookup
 from p2p.tokens import decode_tokens, word_token_positions, words
 
 CAPTION_HEIGHT_FRACTION = 0.2  # caption strip height relative to the tile (the reference: 0.2)
@@ -170,12 +171,22 @@ def token_maps(
     return torch.stack(maps).mean(dim=0)
 
 
-def word_map(maps: torch.Tensor, prompt: str, word: str | int) -> torch.Tensor:
+def word_map(maps: torch.Tensor, prompt: str, word: str | int, *, lookup: WordLookup | None = None) -> torch.Tensor:
     """(h, w): one word's map from per-token maps (L, h, w) of `prompt` (`token_maps`): the sum over the word's
     tokens, since a word may be split into several ("hovercraft" → hover, craft). `word` is a word of the prompt
     (every occurrence: "a" in "a cat and a dog" is two) or a word index (one occurrence); a word the prompt lacks
-    raises, naming the prompt's words."""
+    raises, naming the prompt's words. `lookup`: where words are among another model's text columns (an MM-DiT's
+    CLIP and T5 columns, `p2p.joint_tokens.JointWords`): the word's tokens in every segment are summed."""
+    if lookup is not None:
+        return maps[lookup.positions(prompt, word)].sum(dim=0)
     return maps[word_token_positions(prompt, word, context_length=maps.shape[0])].sum(dim=0)
+
+
+def word_tiles(store: AttentionStore, prompt: str, prompt_index: int, *, lookup: WordLookup) -> list[Image.Image]:
+    """One captioned tile per word of `prompt` (its tokens in every text segment summed): Fig. 4 for models whose
+    words sit in several token spaces (SD3: CLIP and T5; FLUX: T5), where one tile per token would mix them."""
+    maps = token_maps(store, prompt_index)
+    return [captioned(heat(word_map(maps, prompt, i, lookup=lookup)), w) for i, w in enumerate(words(prompt))]
 
 
 def heat(map_2d: torch.Tensor, *, size: int = MIN_TILE) -> np.ndarray:
@@ -253,11 +264,14 @@ def changed_words(prompts: list[str]) -> list[list[str]]:
     return [[w for w in words(prompts[0]) if w.lower() not in in_targets]] + per_target
 
 
-def attention_row(store: AttentionStore, prompts: list[str], focus: list[list[str]]) -> list[Image.Image]:
+def attention_row(
+    store: AttentionStore, prompts: list[str], focus: list[list[str]], *, lookup: WordLookup | None = None
+) -> list[Image.Image]:
     """One tile per prompt: the summed maps of its changed words (or of the whole prompt's last word)."""
     tiles = []
     for i, (prompt, chosen) in enumerate(zip(prompts, focus)):
         chosen = chosen or words(prompt)[-1:]
         maps = token_maps(store, i)
-        tiles.append(captioned(heat(sum(word_map(maps, prompt, w) for w in chosen)), "attention: " + " ".join(chosen)))
+        summed = sum(word_map(maps, prompt, w, lookup=lookup) for w in chosen)
+        tiles.append(captioned(heat(summed), "attention: " + " ".join(chosen)))
     return tiles

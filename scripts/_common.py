@@ -89,12 +89,12 @@ def load_flow(cfg: DictConfig) -> FlowModel:
 
 def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | FlowModel:
     """`cfg.model` (name, checkpoint, settings) + `cfg.dtype`, `cfg.weights_dtype`, `cfg.device` → a loaded model.
-    `flow=True`: the caller also runs the rectified-flow presets (generate.py); the editing scripts do not yet."""
+    `flow=True`: the caller also runs the rectified-flow presets (generate, edit, figure, ablate, eval_joint)."""
     if is_flow(cfg):
         if not flow:
             raise UserError(
-                f"model={cfg.model.name} runs in scripts/generate.py only for now; editing SD3 / SD3.5 / "
-                "FLUX (P2P on joint attention) is not built yet: use an SD preset (sd15, sd21, sdxl, tiny)"
+                f"model={cfg.model.name} runs in generate.py, edit.py, figure.py, ablate.py and eval_joint.py only "
+                "for now: use an SD preset (sd15, sd21, sdxl, tiny) here"
             )
         return load_flow(cfg)
     name, checkpoint = cfg.model.name, cfg.model.get("checkpoint")

@@ -9,6 +9,7 @@ target reads as the target caption; preservation = IoU of the object masks and c
 for same-seed sampling without injection (`baseline=true`). Its folder (named by its overrides) gets
 `config.yaml` (first), `result.json` (settings and `p2p.shapes.metrics.summarize` rates) and `rows.json` (one row per
 pair; written last, so its presence means the job finished — what scripts/aggregate.py reads).
+A flow model (`model=tiny_mmdit`, `sd3-medium` …) is edited on joint attention with the default `JointSpec`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(cfg: DictConfig, out: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     key = OmegaConf.to_yaml(cfg.model) + f"{cfg.dtype}{cfg.device}"
-    model = _MODELS[key] if key in _MODELS else _MODELS.setdefault(key, load_model(cfg))
+    model = _MODELS[key] if key in _MODELS else _MODELS.setdefault(key, load_model(cfg, flow=True))
     edit = OmegaConf.to_container(cfg.edit, resolve=True)
     setting = {
         "cross_replace_steps": edit["cross_replace_steps"],

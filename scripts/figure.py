@@ -39,7 +39,7 @@ def make_figure(cfg: DictConfig, out: Path) -> Path:
     overrides = figure_request.checked_overrides(request, params)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    model = load_model(cfg)
+    model = load_model(cfg, flow=True)  # SD3 / FLUX: the edit on joint attention, default joint settings
     settings = sampler_settings(cfg, model)
     common = dict(title=cfg.title, spec=EditSpec(**request["edit"]), settings=settings, **overrides)
     size = model.config.image_size

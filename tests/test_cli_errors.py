@@ -26,6 +26,7 @@ HYDRA_SCRIPTS = (
     "eval_tiny",
     "eval_edits",
     "eval_inversion",
+    "eval_joint",
 )
 
 

@@ -361,7 +361,7 @@ def test_ablate_job_refuses_a_used_folder_before_loading_the_model(monkeypatch, 
 
     (tmp_path / "rows.json").write_text("[]")
     monkeypatch.setattr(ablate, "_MODELS", {})
-    monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    monkeypatch.setattr(ablate, "load_model", lambda cfg, **options: pytest.fail("loaded the model"))
     with pytest.raises(FileExistsError, match="already holds a job"):
         ablate.run(compose_ablate(["steps=2"]), tmp_path)
 
@@ -374,7 +374,7 @@ def test_a_failed_ablate_job_leaves_its_config_and_no_rows(monkeypatch, tmp_path
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(ablate, "_MODELS", {})
-    monkeypatch.setattr(ablate, "load_model", lambda cfg: object())
+    monkeypatch.setattr(ablate, "load_model", lambda cfg, **options: object())
     monkeypatch.setattr(ablation, "edit_study", fail)
     job = tmp_path / "sweep" / "seed=0"
     with pytest.raises(RuntimeError):
@@ -408,7 +408,7 @@ def test_ablate_names_pairs_it_cannot_score_before_loading_the_model(pairs, mess
     from scripts import ablate
 
     monkeypatch.setattr(ablate, "_MODELS", {})
-    monkeypatch.setattr(ablate, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    monkeypatch.setattr(ablate, "load_model", lambda cfg, **options: pytest.fail("loaded the model"))
     with pytest.raises(ValueError, match=message):
         ablate.run(compose_ablate(["steps=2", f"pairs={pairs}"]), tmp_path)
 

@@ -170,7 +170,7 @@ def test_bad_overrides_are_named(override, message, tmp_path):
 
 def test_a_used_run_folder_is_refused_before_any_work(monkeypatch, tmp_path):
     (tmp_path / "figure.png").write_bytes(b"an earlier run")
-    monkeypatch.setattr(figure_script, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    monkeypatch.setattr(figure_script, "load_model", lambda cfg, **options: pytest.fail("loaded the model"))
     with pytest.raises(FileExistsError, match="already holds a figure"):
         figure_script.make_figure(compose_figure(["experiment=fig2_content", "steps=2"]), tmp_path)
     assert (tmp_path / "figure.png").read_bytes() == b"an earlier run"
@@ -222,7 +222,7 @@ def test_repeated_words_get_their_own_averaged_maps(tmp_path):
 
 
 def test_the_real_image_figure_names_a_missing_photo_before_loading_the_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(figure_script, "load_model", lambda cfg: pytest.fail("loaded the model"))
+    monkeypatch.setattr(figure_script, "load_model", lambda cfg, **options: pytest.fail("loaded the model"))
     cfg = compose_figure(["experiment=fig10_12_real", "prompt_set=paper", "check_model=false"])
     with pytest.raises(ValueError, match="needs a photo: pass image=PATH"):
         figure_script.make_figure(cfg, tmp_path)

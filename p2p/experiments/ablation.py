@@ -9,7 +9,9 @@ import time
 from dataclasses import asdict
 
 from models.errors import UserError
+from models.flow_model import FlowModel
 from models.stable_diffusion import StableDiffusion
+from p2p import flow
 from p2p.edit import EditSpec
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.shapes.metrics import edit_study, score_edit, summarize
@@ -39,11 +41,14 @@ def baseline_scores(
     key = (model_key, tuple(pairs), seed, settings.steps, settings.guidance)
     if key not in _BASELINES:
         prompts = list(dict.fromkeys(p for pair in pairs for p in pair))
-        size = model.config.image_size
-        latent = initial_latent(seed, height=size, width=size, latent_factor=model.config.latent_factor)
-        images = dict(
-            zip(prompts, decode(model, sample(model, prompts, latent=latent, settings=settings, progress=False)))
-        )
+        if isinstance(model, FlowModel):  # SD3 / FLUX (e.g. tiny_mmdit): the flow loop, one seed for every prompt
+            images = dict(zip(prompts, flow.generate(model, prompts, seed=seed, settings=settings, progress=False)))
+        else:
+            size = model.config.image_size
+            latent = initial_latent(seed, height=size, width=size, latent_factor=model.config.latent_factor)
+            images = dict(
+                zip(prompts, decode(model, sample(model, prompts, latent=latent, settings=settings, progress=False)))
+            )
         _BASELINES[key] = [
             {
                 f"baseline_{k}": v

@@ -15,6 +15,7 @@ with a label on the left of each row, like the paper's layouts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -22,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
+from models.flow_model import FlowModel
 from models.stable_diffusion import StableDiffusion
 from p2p import views
 from p2p.controllers import grid_at
 from p2p.edit import BlendSpec, EditSpec, StoreSpec, build_controllers, edit
 from p2p.experiments.figure_canvas import Figure, Tile
+from p2p.joint_edit import JointSpec, build_flow_controllers
 from p2p.pipeline import SamplerSettings, decode, image_size, sample
 from p2p.real.cache import cached_invert
 from p2p.real.inversion import (
@@ -78,8 +81,11 @@ def _check_edits(
     size = image_size(model, height, width)
     model.config.check_image_size(height=size[0], width=size[1])
     latent_hw = (size[0] // model.config.latent_factor, size[1] // model.config.latent_factor)
+    build = build_controllers
+    if isinstance(model, FlowModel):  # SD3 / FLUX: the joint-attention controllers `p2p.edit.edit` will run
+        build = functools.partial(build_flow_controllers, joint=JointSpec())
     for run in runs:
-        build_controllers(
+        build(
             model,
             run["prompts"],
             spec=run.get("spec"),
@@ -428,7 +434,10 @@ FIGURE_KINDS = {
 }
 
 
-def build(kind: str, model: StableDiffusion, params: dict[str, Any], **common) -> Figure:
+UNET_ONLY_FIGURES = {"attention", "real"}  # per-layer CLIP-token views and DDIM inversion
+
+
+def build(kind: str, model: StableDiffusion | FlowModel, params: dict[str, Any], **common) -> Figure:
     """Run the builder `kind` with a prompt set's `params` plus `common` (title, spec, settings, …).
 
     Only the arguments a builder declares are passed from `common`; unknown `params` raise with the accepted names.
@@ -436,6 +445,11 @@ def build(kind: str, model: StableDiffusion, params: dict[str, Any], **common) -
     if kind not in FIGURE_KINDS:
         raise UserError(f"figure kind {kind!r} is not known; choose one of {sorted(FIGURE_KINDS)}")
     builder = FIGURE_KINDS[kind]
+    if isinstance(model, FlowModel) and kind in UNET_ONLY_FIGURES:
+        raise UserError(
+            f"figure {kind!r} runs on the UNet models only (it reads CLIP-only maps or inverts a photo); "
+            f"flow models ({model.config.name}) draw the other figures: {sorted(set(FIGURE_KINDS) - UNET_ONLY_FIGURES)}"
+        )
     accepted = [name for name in inspect.signature(builder).parameters if name != "model"]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
