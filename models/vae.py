@@ -63,9 +63,12 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         height = x.shape[-2]
         h = self.norm(x)
-        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        # contiguous rows: with the permuted views (last-dim stride h·w) the CPU's fused kernel is refused and SDPA
+        # falls back to materialising the (h·w)² map: 2 GiB per image for a 1024² SDXL decode
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=height))
+        # contiguous: the permuted view would turn the decoder's activations channels-last (see unet.SpatialTransformer)
+        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=height).contiguous())
 
 
 class Downsample(nn.Module):
@@ -156,7 +159,8 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.norm_out(h)  # rebinding h frees the full-resolution input before the SiLU's output exists
+        return self.conv_out(F.silu(h))
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""The bench's side-by-side mode (issue 26) on a tiny SD-1.x-shaped random model: the four schemes run, each in its
-own process; the printed ratios are the ratios of the measured numbers; and diffusers' pipeline and our plain
-sampling draw the same image from the file (so the same weights and settings are what is being compared)."""
+"""`scripts/bench.py diffusers=true` (issue 26) on a tiny SD-1.x-shaped random model: the four schemes run, each
+in its own process; the printed ratios are the ratios of the measured numbers; and diffusers' pipeline and our
+plain sampling draw the same images from the file (so the same weights and settings are what is compared)."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,11 +19,10 @@ from models.stable_diffusion import ModelConfig, StableDiffusion  # noqa: E402
 from models.text import TextConfig  # noqa: E402
 from models.unet import UNetConfig  # noqa: E402
 from models.vae import VAEConfig  # noqa: E402
-from p2p.experiments.side_by_side import RATIOS, SIDE_BY_SIDE, ratios, report, side_by_side  # noqa: E402
-from p2p.pipeline import SamplerSettings  # noqa: E402
+from p2p.experiments.side_by_side import RATIOS, SIDE_BY_SIDE  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_PIXEL_DIFF = 2  # out of 255, as tests/test_parity_pipeline.py
-PROMPTS = ["a red circle on a black background", "a blue circle on a black background"]
 SIZE = 64
 
 
@@ -42,34 +45,59 @@ def tiny_sd1_config() -> ModelConfig:
     )
 
 
-def test_side_by_side_runs_four_schemes_and_reports_their_ratios(random_model, tmp_path):
-    config = tiny_sd1_config()
-    path = save_checkpoint(random_model(lambda: StableDiffusion(config), seed=5), tmp_path / "tiny-sd1.safetensors")
-    rounds = side_by_side(
-        path,
-        config=config,
-        prompts=PROMPTS,
-        settings=SamplerSettings(steps=2, guidance=7.5),
-        height=SIZE,
-        width=SIZE,
-        threads=1,
-        repeats=1,
-    )
-    assert [run["scheme"] for run in rounds[0]] == list(SIDE_BY_SIDE)
-    assert all(run["seconds"] > 0 and run["peak_extra_bytes"] >= 0 for run in rounds[0])
-    theirs, ours = rounds[0][0]["images"], rounds[0][1]["images"]  # float in [0, 255]; uint8
-    assert ours.shape == theirs.shape == (len(PROMPTS), SIZE, SIZE, 3)
-    assert theirs.std() > 0.02 * 255, "degenerate image: the comparison would prove little"
-    diff = abs(ours.astype("float64") - theirs).max()
-    assert diff <= MAX_PIXEL_DIFF, f"our plain sampling differs from diffusers' by {diff:.2f}/255"
+def bench(*overrides: str, cwd: Path, python: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = python or [sys.executable, str(REPO / "scripts" / "bench.py")]
+    return subprocess.run([*command, *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
 
-    text = report(rounds, header="tiny")
-    print(text)
-    printed = {line.split()[0]: line for line in text.splitlines() if re.match(r"\s+\(\d\)/\(\d\)", line)}
+
+def test_side_by_side_runs_four_schemes_and_reports_their_ratios(random_model, tmp_path):
+    # the model's config travels in the file's metadata, which model=tiny with a checkpoint reads
+    path = save_checkpoint(
+        random_model(lambda: StableDiffusion(tiny_sd1_config()), seed=5), tmp_path / "tiny-sd1.safetensors"
+    )
+    run_dir = tmp_path / "run"
+    args = (
+        "diffusers=true",
+        f"model.checkpoint={path}",
+        "steps=2",
+        "repeats=1",
+        "threads=1",
+        f"hydra.run.dir={run_dir}",
+    )
+    done = bench(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    measured = json.loads((run_dir / "side_by_side.json").read_text())
+    (runs,) = measured["rounds"]
+    assert [run["scheme"] for run in runs] == list(SIDE_BY_SIDE)
+    assert all(run["seconds"] > 0 and run["peak_extra_bytes"] >= 0 for run in runs)
+    assert measured["max_pixel_difference"] <= MAX_PIXEL_DIFF, "our plain sampling draws other images than diffusers"
+    assert f"max pixel difference {measured['max_pixel_difference']:.2f}/255" in done.stdout
+
+    index = {scheme: i for i, scheme in enumerate(SIDE_BY_SIDE)}
+    printed = [line for line in done.stdout.splitlines() if re.match(r"\s+\(\d\)/\(\d\)", line)]
     assert len(printed) == len(RATIOS)
-    for (numerator, denominator, _), line in zip(RATIOS, printed.values(), strict=True):
+    for (numerator, denominator, _), line in zip(RATIOS, printed, strict=True):
+        a, b = runs[index[numerator]], runs[index[denominator]]
         numbers = [float(x) for x in re.findall(r"\d+\.\d+", line)[:6]]  # time min/median/max, memory min/median/max
-        time_ratio = ratios(rounds, numerator, denominator, "seconds")[0]
-        memory_ratio = ratios(rounds, numerator, denominator, "peak_extra_bytes")[0]
+        time_ratio, memory_ratio = a["seconds"] / b["seconds"], a["peak_extra_bytes"] / b["peak_extra_bytes"]
         assert numbers == pytest.approx([time_ratio] * 3 + [memory_ratio] * 3, abs=1e-3), line
-    assert f"max pixel difference {diff:.2f}/255" in text
+
+
+def test_side_by_side_refuses_models_diffusers_has_no_pipeline_for(tmp_path):
+    done = bench("diffusers=true", "steps=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)  # the built-in tiny
+    assert done.returncode == 2 and done.stderr.startswith("error: model 'tiny' has no diffusers pipeline"), done.stderr
+
+
+def test_side_by_side_without_diffusers_says_which_extra_to_install(tmp_path):
+    hide = "import runpy, sys; sys.modules['diffusers'] = None; sys.argv[0] = sys.argv[1]; del sys.argv[1]; "
+    launch = [
+        sys.executable,
+        "-c",
+        hide + "runpy.run_path(sys.argv[0], run_name='__main__')",
+        str(REPO / "scripts" / "bench.py"),
+    ]
+    done = bench("diffusers=true", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, python=launch)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: diffusers=true needs diffusers") and "pip install -e '.[bench]'" in lines[0]

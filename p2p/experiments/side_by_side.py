@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from models.errors import UserError
-from models.loader import load_checkpoint, resolve_dtype, save_checkpoint
+from models.loader import CONFIG_METADATA_KEY, load_checkpoint, resolve_dtype, save_checkpoint
 from models.stable_diffusion import ModelConfig
 from p2p.experiments.bench import random_model, scheme_controller
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
@@ -169,6 +170,18 @@ def run_job(job: Job) -> dict:
     return {"scheme": job.scheme, "seconds": seconds, "peak_extra_bytes": extra, "images": np.asarray(images)}
 
 
+def checkpoint_config(path: Path) -> ModelConfig:
+    """The ModelConfig in a file's metadata (files written by `save_checkpoint`); other files need model=<preset>."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise UserError(f"cannot read {path} as safetensors ({err})") from err
+    if CONFIG_METADATA_KEY not in metadata:
+        raise UserError(f"{path} holds no model config; name its architecture with model=sd15 or model=sdxl")
+    return ModelConfig.from_json(metadata[CONFIG_METADATA_KEY])
+
+
 def write_random_checkpoint(name: str, path: str) -> str:
     """Preset `name`'s architecture with random weights, saved in the original layout (in its own process)."""
     save_checkpoint(random_model(name, weights_dtype=RANDOM_FILE_DTYPE), path, dtype=RANDOM_FILE_DTYPE)
@@ -242,6 +255,12 @@ def pixel_difference(rounds: list[list[dict]]) -> float:
 
 def _spread(values: list[float], fmt: str) -> str:
     return " / ".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+def summary(rounds: list[list[dict]]) -> dict:
+    """The measurements without the images (for a JSON file): per round, per scheme; and the pixel difference."""
+    drop = lambda run: {k: v for k, v in run.items() if k != "images"}  # noqa: E731
+    return {"rounds": [[drop(run) for run in r] for r in rounds], "max_pixel_difference": pixel_difference(rounds)}
 
 
 def report(rounds: list[list[dict]], *, header: str) -> str:
