@@ -39,6 +39,7 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."  # SD 1.x's CLIP-L, Hugging Face names (diffusers strips this)
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."  # open_clip names; `convert_open_clip_checkpoint` renames them
+SKIPPED = ("position_ids",)  # CLIP's index buffer, saved by some files; transformers rebuilds it (not a weight)
 BPE_MERGES = 49152 - 256 - 2  # the merges open_clip's SimpleTokenizer reads from its bundled BPE file
 
 
@@ -114,7 +115,7 @@ def text_config(c: TextConfig, **extra) -> CLIPTextConfig:
 def read_tensors(path: Path, prefix: str, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The file's tensors under `prefix`, each cast on reading (an fp16 file is never held twice)."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix)}
+        return {k: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix) and not k.endswith(SKIPPED)}
 
 
 def _without_text_model_level(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:

@@ -12,12 +12,14 @@ scheme alike; ratios are taken within a repeat, then summarised as min / median 
 
 Memory is the process's peak resident memory above its level just before the run (weights loaded): the
 kernel's own high-water mark (VmHWM), reset with `/proc/self/clear_refs` ("5", Linux ≥ 4.0), so no peak is
-missed between samples. Both sides read the weights into anonymous memory (no mmapped file pages are touched
+missed between samples; the heap's free memory is handed back first (`malloc_trim`) so that what an earlier
+allocation left resident does not hide a peak. Both sides read the weights into anonymous memory (no mmapped file pages are touched
 during the run). On CUDA: `torch.cuda.max_memory_allocated` above the allocated level before.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import multiprocessing
 import statistics
@@ -81,6 +83,16 @@ def _status_bytes(field: str) -> int:
     raise UserError(f"/proc/self/status has no {field}: peak memory on the CPU needs Linux")
 
 
+def _return_free_heap() -> None:
+    """glibc keeps freed memory resident for reuse: a run after a loading that freed much (diffusers builds its text
+    encoders, then loads their weights) would peak lower in resident memory than its allocations did. `malloc_trim`
+    gives it back first, so that both sides start from their live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def reset_peak(device: str) -> int:
     """Start a peak measurement now; returns the level it is measured above."""
     gc.collect()
@@ -88,6 +100,7 @@ def reset_peak(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    _return_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text(CLEAR_REFS_RESET_PEAK)
     except OSError as err:
