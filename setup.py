@@ -53,8 +53,9 @@ setup(
         # the interactive editor in the browser (scripts/app.py): Gradio, the ecosystem's standard for model demos
         "app": ["gradio>=6,<7", "gradio_client>=2"],
         # PIE-Bench (scripts/benchmark.py): the benchmark's metrics, shards on SLURM or one machine; timm builds
-        # DINO ViT-B/8 for the structure distance, transformers CLIP for CLIPScore
-        "bench": ["torchmetrics", "hydra-submitit-launcher", "timm", "transformers"],
+        # DINO ViT-B/8 for the structure distance, transformers CLIP for CLIPScore; diffusers (with transformers'
+        # CLIP text encoders) for `scripts/bench.py diffusers=true`, its own pipelines side by side with ours
+        "bench": ["torchmetrics", "hydra-submitit-launcher", "timm", "transformers", "diffusers"],
     },
     package_data={"models": ["weights/*.safetensors", "weights/*.md"]},
 )

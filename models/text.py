@@ -124,6 +124,7 @@ class TextEncoder(nn.Module):
             )
         self.config = config
         self.model = TextTower(config)
+        clip_tokenizer()  # built (~0.5 s, ~20 MB) with the model, as diffusers loads its tokenizer, not by the first prompt
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return tokenize(prompts, context_length=self.config.context_length, pad_token=self.config.pad_token)

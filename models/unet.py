@@ -197,7 +197,9 @@ class SpatialTransformer(nn.Module):
             h = block(h, context, query_hw=(height, width))
         if self.use_linear:
             h = self.proj_out(h)
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
+        # contiguous, as diffusers' Transformer2DModel does: the permuted view is channels-last-strided, and a
+        # conv or add on it would make every later activation channels-last, with a copy at each mixed-layout op
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous()
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x

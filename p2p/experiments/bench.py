@@ -76,6 +76,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def scheme_controller(
+    model: StableDiffusion, prompts: list[str], *, scheme: str, steps: int, latent: torch.Tensor
+) -> Controller | None:
+    """None for `plain`; the bench's edit for `p2p`; the edit under the reference's store for `reference`."""
+    if scheme == "plain":
+        return None
+    latent_hw = tuple(latent.shape[-2:])
+    controller = build_edit(
+        BENCH_EDIT, prompts, num_steps=steps, latent_hw=latent_hw, context_length=model.context_length
+    )
+    if scheme == "reference":
+        store = ReferenceScheme(num_prompts=len(prompts), max_queries=(latent_hw[0] // 2) * (latent_hw[1] // 2))
+        controller = Compose([store, controller])
+    return controller
+
+
 def measure(
     model: StableDiffusion,
     prompts: list[str],
@@ -92,15 +108,7 @@ def measure(
     latent = initial_latent(
         seed, height=height, width=width, latent_factor=model.config.latent_factor, multiple=model.config.size_multiple
     )
-    latent_hw = tuple(latent.shape[-2:])
-    controller = None
-    if scheme != "plain":
-        controller = build_edit(
-            BENCH_EDIT, prompts, num_steps=settings.steps, latent_hw=latent_hw, context_length=model.context_length
-        )
-    if scheme == "reference":
-        store = ReferenceScheme(num_prompts=len(prompts), max_queries=(latent_hw[0] // 2) * (latent_hw[1] // 2))
-        controller = Compose([store, controller])
+    controller = scheme_controller(model, prompts, scheme=scheme, steps=settings.steps, latent=latent)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
