@@ -42,7 +42,7 @@ from models.flow_model import FlowModel  # noqa: E402
 from models.loader import save_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion  # noqa: E402
 from models.t5 import T5Tokenizer  # noqa: E402
-from p2p.shapes.flow_training import train_flow, train_world_tokenizer  # noqa: E402
+from p2p.shapes.flow_training import dit_initialize_, train_flow, train_world_tokenizer  # noqa: E402
 from p2p.shapes.recipe import (  # noqa: E402
     ARCHS,
     check_context_length,
@@ -90,6 +90,7 @@ def build_model(cfg: DictConfig, settings: dict, world: WorldConfig, run_dir: Pa
         train_world_tokenizer(tokenizer, world=world)
     torch.manual_seed(settings["seed"])  # the initial weights
     model = FlowModel(architecture)
+    dit_initialize_(model.transformer)  # adaLN-Zero: every joint block starts as the identity
     model.t5_tokenizer = T5Tokenizer(tokenizer)
     return model
 

@@ -26,6 +26,7 @@ from models.t5 import T5Tokenizer
 from models.text import clip_tokenizer
 from p2p.shapes.flow_training import (
     FlowTokenCache,
+    dit_initialize_,
     flow_matching_loss,
     logit_normal_sigmas,
     train_flow,
@@ -62,6 +63,7 @@ def small_flow_config():
 def small_model(tokenizer: Path, seed: int = 0) -> FlowModel:
     torch.manual_seed(seed)
     model = FlowModel(small_flow_config())
+    dit_initialize_(model.transformer)
     model.t5_tokenizer = T5Tokenizer(tokenizer)
     return model
 
@@ -105,6 +107,20 @@ def test_the_world_tokenizer_splits_color_words_unlike_clip(world_tokenizer, tmp
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def test_dit_initialization_makes_every_joint_block_the_identity(world_tokenizer):
+    model = small_model(world_tokenizer)
+    x = torch.randn(2, 16, 8, 8)
+    text = model.conditioning_from_tokens(model.tokenize(["a red circle", ""]))
+    velocity = model.transformer(x, timesteps=torch.tensor([500.0, 10.0]), context=text.context, pooled=text.pooled)
+    assert torch.equal(velocity, torch.zeros_like(velocity))  # zero final layer: v = 0 at the start
+    block = model.transformer.joint_blocks[0]
+    tokens, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    attention_out = torch.randn(2, 5, 32)
+    saved = block.x_block.pre_attention(tokens, c)[1]
+    out = block.x_block.post_attention(attention_out, tokens, saved, query_hw=(1, 5))
+    assert torch.equal(out, tokens)  # gates 0: the residual stream passes unchanged
 
 
 def test_logit_normal_sigmas_have_median_one_half():

@@ -92,6 +92,37 @@ class FlowTokenCache:
         return {part: torch.stack([self.ids[c][part] for c in captions]) for part in self.ids[captions[0]]}
 
 
+# ----------------------------------------------------------------------------- initialisation
+
+TIMESTEP_INIT_STD = 0.02  # DiT's normal init of the timestep MLP
+
+
+@torch.no_grad()
+def dit_initialize_(transformer: torch.nn.Module) -> torch.nn.Module:
+    """DiT's initialisation for training from scratch (Peebles & Xie 2023, §3.2 "adaLN-Zero";
+    facebookresearch/DiT `models.py` `initialize_weights`), which the released SD3 weights never needed here:
+    Xavier-uniform linear layers and patch projection with zero biases, the timestep MLP ~ N(0, 0.02), and every
+    adaLN modulation and the final projection zero, so each joint block starts as the identity (gates 0) and the
+    first prediction is v = 0. In place, from torch's global generator (seed it first); returns `transformer`."""
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    proj = transformer.x_embedder.proj
+    torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    torch.nn.init.zeros_(proj.bias)
+    for layer in (transformer.t_embedder.mlp[0], transformer.t_embedder.mlp[2]):
+        torch.nn.init.normal_(layer.weight, std=TIMESTEP_INIT_STD)
+    zeroed = [transformer.final_layer.linear, transformer.final_layer.adaLN_modulation[-1]]
+    for block in transformer.joint_blocks:
+        zeroed += [block.context_block.adaLN_modulation[-1], block.x_block.adaLN_modulation[-1]]
+    for layer in zeroed:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return transformer
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
