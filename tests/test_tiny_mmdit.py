@@ -84,6 +84,9 @@ def test_state_dict_is_the_sd3_original_layout_and_loads_strictly(world_tokenize
     transformer = {normalized(k) for k in state if k.startswith("model.diffusion_model.")}
     assert transformer <= sd3_names  # every MM-DiT and VAE tensor has a name SD3-medium's file uses
     assert {normalized(k) for k in state if k.startswith("first_stage_model.")} <= sd3_names
+    text_names = {normalized(k) for k in read_keys(SD3_KEYS.with_name("keys_sd3_text_encoders.txt"))}
+    text = {normalized(k) for k in state if k.startswith("text_encoders.")}
+    assert text <= text_names and {n.split(".")[1] for n in text} == {"clip_l", "clip_g", "t5xxl"}
     assert identify({k: tuple(v.shape) for k, v in state.items()})[0] == "sd3-medium"
 
     path = save_flow_checkpoint(model, tmp_path / "tiny_mmdit.safetensors")
