@@ -35,7 +35,7 @@ from models.mmdit import MMDiT, MMDiTConfig, sd3_medium, sd35_large, sd35_medium
 from models.precision import cast_weights_in_forward
 from models.t5 import T5Config, T5Encoder, T5Tokenizer, WordTokens, t5_xxl
 from models.text import TextConfig, TextEncoder, clip_tokenizer, openclip_bigg
-from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, VAEConfig, flow_vae
+from models.vae import FLUX_LATENT_SCALING, SD3_LATENT_SCALING, AutoencoderKL, LatentScaling, VAEConfig, flow_vae
 
 CLIP_LENGTH = 77  # CLIP positions per prompt in SD3's context (start + 75 + end), and FLUX's CLIP-L input
 FAMILIES = ("sd3", "flux")
@@ -68,6 +68,10 @@ class FlowModelConfig:
     guidance: float = 7.0  # SD3: CFG scale w; FLUX-dev: the distilled guidance embedded; schnell: unused
     shift: float = SD3_SHIFT  # SD3's static σ shift; FLUX-dev shifts by resolution (`dynamic_shift`)
     dynamic_shift: bool = False  # FLUX-dev: σ shifted by the number of image tokens (flux_mu)
+    # a VAE trained here (tiny_mmdit) states its own latent scaling, 1/std and mean of its posterior means;
+    # None = the family's constants (SD3_LATENT_SCALING / FLUX_LATENT_SCALING)
+    latent_scale: float | None = None
+    latent_shift: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -185,11 +189,57 @@ FLOW_PRESETS: dict[str, Callable[[], FlowModelConfig]] = {
     "flux-schnell": lambda: _flux("flux-schnell", flux_schnell(), dev=False),
 }
 
+TINY_CLIP_WIDTH = 64  # both tiny CLIP towers; together they fill the tiny T5's 128 features, as L ‖ bigG fill 4096
+TINY_T5_VOCAB = 128  # ≥ the world tokenizer's 76 pieces (p2p/shapes/flow_training.py), a multiple of 128 as T5's
+TINY_CONTEXT_LENGTH = 16  # CLIP positions of tiny_mmdit: the shapes world's longest caption needs 13 (+ start/end)
+
+
+def tiny_mmdit_config() -> FlowModelConfig:
+    """The built-in shapes-world flow model (issue 33), SD3's architecture and file layout at toy size:
+    32×32 RGB → 16×16×16 latents (a 16-channel VAE of factor 2), 2×2 patches → 8×8 = 64 image tokens (the tiny
+    UNet's cross-attention resolution), 6 joint blocks of width 128 (4 heads of 32); CLIP-L-like and bigG-like towers trained
+    from scratch (width 64, 4 layers, penultimate states, pooled EOT: unprojected / projected as in SD3) and a
+    tiny T5 v1.1 (width 128) with a SentencePiece model trained on the world's captions, shipped beside the
+    weights. Trained by `scripts/train_tiny.py arch=mmdit` (models/weights/README.md); the file's metadata
+    holds the trained config (latent scaling, guidance). No σ shift: it is trained and sampled at one size."""
+    clip = dict(width=TINY_CLIP_WIDTH, heads=4, layers=4, context_length=TINY_CONTEXT_LENGTH, hf_layout=True)
+    return FlowModelConfig(
+        name="tiny_mmdit",
+        mmdit=MMDiTConfig(
+            depth=6,
+            hidden_size=128,
+            num_heads=4,
+            pos_embed_max_size=8,
+            pos_embed_base_size=8,
+            context_dim=2 * TINY_CLIP_WIDTH,
+            pooled_dim=2 * TINY_CLIP_WIDTH,
+            clip_text_positions=TINY_CONTEXT_LENGTH,
+        ),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, embed_dim=16, quant_conv=False),
+        clip_l=TextConfig(**clip, context_layers=3, context_norm=False, pooled_unprojected=True),
+        clip_g=TextConfig(
+            **clip, act="gelu", pad_token=0, context_layers=3, context_norm=False, projection_dim=TINY_CLIP_WIDTH
+        ),
+        t5_encoder=T5Config(
+            vocab_size=TINY_T5_VOCAB, d_model=2 * TINY_CLIP_WIDTH, d_kv=32, d_ff=256, num_layers=2, num_heads=4
+        ),
+        t5_length=24,  # the world's longest caption is 18 pieces of its tokenizer, + </s>
+        image_size=32,
+        steps=28,
+        guidance=5.0,
+        shift=1.0,
+    )
+
+
+# Models this project trains and ships (models/weights/), selectable like the presets.
+BUILT_IN_FLOW_MODELS: dict[str, Callable[[], FlowModelConfig]] = {"tiny_mmdit": tiny_mmdit_config}
+
 
 def flow_preset(name: str) -> FlowModelConfig:
-    if name not in FLOW_PRESETS:
-        raise UserError(f"flow model preset {name!r} is unknown; choose one of {sorted(FLOW_PRESETS)}")
-    return FLOW_PRESETS[name]()
+    known = {**FLOW_PRESETS, **BUILT_IN_FLOW_MODELS}
+    if name not in known:
+        raise UserError(f"flow model preset {name!r} is unknown; choose one of {sorted(known)}")
+    return known[name]()
 
 
 @dataclass
@@ -306,13 +356,17 @@ class FlowModel(nn.Module):
         return self.compute_dtype or next(self.parameters()).dtype
 
     @property
-    def latent_scaling(self):
-        return SD3_LATENT_SCALING if self.config.family == "sd3" else FLUX_LATENT_SCALING
+    def latent_scaling(self) -> LatentScaling:
+        c = self.config
+        if c.latent_scale is not None:
+            return LatentScaling(scale_factor=c.latent_scale, shift_factor=c.latent_shift or 0.0)
+        return SD3_LATENT_SCALING if c.family == "sd3" else FLUX_LATENT_SCALING
 
     # --- text ----------------------------------------------------------------------------------------------
     def clip_segment(self) -> int:
-        """Leading text positions that are CLIP's: 77 for SD3, none for FLUX (its CLIP gives only `pooled`)."""
-        return CLIP_LENGTH if self.config.family == "sd3" else 0
+        """Leading text positions that are CLIP's: SD3 its CLIP context (77; tiny_mmdit 16), none for FLUX (its
+        CLIP gives only `pooled`)."""
+        return self.config.clip_l.context_length if self.config.family == "sd3" else 0
 
     def text_segments(self) -> tuple[tuple[str, int, int], ...]:
         clip, t5 = self.clip_segment(), self.config.t5_length
@@ -349,17 +403,32 @@ class FlowModel(nn.Module):
         if isinstance(prompts, str):
             raise TypeError(f"encode_text takes a list of prompts, got the string {prompts!r}; wrap it in a list")
         self.ensure_loaded(*self.config.text_parts)
-        prompts, c, encoders = list(prompts), self.config, self.text_encoders
-        dtype, context_dim = self.dtype, self._context_dim()
-        clip_l = self._clip(encoders.clip_l, prompts, dtype)
+        return self.conditioning_from_tokens(self.tokenize(list(prompts)))
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids per text encoder ("clip_l", "clip_g", "t5xxl" as the config has them), on the CPU."""
+        c, ids = self.config, {"clip_l": self.text_encoders.clip_l.tokenize(prompts)}
+        if c.clip_g is not None:
+            ids["clip_g"] = self.text_encoders.clip_g.tokenize(prompts)
         if c.t5:
-            ids = self._tokenizer()(prompts, length=c.t5_length).to(encoders.t5xxl.transformer.shared.weight.device)
-            t5 = self._t5(encoders.t5xxl.transformer, ids, dtype)
+            ids["t5xxl"] = self._tokenizer()(prompts, length=c.t5_length)
+        return ids
+
+    def conditioning_from_tokens(self, ids: dict[str, torch.Tensor]) -> FlowConditioning:
+        """`tokenize`'s ids → FlowConditioning; differentiable (training the tiny model runs it with gradients)."""
+        c, encoders = self.config, self.text_encoders
+        dtype, context_dim = self.dtype, self._context_dim()
+        clip_l = self._clip(encoders.clip_l, ids["clip_l"], dtype)
+        if c.t5:
+            t5 = self._t5(
+                encoders.t5xxl.transformer, ids["t5xxl"].to(encoders.t5xxl.transformer.shared.weight.device), dtype
+            )
         else:
-            t5 = torch.zeros(len(prompts), c.t5_length, context_dim, dtype=dtype, device=clip_l.context.device)
+            batch = ids["clip_l"].shape[0]
+            t5 = torch.zeros(batch, c.t5_length, context_dim, dtype=dtype, device=clip_l.context.device)
         if c.family == "flux":
             return FlowConditioning(t5, clip_l.pooled, self.text_segments())
-        clip_g = self._clip(encoders.clip_g, prompts, dtype)
+        clip_g = self._clip(encoders.clip_g, ids["clip_g"], dtype)
         clip = torch.cat([clip_l.context, clip_g.context], dim=-1)  # (b, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, context_dim - clip.shape[-1]))  # zeros up to T5's width
         return FlowConditioning(
@@ -372,9 +441,8 @@ class FlowModel(nn.Module):
         return self.config.mmdit.context_dim if self.config.family == "sd3" else self.config.flux.context_in_dim
 
     @staticmethod
-    def _clip(encoder: TextEncoder, prompts: list[str], dtype):
-        ids = encoder.tokenize(prompts).to(encoder.model.token_embedding.weight.device)
-        return encoder.features(ids, dtype=dtype)
+    def _clip(encoder: TextEncoder, ids: torch.Tensor, dtype):
+        return encoder.features(ids.to(encoder.model.token_embedding.weight.device), dtype=dtype)
 
     @staticmethod
     def _t5(t5: T5Encoder, ids: torch.Tensor, dtype) -> torch.Tensor:

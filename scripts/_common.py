@@ -16,7 +16,7 @@ from PIL import Image
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
 from models.flow_loader import config_in_file, load_flow_model
-from models.flow_model import FLOW_PRESETS, FlowModel, FlowModelConfig, flow_preset
+from models.flow_model import BUILT_IN_FLOW_MODELS, FLOW_PRESETS, FlowModel, FlowModelConfig, flow_preset
 from models.loader import load_checkpoint
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
@@ -25,6 +25,8 @@ from p2p.pipeline import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_WEIGHTS = REPO / "models" / "weights" / "tiny.safetensors"
+# the built-in flow models' files (model=tiny_mmdit); each one's T5 tokenizer lies beside it (`tokenizer_beside`)
+BUILT_IN_FLOW_WEIGHTS = {name: REPO / "models" / "weights" / f"{name}.safetensors" for name in BUILT_IN_FLOW_MODELS}
 
 
 MODEL_KEYS = ("name", "checkpoint", "guidance")  # cfg.model keys that are not ModelConfig settings
@@ -40,8 +42,8 @@ FLOW_MODEL_KEYS = ("name", "checkpoint", "vae", "text_encoders", "t5_tokenizer",
 
 
 def is_flow(cfg: DictConfig) -> bool:
-    """SD3 / SD3.5 / FLUX.1 (rectified flow, `p2p/flow.py`) rather than the DDIM models (`p2p/pipeline.py`)."""
-    return cfg.model.name in FLOW_PRESETS
+    """SD3 / SD3.5 / FLUX.1 and tiny_mmdit (rectified flow, `p2p/flow.py`) rather than the DDIM models."""
+    return cfg.model.name in FLOW_PRESETS or cfg.model.name in BUILT_IN_FLOW_MODELS
 
 
 def flow_settings(cfg: DictConfig) -> dict:
@@ -66,20 +68,46 @@ def load_flow(cfg: DictConfig) -> FlowModel:
     """A flow preset's files (checkpoint, FLUX's vae, text encoders, T5 tokenizer) → a FlowModel whose parts are
     read when needed (text encoders first, released on a CPU before the transformer is read)."""
     m = cfg.model
+    if m.get("checkpoint") is None and m.name in BUILT_IN_FLOW_WEIGHTS:
+        return load_flow_files(cfg, checkpoint=built_in_flow_weights(m.name))
     if m.get("checkpoint") is None:
         raise UserError(
             f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
             "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)"
         )
-    checkpoint = Path(m.checkpoint).expanduser()
+    return load_flow_files(cfg, checkpoint=Path(m.checkpoint).expanduser())
+
+
+def built_in_flow_weights(name: str) -> Path:
+    """models/weights/<name>.safetensors, or a one-line error saying how to make it."""
+    path = BUILT_IN_FLOW_WEIGHTS[name]
+    if not path.exists():
+        raise MissingFileError(
+            f"the built-in model {path} is missing; train it with `python scripts/train_tiny.py arch=mmdit "
+            f"name={name}` and export it with output={path.relative_to(REPO)} (models/weights/README.md)"
+        )
+    return path
+
+
+def tokenizer_beside(checkpoint: Path) -> Path | None:
+    """A built-in flow model's T5 tokenizer, `<name>.spiece.model` beside its `<name>.safetensors`."""
+    path = checkpoint.with_suffix(".spiece.model")
+    return path if path.exists() else None
+
+
+def load_flow_files(cfg: DictConfig, *, checkpoint: Path) -> FlowModel:
+    m = cfg.model
     config = config_in_file(checkpoint, preset=flow_preset(m.name)).with_settings(**flow_settings(cfg))
+    t5_tokenizer = m.get("t5_tokenizer")
+    if t5_tokenizer is None and m.name in BUILT_IN_FLOW_MODELS:
+        t5_tokenizer = tokenizer_beside(checkpoint)
     text_encoders = OmegaConf.to_container(m.text_encoders, resolve=True) if m.get("text_encoders") else None
     return load_flow_model(
         config,
         checkpoint=checkpoint,
         vae=m.get("vae"),
         text_encoders=text_encoders,
-        t5_tokenizer=m.get("t5_tokenizer"),
+        t5_tokenizer=t5_tokenizer,
         dtype=cfg.dtype,
         weights_dtype=cfg.get("weights_dtype"),
         device=cfg.device,

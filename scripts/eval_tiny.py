@@ -3,6 +3,8 @@
     python scripts/eval_tiny.py                                  # the numbers of the model card
     python scripts/eval_tiny.py n=50 guidance=3                  # a quick guidance probe
     python scripts/eval_tiny.py model.checkpoint=runs/train_tiny/default/tiny.safetensors
+    python scripts/eval_tiny.py model=tiny_mmdit                 # the built-in tiny MM-DiT (issue 33)
+    python scripts/eval_tiny.py model=tiny_mmdit model.checkpoint=runs/train_tiny/tiny_mmdit/tiny_mmdit.safetensors
 
 The studies are described in `p2p.experiments.generation_eval`. Writes results.json, samples.png and config.yaml
 to its own run folder (outputs/eval_tiny/<date>/<time>) and prints the table.
@@ -26,7 +28,15 @@ from models.files import write_text  # noqa: E402
 from p2p import views  # noqa: E402
 from p2p.experiments.generation_eval import evaluate_generation, summary_lines  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
-from scripts._common import TINY_WEIGHTS, check_counts, load_model, run_dir, sampler_settings, save_config  # noqa: E402
+from scripts._common import (  # noqa: E402
+    BUILT_IN_FLOW_WEIGHTS,
+    TINY_WEIGHTS,
+    check_counts,
+    load_model,
+    run_dir,
+    sampler_settings,
+    save_config,
+)
 
 
 @entry_point("eval_tiny")
@@ -35,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     torch.set_num_threads(cfg.threads)
     check_counts(cfg, n=1, batch_size=1, sample_tiles=1)
     out = run_dir()
-    model = load_model(cfg)
+    model = load_model(cfg, flow=True)
     results, grid = evaluate_generation(
         model,
         n=cfg.n,
@@ -44,7 +54,8 @@ def main(cfg: DictConfig) -> None:
         settings=sampler_settings(cfg, model),
         sample_tiles=cfg.sample_tiles,
     )
-    results = {"checkpoint": str(cfg.model.get("checkpoint") or TINY_WEIGHTS), **results}
+    built_in = BUILT_IN_FLOW_WEIGHTS.get(cfg.model.name, TINY_WEIGHTS)
+    results = {"model": cfg.model.name, "checkpoint": str(cfg.model.get("checkpoint") or built_in), **results}
     write_text(out / "results.json", json.dumps(results, indent=2))  # a rate over no rows is null, not NaN
     save_config(cfg, out)
     views.save_png(grid, out / "samples.png")

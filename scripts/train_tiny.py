@@ -7,6 +7,8 @@
     python scripts/train_tiny.py resume=true          # continue after Ctrl-C / SIGTERM / a crash
     python scripts/train_tiny.py name=quick vae.steps=20 unet.steps=20     # → runs/train_tiny/quick/
     python scripts/train_tiny.py output=models/weights/tiny.safetensors overwrite=true   # replace the built-in model
+    python scripts/train_tiny.py arch=mmdit name=tiny_mmdit     # the tiny MM-DiT (issue 33) → runs/train_tiny/tiny_mmdit/
+                                                      # tiny_mmdit.safetensors + tiny_mmdit.spiece.model (its T5 tokenizer)
 
 Nothing is overwritten unless asked: a run folder that holds a run must be resumed (resume=true) or left for
 another name=, and an existing output file needs overwrite=true. Both are checked before any training.
@@ -17,6 +19,7 @@ and p2p/shapes/losses.py; this file only wires the config.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -32,10 +35,22 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
 
-from models.files import write_text  # noqa: E402
+from models.errors import UserError  # noqa: E402
+from models.files import atomic_path, write_text  # noqa: E402
+from models.flow_loader import save_flow_checkpoint  # noqa: E402
+from models.flow_model import FlowModel  # noqa: E402
 from models.loader import save_checkpoint  # noqa: E402
 from models.stable_diffusion import StableDiffusion  # noqa: E402
-from p2p.shapes.recipe import check_context_length, check_output, model_config, train_config  # noqa: E402
+from models.t5 import T5Tokenizer  # noqa: E402
+from p2p.shapes.flow_training import dit_initialize_, train_flow, train_world_tokenizer  # noqa: E402
+from p2p.shapes.recipe import (  # noqa: E402
+    ARCHS,
+    check_context_length,
+    check_output,
+    flow_model_config,
+    model_config,
+    train_config,
+)
 from p2p.shapes.training import StopRequested, check_run_dir, train  # noqa: E402
 from p2p.shapes.world import WorldConfig  # noqa: E402
 from scripts._cli import entry_point  # noqa: E402
@@ -51,44 +66,94 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> Path:
     return write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def output_path(cfg: DictConfig) -> Path:
+    """output=null: run_dir/tiny.safetensors (arch=unet) or run_dir/tiny_mmdit.safetensors (arch=mmdit)."""
+    if cfg.output is not None:
+        return Path(cfg.output)
+    return Path(cfg.run_dir) / ("tiny.safetensors" if cfg.arch == "unet" else "tiny_mmdit.safetensors")
+
+
+def build_model(cfg: DictConfig, settings: dict, world: WorldConfig, run_dir: Path) -> StableDiffusion | FlowModel:
+    """The untrained model of the run's arch; tiny_mmdit also gets its T5 tokenizer, trained on the world's
+    captions into run_dir/spiece.model (kept on resume)."""
+    if cfg.arch == "unet":
+        architecture = model_config(
+            settings.get("architecture"), world, guidance=cfg.guidance, context_length=cfg.context_length
+        )
+        torch.manual_seed(settings["seed"])  # the initial weights (after model_config's trial forward)
+        return StableDiffusion(architecture)
+    architecture = flow_model_config(
+        settings.get("architecture"), world, guidance=cfg.guidance, context_length=cfg.context_length
+    )
+    tokenizer = run_dir / "spiece.model"
+    if not tokenizer.exists():
+        train_world_tokenizer(tokenizer, world=world)
+    torch.manual_seed(settings["seed"])  # the initial weights
+    model = FlowModel(architecture)
+    dit_initialize_(model.transformer)  # adaLN-Zero: every joint block starts as the identity
+    model.t5_tokenizer = T5Tokenizer(tokenizer)
+    return model
+
+
+def export(model: StableDiffusion | FlowModel, output: Path, *, run_dir: Path, overwrite: bool) -> float:
+    """fp16 weights with the config in the metadata (tiny_mmdit: SD3's original layout, its tokenizer beside);
+    returns the size in MB, refused above MAX_FILE_MB."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, StableDiffusion):
+        save_checkpoint(model.float().cpu(), output, dtype="fp16", overwrite=overwrite)
+    else:
+        if overwrite:
+            output.unlink(missing_ok=True)
+        save_flow_checkpoint(copy.deepcopy(model).cpu().half(), output)
+        write_bytes(output.with_suffix(".spiece.model"), (run_dir / "spiece.model").read_bytes(), overwrite=overwrite)
+    size_mb = output.stat().st_size / 2**20
+    if size_mb > MAX_FILE_MB:
+        raise RuntimeError(f"{output} is {size_mb:.1f} MB; the shipped model must stay ≤ {MAX_FILE_MB} MB")
+    return size_mb
+
+
+def write_bytes(path: Path, data: bytes, *, overwrite: bool) -> None:
+    with atomic_path(path, overwrite=overwrite) as partial:
+        Path(partial).write_bytes(data)
+
+
 @entry_point("train_tiny")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if cfg.arch not in ARCHS:
+        raise UserError(f"arch={cfg.arch!r} is unknown; choose one of {ARCHS}")
     settings = OmegaConf.to_container(cfg, resolve=True)
-    config, output = train_config(settings), Path(cfg.output)
+    config, output = train_config(settings), output_path(cfg)
     world = WorldConfig(**config.world)
     check_context_length(int(cfg.context_length), world)
-    architecture = model_config(
-        settings.get("architecture"), world, guidance=cfg.guidance, context_length=cfg.context_length
-    )
     check_output(output, overwrite=bool(cfg.overwrite))
     check_run_dir(config.run_dir, resume=config.resume)
     if config.device == "cpu":
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg, settings, world, run_dir).to(config.device)
     save_run_config(cfg, run_dir)
 
-    torch.manual_seed(config.seed)  # the initial weights
-    model = StableDiffusion(architecture).to(config.device)
     began = time.time()
     try:
-        train(model, config)
+        (train if cfg.arch == "unet" else train_flow)(model, config)
     except StopRequested as stop:
         print(stop)
         sys.exit(1)
     wall_s = time.time() - began
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model.float().cpu(), output, dtype="fp16", overwrite=bool(cfg.overwrite))
-    size_mb = output.stat().st_size / 2**20
-    if size_mb > MAX_FILE_MB:
-        raise RuntimeError(f"{output} is {size_mb:.1f} MB; the shipped model must stay ≤ {MAX_FILE_MB} MB")
+    size_mb = export(model, output, run_dir=run_dir, overwrite=bool(cfg.overwrite))
     summary = {
+        "arch": cfg.arch,
         "output": str(output),
         "size_mb": round(size_mb, 2),
         "wall_s_this_run": round(wall_s),
-        "scale_factor": model.config.scale_factor,
+        **(
+            {"scale_factor": model.config.scale_factor}
+            if cfg.arch == "unet"
+            else {"latent_scale": model.config.latent_scale, "latent_shift": model.config.latent_shift}
+        ),
         "guidance": model.config.guidance,
         "device": config.device,
         "threads": torch.get_num_threads(),

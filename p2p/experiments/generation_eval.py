@@ -3,6 +3,7 @@
     python scripts/eval_tiny.py                                  # the numbers in models/weights/README.md
     python scripts/eval_tiny.py n=50 guidance=3                  # a quick guidance probe
     python scripts/eval_tiny.py model.checkpoint=runs/train_tiny/default/tiny.safetensors
+    python scripts/eval_tiny.py model=tiny_mmdit                 # the built-in MM-DiT (Euler, its own steps)
 
 Three studies over held-out seeds (seed i draws x_T with `initial_latent(first_seed + i)`; training never
 uses these, it draws its noise from its own per-step generators):
@@ -26,8 +27,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from models.flow_model import FlowModel
 from models.stable_diffusion import StableDiffusion
-from p2p import views
+from p2p import flow, views
+from p2p.flow import FlowSamplerSettings
 from p2p.pipeline import SamplerSettings, decode, initial_latent, sample
 from p2p.shapes.metrics import score_edit
 from p2p.shapes.reader import matches_caption, read_image
@@ -61,13 +64,25 @@ def swap_color(caption: str, *, index: int, world: WorldConfig) -> str:
 
 
 def generate_many(
-    model: StableDiffusion, prompts: list[str], seeds: list[int], *, settings: SamplerSettings, batch_size: int
+    model: StableDiffusion | FlowModel,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    settings: SamplerSettings | FlowSamplerSettings,
+    batch_size: int,
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3): prompt i sampled from x_T of seed i (the same x_T `generate` draws for that seed)."""
+    """uint8 (N, H, W, 3): prompt i sampled from the noise of seed i (the same noise `generate` draws for that
+    seed: `initial_latent` for the DDIM models, `p2p.flow.initial_noise` for the flow models)."""
     size = model.config.image_size
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
+        if isinstance(model, FlowModel):
+            latents = torch.cat([flow.initial_noise(model, s, height=size, width=size) for s in seeds[chunk]])
+            cond, uncond = flow.conditioning(model, prompts[chunk], negative_prompt="", guidance=settings.guidance)
+            final = flow.sample(model, cond, uncond=uncond, latent=latents, settings=settings, progress=False)
+            images.append(flow.decode(model, final))
+            continue
         latents = torch.cat(
             [initial_latent(s, height=size, width=size, latent_factor=model.config.latent_factor) for s in seeds[chunk]]
         )  # (b, 4, h, w): one x_T per prompt
@@ -95,7 +110,13 @@ def rate(rows: list[dict], key: str) -> tuple[float, int]:
 
 
 def evaluate_generation(
-    model: StableDiffusion, *, n: int, first_seed: int, settings: SamplerSettings, batch_size: int, sample_tiles: int
+    model: StableDiffusion | FlowModel,
+    *,
+    n: int,
+    first_seed: int,
+    settings: SamplerSettings,
+    batch_size: int,
+    sample_tiles: int,
 ) -> tuple[dict, np.ndarray]:
     """The three studies over seeds first_seed … first_seed + n − 1 → (results with JSON-ready metrics,
     a captioned grid of the first `sample_tiles` images of each study)."""
@@ -123,6 +144,7 @@ def evaluate_generation(
             layout_rows.append({**asdict(score), "moved": moved})
 
     results = {
+        "sampler": "Euler (rectified flow)" if isinstance(model, FlowModel) else "DDIM",
         "steps": settings.steps,
         "guidance": settings.guidance,
         "n": n,
@@ -153,7 +175,7 @@ def summary_lines(results: dict) -> list[str]:
     """The metrics as a table, each beside its target of issue 7 (MISS where below)."""
     seconds, images = results["seconds"], results["images"]
     lines = [
-        f"{images} images, {results['steps']} DDIM steps, guidance {results['guidance']}, {seconds:.0f} s "
+        f"{images} images, {results['steps']} {results.get('sampler', 'DDIM')} steps, guidance {results['guidance']}, {seconds:.0f} s "
         f"({seconds / images:.2f} s/image, {results['threads']} threads)",
         f"{'metric':<22}{'rate':>8}{'n':>6}{'target':>9}",
     ]

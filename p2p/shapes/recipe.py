@@ -6,25 +6,31 @@ any training, naming the setting a user typed.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from models.errors import OutputExistsError, UserError
+from models.flow_model import FlowModel, FlowModelConfig, tiny_mmdit_config
 from models.stable_diffusion import ModelConfig, StableDiffusion, tiny_config
 from models.text import clip_tokenizer
 from p2p.shapes.training import PhaseConfig, TrainConfig
 from p2p.shapes.world import MAX_OBJECTS, WorldConfig, make_caption
 
-SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length", "architecture")
+SCRIPT_ONLY_KEYS = ("name", "output", "overwrite", "guidance", "context_length", "architecture", "arch")
 ARCHITECTURE_PARTS = ("unet", "vae", "text")  # the sub-configs `architecture` may change (models/*.py)
+FLOW_ARCHITECTURE_PARTS = ("mmdit", "vae", "clip_l", "clip_g", "t5_encoder")  # arch=mmdit: FlowModelConfig's
+ARCHS = ("unet", "mmdit")  # arch=unet: the tiny UNet (issue 7); arch=mmdit: tiny_mmdit (issue 33)
 
 
 def train_config(settings: dict) -> TrainConfig:
     """The run's resolved settings (a plain dict) → TrainConfig; the script-only keys are left out."""
     plain = {k: v for k, v in settings.items() if k not in (*SCRIPT_ONLY_KEYS, "hydra")}
     phases = {}
-    for phase in ("vae", "unet"):
+    for phase in ("vae", "unet", "mmdit"):
+        if phase not in plain:
+            continue
         try:
             phases[phase] = PhaseConfig(**plain[phase])
         except ValueError as err:  # name the override the user typed: vae.steps=-1, not steps=-1
@@ -62,6 +68,51 @@ def model_config(overrides: dict | None, world: WorldConfig, *, guidance: float,
             model = StableDiffusion(result)
             latents = model.encode_images(torch.zeros(1, 3, world.image_size, world.image_size))
             model.unet(latents, torch.zeros(1, dtype=torch.long), model.encode_prompts([""]))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"architecture={overrides}: {err}") from None
+    return result
+
+
+def check_overrides(overrides, config: dict, parts: tuple[str, ...]) -> dict:
+    """`architecture` overrides checked against the config dict's parts and fields; returns them (a dict)."""
+    overrides = {} if overrides is None else overrides
+    if not isinstance(overrides, dict):
+        raise UserError(f"architecture={overrides!r} must be a mapping like {{{parts[0]}: {{depth: 4}}}}")
+    for part, values in overrides.items():
+        if part not in parts or not isinstance(values, dict):
+            raise UserError(f"architecture.{part}={values!r}: choose a mapping for one of {parts}")
+        unknown = sorted(set(values) - set(config[part]))
+        if unknown:
+            raise UserError(f"architecture.{part} has no field(s) {unknown}; it has {sorted(config[part])}")
+    return overrides
+
+
+def flow_model_config(
+    overrides: dict | None, world: WorldConfig, *, guidance: float, context_length: int
+) -> FlowModelConfig:
+    """`tiny_mmdit_config()` with the run's `architecture` overrides ({mmdit: {...}, vae: {...}, clip_l: {...},
+    clip_g: {...}, t5_encoder: {...}}), guidance and CLIP context length, at the world's image size; built and
+    run once at that size, so a shape that does not fit fails before any training."""
+    config = dataclasses.asdict(tiny_mmdit_config())
+    for part, values in check_overrides(overrides, config, FLOW_ARCHITECTURE_PARTS).items():
+        config[part].update(values)
+    config.update(image_size=world.image_size, guidance=float(guidance))
+    for part in ("clip_l", "clip_g"):
+        config[part]["context_length"] = int(context_length)
+    config["mmdit"]["clip_text_positions"] = int(context_length)
+    try:
+        result = FlowModelConfig.from_json(json.dumps(config))
+        result.check_image_size(height=world.image_size, width=world.image_size)
+        with torch.no_grad():  # one forward through the VAE and the transformer at the world's size
+            model = FlowModel(result)
+            z = model.vae.encode(torch.zeros(1, 3, world.image_size, world.image_size)).mean
+            text = result.mmdit.context_dim
+            model.transformer(
+                z,
+                timesteps=torch.zeros(1),
+                context=torch.zeros(1, 4, text),
+                pooled=torch.zeros(1, result.mmdit.pooled_dim),
+            )
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"architecture={overrides}: {err}") from None
     return result

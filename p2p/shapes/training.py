@@ -41,7 +41,7 @@ from p2p.shapes.world import WorldConfig, sample_batch
 
 log = logging.getLogger(__name__)
 
-PHASE_IDS = {"vae": 0, "unet": 1, "scale": 2}  # mixed into the data seed so phases draw different streams
+PHASE_IDS = {"vae": 0, "unet": 1, "scale": 2, "mmdit": 3}  # mixed into the data seed so phases draw different streams
 
 
 @dataclass
@@ -121,6 +121,9 @@ class TrainConfig:
     unet: PhaseConfig = field(
         default_factory=lambda: PhaseConfig(steps=4000, batch_size=64, lr=4e-4, warmup_steps=200, weight_decay=0.01)
     )
+    mmdit: PhaseConfig = field(  # arch=mmdit's phase 2 (p2p/shapes/flow_training.py), instead of `unet`
+        default_factory=lambda: PhaseConfig(steps=6000, batch_size=64, lr=3e-4, warmup_steps=200, weight_decay=0.01)
+    )
     world: dict = field(default_factory=dict)  # WorldConfig overrides (empty = the default world)
 
     def __post_init__(self):
@@ -130,7 +133,7 @@ class TrainConfig:
         self.device = str(resolve_device(self.device))
 
 
-RUN_FILES = ("vae-last.pt", "unet-last.pt", "vae-log.jsonl", "unet-log.jsonl")
+RUN_FILES = tuple(f"{phase}-{kind}" for phase in ("vae", "unet", "mmdit") for kind in ("last.pt", "log.jsonl"))
 
 
 def check_run_dir(run_dir: str | Path, *, resume: bool) -> None:
@@ -250,9 +253,16 @@ def save_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def trainable_parameters(model: StableDiffusion, phase: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """Phase 'vae': first_stage_model; phase 'unet': UNet + text encoder (the VAE stays frozen)."""
-    prefixes = ("first_stage_model.",) if phase == "vae" else ("model.diffusion_model.", "cond_stage_model.")
+TRAINED_PREFIXES = {  # phase → the parameters it trains (the others stay frozen)
+    "vae": ("first_stage_model.",),
+    "unet": ("model.diffusion_model.", "cond_stage_model."),  # UNet + text encoder
+    "mmdit": ("model.diffusion_model.", "text_encoders."),  # FlowModel: MM-DiT + CLIP-L, CLIP-G and T5
+}
+
+
+def trainable_parameters(model: torch.nn.Module, phase: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters `phase` trains (TRAINED_PREFIXES); the VAE stays frozen after phase 1."""
+    prefixes = TRAINED_PREFIXES[phase]
     return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
 
 
