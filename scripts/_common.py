@@ -13,10 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from models.diffusers_folder import load_diffusers_folder
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
 from models.flow_loader import config_in_file, load_flow_model
 from models.flow_model import FLOW_PRESETS, FlowModel, FlowModelConfig, flow_preset
+from models.hub import resolve_checkpoint
 from models.loader import load_checkpoint
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
@@ -109,11 +111,15 @@ def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | Flow
     if checkpoint is None:
         raise UserError(
             f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
-            "(single-file safetensors; .ckpt files are refused)"
+            "(single-file safetensors; .ckpt files are refused), a diffusers model folder, or a Hugging Face "
+            "repo id already in the local cache"
         )
-    # The tiny file carries its own config; SD files get the named preset (their files hold no config).
-    model = load_checkpoint(
-        Path(checkpoint).expanduser(),
+    # The tiny file carries its own config; SD files get the named preset (their files hold no config). A
+    # diffusers folder (or a cached repo id) is checked against the preset; with model=tiny its configs decide.
+    path = resolve_checkpoint(checkpoint)
+    load = load_diffusers_folder if path.is_dir() else load_checkpoint
+    model = load(
+        path,
         config=model_config(cfg),
         dtype=cfg.dtype,
         weights_dtype=cfg.get("weights_dtype"),
