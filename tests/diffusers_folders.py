@@ -9,6 +9,7 @@ modules (sharing storage where the converters only rename) → `save_pretrained`
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -201,3 +202,31 @@ def pipeline_image(pipe, prompt: str, *, seed: int, steps: int, guidance: float,
 
 def without_name(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, name="")
+
+
+def write_configs(config: ModelConfig, folder: Path) -> Path:
+    """A folder holding only the JSON configs diffusers writes for a pipeline of `config` (no weights): enough for
+    the preset inference, which reads nothing else. Text configs as the public repos' `text_encoder*/config.json`."""
+    xl = config.text_2 is not None
+    with torch.device("meta"):
+        DiffusersUNet(**diffusers_unet_config(config)).save_config(folder / "unet")
+        AutoencoderKL(**diffusers_vae_config(config)).save_config(folder / "vae")
+    scheduler(config).save_config(folder / "scheduler")
+    _clip_text_config(config.text).save_pretrained(folder / "text_encoder")
+    if xl:
+        _clip_text_config(config.text_2, projection_dim=config.text_2.projection_dim).save_pretrained(
+            folder / "text_encoder_2"
+        )
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        **(
+            {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "force_zeros_for_empty_prompt": True}
+            if xl
+            else {}
+        ),
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
