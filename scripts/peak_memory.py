@@ -21,7 +21,9 @@ from scripts._cli import fail  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=None, help="also write the measurement here (refuses to overwrite)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the measurement here (refuses to overwrite)"
+    )
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples of /proc")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)
