@@ -37,7 +37,12 @@ from models.loader import (
 from models.stable_diffusion import ModelConfig, StableDiffusion
 from models.text import hf_clip_to_open_clip
 
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}  # else transformers' "model"
+# diffusers' models save `diffusion_pytorch_model.*`, transformers' `model.*`; the component's usual one is tried first
+WEIGHT_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
+}
 FP16_VARIANT = "fp16"
 CONVERT_BIN = (
     'convert it once, in an environment you trust: python -c "from diffusers import DiffusionPipeline; '
@@ -51,11 +56,12 @@ def is_diffusers_folder(path: Path) -> bool:
 
 def weight_files(component: Path, *, prefer_fp16: bool) -> list[Path]:
     """The safetensors file(s) holding one component's weights: one file, or the shards an index lists."""
-    stem = WEIGHT_STEMS.get(component.name, "model")
-    full = [component / f"{stem}.safetensors", component / f"{stem}.safetensors.index.json"]
+    stems = (WEIGHT_STEMS.get(component.name, "model"), *WEIGHT_STEMS.values(), "model")
+    full = [component / f"{stem}.safetensors{index}" for stem in stems for index in ("", ".index.json")]
     half = [
-        component / f"{stem}.{FP16_VARIANT}.safetensors",
-        component / f"{stem}.safetensors.index.{FP16_VARIANT}.json",
+        component / name
+        for stem in stems
+        for name in (f"{stem}.{FP16_VARIANT}.safetensors", f"{stem}.safetensors.index.{FP16_VARIANT}.json")
     ]
     order = (half + full) if prefer_fp16 else (full + half)
     chosen = next((path for path in order if path.is_file()), None)

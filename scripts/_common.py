@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from models.diffusers_flow import load_flow_folder
 from models.diffusers_folder import load_diffusers_folder
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
@@ -73,7 +74,23 @@ def load_flow(cfg: DictConfig) -> FlowModel:
             f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
             "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)"
         )
-    checkpoint = Path(m.checkpoint).expanduser()
+    checkpoint = resolve_checkpoint(m.checkpoint)
+    if checkpoint.is_dir():  # a diffusers folder (or a cached repo id): every part and T5's tokenizer inside
+        given = OmegaConf.to_container(m.get("text_encoders") or {}, resolve=True)
+        if m.get("vae") is not None or any(v is not None for v in given.values()):
+            raise UserError(
+                f"{checkpoint} is a diffusers folder, which holds its text encoders and VAE; drop "
+                "model.text_encoders / model.vae (or pass single files)"
+            )
+        return load_flow_folder(
+            flow_preset(m.name).with_settings(**flow_settings(cfg)),
+            folder=checkpoint,
+            t5_tokenizer=m.get("t5_tokenizer"),
+            dtype=cfg.dtype,
+            weights_dtype=cfg.get("weights_dtype"),
+            device=cfg.device,
+            release_text_encoders=m.get("release_text_encoders"),
+        )
     config = config_in_file(checkpoint, preset=flow_preset(m.name)).with_settings(**flow_settings(cfg))
     text_encoders = OmegaConf.to_container(m.text_encoders, resolve=True) if m.get("text_encoders") else None
     return load_flow_model(
