@@ -25,6 +25,7 @@ from test_parity_text import clip_tokenizer_files, hf_clip_tokenizer
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from models.diffusers_flow import check_flow_folder, folder_fingerprint, load_flow_folder, transformer_fingerprint
+from models.errors import UserError
 from models.flow_model import FLOW_PRESETS, flow_preset
 from models.loader import CheckpointError
 
@@ -119,3 +120,24 @@ def test_real_transformer_configs_name_their_preset(name, tmp_path):
         with pytest.raises(CheckpointError) as error:
             check_flow_folder(tmp_path, flow_preset(other))
         assert str(error.value) == f"{tmp_path} holds model={name} but model={other} was asked for; pass model={name}"
+
+
+def test_scripts_take_flow_folders_and_refuse_single_file_options(tmp_path):
+    """`model.checkpoint=FOLDER` reaches the folder loader (its preset check answers); model.vae is for files."""
+    import sys
+
+    from test_generate_script import REPO, compose_generate
+
+    sys.path.insert(0, str(REPO))
+    from scripts._common import load_model
+
+    pipeline_class, transformer = REAL_TRANSFORMERS["flux-dev"]
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(transformer))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    with pytest.raises(CheckpointError, match="holds model=flux-dev but model=flux-schnell was asked for"):
+        load_model(compose_generate("model=flux-schnell", f"model.checkpoint={tmp_path}"), flow=True)
+    with pytest.raises(UserError, match="is a diffusers folder, which holds its text encoders and VAE"):
+        load_model(
+            compose_generate("model=flux-dev", f"model.checkpoint={tmp_path}", "model.vae=ae.safetensors"), flow=True
+        )
