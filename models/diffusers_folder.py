@@ -172,8 +172,11 @@ def load_diffusers_folder(
     weights_dtype = dtype if weights_dtype is None else resolve_dtype(weights_dtype)
     warn_if_slow_half_precision(dtype, device)
     if not is_diffusers_folder(folder):
-        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) if folder.is_dir() else "nothing"
-        raise UserError(f"{folder} is not a diffusers model folder (no model_index.json; it holds {listing})")
+        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        singles = [name for name in names if name.endswith(".safetensors")]
+        hint = f"; to load a single file in it pass model.checkpoint={folder / singles[0]}" if singles else ""
+        listing = ", ".join(names[:12]) or "nothing"
+        raise UserError(f"{folder} is not a diffusers model folder (no model_index.json; it holds {listing}){hint}")
     config = folder_config(folder, config=config)
     check_tokenizers(folder, config)
     with torch.device("meta"):

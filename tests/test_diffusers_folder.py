@@ -232,3 +232,9 @@ def test_tokenizer_files_are_compared(written, tmp_path, caplog):
         warnings = check_tokenizers(folder, config)
     assert len(warnings) == 1 and "life; (round)" in warnings[0] and str(vocab["dog</w>"]) in warnings[0]
     assert warnings[0] in caplog.text
+
+
+def test_a_folder_without_model_index_points_at_its_single_file(tmp_path):
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").touch()
+    with pytest.raises(UserError, match=r"no model_index.json; it holds v1-5-pruned-emaonly.safetensors\); to load"):
+        load_diffusers_folder(tmp_path)
