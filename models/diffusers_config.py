@@ -222,9 +222,16 @@ def check_tokenizers(folder: Path, config: ModelConfig) -> list[str]:
         theirs = CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True)  # reads files only
         problem = next((p for p in TRICKY_PROMPTS if theirs(p)["input_ids"] != ours(p)), None)
         if problem is not None:
+            their_ids = theirs(problem)["input_ids"]
+            why = (
+                f" (its pad token {theirs.pad_token!r}, id {text.pad_token}, is a special token there, split out of "
+                "words; open_clip, which this model was trained with, does not)"
+                if text.pad_token in their_ids and text.pad_token not in ours(problem)
+                else ""
+            )
             warnings.append(
-                f"{folder / name} tokenizes {problem!r} as {theirs(problem)['input_ids']} but ours (open_clip's BPE, "
-                f"which this model runs with) gives {ours(problem)}; prompts like it will differ from diffusers'"
+                f"{folder / name} tokenizes {problem!r} as {their_ids} but ours (open_clip's BPE, which this model "
+                f"runs with) gives {ours(problem)}{why}; prompts like it will differ from diffusers'"
             )
         pad = tokenizer_pad(folder, name)
         if pad is not None and pad != text.pad_token:

@@ -238,3 +238,14 @@ def test_a_folder_without_model_index_points_at_its_single_file(tmp_path):
     (tmp_path / "v1-5-pruned-emaonly.safetensors").touch()
     with pytest.raises(UserError, match=r"no model_index.json; it holds v1-5-pruned-emaonly.safetensors\); to load"):
         load_diffusers_folder(tmp_path)
+
+
+def test_a_pad_token_split_out_of_words_is_explained(written, caplog):
+    """diffusers' SD 2.x / SDXL tokenizers pad with "!", a special token to transformers: "!!" becomes two pads
+    there, one BPE token in open_clip (the tokenizer the models were trained with). The check says so."""
+    if written["name"] != "sdxl":
+        pytest.skip("SDXL's tokenizer_2 is the one padding with '!'")
+    folder = written["root"] / "fp32"
+    warnings = check_tokenizers(folder, load_diffusers_folder(folder).config)
+    assert len(warnings) == 1 and "tokenizer_2 tokenizes 'A photo of a Squirrel, eating a BURGER!!'" in warnings[0]
+    assert "pad token '!', id 0, is a special token there" in warnings[0]
