@@ -133,4 +133,6 @@ def test_sdxl_fp16_sharded_folder_loads_the_single_files_tensors(tmp_path):
         f"{report['loaded'] / 2**30:.2f} GiB"
     )
     assert report["model"] == "sdxl" and report["weights"] == "torch.float16" and report["different"] == []
-    assert report["loaded"] < file_bytes + 1.5 * 2**30  # one copy of the weights, plus the interpreter (~0.5 GiB)
+    # one copy of the weights, plus the interpreter and libraries (~0.8 GiB, transformers for the tokenizer check)
+    # and one text encoder's fused q/k/v while it is renamed; a second copy would be +6.5 GiB
+    assert report["loaded"] < file_bytes + 2.0 * 2**30
