@@ -199,8 +199,8 @@ def _open(path: Path):
         raise _refuse_pickle(path, f"refusing to unpickle a '{path.suffix}' file (it can run arbitrary code).")
     if path.is_dir():
         raise CheckpointError(
-            f"{path} is a folder; pass the single-file .safetensors checkpoint itself (diffusers "
-            "folders are not supported)"
+            f"{path} is a folder; load_checkpoint reads one .safetensors file (a diffusers model folder: "
+            "models.diffusers_folder.load_diffusers_folder, or model.checkpoint=FOLDER in the scripts)"
         )
     if not path.is_file():
         raise MissingFileError(f"checkpoint {str(path)!r} does not exist")

@@ -13,10 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from models.diffusers_flow import load_flow_folder
+from models.diffusers_folder import load_diffusers_folder
 from models.errors import MissingFileError, OutputExistsError, UserError, number  # noqa: F401 (number: for scripts)
 from models.files import atomic_path, write_text
 from models.flow_loader import config_in_file, load_flow_model
 from models.flow_model import BUILT_IN_FLOW_MODELS, FLOW_PRESETS, FlowModel, FlowModelConfig, flow_preset
+from models.hub import resolve_checkpoint
 from models.loader import load_checkpoint
 from models.stable_diffusion import ModelConfig, StableDiffusion, preset
 from p2p.edit import EDIT_KINDS, BlendSpec, EditSpec
@@ -75,7 +78,24 @@ def load_flow(cfg: DictConfig) -> FlowModel:
             f"model={m.name} needs its weights: pass model.checkpoint=PATH/TO/FILE.safetensors "
             "(SD3/SD3.5: the single file; FLUX: BFL's transformer file)"
         )
-    return load_flow_files(cfg, checkpoint=Path(m.checkpoint).expanduser())
+    checkpoint = resolve_checkpoint(m.checkpoint)
+    if checkpoint.is_dir():  # a diffusers folder (or a cached repo id): every part and T5's tokenizer inside
+        given = OmegaConf.to_container(m.get("text_encoders") or {}, resolve=True)
+        if m.get("vae") is not None or any(v is not None for v in given.values()):
+            raise UserError(
+                f"{checkpoint} is a diffusers folder, which holds its text encoders and VAE; drop "
+                "model.text_encoders / model.vae (or pass single files)"
+            )
+        return load_flow_folder(
+            flow_preset(m.name).with_settings(**flow_settings(cfg)),
+            folder=checkpoint,
+            t5_tokenizer=m.get("t5_tokenizer"),
+            dtype=cfg.dtype,
+            weights_dtype=cfg.get("weights_dtype"),
+            device=cfg.device,
+            release_text_encoders=m.get("release_text_encoders"),
+        )
+    return load_flow_files(cfg, checkpoint=checkpoint)
 
 
 def built_in_flow_weights(name: str) -> Path:
@@ -137,11 +157,15 @@ def load_model(cfg: DictConfig, *, flow: bool = False) -> StableDiffusion | Flow
     if checkpoint is None:
         raise UserError(
             f"model={name} needs its weights: pass model.checkpoint=PATH/TO/{name}.safetensors "
-            "(single-file safetensors; .ckpt files are refused)"
+            "(single-file safetensors; .ckpt files are refused), a diffusers model folder, or a Hugging Face "
+            "repo id already in the local cache"
         )
-    # The tiny file carries its own config; SD files get the named preset (their files hold no config).
-    model = load_checkpoint(
-        Path(checkpoint).expanduser(),
+    # The tiny file carries its own config; SD files get the named preset (their files hold no config). A
+    # diffusers folder (or a cached repo id) is checked against the preset; with model=tiny its configs decide.
+    path = resolve_checkpoint(checkpoint)
+    load = load_diffusers_folder if path.is_dir() else load_checkpoint
+    model = load(
+        path,
         config=model_config(cfg),
         dtype=cfg.dtype,
         weights_dtype=cfg.get("weights_dtype"),

@@ -247,7 +247,7 @@ def test_a_pickle_named_safetensors_is_refused_with_the_conversion(tmp_path):
 
 
 def test_folders_and_empty_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a folder; pass the single-file \.safetensors"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a folder; load_checkpoint reads one \.safetensors file"):
         load_checkpoint(tmp_path)
     empty = tmp_path / "empty.safetensors"
     empty.touch()
