@@ -46,7 +46,7 @@ def test_random_checkpoint_writes_every_listed_tensor(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(
         "# a header line\nblock.weight\t[4, 3]\nblock.bias\t[4]\n"
-        "text.embeddings.position_ids\t[1, 7]\ndenoiser.sigmas\t[5]\n"
+        "text.embeddings.position_ids\t[1, 7]\ndenoiser.sigmas\t[5]\nmodel.logit_scale\t[]\n"
     )
     out = tmp_path / "random.safetensors"
     done = script("random_checkpoint.py", "--keys", str(keys), "--dtype", "bf16", "--out", str(out))
@@ -58,6 +58,7 @@ def test_random_checkpoint_writes_every_listed_tensor(tmp_path):
         "block.bias": (4,),
         "text.embeddings.position_ids": (1, 7),
         "denoiser.sigmas": (5,),
+        "model.logit_scale": (),
     }
     assert tensors["block.weight"].dtype == torch.bfloat16 and tensors["denoiser.sigmas"].dtype == torch.float32
     assert torch.equal(tensors["text.embeddings.position_ids"], torch.arange(7)[None])

@@ -80,5 +80,5 @@ def write_random_file(
                 tensor = torch.arange(shape[-1]).expand(shape).contiguous()
             else:
                 tensor = random_tensor(name, shape, generator=generator).to(kind)
-            file.write(tensor.view(torch.uint8).numpy().tobytes())
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # (0-d tensors cannot be viewed)
     return elements
