@@ -27,6 +27,7 @@ HYDRA_SCRIPTS = (
     "eval_edits",
     "eval_inversion",
     "eval_joint",
+    "bench_checkpointing",
 )
 
 

@@ -571,3 +571,13 @@ def test_edit_photo_checkpoints_the_unet_during_null_text_only(model, photo, che
     )
     for ours, theirs in zip(result.inversion.uncond_embeddings, reference.uncond_embeddings):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_cost_times_both_settings_interleaved(model):
+    from p2p.experiments.checkpointing_cost import compare
+
+    result = compare(model, height=32, width=32, repeats=2)
+    assert len(result["on_seconds"]) == len(result["off_seconds"]) == 2
+    assert min(result["on_seconds"] + result["off_seconds"]) > 0
+    assert result["ratio"] == result["median_on"] / result["median_off"]
+    assert model.unet.gradient_checkpointing is False and all(p.requires_grad is False for p in model.parameters())
