@@ -285,7 +285,7 @@ def test_generate_refuses_a_missing_checkpoint_and_a_bad_size_before_loading():
 
     with pytest.raises(UserError, match="model=flux-dev needs its weights"):
         load_model(compose_generate("model=flux-dev"), flow=True)
-    with pytest.raises(UserError, match="generate.py only for now"):  # the editing scripts refuse them clearly
+    with pytest.raises(UserError, match="runs in generate.py, edit.py, figure.py, ablate.py and eval_joint.py only"):
         load_model(compose_generate("model=sd3-medium", "model.checkpoint=x.safetensors"))
     cfg = compose_generate("model=sd3-medium", "height=1000")
     from scripts._common import model_config
