@@ -30,8 +30,8 @@ from models.flow_loader import (
     T5_ALIAS,
     FlowFiles,
     _file_key_map,
+    assemble,
     original_state_dict,
-    to_module_names,
 )
 from models.flow_model import FLOW_PRESETS, PARTS, FlowModel, FlowModelConfig
 from models.loader import CheckpointError, _is_float, _open, check_state, resolve_device, resolve_dtype
@@ -160,10 +160,7 @@ class FlowFolder(FlowFiles):
                     raw.update((key, f.get_tensor(key).to(self.weights_dtype)) for key in keys)
             state.update(part_to_original(part, raw, self.config))
             del raw
-        with torch.device("meta"):
-            model = FlowModel(self.config, parts=parts)
-        model.load_state_dict(to_module_names(state, self.config), strict=True, assign=True)
-        return model.to(self.device).eval().requires_grad_(False)
+        return assemble(self.config, parts, state, device=self.device)
 
 
 def load_flow_folder(

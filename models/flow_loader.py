@@ -355,10 +355,15 @@ class FlowFiles:
                         raise CheckpointError(
                             f"{source.path}: reading tensor {file_key!r} failed ({err}); the file may be truncated"
                         ) from err
-        with torch.device("meta"):
-            model = FlowModel(self.config, parts=parts)
-        model.load_state_dict(to_module_names(state, self.config), strict=True, assign=True)
-        return model.to(self.device).eval().requires_grad_(False)
+        return assemble(self.config, parts, state, device=self.device)
+
+
+def assemble(config: FlowModelConfig, parts: set[str], state: dict[str, torch.Tensor], *, device) -> FlowModel:
+    """A FlowModel of `parts` built on the meta device and given `state` (original names) without a copy."""
+    with torch.device("meta"):
+        model = FlowModel(config, parts=parts)
+    model.load_state_dict(to_module_names(state, config), strict=True, assign=True)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_flow_model(
